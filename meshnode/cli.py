@@ -1,0 +1,299 @@
+"""The `meshnode` command: admin and user commands beside the `twistd meshnode` daemon.
+
+Global options come before the command: `meshnode [--config FILE] [--state-dir DIR] COMMAND`.
+A bad command line prints one line naming the problem and exits 2, before anything is written.
+"""
+
+import http.client
+import json
+import os
+import socket
+import sys
+
+from twisted.python import usage
+
+from meshnode import config, control, identity, records
+
+
+class CommandError(Exception):
+    """A command that could not be carried out; printed as one line, exit status 1."""
+
+
+class _Command(usage.Options):
+    optFlags = [["json", None, "print JSON for scripts"]]
+
+
+def _parse_domain(text):
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise usage.UsageError(f"--domain: {text!r} is not a number") from None
+    if not 0 <= value < 2**32:
+        raise usage.UsageError(f"--domain: {text!r} is not a 32-bit domain id")
+    return value
+
+
+def _parse_name(text):
+    if not text or len(text.encode()) > records.NAME_LIMIT:
+        raise usage.UsageError(f"--name: must be 1 to {records.NAME_LIMIT} bytes")
+    return text
+
+
+class IdentityOptions(_Command):
+    synopsis = "[--json]"
+    longdesc = "Show this node's id and public keys, making the keys on first use."
+
+
+class StatusOptions(_Command):
+    synopsis = "[--json]"
+    longdesc = "Show the running node's identity, roles, peers and RPC counters."
+
+
+class PingOptions(_Command):
+    synopsis = "[--count N] [--timeout SECONDS] [--json] HOST:PORT"
+    longdesc = "Send sealed Pings from this node's identity and print the round-trip times."
+    optParameters = [
+        ["count", "c", "1", "number of pings (1-100)"],
+        ["timeout", "t", "2", "seconds to wait for each answer"],
+    ]
+
+    def parseArgs(self, address):
+        try:
+            self["address"] = control.split_address(address)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def postOptions(self):
+        try:
+            self["count"] = int(self["count"])
+            self["timeout"] = float(self["timeout"])
+        except ValueError:
+            raise usage.UsageError("--count and --timeout must be numbers") from None
+        if not 1 <= self["count"] <= 100:
+            raise usage.UsageError("--count must be 1-100")
+        if not 0 < self["timeout"] <= 60:
+            raise usage.UsageError("--timeout must be above 0 and at most 60 seconds")
+
+
+class OperatorInitOptions(_Command):
+    synopsis = "[--domain N] [--name NAME] [--json]"
+    longdesc = "Make this state directory an operator with a self-signed OperatorNode record."
+    optParameters = [
+        ["domain", None, "0", "the operator's own domain id", _parse_domain],
+        ["name", None, "operator", "the operator's overlay name", _parse_name],
+    ]
+
+
+class SignNodeOptions(_Command):
+    synopsis = "--public-key FILE --domain N --name NAME --out FILE [--days D] [--json]"
+    longdesc = ("Sign a Node record for the keys in FILE (a node's node.pub) and write the "
+                "enrollment file the node keeps as STATE/enrollment.")
+    optParameters = [
+        ["public-key", None, None, "the node's node.pub file"],
+        ["domain", None, None, "the node's domain id", _parse_domain],
+        ["name", None, None, "the node's overlay name", _parse_name],
+        ["days", None, "30", "days the Node record is valid (1-365)"],
+        ["out", None, None, "where to write the enrollment file"],
+    ]
+
+    def postOptions(self):
+        for key in ("public-key", "domain", "name", "out"):
+            if self[key] is None:
+                raise usage.UsageError(f"--{key} is required")
+        try:
+            self["days"] = int(self["days"])
+        except ValueError:
+            raise usage.UsageError("--days must be a whole number") from None
+        if not 1 <= self["days"] <= 365:
+            raise usage.UsageError("--days must be 1-365")
+        try:
+            self["keys"] = identity.read_public_key_file(self["public-key"])
+        except ValueError as e:
+            raise usage.UsageError(f"--public-key: {e}") from None
+        directory = os.path.dirname(os.path.abspath(self["out"]))
+        if not os.path.isdir(directory):
+            raise usage.UsageError(f"--out: {directory} is not a directory")
+
+
+class OperatorOptions(usage.Options):
+    synopsis = "init | sign-node"
+    subCommands = [
+        ["init", None, OperatorInitOptions, "make this node an operator"],
+        ["sign-node", None, SignNodeOptions, "sign a Node record for a node's public keys"],
+    ]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("operator: name a command (init, sign-node)")
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--state-dir DIR] COMMAND [options]"
+    optParameters = [
+        ["config", None, None, "INI configuration file (the same as twistd meshnode's)"],
+        ["state-dir", None, None, "the node's state directory"],
+    ]
+    subCommands = [
+        ["identity", None, IdentityOptions, "show this node's id and public keys"],
+        ["status", None, StatusOptions, "show the running node's status"],
+        ["ping", None, PingOptions, "ping a node at HOST:PORT"],
+        ["operator", None, OperatorOptions, "operator administration"],
+    ]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("name a command: " + ", ".join(c[0] for c in self.subCommands))
+        settings = {}
+        try:
+            if self["config"] is not None:
+                settings = config.read_config(self["config"])
+        except config.ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        self["state-dir"] = (self["state-dir"] or settings.get("state-dir")
+                             or config.default_state_dir())
+
+
+def _print(options, data, text):
+    print(json.dumps(data, indent=2) if options["json"] else text)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def control_request(state_dir, method, path, body=None, timeout=30):
+    """Ask the running node; None when no node runs in `state_dir`."""
+    connection = _UnixHTTPConnection(control.socket_path(state_dir), timeout)
+    try:
+        connection.request(method, path, body=json.dumps(body) if body is not None else None,
+                           headers={"content-type": "application/json"})
+        response = connection.getresponse()
+        data = json.loads(response.read())
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+    except (OSError, ValueError) as e:
+        raise CommandError(f"the node's control socket failed: {e}") from None
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise CommandError(data.get("error", f"HTTP {response.status}"))
+    return data
+
+
+def cmd_identity(options, state_dir):
+    from twisted.internet import reactor
+
+    me = identity.load_or_create(state_dir, reactor)
+    data = me.public_json()
+    data["public_key_file"] = os.path.join(state_dir, identity.PUBLIC_KEY_FILE)
+    _print(options, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+
+
+def cmd_status(options, state_dir):
+    data = control_request(state_dir, "GET", "/v1/status")
+    if data is None:
+        raise CommandError(f"no node is running with state directory {state_dir}")
+    lines = [f"{key}: {value}" for key, value in data.items() if key not in ("drops", "accepted")]
+    for key in ("accepted", "drops"):
+        counts = ", ".join(f"{k}={v}" for k, v in data[key].items()) or "none"
+        lines.append(f"{key}: {counts}")
+    _print(options, data, "\n".join(lines))
+
+
+def _standalone_ping(state_dir, host, port, count, timeout):
+    """Ping as this node's identity when no node runs in its state directory."""
+    from twisted.internet import defer, task
+
+    from meshnode.identity import IdentityService
+    from meshnode.rpc.service import RPCError, RPCService
+
+    outcome = {}
+
+    @defer.inlineCallbacks
+    def run(reactor):
+        identity_service = IdentityService(state_dir, reactor)
+        rpc = RPCService(identity_service, reactor, call_timeout=timeout)
+        identity_service.startService()
+        rpc.startService()
+        try:
+            outcome["result"] = yield rpc.ping_address(host, port, count, timeout)
+        except RPCError as e:
+            outcome["error"] = str(e)
+        finally:
+            yield rpc.stopService()
+
+    try:
+        task.react(run)
+    except SystemExit as e:
+        if e.code:
+            raise CommandError("ping failed") from None
+    if "error" in outcome:
+        raise CommandError(outcome["error"])
+    return outcome["result"]
+
+
+def cmd_ping(options, state_dir):
+    host, port = options["address"]
+    request = {"address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+               "count": options["count"], "timeout": options["timeout"]}
+    data = control_request(state_dir, "POST", "/v1/ping", request,
+                           timeout=options["count"] * options["timeout"] * 2 + 5)
+    if data is None:
+        data = _standalone_ping(state_dir, host, port, options["count"], options["timeout"])
+    lines = [f"Pong from {data['name']} ({data['node_id'][:16]}) at {data['address']}: "
+             f"time={rtt} ms" for rtt in data["rtt_ms"]]
+    _print(options, data, "\n".join(lines))
+
+
+def cmd_operator(options, state_dir):
+    from twisted.internet import reactor
+
+    from meshnode.roles import operator
+
+    sub = options.subOptions
+    try:
+        if options.subCommand == "init":
+            me, signed = operator.init_operator(state_dir, sub["domain"], sub["name"], reactor)
+            data = {"node_id": me.node_id.hex(), "domain": sub["domain"], "name": sub["name"],
+                    "enrollment": os.path.join(state_dir, identity.ENROLLMENT_FILE)}
+            _print(sub, data, f"operator {data['node_id']} initialised in {state_dir}")
+        else:
+            signing_key, agreement_key = sub["keys"]
+            node, bundle = operator.sign_node(state_dir, signing_key, agreement_key,
+                                              sub["domain"], sub["name"], reactor, sub["days"])
+            identity.write_private(sub["out"], bundle)
+            data = {"node_id": node.record.node_id.hex(), "domain": sub["domain"],
+                    "name": sub["name"], "expires": node.record.expires, "out": sub["out"]}
+            _print(sub, data, f"signed {sub['name']} ({data['node_id']}) into {sub['out']}")
+    except operator.OperatorError as e:
+        raise CommandError(str(e)) from None
+
+
+COMMANDS = {"identity": cmd_identity, "status": cmd_status, "ping": cmd_ping,
+            "operator": cmd_operator}
+
+
+def main(argv=None):
+    options = Options()
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as e:
+        print(f"meshnode: {e}", file=sys.stderr)
+        return 2
+    try:
+        COMMANDS[options.subCommand](options.subOptions, options["state-dir"])
+    except CommandError as e:
+        print(f"meshnode: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

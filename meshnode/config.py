@@ -1,0 +1,147 @@
+"""Node settings: an INI file whose sections and keys are a whitelist, under command-line flags.
+
+Every setting has one parser, used for the file and the command line alike; a bad value or an
+unknown key raises ConfigError naming it, before the node writes anything.
+"""
+
+import configparser
+import ipaddress
+import os
+
+DEFAULT_RPC_PORT = 7400
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names it and says why."""
+
+
+def parse_bool(text):
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"{text!r} is not yes or no")
+
+
+def parse_port(text):
+    try:
+        port = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{port} is not a port number (0-65535)")
+    return port
+
+
+def parse_address(text):
+    if text == "":
+        return ""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
+def parse_partition(text):
+    """'A-B' in hex, 0000-ffff, A <= B → (A, B)."""
+    low, dash, high = text.partition("-")
+    if not dash:
+        raise ValueError(f"{text!r} is not a range A-B of hex partition keys")
+    try:
+        bounds = int(low, 16), int(high, 16)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a range A-B of hex partition keys") from None
+    if not all(0 <= b <= 0xFFFF for b in bounds):
+        raise ValueError(f"{text!r} is outside 0000-ffff")
+    if bounds[0] > bounds[1]:
+        raise ValueError(f"{text!r} starts above its end")
+    return bounds
+
+
+def parse_positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise ValueError(f"{text!r} is not above zero")
+    return value
+
+
+def parse_positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise ValueError(f"{text!r} is not above zero")
+    return value
+
+
+def default_state_dir():
+    if os.geteuid() == 0:
+        return "/var/lib/meshnode"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "meshnode")
+
+
+# (section, key) → parser. Command-line options of the same name use the same parser.
+SETTINGS = {
+    ("node", "state-dir"): str,
+    ("node", "listen-address"): parse_address,
+    ("node", "rpc-port"): parse_port,
+    ("node", "operator"): parse_bool,
+    ("node", "super"): parse_bool,
+    ("node", "partition"): parse_partition,
+    ("node", "tunnel"): parse_bool,
+    ("node", "user"): parse_bool,
+    ("rpc", "call-timeout"): parse_positive_float,
+    ("rpc", "rate-limit"): parse_positive_int,
+    ("rpc", "rate-burst"): parse_positive_int,
+}
+
+DEFAULTS = {
+    "listen-address": "",
+    "rpc-port": DEFAULT_RPC_PORT,
+    "call-timeout": 2.0,
+    "rate-limit": 2000,
+    "rate-burst": 4000,
+}
+
+
+def parse_setting(key, text):
+    """Parse one setting by its key, raising ConfigError('KEY: reason')."""
+    for (_, name), parser in SETTINGS.items():
+        if name == key:
+            try:
+                return parser(text)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
+    raise ConfigError(f"unknown setting {key}")
+
+
+def read_config(path):
+    """Read an INI file into {key: value}; unknown sections or keys are errors."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path) as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except configparser.Error as e:
+        raise ConfigError(f"{path}: {e.message.splitlines()[0]}") from None
+    known_sections = {section for section, _ in SETTINGS}
+    values = {}
+    for section in parser.sections():
+        if section not in known_sections:
+            raise ConfigError(f"{path}: unknown section [{section}]")
+        for key, text in parser.items(section):
+            parser_for = SETTINGS.get((section, key))
+            if parser_for is None:
+                raise ConfigError(f"{path}: unknown key {key!r} in [{section}]")
+            try:
+                values[key] = parser_for(text)
+            except ValueError as e:
+                raise ConfigError(f"{path}: [{section}] {key}: {e}") from None
+    return values

@@ -1,0 +1,166 @@
+"""The local control socket: a small JSON API on a UNIX socket in the state directory.
+
+`meshnode status` and `meshnode ping` talk to the running node through it, so they act as that
+node rather than as a second copy of its identity.
+"""
+
+import json
+import os
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError, DNSLookupError
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from meshnode.records import Role
+from meshnode.rpc.service import CallTimeout, RPCError
+
+_log = Logger()
+
+SOCKET_FILE = "control.sock"
+
+
+def socket_path(state_dir):
+    return os.path.join(state_dir, SOCKET_FILE)
+
+
+class ControlError(Exception):
+    """A request the control API refuses; becomes a JSON error with `status`."""
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def split_address(text):
+    """'HOST:PORT' or '[V6]:PORT' → (host, port); ValueError says what is wrong."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise ValueError(f"{text!r} has no port number") from None
+    if not 0 < port_number < 65536:
+        raise ValueError(f"{text!r}: port must be 1-65535")
+    return host, port_number
+
+
+def node_status(identity_service, rpc):
+    """What `meshnode status` shows: who this node is and what its RPC has seen."""
+    enrollment = identity_service.enrollment
+    node = enrollment.node.record if enrollment.enrolled else None
+    return {
+        "node_id": identity_service.identity.node_id.hex(),
+        "enrolled": enrollment.enrolled,
+        "name": node.name if node else None,
+        "domain": node.domain if node else None,
+        "expires": node.expires if node else None,
+        "roles": [role.name.lower() for role in Role if rpc.roles & role],
+        "rpc_port": rpc.port,
+        "operators": sorted(i.hex() for i in enrollment.trust.operator_ids),
+        "peers": len(rpc.peers) if rpc.peers is not None else 0,
+        "accepted": {command.name: count for command, count in sorted(rpc.accepted.items())},
+        "drops": dict(sorted(rpc.drops.items())),
+    }
+
+
+class _JSONResource(resource.Resource):
+    isLeaf = True
+
+    def _reply(self, request, status, body):
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        request.write(json.dumps(body).encode() + b"\n")
+        request.finish()
+
+    def _fail(self, failure, request):
+        if failure.check(ControlError):
+            self._reply(request, failure.value.status, {"error": failure.value.reason})
+        else:
+            _log.failure("control request failed", failure)
+            self._reply(request, 500, {"error": str(failure.value) or failure.type.__name__})
+
+    def _serve(self, request, handler):
+        d = defer.maybeDeferred(handler, request)
+        d.addCallbacks(lambda body: self._reply(request, 200, body), self._fail,
+                       errbackArgs=(request,))
+        return server.NOT_DONE_YET
+
+
+class StatusResource(_JSONResource):
+    def __init__(self, identity_service, rpc):
+        super().__init__()
+        self._identity_service = identity_service
+        self._rpc = rpc
+
+    def render_GET(self, request):
+        return self._serve(request, lambda r: node_status(self._identity_service, self._rpc))
+
+
+class PingResource(_JSONResource):
+    def __init__(self, rpc):
+        super().__init__()
+        self._rpc = rpc
+
+    def render_POST(self, request):
+        return self._serve(request, self._ping)
+
+    def _ping(self, request):
+        try:
+            body = json.loads(request.content.read(65536) or b"{}")
+            host, port = split_address(body["address"])
+            count = int(body.get("count", 1))
+            timeout = float(body.get("timeout", self._rpc.call_timeout))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ControlError(400, f"bad ping request: {e}") from None
+        if not 1 <= count <= 100 or not 0 < timeout <= 60:
+            raise ControlError(400, "count must be 1-100 and timeout 0-60 seconds")
+        d = self._rpc.ping_address(host, port, count, timeout)
+        d.addErrback(self._explain)
+        return d
+
+    def _explain(self, failure):
+        if failure.check(CallTimeout):
+            raise ControlError(504, str(failure.value))
+        if failure.check(RPCError, DNSLookupError):
+            raise ControlError(502, str(failure.value))
+        return failure
+
+
+class ControlService(service.Service):
+    """Serves the control API on STATE/control.sock, readable by the node's user only."""
+
+    name = "control"
+
+    def __init__(self, state_dir, identity_service, rpc, reactor):
+        self._path = socket_path(state_dir)
+        self._identity_service = identity_service
+        self._rpc = rpc
+        self._reactor = reactor
+        self._port = None
+
+    def startService(self):
+        root = resource.Resource()
+        v1 = resource.Resource()
+        root.putChild(b"v1", v1)
+        v1.putChild(b"status", StatusResource(self._identity_service, self._rpc))
+        v1.putChild(b"ping", PingResource(self._rpc))
+        site = server.Site(root)
+        site.displayTracebacks = False
+        site.noisy = False
+        site.log = lambda request: None  # status polling would flood the node's log
+        try:
+            self._port = self._reactor.listenUNIX(self._path, site, mode=0o600, wantPID=True)
+        except CannotListenError as e:
+            _log.error("no control socket at {path}: {error}", path=self._path,
+                       error=e.socketError)
+        service.Service.startService(self)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self._port is not None:
+            return self._port.stopListening()

@@ -1,0 +1,196 @@
+"""The node's keys on disk, its operator-signed Node record and the operators it trusts.
+
+Keys are made on first start (mode 0600); a corrupt key file is moved aside, never deleted.
+The enrollment file holds the Node record and the OperatorNode records (trust anchors).
+Renewal before expiry comes with HTTPS enrollment (a later issue).
+"""
+
+import json
+import os
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from twisted.application import service
+from twisted.logger import Logger
+
+from meshnode import records
+
+_log = Logger()
+
+SIGNING_KEY_FILE = "node.ed25519"
+AGREEMENT_KEY_FILE = "node.x25519"
+PUBLIC_KEY_FILE = "node.pub"
+ENROLLMENT_FILE = "enrollment"
+
+
+def _raw_public(key):
+    return key.public_key().public_bytes(serialization.Encoding.Raw,
+                                         serialization.PublicFormat.Raw)
+
+
+def write_private(path, data):
+    """Write a file readable only by its owner, atomically (temp file + rename)."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
+class Identity:
+    """A node's two key pairs and the id derived from them."""
+
+    def __init__(self, signing_key, agreement_key):
+        self.signing_key = signing_key
+        self.agreement_key = agreement_key
+        self.signing_public = _raw_public(signing_key)
+        self.agreement_public = _raw_public(agreement_key)
+        self.node_id = records.node_id_for(self.signing_public)
+
+    @classmethod
+    def generate(cls):
+        return cls(Ed25519PrivateKey.generate(), X25519PrivateKey.generate())
+
+    def public_json(self):
+        return {"node_id": self.node_id.hex(), "signing_key": self.signing_public.hex(),
+                "agreement_key": self.agreement_public.hex()}
+
+    def sign(self, record):
+        return records.sign(record, self.node_id, self.signing_key)
+
+
+def _read_key(path, key_type):
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        return None
+    return key if isinstance(key, key_type) else None
+
+
+def _move_aside(path, clock):
+    aside = f"{path}.corrupt-{int(clock.seconds())}"
+    os.replace(path, aside)
+    _log.error("key file {path} is corrupt: moved to {aside}, a new key replaces it",
+               path=path, aside=aside)
+
+
+def load_or_create(state_dir, clock):
+    """Load the node's keys from `state_dir`, making any that are missing or corrupt."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    keys = {}
+    for name, key_type in ((SIGNING_KEY_FILE, Ed25519PrivateKey),
+                           (AGREEMENT_KEY_FILE, X25519PrivateKey)):
+        path = os.path.join(state_dir, name)
+        key = None
+        if os.path.exists(path):
+            key = _read_key(path, key_type)
+            if key is None:
+                _move_aside(path, clock)
+        if key is None:
+            key = key_type.generate()
+            write_private(path, key.private_bytes(serialization.Encoding.PEM,
+                                                  serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+            _log.info("made a new key {path}", path=path)
+        keys[name] = key
+    identity = Identity(keys[SIGNING_KEY_FILE], keys[AGREEMENT_KEY_FILE])
+    public = json.dumps(identity.public_json(), indent=2).encode() + b"\n"
+    public_path = os.path.join(state_dir, PUBLIC_KEY_FILE)
+    if not os.path.exists(public_path) or open(public_path, "rb").read() != public:
+        write_private(public_path, public)
+    return identity
+
+
+def read_public_key_file(path):
+    """(signing key, agreement key) from a node.pub file; ValueError names what is wrong."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        signing, agreement = bytes.fromhex(data["signing_key"]), bytes.fromhex(data["agreement_key"])
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"{path} is not a meshnode public key file") from None
+    if len(signing) != 32 or len(agreement) != 32:
+        raise ValueError(f"{path} holds keys of the wrong size")
+    return signing, agreement
+
+
+class Enrollment:
+    """The node's Node record and the trust built from the operator records beside it."""
+
+    def __init__(self, node=None, trust=None, bundle=()):
+        self.node = node
+        self.trust = trust or records.Trust()
+        self.bundle = tuple(bundle)
+
+    @property
+    def enrolled(self):
+        return self.node is not None
+
+    @classmethod
+    def from_bundle(cls, identity, bundle, now):
+        """Check a bundle against our keys; raises RecordError or DecodeError."""
+        trust = records.Trust()
+        operators = [s for s in bundle if isinstance(s.record, records.OperatorNode)]
+        for signed in operators:
+            if signed.signer == signed.record.node_id:
+                trust.anchor(signed, now)
+        for signed in operators:
+            if signed.signer != signed.record.node_id:
+                trust.add_operator(signed, now)
+        for signed in bundle:
+            if isinstance(signed.record, records.Revocation):
+                trust.add_revocation(signed, now)
+        nodes = [s for s in bundle if isinstance(s.record, records.Node)]
+        if len(nodes) != 1:
+            raise records.RecordError("bad_enrollment", "expected exactly one Node record")
+        node = trust.verify(nodes[0], now)
+        if node.signing_key != identity.signing_public or (
+                node.agreement_key != identity.agreement_public):
+            raise records.RecordError("bad_enrollment", "the Node record is for other keys")
+        return cls(nodes[0], trust, bundle)
+
+
+def load_enrollment(state_dir, identity, now):
+    path = os.path.join(state_dir, ENROLLMENT_FILE)
+    if not os.path.exists(path):
+        _log.warn("not enrolled: no {path}; the node runs but peers cannot authenticate it",
+                  path=path)
+        return Enrollment()
+    try:
+        with open(path, "rb") as f:
+            return Enrollment.from_bundle(identity, records.decode_bundle(f.read()), now)
+    except (ValueError, records.RecordError) as e:
+        _log.error("not enrolled: {path} is unusable ({reason})", path=path, reason=e)
+        return Enrollment()
+
+
+class IdentityService(service.Service):
+    """Loads (or makes) the node's keys and its enrollment when the node starts."""
+
+    name = "identity"
+
+    def __init__(self, state_dir, clock):
+        self.state_dir = state_dir
+        self.clock = clock
+        self.identity = None
+        self.enrollment = Enrollment()
+
+    def now_ms(self):
+        return int(self.clock.seconds() * 1000)
+
+    def startService(self):
+        self.identity = load_or_create(self.state_dir, self.clock)
+        self.enrollment = load_enrollment(self.state_dir, self.identity, self.now_ms())
+        if self.enrollment.enrolled:
+            node = self.enrollment.node.record
+            _log.info("node {node_id} ({name}) of domain {domain:#010x}",
+                      node_id=self.identity.node_id.hex(), name=node.name, domain=node.domain)
+        service.Service.startService(self)

@@ -1,0 +1,537 @@
+"""The six signed record types, their canonical encoding, signing and verification.
+
+A signed record on the wire is: type u8 | version u8 | body | signer node id (32) | Ed25519
+signature (64) over a per-type context string followed by everything before the signature.
+"""
+
+import enum
+import hashlib
+import ipaddress
+
+import attrs
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from meshnode.wire import DecodeError, Endpoint, Reader, Writer
+
+RECORD_VERSION = 1
+ID_SIZE = 32
+KEY_SIZE = 32
+SIGNATURE_SIZE = 64
+NAME_LIMIT = 63
+CLOCK_SKEW_MS = 60_000
+NODE_LIFETIME_MS = 30 * 24 * 3600 * 1000
+NODE_INFO_LIFETIME_MS = 15 * 60 * 1000
+
+
+class RecordType(enum.IntEnum):
+    NODE = 1
+    NODE_INFO = 2
+    SUPER_NODE = 3
+    OPERATOR_NODE = 4
+    END_DEVICE = 5
+    REVOCATION = 6
+
+
+class Role(enum.IntFlag):
+    """The roles a node announces; every node is at least a user-node."""
+
+    USER = 1
+    TUNNEL = 2
+    SUPER = 4
+    OPERATOR = 8
+
+
+class NatBehaviour(enum.IntEnum):
+    UNKNOWN = 0
+    PUBLIC = 1
+    ENDPOINT_INDEPENDENT = 2
+    SYMMETRIC = 3
+
+
+class RecordError(Exception):
+    """A record that must not be stored or used; `reason` is a short counter-friendly tag."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def node_id_for(signing_key):
+    """Node id = SHA-256 of the node's raw Ed25519 public key."""
+    return hashlib.sha256(signing_key).digest()
+
+
+def device_id_for(mac, certificate_sha256=None):
+    """Device id = SHA-256(MAC ‖ TLS-certificate SHA-256, or 32 zero bytes)."""
+    return hashlib.sha256(mac + (certificate_sha256 or bytes(32))).digest()
+
+
+def partition_of(domain):
+    """The DHT partition key of a domain: its top 16 bits."""
+    return domain >> 16
+
+
+def _check_size(size):
+    def check(instance, attribute, value):
+        if not isinstance(value, bytes) or len(value) != size:
+            raise ValueError(f"{attribute.name} must be {size} bytes")
+    return check
+
+
+def _check_uint(bits):
+    def check(instance, attribute, value):
+        if not isinstance(value, int) or not 0 <= value < (1 << bits):
+            raise ValueError(f"{attribute.name} must be an unsigned {bits}-bit integer")
+    return check
+
+
+def _check_name(instance, attribute, value):
+    if not isinstance(value, str) or not value or len(value.encode("utf-8")) > NAME_LIMIT:
+        raise ValueError(f"{attribute.name} must be 1 to {NAME_LIMIT} bytes of text")
+
+
+def _check_ids(limit):
+    def check(instance, attribute, value):
+        if len(value) > limit or any(not isinstance(v, bytes) or len(v) != ID_SIZE for v in value):
+            raise ValueError(f"{attribute.name} must be at most {limit} ids of {ID_SIZE} bytes")
+    return check
+
+
+def _check_limit(limit):
+    def check(instance, attribute, value):
+        if len(value) > limit:
+            raise ValueError(f"{attribute.name} holds more than {limit} items")
+    return check
+
+
+_DOMAIN = attrs.field(validator=_check_uint(32))
+_ID = attrs.field(validator=_check_size(ID_SIZE))
+_TIME = attrs.field(validator=_check_uint(64))
+
+
+@attrs.frozen
+class Node:
+    """A node's identity, signed by an operator: who it is, its keys, its overlay name."""
+
+    TYPE = RecordType.NODE
+    SIGNED_BY_OPERATOR = True
+
+    domain: int = _DOMAIN
+    node_id: bytes = _ID
+    signing_key: bytes = attrs.field(validator=_check_size(KEY_SIZE))
+    agreement_key: bytes = attrs.field(validator=_check_size(KEY_SIZE))
+    name: str = attrs.field(validator=_check_name)
+    issued: int = _TIME
+    expires: int = _TIME
+
+    @property
+    def created(self):
+        return self.issued
+
+    @property
+    def subject(self):
+        return self.node_id
+
+    def write(self, w):
+        w.u32(self.domain).fixed(self.node_id, ID_SIZE)
+        w.fixed(self.signing_key, KEY_SIZE).fixed(self.agreement_key, KEY_SIZE)
+        w.text(self.name, NAME_LIMIT).u64(self.issued).u64(self.expires)
+
+    @classmethod
+    def read(cls, r):
+        return cls(r.u32(), r.fixed(ID_SIZE), r.fixed(KEY_SIZE), r.fixed(KEY_SIZE),
+                   r.text(NAME_LIMIT), r.u64(), r.u64())
+
+    def check(self, now):
+        if node_id_for(self.signing_key) != self.node_id:
+            raise RecordError("bad_record", "node id is not the hash of its signing key")
+        if self.issued > now + CLOCK_SKEW_MS:
+            raise RecordError("not_yet_valid")
+        if now >= self.expires:
+            raise RecordError("expired")
+
+
+@attrs.frozen
+class NodeInfo:
+    """Where a node is and what it does, signed by the node itself; lives 15 minutes."""
+
+    TYPE = RecordType.NODE_INFO
+    SIGNED_BY_OPERATOR = False
+    ENDPOINT_LIMIT = 8
+    LOCATION_LIMIT = 8
+
+    domain: int = _DOMAIN
+    node_id: bytes = _ID
+    addresses: tuple = attrs.field(converter=tuple, validator=_check_limit(ENDPOINT_LIMIT))
+    rpc_port: int = attrs.field(validator=_check_uint(16))
+    observed: tuple = attrs.field(converter=tuple, validator=_check_limit(ENDPOINT_LIMIT))
+    nat: NatBehaviour = attrs.field(converter=NatBehaviour)
+    locations: tuple = attrs.field(converter=tuple, validator=_check_ids(LOCATION_LIMIT))
+    roles: Role = attrs.field(converter=Role)
+    created: int = _TIME
+
+    @property
+    def subject(self):
+        return self.node_id
+
+    def write(self, w):
+        w.u32(self.domain).fixed(self.node_id, ID_SIZE)
+        w.items(self.addresses, self.ENDPOINT_LIMIT, Writer.endpoint).u16(self.rpc_port)
+        w.items(self.observed, self.ENDPOINT_LIMIT, Writer.endpoint).u8(self.nat)
+        w.items(self.locations, self.LOCATION_LIMIT, lambda w, v: w.fixed(v, ID_SIZE))
+        w.u8(self.roles).u64(self.created)
+
+    @classmethod
+    def read(cls, r):
+        domain, node_id = r.u32(), r.fixed(ID_SIZE)
+        addresses = r.items(cls.ENDPOINT_LIMIT, Reader.endpoint)
+        rpc_port = r.u16()
+        observed = r.items(cls.ENDPOINT_LIMIT, Reader.endpoint)
+        nat = r.u8()
+        locations = r.items(cls.LOCATION_LIMIT, lambda r: r.fixed(ID_SIZE))
+        roles = r.u8()
+        if roles & ~int(Role.USER | Role.TUNNEL | Role.SUPER | Role.OPERATOR):
+            raise DecodeError(f"unknown role bits {roles:#x}")
+        return cls(domain, node_id, addresses, rpc_port, observed, nat, locations, roles, r.u64())
+
+    def check(self, now):
+        if self.created > now + CLOCK_SKEW_MS:
+            raise RecordError("not_yet_valid")
+        if now >= self.created + NODE_INFO_LIFETIME_MS:
+            raise RecordError("expired")
+
+
+@attrs.frozen
+class SuperNode:
+    """An operator's assignment of a DHT partition range to a super-node."""
+
+    TYPE = RecordType.SUPER_NODE
+    SIGNED_BY_OPERATOR = True
+
+    domain: int = _DOMAIN
+    node_id: bytes = _ID
+    partition_from: int = attrs.field(validator=_check_uint(16))
+    partition_to: int = attrs.field(validator=_check_uint(16))
+    created: int = _TIME
+
+    @partition_to.validator
+    def _ordered(self, attribute, value):
+        if value < self.partition_from:
+            raise ValueError("partition_to is below partition_from")
+
+    @property
+    def subject(self):
+        return self.node_id
+
+    def write(self, w):
+        w.u32(self.domain).fixed(self.node_id, ID_SIZE)
+        w.u16(self.partition_from).u16(self.partition_to).u64(self.created)
+
+    @classmethod
+    def read(cls, r):
+        domain, node_id, low, high = r.u32(), r.fixed(ID_SIZE), r.u16(), r.u16()
+        if high < low:
+            raise DecodeError("partition range is reversed")
+        return cls(domain, node_id, low, high, r.u64())
+
+    def check(self, now):
+        if self.created > now + CLOCK_SKEW_MS:
+            raise RecordError("not_yet_valid")
+
+
+@attrs.frozen
+class OperatorNode:
+    """An operator's identity: self-signed at the root of trust, or signed by another operator.
+
+    It carries both public keys so that it can be checked without a Node record.
+    """
+
+    TYPE = RecordType.OPERATOR_NODE
+    SIGNED_BY_OPERATOR = True
+
+    domain: int = _DOMAIN
+    node_id: bytes = _ID
+    signing_key: bytes = attrs.field(validator=_check_size(KEY_SIZE))
+    agreement_key: bytes = attrs.field(validator=_check_size(KEY_SIZE))
+    created: int = _TIME
+
+    @property
+    def subject(self):
+        return self.node_id
+
+    def write(self, w):
+        w.u32(self.domain).fixed(self.node_id, ID_SIZE)
+        w.fixed(self.signing_key, KEY_SIZE).fixed(self.agreement_key, KEY_SIZE).u64(self.created)
+
+    @classmethod
+    def read(cls, r):
+        return cls(r.u32(), r.fixed(ID_SIZE), r.fixed(KEY_SIZE), r.fixed(KEY_SIZE), r.u64())
+
+    def check(self, now):
+        if node_id_for(self.signing_key) != self.node_id:
+            raise RecordError("bad_record", "node id is not the hash of its signing key")
+        if self.created > now + CLOCK_SKEW_MS:
+            raise RecordError("not_yet_valid")
+
+
+def _check_mac(instance, attribute, value):
+    if not isinstance(value, bytes) or len(value) != 6:
+        raise ValueError("mac must be 6 bytes")
+
+
+def _check_address(instance, attribute, value):
+    if value is not None:
+        ipaddress.ip_address(value)
+
+
+def _check_ports(instance, attribute, value):
+    if not value or len(value) > EndDevice.PORT_LIMIT:
+        raise ValueError(f"ports must hold 1 to {EndDevice.PORT_LIMIT} ports")
+    if any(not isinstance(p, int) or not 0 < p < 65536 for p in value):
+        raise ValueError("ports must be TCP ports 1-65535")
+
+
+@attrs.frozen
+class EndDevice:
+    """A device the operator registered: found by MAC, or at an operator-pinned address."""
+
+    TYPE = RecordType.END_DEVICE
+    SIGNED_BY_OPERATOR = True
+    PORT_LIMIT = 64
+
+    domain: int = _DOMAIN
+    device_id: bytes = _ID
+    name: str = attrs.field(validator=_check_name)
+    mac: bytes = attrs.field(validator=_check_mac)
+    address: str | None = attrs.field(validator=_check_address)
+    certificate_sha256: bytes | None = attrs.field(
+        validator=attrs.validators.optional(_check_size(32)))
+    location_id: bytes = _ID
+    ports: tuple = attrs.field(converter=tuple, validator=_check_ports)
+    created: int = _TIME
+
+    @property
+    def subject(self):
+        return self.device_id
+
+    def write(self, w):
+        w.u32(self.domain).fixed(self.device_id, ID_SIZE).text(self.name, NAME_LIMIT)
+        w.fixed(self.mac, 6)
+        w.blob(ipaddress.ip_address(self.address).packed if self.address else b"", 16)
+        w.u8(1 if self.certificate_sha256 else 0)
+        if self.certificate_sha256:
+            w.fixed(self.certificate_sha256, 32)
+        w.fixed(self.location_id, ID_SIZE)
+        w.items(self.ports, self.PORT_LIMIT, Writer.u16).u64(self.created)
+
+    @classmethod
+    def read(cls, r):
+        domain, device_id, name, mac = r.u32(), r.fixed(ID_SIZE), r.text(NAME_LIMIT), r.fixed(6)
+        packed = r.blob(16)
+        if len(packed) not in (0, 4, 16):
+            raise DecodeError(f"address of {len(packed)} bytes")
+        address = str(ipaddress.ip_address(packed)) if packed else None
+        has_certificate = r.u8()
+        if has_certificate not in (0, 1):
+            raise DecodeError("bad certificate flag")
+        certificate = r.fixed(32) if has_certificate else None
+        location_id = r.fixed(ID_SIZE)
+        ports = r.items(cls.PORT_LIMIT, Reader.u16)
+        return cls(domain, device_id, name, mac, address, certificate, location_id, ports, r.u64())
+
+    def check(self, now):
+        if device_id_for(self.mac, self.certificate_sha256) != self.device_id:
+            raise RecordError("bad_record", "device id is not the hash of its MAC and certificate")
+        if self.created > now + CLOCK_SKEW_MS:
+            raise RecordError("not_yet_valid")
+
+
+@attrs.frozen
+class Revocation:
+    """Node and device ids an operator has revoked in a domain."""
+
+    TYPE = RecordType.REVOCATION
+    SIGNED_BY_OPERATOR = True
+    ID_LIMIT = 1024
+
+    domain: int = _DOMAIN
+    node_ids: tuple = attrs.field(converter=tuple, validator=_check_ids(ID_LIMIT))
+    device_ids: tuple = attrs.field(converter=tuple, validator=_check_ids(ID_LIMIT))
+    created: int = _TIME
+
+    @property
+    def subject(self):
+        return None
+
+    def write(self, w):
+        w.u32(self.domain)
+        w.items(self.node_ids, self.ID_LIMIT, lambda w, v: w.fixed(v, ID_SIZE))
+        w.items(self.device_ids, self.ID_LIMIT, lambda w, v: w.fixed(v, ID_SIZE))
+        w.u64(self.created)
+
+    @classmethod
+    def read(cls, r):
+        return cls(r.u32(), r.items(cls.ID_LIMIT, lambda r: r.fixed(ID_SIZE)),
+                   r.items(cls.ID_LIMIT, lambda r: r.fixed(ID_SIZE)), r.u64())
+
+    def check(self, now):
+        if self.created > now + CLOCK_SKEW_MS:
+            raise RecordError("not_yet_valid")
+
+
+RECORD_TYPES = {cls.TYPE: cls for cls in (Node, NodeInfo, SuperNode, OperatorNode, EndDevice,
+                                          Revocation)}
+
+
+def _context(record_type):
+    return b"meshnode/1 record " + RECORD_TYPES[record_type].__name__.encode("ascii") + b"\x00"
+
+
+@attrs.frozen
+class Signed:
+    """A record with its signer and signature, and the exact bytes they cover."""
+
+    record: object
+    signer: bytes
+    signature: bytes
+    signed_bytes: bytes = attrs.field(repr=False)
+
+    def encode(self):
+        return self.signed_bytes + self.signature
+
+
+def sign(record, signer_id, private_key):
+    """Sign `record` with an Ed25519 private key whose node id is `signer_id`."""
+    w = Writer().u8(record.TYPE).u8(RECORD_VERSION)
+    record.write(w)
+    w.fixed(signer_id, ID_SIZE)
+    signed_bytes = w.bytes()
+    signature = private_key.sign(_context(record.TYPE) + signed_bytes)
+    return Signed(record, signer_id, signature, signed_bytes)
+
+
+def read_signed(r):
+    """Read one signed record from a Reader (does not verify the signature)."""
+    start = r.offset
+    record_type = r.u8()
+    if record_type not in RECORD_TYPES:
+        raise DecodeError(f"unknown record type {record_type}")
+    version = r.u8()
+    if version != RECORD_VERSION:
+        raise DecodeError(f"unknown record version {version}")
+    try:
+        record = RECORD_TYPES[record_type].read(r)
+    except DecodeError:
+        raise
+    except ValueError as e:
+        # attrs validators and enum converters reject out-of-range field values
+        raise DecodeError(str(e)) from None
+    signer = r.fixed(ID_SIZE)
+    signed_bytes = r._data[start:r.offset]
+    signature = r.fixed(SIGNATURE_SIZE)
+    return Signed(record, signer, signature, bytes(signed_bytes))
+
+
+def decode_signed(data):
+    """Decode exactly one signed record; trailing bytes are an error."""
+    r = Reader(data)
+    signed = read_signed(r)
+    r.end()
+    return signed
+
+
+def encode_bundle(signed_records):
+    """A list of signed records, as kept in files and carried in RPC answers."""
+    return Writer().items(signed_records, 256, lambda w, s: w.blob(s.encode(), 8192)).bytes()
+
+
+def decode_bundle(data):
+    r = Reader(data)
+    records = r.items(256, lambda r: decode_signed(r.blob(8192)))
+    r.end()
+    return records
+
+
+_public_keys = {}
+
+
+def _public_key(raw):
+    key = _public_keys.get(raw)
+    if key is None:
+        if len(_public_keys) > 4096:
+            _public_keys.clear()
+        key = _public_keys[raw] = Ed25519PublicKey.from_public_bytes(raw)
+    return key
+
+
+def check_signature(signed, signing_key):
+    try:
+        _public_key(signing_key).verify(signed.signature, _context(signed.record.TYPE)
+                                        + signed.signed_bytes)
+    except (InvalidSignature, ValueError):
+        raise RecordError("bad_signature") from None
+
+
+class Trust:
+    """What a node believes: the operators' keys and what they revoked.
+
+    `verify` applies the signer rule, the signature, the lifetime and revocation in one place;
+    a record that fails any of them raises RecordError and must be neither stored nor used.
+    """
+
+    def __init__(self):
+        self._operators = {}
+        self._revoked = set()
+
+    @property
+    def operator_ids(self):
+        return frozenset(self._operators)
+
+    def is_operator(self, node_id):
+        return node_id in self._operators
+
+    def is_revoked(self, some_id):
+        return some_id in self._revoked
+
+    def anchor(self, signed, now):
+        """Trust a self-signed OperatorNode record that came from local, trusted state."""
+        record = signed.record
+        if not isinstance(record, OperatorNode) or signed.signer != record.node_id:
+            raise RecordError("bad_anchor", "a trust anchor is a self-signed OperatorNode record")
+        record.check(now)
+        check_signature(signed, record.signing_key)
+        self._operators[record.node_id] = record.signing_key
+
+    def add_operator(self, signed, now):
+        """Trust an OperatorNode record signed by an operator already trusted."""
+        self.verify(signed, now)
+        self._operators[signed.record.node_id] = signed.record.signing_key
+
+    def add_revocation(self, signed, now):
+        self.verify(signed, now)
+        self._revoked.update(signed.record.node_ids)
+        self._revoked.update(signed.record.device_ids)
+
+    def verify(self, signed, now, subject_node=None):
+        """Check `signed` and return its record.
+
+        Self-signed records (NodeInfo) need `subject_node`, the subject's verified Node record.
+        """
+        record = signed.record
+        if record.SIGNED_BY_OPERATOR:
+            signing_key = self._operators.get(signed.signer)
+            if signing_key is None:
+                raise RecordError("unknown_signer", "not signed by a trusted operator")
+        else:
+            if signed.signer != record.subject:
+                raise RecordError("wrong_signer", "a self-signed record signed by another node")
+            if subject_node is None or subject_node.node_id != record.subject:
+                raise RecordError("unknown_signer", "the subject's Node record is unknown")
+            signing_key = subject_node.signing_key
+        if signed.signer in self._revoked or (record.subject is not None
+                                              and record.subject in self._revoked):
+            raise RecordError("revoked")
+        record.check(now)
+        check_signature(signed, signing_key)
+        return record

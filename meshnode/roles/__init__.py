@@ -1,0 +1,1 @@
+"""The four roles, each a MultiService child of the node that depends only on the core."""

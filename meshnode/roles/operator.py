@@ -1,0 +1,61 @@
+"""The operator role: the only trusted party, which signs the records everyone else checks.
+
+Built so far: making an operator identity with its self-signed OperatorNode record, and
+signing Node records for given public keys (used by `meshnode operator …`). The HTTPS
+enrollment API, the operator store and partition assignment come in later issues.
+"""
+
+import os
+
+from twisted.application import service
+
+from meshnode import identity as identity_module
+from meshnode import records
+
+
+class OperatorError(Exception):
+    """An operator command that cannot be carried out; the message says why."""
+
+
+class OperatorService(service.MultiService):
+    """The operator role's place in the service tree; it serves nothing over the network yet."""
+
+    name = "operator"
+
+
+def _now_ms(clock):
+    return int(clock.seconds() * 1000)
+
+
+def init_operator(state_dir, domain, name, clock, days=30):
+    """Make this state directory an operator: keys, self-signed OperatorNode, own Node record."""
+    enrollment_path = os.path.join(state_dir, identity_module.ENROLLMENT_FILE)
+    if os.path.exists(enrollment_path):
+        raise OperatorError(f"{enrollment_path} exists: this node is already enrolled")
+    me = identity_module.load_or_create(state_dir, clock)
+    now = _now_ms(clock)
+    operator = me.sign(records.OperatorNode(domain, me.node_id, me.signing_public,
+                                            me.agreement_public, now))
+    node = me.sign(records.Node(domain, me.node_id, me.signing_public, me.agreement_public,
+                                name, now, now + days * 86_400_000))
+    identity_module.write_private(enrollment_path, records.encode_bundle([node, operator]))
+    return me, operator
+
+
+def load_operator(state_dir, clock):
+    """This state directory's operator identity and the operator records it hands out."""
+    me = identity_module.load_or_create(state_dir, clock)
+    enrollment = identity_module.load_enrollment(state_dir, me, _now_ms(clock))
+    if not enrollment.trust.is_operator(me.node_id):
+        raise OperatorError(f"{state_dir} is not an operator: run 'meshnode operator init'")
+    operators = [s for s in enrollment.bundle if isinstance(s.record, records.OperatorNode)]
+    return me, operators
+
+
+def sign_node(state_dir, signing_key, agreement_key, domain, name, clock, days=30):
+    """An enrollment bundle for a node: its operator-signed Node record and the operators."""
+    me, operators = load_operator(state_dir, clock)
+    now = _now_ms(clock)
+    node = me.sign(records.Node(domain, records.node_id_for(signing_key), signing_key,
+                                agreement_key, name, now, now + days * 86_400_000))
+    return node, records.encode_bundle([node] + operators)
