@@ -3,7 +3,6 @@
 Knows nothing of sockets or peers: it turns bytes into a Frame and back (DESIGN.md §4).
 """
 
-import enum
 import os
 import struct
 
@@ -21,12 +20,10 @@ _PLAIN_LENGTH = struct.Struct(">H")
 _COUNTER = struct.Struct(">Q")
 
 
-class Flag(enum.IntFlag):
-    RESPONSE = 1
-    PLAIN = 2
-
-
-_KNOWN_FLAGS = int(Flag.RESPONSE | Flag.PLAIN)
+# Header flags. Plain ints, not an enum: they are tested for every datagram.
+RESPONSE = 1
+PLAIN = 2
+_KNOWN_FLAGS = RESPONSE | PLAIN
 
 
 class FrameError(ValueError):
@@ -38,53 +35,40 @@ class FrameError(ValueError):
 
 
 class Frame:
-    """One parsed datagram. `body` is still sealed unless the PLAIN flag is set."""
+    """One parsed datagram for the cold paths (bootstrap); `body` is as received."""
 
     __slots__ = ("flags", "command", "receiver_domain", "receiver_id", "sender_domain",
                  "sender_id", "timestamp", "message_id", "header", "body")
 
-    def __init__(self, flags, command, receiver_domain, receiver_id, sender_domain, sender_id,
-                 timestamp, message_id, header, body):
-        self.flags = flags
-        self.command = command
-        self.receiver_domain = receiver_domain
-        self.receiver_id = receiver_id
-        self.sender_domain = sender_domain
-        self.sender_id = sender_id
-        self.timestamp = timestamp
-        self.message_id = message_id
-        self.header = header
-        self.body = body
-
-    @property
-    def counter(self):
-        return _COUNTER.unpack_from(self.message_id)[0]
-
-    @property
-    def is_plain(self):
-        return bool(self.flags & Flag.PLAIN)
-
-    @property
-    def is_response(self):
-        return bool(self.flags & Flag.RESPONSE)
+    def __init__(self, fields, data):
+        (_, _, self.flags, self.command, self.receiver_domain, self.receiver_id,
+         self.sender_domain, self.sender_id, self.timestamp, self.message_id) = fields
+        self.header = data[:HEADER_SIZE]
+        self.body = data[HEADER_SIZE:]
 
 
 def parse(data):
-    """Split a datagram into header fields and body, or raise FrameError."""
-    if len(data) < HEADER_SIZE or len(data) > MAX_DATAGRAM:
+    """The header fields of a datagram as a tuple (HEADER's order), or raise FrameError.
+
+    A tuple rather than an object: this runs for every datagram.
+    """
+    size = len(data)
+    if size < HEADER_SIZE or size > MAX_DATAGRAM:
         raise FrameError("malformed")
-    (magic, version, flags, command, receiver_domain, receiver_id, sender_domain, sender_id,
-     timestamp, message_id) = HEADER.unpack_from(data)
-    if magic != MAGIC:
+    fields = HEADER.unpack_from(data)
+    if fields[0] != MAGIC:
         raise FrameError("malformed")
-    if version != VERSION:
+    if fields[1] != VERSION:
         raise FrameError("version")
-    if flags & ~_KNOWN_FLAGS:
+    flags = fields[2]
+    if flags & ~_KNOWN_FLAGS or (not flags & PLAIN and size < HEADER_SIZE + TAG_SIZE):
         raise FrameError("malformed")
-    if not flags & Flag.PLAIN and len(data) < HEADER_SIZE + TAG_SIZE:
-        raise FrameError("malformed")
-    return Frame(flags, command, receiver_domain, receiver_id, sender_domain, sender_id,
-                 timestamp, message_id, data[:HEADER_SIZE], data[HEADER_SIZE:])
+    return fields
+
+
+def counter_of(message_id):
+    """The sender's counter: the first 8 bytes of a message id."""
+    return _COUNTER.unpack_from(message_id)[0]
 
 
 class MessageIds:
@@ -96,10 +80,12 @@ class MessageIds:
 
     def __init__(self, clock):
         self._counter = int(clock.seconds() * 1_000_000)
+        # Random per process: two processes sharing one identity never share a nonce.
+        self._random = os.urandom(4)
 
     def next(self):
         self._counter += 1
-        return _COUNTER.pack(self._counter) + os.urandom(4)
+        return _COUNTER.pack(self._counter) + self._random
 
 
 def header(flags, command, receiver_domain, receiver_id, sender_domain, sender_id, timestamp,
@@ -113,10 +99,10 @@ def seal(aead, head, payload):
     return head + aead.encrypt(head[84:96], payload, head)
 
 
-def open_sealed(aead, frame):
-    """The payload of a sealed frame, or None when it does not authenticate."""
+def open_sealed(aead, message_id, data):
+    """The payload of a sealed datagram, or None when it does not authenticate."""
     try:
-        return aead.decrypt(frame.message_id, frame.body, frame.header)
+        return aead.decrypt(message_id, data[HEADER_SIZE:], data[:HEADER_SIZE])
     except InvalidTag:
         return None
 
@@ -129,9 +115,8 @@ def plain(head, payload, pad_to=0):
     return datagram
 
 
-def plain_payload(frame):
-    """The payload of a plain frame; the padding after it must be zeros."""
-    body = frame.body
+def plain_payload(body):
+    """The payload of a plain body; the padding after it must be zeros."""
     if len(body) < 2:
         raise FrameError("malformed")
     size = _PLAIN_LENGTH.unpack_from(body)[0]

@@ -5,11 +5,12 @@ request it answers followed by its message.
 """
 
 import enum
+import struct
 
 import attrs
 
 from meshnode import records
-from meshnode.wire import Reader, Writer
+from meshnode.wire import DecodeError, Reader, Writer
 
 
 class Command(enum.IntEnum):
@@ -44,33 +45,55 @@ class Command(enum.IntEnum):
 
 
 PING_DATA_LIMIT = 1000
+_LENGTH = struct.Struct(">H")
 
 
-@attrs.frozen
-class Ping:
-    """Liveness and round-trip probe; the answer echoes `data`."""
+def _encode_echo(data):
+    if len(data) > PING_DATA_LIMIT:
+        raise ValueError(f"ping data over {PING_DATA_LIMIT} bytes")
+    return _LENGTH.pack(len(data)) + data
 
-    COMMAND = Command.PING
-    data: bytes = b""
+
+def _decode_echo(payload):
+    # Written out rather than through Reader: Ping/Pong is the RPC's hot path.
+    if len(payload) < 2 or _LENGTH.unpack_from(payload)[0] != len(payload) - 2 or (
+            len(payload) - 2 > PING_DATA_LIMIT):
+        raise DecodeError("bad ping data")
+    return payload[2:]
+
+
+class _Echo:
+    """Ping and Pong: plain slotted classes rather than attrs ones, as the RPC's hot path."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data=b""):
+        self.data = data
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.data == other.data
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.data!r})"
 
     def encode(self):
-        return Writer().blob(self.data, PING_DATA_LIMIT).bytes()
+        return _encode_echo(self.data)
 
     @classmethod
     def decode(cls, payload):
-        r = Reader(payload)
-        message = cls(r.blob(PING_DATA_LIMIT))
-        r.end()
-        return message
+        return cls(_decode_echo(payload))
 
 
-@attrs.frozen
-class Pong:
+class Ping(_Echo):
+    """Liveness and round-trip probe; the answer echoes `data`."""
+
+    __slots__ = ()
+    COMMAND = Command.PING
+
+
+class Pong(_Echo):
+    __slots__ = ()
     COMMAND = Command.PONG
-    data: bytes = b""
-
-    encode = Ping.encode
-    decode = classmethod(Ping.decode.__func__)
 
 
 @attrs.frozen

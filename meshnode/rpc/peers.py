@@ -42,7 +42,14 @@ class ReplayWindow:
         """Record `counter` as seen; call only after the datagram authenticated."""
         if counter > self.top:
             shift = counter - self.top
-            self.bits = ((self.bits << shift) | 1) & ((1 << self.SIZE) - 1) if shift < self.SIZE else 1
+            if shift >= self.SIZE:
+                self.bits = 1
+            else:
+                bits = (self.bits << shift) | 1
+                # Trim bits older than the window only now and then: cheaper than every time.
+                if bits.bit_length() > 2 * self.SIZE:
+                    bits &= (1 << self.SIZE) - 1
+                self.bits = bits
             self.top = counter
         else:
             self.bits |= 1 << (self.top - counter)
