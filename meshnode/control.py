@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from meshnode.records import Role
+from meshnode.rpc.messages import Command
 from meshnode.rpc.service import CallTimeout, RPCError
 
 _log = Logger()
@@ -63,7 +64,8 @@ def node_status(identity_service, rpc):
         "rpc_port": rpc.port,
         "operators": sorted(i.hex() for i in enrollment.trust.operator_ids),
         "peers": len(rpc.peers) if rpc.peers is not None else 0,
-        "accepted": {command.name: count for command, count in sorted(rpc.accepted.items())},
+        "accepted": {Command(command).name: count
+                     for command, count in sorted(rpc.accepted.items())},
         "drops": dict(sorted(rpc.drops.items())),
     }
 

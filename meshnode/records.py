@@ -20,7 +20,7 @@ KEY_SIZE = 32
 SIGNATURE_SIZE = 64
 NAME_LIMIT = 63
 CLOCK_SKEW_MS = 60_000
-NODE_LIFETIME_MS = 30 * 24 * 3600 * 1000
+BUNDLE_LIMIT = 256
 NODE_INFO_LIFETIME_MS = 15 * 60 * 1000
 
 
@@ -280,9 +280,13 @@ def _check_mac(instance, attribute, value):
         raise ValueError("mac must be 6 bytes")
 
 
-def _check_address(instance, attribute, value):
-    if value is not None:
-        ipaddress.ip_address(value)
+def _canonical_address(value):
+    """An IP address in its one canonical spelling (or None); scoped addresses are refused."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or "%" in value:
+        raise ValueError(f"{value!r} is not an unscoped IP address")
+    return str(ipaddress.ip_address(value))
 
 
 def _check_ports(instance, attribute, value):
@@ -304,7 +308,7 @@ class EndDevice:
     device_id: bytes = _ID
     name: str = attrs.field(validator=_check_name)
     mac: bytes = attrs.field(validator=_check_mac)
-    address: str | None = attrs.field(validator=_check_address)
+    address: str | None = attrs.field(converter=_canonical_address)
     certificate_sha256: bytes | None = attrs.field(
         validator=attrs.validators.optional(_check_size(32)))
     location_id: bytes = _ID
@@ -353,7 +357,7 @@ class Revocation:
 
     TYPE = RecordType.REVOCATION
     SIGNED_BY_OPERATOR = True
-    ID_LIMIT = 1024
+    ID_LIMIT = 1000  # both lists full still fit one u16-length bundle entry
 
     domain: int = _DOMAIN
     node_ids: tuple = attrs.field(converter=tuple, validator=_check_ids(ID_LIMIT))
@@ -443,12 +447,13 @@ def decode_signed(data):
 
 def encode_bundle(signed_records):
     """A list of signed records, as kept in files and carried in RPC answers."""
-    return Writer().items(signed_records, 256, lambda w, s: w.blob(s.encode(), 8192)).bytes()
+    return Writer().items(signed_records, BUNDLE_LIMIT,
+                          lambda w, s: w.blob(s.encode(), 65535)).bytes()
 
 
 def decode_bundle(data):
     r = Reader(data)
-    records = r.items(256, lambda r: decode_signed(r.blob(8192)))
+    records = r.items(BUNDLE_LIMIT, lambda r: decode_signed(r.blob(65535)))
     r.end()
     return records
 

@@ -143,12 +143,23 @@ class Reader:
             raise DecodeError(f"{len(self._data) - self._offset} trailing bytes")
 
 
+def _canonical_host(value):
+    if not isinstance(value, str) or "%" in value:
+        raise ValueError(f"{value!r} is not an unscoped IP address")
+    return str(ipaddress.ip_address(value))
+
+
+def _check_port(instance, attribute, value):
+    if not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError(f"{value!r} is not a port number")
+
+
 @attrs.frozen
 class Endpoint:
-    """An IP address and port, encoded as family (4 or 6), address bytes and port."""
+    """An IP address (canonical spelling) and port: family (4 or 6), address bytes, port."""
 
-    host: str
-    port: int
+    host: str = attrs.field(converter=_canonical_host)
+    port: int = attrs.field(validator=_check_port)
 
     def write(self, writer):
         address = ipaddress.ip_address(self.host)

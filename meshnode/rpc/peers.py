@@ -86,8 +86,12 @@ class PeerTable:
         """Add or refresh a peer from a verified Node record → (Peer, whether it changed)."""
         node = signed.record
         peer = self._peers.get(node.node_id)
-        if peer is not None and peer.node.agreement_key == node.agreement_key:
-            changed = node.issued > peer.node.issued
+        if peer is not None and (peer.node.agreement_key == node.agreement_key
+                                 or node.issued <= peer.node.issued):
+            # Same keys: keep the newer record. Other keys: only a newer record replaces
+            # them, so replaying an old record cannot reset the peer's keys and window.
+            changed = node.issued > peer.node.issued and (
+                peer.node.agreement_key == node.agreement_key)
             if changed:
                 peer.signed, peer.node = signed, node
             self._peers.move_to_end(node.node_id)

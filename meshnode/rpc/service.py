@@ -182,9 +182,9 @@ class RPCService(service.Service):
 
     def register(self, command, handler, policy=same_domain):
         """Route requests of `command` to `handler` when `policy(rpc, sender_node)` holds."""
-        self._handlers[Command(command)] = (handler, policy)
         if command not in MESSAGES:
             raise ValueError(f"no message codec for {Command(command).name}")
+        self._handlers[Command(command)] = (handler, policy)
 
     def startService(self):
         identity = self._identity_service.identity
@@ -220,11 +220,12 @@ class RPCService(service.Service):
             raise StartupError(f"cannot listen on TCP {where}: {e.socketError}") from None
 
     def stopService(self):
+        # Not running first: a call started from one of the errbacks below must fail too.
+        service.Service.stopService(self)
         pending, self._pending = self._pending, {}
         self._deadlines.stop()
         for call in pending.values():
             call.deferred.errback(Stopped("the RPC service stopped"))
-        service.Service.stopService(self)
         return defer.gatherResults([defer.maybeDeferred(self._udp_port.stopListening),
                                     defer.maybeDeferred(self._tcp_port.stopListening)])
 
@@ -300,13 +301,13 @@ class RPCService(service.Service):
         except DecodeError:
             drops["malformed_payload"] += 1
             return
-        self.accepted[command] += 1
         try:
             result = handler(Incoming(peer, source, message))
         except Exception:
             _log.failure("handler for {command} failed", command=Command(command).name)
             drops["handler_error"] += 1
             return
+        self.accepted[command] += 1
         if isinstance(result, defer.Deferred):
             result.addCallback(self._respond, message_id, peer, source, send)
             result.addErrback(self._handler_failed, Command(command))
@@ -360,8 +361,9 @@ class RPCService(service.Service):
             self.drops["not_enrolled"] += 1
             return
         call = self._pending.get(request.cause)
-        solicited = call is not None and call.source == source and (
-            call.peer_id == received.sender_id)
+        # Solicited: the peer could not open a call of ours to it. Answered once per call.
+        solicited = (call is not None and call.datagram is not None and call.source == source
+                     and call.peer_id == received.sender_id)
         answer = frame.plain(
             self._header(PLAIN | RESPONSE, Command.NODE, received.sender_domain,
                          received.sender_id, now),
@@ -372,9 +374,10 @@ class RPCService(service.Service):
             return
         self.accepted[Command.GET_NODE] += 1
         send(answer, source)
-        if solicited and call.datagram is not None:
+        if solicited:
             # The peer could not open our request: resend the very same bytes now it knows us.
             send(call.datagram, source)
+            call.datagram = None
 
     def _receive_node(self, received, payload, source, now):
         if received.flags & RESPONSE:

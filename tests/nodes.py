@@ -1,0 +1,170 @@
+"""Real `twistd -n meshnode` processes for integration tests, with bounded waits and cleanup."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+
+from twisted.internet import defer, protocol, reactor, task, threads
+
+from meshnode import cli, identity
+from meshnode.roles import operator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPERATOR_DOMAIN = 0x00010000
+
+
+def free_udp_port():
+    """A UDP port that was free a moment ago on 127.0.0.1 (its TCP twin is checked too)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def environment():
+    return dict(os.environ, PYTHONPATH=ROOT)
+
+
+class _Exit(protocol.ProcessProtocol):
+    def __init__(self):
+        self.ended = defer.Deferred()
+        self.output = []
+
+    def outReceived(self, data):
+        self.output.append(data)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value.exitCode)
+
+
+def run_command(args, timeout=30):
+    """Run a command to completion → Deferred[(exit code, output text)], killed at timeout."""
+    exit_watch = _Exit()
+    transport = reactor.spawnProcess(exit_watch, args[0], args, env=environment(), path=ROOT)
+
+    def kill():
+        if transport.pid is not None:
+            transport.signalProcess("KILL")
+
+    timer = reactor.callLater(timeout, kill)
+
+    def done(code):
+        if timer.active():
+            timer.cancel()
+        return code, b"".join(exit_watch.output).decode(errors="replace")
+
+    return exit_watch.ended.addCallback(done)
+
+
+class Node:
+    """One running node: its state directory, RPC port and process."""
+
+    def __init__(self, state_dir, port, transport, exit_watch):
+        self.state_dir = state_dir
+        self.port = port
+        self.transport = transport
+        self.exit_watch = exit_watch
+
+    @property
+    def address(self):
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self):
+        return not self.exit_watch.ended.called
+
+    def control(self, method, path, body=None, timeout=30):
+        """A control-socket request made from a thread, so the test's reactor keeps running."""
+        return threads.deferToThread(cli.control_request, self.state_dir, method, path, body,
+                                     timeout)
+
+    def status(self):
+        return self.control("GET", "/v1/status")
+
+    def log(self):
+        with open(os.path.join(self.state_dir, "twistd.log"), errors="replace") as f:
+            return f.read()
+
+    @defer.inlineCallbacks
+    def stop(self, timeout=10):
+        if not self.running:
+            return
+        self.transport.signalProcess("TERM")
+        timer = reactor.callLater(timeout, self._kill)
+        yield self.exit_watch.ended
+        if timer.active():
+            timer.cancel()
+
+    def _kill(self):
+        if self.running:
+            self.transport.signalProcess(signal.SIGKILL)
+
+
+class Network:
+    """An operator's state and enrolled nodes in a fresh temporary directory of `testcase`."""
+
+    def __init__(self, testcase):
+        self._testcase = testcase
+        # Short paths: the control socket's path must fit a UNIX socket address.
+        self.base = tempfile.mkdtemp(prefix="mn-", dir="/tmp")
+        testcase.addCleanup(shutil.rmtree, self.base, ignore_errors=True)
+        self.operator_dir = os.path.join(self.base, "operator")
+        operator.init_operator(self.operator_dir, OPERATOR_DOMAIN, "operator", reactor)
+
+    def enroll(self, name, domain, days=30):
+        """A state directory with fresh keys and an operator-signed enrollment file."""
+        state_dir = os.path.join(self.base, name)
+        me = identity.load_or_create(state_dir, reactor)
+        _, bundle = operator.sign_node(self.operator_dir, me.signing_public, me.agreement_public,
+                                       domain, name, reactor, days)
+        identity.write_private(os.path.join(state_dir, identity.ENROLLMENT_FILE), bundle)
+        return state_dir
+
+    @defer.inlineCallbacks
+    def start(self, state_dir, *flags, timeout=20):
+        """Start `twistd -n meshnode` on a free loopback port; fires when its control socket
+        answers, or fails after `timeout` seconds with the node's log."""
+        port = free_udp_port()
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)  # for the log file
+        args = [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=",
+                "--logfile", os.path.join(state_dir, "twistd.log"), "meshnode",
+                "--state-dir", state_dir, "--listen-address", "127.0.0.1",
+                "--rpc-port", str(port), *flags]
+        exit_watch = _Exit()
+        transport = reactor.spawnProcess(exit_watch, args[0], args, env=environment(), path=ROOT)
+        node = Node(state_dir, port, transport, exit_watch)
+        self._testcase.addCleanup(node.stop)
+        deadline = reactor.seconds() + timeout
+        while True:
+            if not node.running:
+                raise AssertionError(f"the node exited: {node.log()[-2000:]}")
+            try:
+                status = yield node.status()
+            except cli.CommandError:
+                status = None
+            if status is not None:
+                return node
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"the node did not start in {timeout} s: {node.log()[-2000:]}")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+
+def meshnode_command(*args):
+    return [sys.executable, "-m", "meshnode.cli", *args]
+
+
+def parse_json(output):
+    return json.loads(output)

@@ -1,0 +1,197 @@
+"""Real `twistd -n meshnode` processes on loopback: bootstrap, ping, bad input, a datagram flood."""
+
+import os
+import random
+import socket
+
+from twisted.internet import defer, reactor, task, threads
+from twisted.trial.unittest import TestCase
+
+from meshnode import cli
+from meshnode.identity import IdentityService
+from meshnode.rpc import frame
+from meshnode.rpc.messages import Command, Ping
+from meshnode.rpc.service import RPCService
+from tests.nodes import Network, meshnode_command, run_command
+
+DOMAIN = 0x00020001
+
+
+class TwoNodesTests(TestCase):
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_ping_after_get_node_bootstrap(self):
+        """Two enrolled nodes that never met ping each other after the GetNode bootstrap."""
+        network = Network(self)
+        alice = yield network.start(network.enroll("alice", DOMAIN))
+        bob = yield network.start(network.enroll("bob", DOMAIN))
+
+        result = yield alice.control("POST", "/v1/ping", {"address": bob.address, "count": 3})
+
+        self.assertEqual(result["name"], "bob")
+        self.assertEqual(len(result["rtt_ms"]), 3)
+        self.assertTrue(all(rtt > 0 for rtt in result["rtt_ms"]))
+        bob_status = yield bob.status()
+        # bob first could not open alice's sealed Ping, asked for her Node record, then answered
+        self.assertEqual(bob_status["drops"], {"unknown_sender": 1})
+        self.assertEqual(bob_status["accepted"]["PING"], 3)
+        self.assertEqual(bob_status["accepted"]["NODE"], 1)
+        back = yield bob.control("POST", "/v1/ping", {"address": alice.address})
+        self.assertEqual(back["name"], "alice")
+
+    @defer.inlineCallbacks
+    def test_cli_ping_and_status(self):
+        """`meshnode ping` and `meshnode status --json` work against running nodes."""
+        network = Network(self)
+        alice = yield network.start(network.enroll("alice", DOMAIN))
+        bob = yield network.start(network.enroll("bob", DOMAIN))
+
+        code, output = yield run_command(meshnode_command(
+            "--state-dir", alice.state_dir, "ping", "--count", "2", bob.address))
+        self.assertEqual(code, 0, output)
+        self.assertEqual(output.count("Pong from bob"), 2, output)
+
+        code, output = yield run_command(meshnode_command(
+            "--state-dir", bob.state_dir, "status", "--json"))
+        self.assertEqual(code, 0, output)
+        self.assertIn('"name": "bob"', output)
+
+    @defer.inlineCallbacks
+    def test_node_restarts_with_the_same_identity(self):
+        """A restarted node keeps its keys and still answers a peer that knew it."""
+        network = Network(self)
+        state_dir = network.enroll("bob", DOMAIN)
+        bob = yield network.start(state_dir)
+        alice = yield network.start(network.enroll("alice", DOMAIN))
+        first = yield alice.control("POST", "/v1/ping", {"address": bob.address})
+        yield bob.stop()
+        bob = yield network.start(state_dir)
+        second = yield alice.control("POST", "/v1/ping", {"address": bob.address})
+        self.assertEqual(first["node_id"], second["node_id"])
+
+    @defer.inlineCallbacks
+    def test_unenrolled_node_runs_and_drops_what_it_cannot_authenticate(self):
+        """A node without a Node record starts, says so in its log, and answers nobody."""
+        network = Network(self)
+        loner_dir = os.path.join(network.base, "loner")
+        loner = yield network.start(loner_dir)
+        alice = yield network.start(network.enroll("alice", DOMAIN))
+
+        status = yield loner.status()
+        self.assertFalse(status["enrolled"])
+        self.assertIn("not enrolled", loner.log())
+        with self.assertRaises(cli.CommandError):
+            yield alice.control("POST", "/v1/ping", {"address": loner.address, "timeout": 0.5})
+        status = yield loner.status()
+        self.assertEqual(status["drops"].get("not_enrolled"), 1)
+
+    @defer.inlineCallbacks
+    def test_bad_command_line_exits_with_one_line_before_writing(self):
+        """A bad flag value exits non-zero with one line and creates no state directory."""
+        network = Network(self)
+        state_dir = os.path.join(network.base, "never")
+        twistd = os.path.join(os.path.dirname(meshnode_command()[0]), "twistd")
+        code, output = yield run_command([twistd, "-n", "--pidfile=", "meshnode", "--super",
+                                          "--partition", "8000-7fff", "--state-dir", state_dir])
+        self.assertNotEqual(code, 0)
+        self.assertEqual(output.strip(), "twistd meshnode: partition: '8000-7fff' starts above "
+                                         "its end")
+        self.assertFalse(os.path.exists(state_dir))
+
+    @defer.inlineCallbacks
+    def test_port_in_use_is_one_clear_error(self):
+        """A node whose RPC port is taken exits non-zero and says which port."""
+        network = Network(self)
+        alice = yield network.start(network.enroll("alice", DOMAIN))
+        twistd = os.path.join(os.path.dirname(meshnode_command()[0]), "twistd")
+        code, output = yield run_command([
+            twistd, "-n", "--pidfile=", "meshnode", "--state-dir",
+            network.enroll("bob", DOMAIN), "--listen-address", "127.0.0.1",
+            "--rpc-port", str(alice.port)])
+        self.assertNotEqual(code, 0)
+        self.assertIn(f"cannot listen on UDP 127.0.0.1:{alice.port}", output)
+
+
+def _mutations(valid, count, seed):
+    """Random, truncated, bit-flipped, oversized and wrongly addressed datagrams."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        kind = i % 5
+        base = bytearray(rng.choice(valid))
+        if kind == 0:
+            out.append(rng.randbytes(rng.randint(0, 1300)))
+        elif kind == 1:
+            out.append(bytes(base[:rng.randint(0, len(base) - 1)]))
+        elif kind == 2:
+            for position in rng.sample(range(len(base)), rng.randint(1, 3)):
+                base[position] ^= 1 << rng.randrange(8)
+            out.append(bytes(base))
+        elif kind == 3:
+            out.append(bytes(base) + rng.randbytes(rng.randint(1200 - len(base) + 1, 1500)))
+        else:
+            base[8:40] = rng.randbytes(32)  # another receiver id
+            out.append(bytes(base))
+    return out
+
+
+def _send_all(datagrams, address):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for datagram in datagrams:
+            sock.sendto(datagram, address)
+
+
+class RobustnessTests(TestCase):
+    timeout = 240
+
+    @defer.inlineCallbacks
+    def test_node_survives_100000_bad_datagrams(self):
+        """100,000 random and mutated datagrams: none accepted, all counted, Ping still works."""
+        network = Network(self)
+        target = yield network.start(network.enroll("target", DOMAIN))
+        identity_service = IdentityService(network.enroll("prober", DOMAIN), reactor)
+        rpc = RPCService(identity_service, reactor, interface="127.0.0.1")
+        identity_service.startService()
+        rpc.startService()
+        self.addCleanup(rpc.stopService)
+        address = ("127.0.0.1", target.port)
+        peer = yield rpc.fetch_node(address)
+        yield rpc.ping(peer, address)
+
+        # Fresh sealed Pings the target never saw, plus one it accepted (to replay).
+        valid = [rpc._seal(peer, Command.PING, 0, Ping(b"x" * i).encode())[1] for i in range(50)]
+        replayed = valid[0]
+        _send_all([replayed], address)
+        before = yield target.status()
+        while before["accepted"].get("PING", 0) < 2:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+            before = yield target.status()
+
+        total, batch = 100_000, 100
+        sent = 0
+        dropped_before = sum(before["drops"].values())
+        for start in range(0, total, batch):
+            datagrams = _mutations(valid, batch, seed=start)
+            datagrams[0] = replayed
+            yield threads.deferToThread(_send_all, datagrams, address)
+            sent += len(datagrams)
+            # Pace the flood to what the node drops, so the kernel's socket buffer (about
+            # 200 KiB here) never overflows and every datagram reaches the node.
+            last, stalls = -1, 0
+            while stalls < 5:
+                status = yield target.status()
+                dropped = sum(status["drops"].values()) - dropped_before
+                if dropped >= sent:
+                    break
+                stalls = stalls + 1 if dropped == last else 0
+                last = dropped
+        after = yield target.status()
+        self.assertTrue(target.running)
+        self.assertEqual(after["accepted"], before["accepted"], "a bad datagram was accepted")
+        dropped = sum(after["drops"].values()) - sum(before["drops"].values())
+        self.assertGreaterEqual(dropped, int(total * 0.99))
+        for reason in ("malformed", "decrypt", "receiver", "replay"):
+            self.assertGreater(after["drops"].get(reason, 0), 0, reason)
+        rtt = yield rpc.ping(peer, address)
+        self.assertGreater(rtt, 0)

@@ -1,0 +1,148 @@
+"""`twistd meshnode` options, the configuration file and the service tree they build."""
+
+import os
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from meshnode import tap
+
+
+def parse(*args):
+    options = tap.Options()
+    options.parseOptions(list(args))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    def setUp(self):
+        self.state_dir = self.mktemp()
+
+    def refused(self, *args):
+        """The one-line reason a bad command line exits with."""
+        with self.assertRaises(SystemExit) as caught:
+            parse("--state-dir", self.state_dir, *args)
+        self.assertFalse(os.path.exists(self.state_dir), "a refused command line wrote state")
+        message = str(caught.exception.code)
+        self.assertNotIn("\n", message)
+        return message
+
+    def test_defaults_make_a_user_node(self):
+        """With no flags a node is a user-node on the default port, all addresses."""
+        settings = parse("--state-dir", self.state_dir).settings
+        self.assertEqual((settings["operator"], settings["super"], settings["tunnel"]),
+                         (False, False, False))
+        self.assertEqual(settings["rpc-port"], 7400)
+        self.assertEqual(settings["listen-address"], "")
+
+    def test_super_partition_parsed_as_hex_range(self):
+        """--partition 0-7fff is the lower half of the keyspace."""
+        settings = parse("--state-dir", self.state_dir, "--super", "--partition", "0-7fff").settings
+        self.assertEqual(settings["partition"], (0, 0x7FFF))
+
+    def test_super_without_partition_offers_everything(self):
+        """A super-node that names no partition offers 0000-ffff."""
+        self.assertEqual(parse("--state-dir", self.state_dir, "--super").settings["partition"],
+                         (0, 0xFFFF))
+
+    def test_partition_needs_super(self):
+        """--partition without --super is refused."""
+        self.assertIn("only a super-node", self.refused("--partition", "0-7fff"))
+
+    def test_bad_partitions_refused(self):
+        """Reversed, out-of-range and non-hex partitions are refused with the value named."""
+        self.assertIn("starts above its end", self.refused("--super", "--partition", "8000-7fff"))
+        self.assertIn("outside 0000-ffff", self.refused("--super", "--partition", "0-10000"))
+        self.assertIn("'x-y'", self.refused("--super", "--partition", "x-y"))
+        self.assertIn("A-B", self.refused("--super", "--partition", "7fff"))
+
+    def test_bad_port_and_address_refused(self):
+        """A port out of range or a non-IP listen address is refused."""
+        self.assertIn("rpc-port", self.refused("--rpc-port", "70000"))
+        self.assertIn("rpc-port", self.refused("--rpc-port", "seven"))
+        self.assertIn("listen-address", self.refused("--listen-address", "not-an-ip"))
+
+    def test_state_dir_that_is_a_file_refused(self):
+        """A state directory path naming a file is refused."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("x")
+        with self.assertRaises(SystemExit) as caught:
+            parse("--state-dir", path)
+        self.assertIn("not a directory", str(caught.exception.code))
+
+
+class ConfigFileTests(SynchronousTestCase):
+    def write(self, text):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_config_file_sets_and_flags_override(self):
+        """Settings come from the file unless the command line gives them."""
+        path = self.write("[node]\nrpc-port = 7500\nsuper = yes\npartition = 8000-ffff\n"
+                          "[rpc]\ncall-timeout = 1.5\n")
+        settings = parse("--config", path, "--rpc-port", "7600").settings
+        self.assertEqual(settings["rpc-port"], 7600)
+        self.assertTrue(settings["super"])
+        self.assertEqual(settings["partition"], (0x8000, 0xFFFF))
+        self.assertEqual(settings["call-timeout"], 1.5)
+
+    def test_unknown_key_named(self):
+        """An unknown key is an error naming the key and its section."""
+        with self.assertRaises(SystemExit) as caught:
+            parse("--config", self.write("[node]\nrpc-prot = 7500\n"))
+        self.assertIn("unknown key 'rpc-prot' in [node]", str(caught.exception.code))
+
+    def test_unknown_section_named(self):
+        """An unknown section is an error naming it."""
+        with self.assertRaises(SystemExit) as caught:
+            parse("--config", self.write("[nodes]\nrpc-port = 7500\n"))
+        self.assertIn("unknown section [nodes]", str(caught.exception.code))
+
+    def test_bad_value_named(self):
+        """A bad value names its section and key."""
+        with self.assertRaises(SystemExit) as caught:
+            parse("--config", self.write("[rpc]\nrate-limit = -3\n"))
+        self.assertIn("[rpc] rate-limit", str(caught.exception.code))
+
+    def test_missing_file_named(self):
+        """A config file that cannot be read is named."""
+        with self.assertRaises(SystemExit) as caught:
+            parse("--config", "/nonexistent/meshnode.conf")
+        self.assertIn("/nonexistent/meshnode.conf", str(caught.exception.code))
+
+    def test_example_config_is_valid(self):
+        """conf/meshnode.conf, the commented example, parses."""
+        example = os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf",
+                               "meshnode.conf")
+        parse("--config", example)
+
+
+class ServiceTreeTests(SynchronousTestCase):
+    def build(self, *args):
+        options = parse("--state-dir", self.mktemp(), *args)
+        return tap.build_node(options.settings, MemoryReactorClock())
+
+    def names(self, node):
+        return [child.name for child in node]
+
+    def test_core_children_and_user_role(self):
+        """The tree has the core services and a user role, nothing else by default."""
+        self.assertEqual(self.names(self.build()),
+                         ["identity", "store", "rpc", "directory", "control", "user"])
+
+    def test_one_child_per_enabled_role(self):
+        """Each role flag adds its named child."""
+        node = self.build("--operator", "--super", "--partition", "0-7fff", "--tunnel")
+        self.assertEqual(self.names(node)[-4:], ["operator", "super", "tunnel", "user"])
+        self.assertEqual(node.getServiceNamed("super").partition, (0, 0x7FFF))
+
+    def test_building_opens_nothing(self):
+        """Building the tree writes no state and binds no port: startService does."""
+        state_dir = self.mktemp()
+        reactor = MemoryReactorClock()
+        tap.build_node(parse("--state-dir", state_dir).settings, reactor)
+        self.assertFalse(os.path.exists(state_dir))
+        self.assertEqual((reactor.tcpServers, reactor.unixServers), ([], []))
