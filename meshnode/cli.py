@@ -79,7 +79,7 @@ class OperatorInitOptions(_Command):
     synopsis = "[--domain N] [--name NAME] [--json]"
     longdesc = "Make this state directory an operator with a self-signed OperatorNode record."
     optParameters = [
-        ["domain", None, "0", "the operator's own domain id", _parse_domain],
+        ["domain", None, 0, "the operator's own domain id", _parse_domain],
         ["name", None, "operator", "the operator's overlay name", _parse_name],
     ]
 

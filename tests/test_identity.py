@@ -1,0 +1,153 @@
+"""Keys on disk, the node id, and the enrollment file that makes a node part of the network."""
+
+import hashlib
+import json
+import os
+import stat
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from meshnode import identity, records
+from meshnode.roles import operator
+
+NOW_S = 1_800_000_000
+
+
+def clock():
+    c = Clock()
+    c.advance(NOW_S)
+    return c
+
+
+class KeyFileTests(SynchronousTestCase):
+    def setUp(self):
+        self.state_dir = self.mktemp()
+
+    def test_first_start_makes_private_keys(self):
+        """Both key files are made mode 0600 in a 0700 directory, with a public key file."""
+        me = identity.load_or_create(self.state_dir, clock())
+        self.assertEqual(stat.S_IMODE(os.stat(self.state_dir).st_mode), 0o700)
+        for name in (identity.SIGNING_KEY_FILE, identity.AGREEMENT_KEY_FILE):
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.state_dir, name)).st_mode),
+                             0o600)
+        with open(os.path.join(self.state_dir, identity.PUBLIC_KEY_FILE)) as f:
+            self.assertEqual(json.load(f)["node_id"], me.node_id.hex())
+
+    def test_node_id_is_hash_of_signing_key(self):
+        """Node id = SHA-256 of the raw Ed25519 public key."""
+        me = identity.load_or_create(self.state_dir, clock())
+        self.assertEqual(me.node_id, hashlib.sha256(me.signing_public).digest())
+
+    def test_keys_are_loaded_after_first_start(self):
+        """A second start loads the same keys."""
+        first = identity.load_or_create(self.state_dir, clock())
+        second = identity.load_or_create(self.state_dir, clock())
+        self.assertEqual((first.signing_public, first.agreement_public),
+                         (second.signing_public, second.agreement_public))
+
+    def test_corrupt_key_is_moved_aside_and_replaced(self):
+        """A corrupt key file is kept under a new name, never deleted, and a new key made."""
+        first = identity.load_or_create(self.state_dir, clock())
+        path = os.path.join(self.state_dir, identity.SIGNING_KEY_FILE)
+        with open(path, "wb") as f:
+            f.write(b"not a key")
+        second = identity.load_or_create(self.state_dir, clock())
+        self.assertNotEqual(first.node_id, second.node_id)
+        self.assertEqual(first.agreement_public, second.agreement_public)
+        with open(f"{path}.corrupt-{NOW_S}", "rb") as f:
+            self.assertEqual(f.read(), b"not a key")
+
+    def test_key_of_the_wrong_type_is_corrupt(self):
+        """An X25519 key where the Ed25519 key belongs is treated as corrupt."""
+        identity.load_or_create(self.state_dir, clock())
+        with open(os.path.join(self.state_dir, identity.AGREEMENT_KEY_FILE), "rb") as f:
+            x25519 = f.read()
+        with open(os.path.join(self.state_dir, identity.SIGNING_KEY_FILE), "wb") as f:
+            f.write(x25519)
+        identity.load_or_create(self.state_dir, clock())
+        self.assertTrue(os.path.exists(os.path.join(
+            self.state_dir, f"{identity.SIGNING_KEY_FILE}.corrupt-{NOW_S}")))
+
+    def test_public_key_file_errors_are_named(self):
+        """A missing or malformed node.pub is refused with a reason."""
+        self.assertRaises(ValueError, identity.read_public_key_file, "/nonexistent/node.pub")
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('{"signing_key": "00"}')
+        with self.assertRaises(ValueError) as caught:
+            identity.read_public_key_file(path)
+        self.assertIn("not a meshnode public key file", str(caught.exception))
+
+
+class EnrollmentTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = clock()
+        self.operator_dir = self.mktemp()
+        operator.init_operator(self.operator_dir, 0x10000, "operator", self.clock)
+        self.state_dir = self.mktemp()
+        self.me = identity.load_or_create(self.state_dir, self.clock)
+
+    def sign(self, me, days=30):
+        _, bundle = operator.sign_node(self.operator_dir, me.signing_public, me.agreement_public,
+                                       0x10001, "alice", self.clock, days)
+        return bundle
+
+    def install(self, bundle):
+        identity.write_private(os.path.join(self.state_dir, identity.ENROLLMENT_FILE), bundle)
+
+    def load(self):
+        return identity.load_enrollment(self.state_dir, self.me, int(self.clock.seconds() * 1000))
+
+    def test_no_enrollment_file_means_not_enrolled(self):
+        """Without an enrollment file the node is not enrolled and trusts no operator."""
+        enrollment = self.load()
+        self.assertFalse(enrollment.enrolled)
+        self.assertEqual(enrollment.trust.operator_ids, frozenset())
+
+    def test_signed_bundle_enrolls(self):
+        """An operator-signed bundle for our keys enrolls us and anchors the operator."""
+        self.install(self.sign(self.me))
+        enrollment = self.load()
+        self.assertTrue(enrollment.enrolled)
+        self.assertEqual(enrollment.node.record.name, "alice")
+        operator_me, _ = operator.load_operator(self.operator_dir, self.clock)
+        self.assertTrue(enrollment.trust.is_operator(operator_me.node_id))
+
+    def test_bundle_for_other_keys_does_not_enroll(self):
+        """A Node record for another node's keys is not ours."""
+        self.install(self.sign(identity.Identity.generate()))
+        self.assertFalse(self.load().enrolled)
+
+    def test_expired_bundle_does_not_enroll(self):
+        """An expired Node record does not enroll."""
+        self.install(self.sign(self.me, days=1))
+        self.clock.advance(2 * 86400)
+        self.assertFalse(self.load().enrolled)
+
+    def test_corrupt_bundle_does_not_enroll(self):
+        """A damaged enrollment file is not used."""
+        bundle = bytearray(self.sign(self.me))
+        bundle[-1] ^= 1
+        self.install(bytes(bundle))
+        self.assertFalse(self.load().enrolled)
+
+    def test_operator_init_refuses_an_enrolled_node(self):
+        """`operator init` on a directory that already has an enrollment is refused."""
+        self.assertRaises(operator.OperatorError, operator.init_operator, self.operator_dir,
+                          0x10000, "operator", self.clock)
+
+    def test_sign_node_needs_an_operator(self):
+        """Only an operator's state directory can sign Node records."""
+        self.assertRaises(operator.OperatorError, operator.sign_node, self.state_dir,
+                          self.me.signing_public, self.me.agreement_public, 1, "x", self.clock)
+
+    def test_operator_is_enrolled_as_itself(self):
+        """An operator's own enrollment holds its Node record and self-signed OperatorNode."""
+        operator_me = identity.load_or_create(self.operator_dir, self.clock)
+        enrollment = identity.load_enrollment(self.operator_dir, operator_me,
+                                              int(self.clock.seconds() * 1000))
+        self.assertTrue(enrollment.enrolled)
+        kinds = sorted(type(s.record).__name__ for s in enrollment.bundle)
+        self.assertEqual(kinds, ["Node", "OperatorNode"])
+        self.assertIsInstance(enrollment.node.record, records.Node)
