@@ -487,7 +487,7 @@ class Trust:
 
     def __init__(self):
         self._operators = {}
-        self._revoked = set()
+        self.revoked = set()  # node and device ids; read on every datagram, so a plain set
 
     @property
     def operator_ids(self):
@@ -497,7 +497,7 @@ class Trust:
         return node_id in self._operators
 
     def is_revoked(self, some_id):
-        return some_id in self._revoked
+        return some_id in self.revoked
 
     def anchor(self, signed, now):
         """Trust a self-signed OperatorNode record that came from local, trusted state."""
@@ -515,8 +515,8 @@ class Trust:
 
     def add_revocation(self, signed, now):
         self.verify(signed, now)
-        self._revoked.update(signed.record.node_ids)
-        self._revoked.update(signed.record.device_ids)
+        self.revoked.update(signed.record.node_ids)
+        self.revoked.update(signed.record.device_ids)
 
     def verify(self, signed, now, subject_node=None):
         """Check `signed` and return its record.
@@ -534,8 +534,8 @@ class Trust:
             if subject_node is None or subject_node.node_id != record.subject:
                 raise RecordError("unknown_signer", "the subject's Node record is unknown")
             signing_key = subject_node.signing_key
-        if signed.signer in self._revoked or (record.subject is not None
-                                              and record.subject in self._revoked):
+        if signed.signer in self.revoked or (record.subject is not None
+                                              and record.subject in self.revoked):
             raise RecordError("revoked")
         record.check(now)
         check_signature(signed, signing_key)

@@ -17,7 +17,7 @@ MAX_DATAGRAM = 1200
 MESSAGE_ID_SIZE = 12
 ZERO_ID = bytes(32)
 _PLAIN_LENGTH = struct.Struct(">H")
-_COUNTER = struct.Struct(">Q")
+COUNTER = struct.Struct(">Q")  # the first 8 bytes of a message id
 
 
 # Header flags. Plain ints, not an enum: they are tested for every datagram.
@@ -68,7 +68,7 @@ def parse(data):
 
 def counter_of(message_id):
     """The sender's counter: the first 8 bytes of a message id."""
-    return _COUNTER.unpack_from(message_id)[0]
+    return COUNTER.unpack_from(message_id)[0]
 
 
 class MessageIds:
@@ -85,7 +85,7 @@ class MessageIds:
 
     def next(self):
         self._counter += 1
-        return _COUNTER.pack(self._counter) + self._random
+        return COUNTER.pack(self._counter) + self._random
 
 
 def header(flags, command, receiver_domain, receiver_id, sender_domain, sender_id, timestamp,

@@ -75,12 +75,11 @@ class PeerTable:
         self._identity = identity
         self._limit = limit
         self._peers = collections.OrderedDict()
+        # The dict's own lookup: no Python frame on the per-datagram path.
+        self.get = self._peers.get
 
     def __len__(self):
         return len(self._peers)
-
-    def get(self, node_id):
-        return self._peers.get(node_id)
 
     def learn(self, signed):
         """Add or refresh a peer from a verified Node record → (Peer, whether it changed)."""

@@ -268,7 +268,7 @@ class RPCService(service.Service):
             drops["unknown_sender"] += 1
             self._ask_for_node(frame.Frame(fields, data), len(data), source, send, now)
             return
-        counter = frame.counter_of(message_id)
+        counter = frame.COUNTER.unpack_from(message_id)[0]
         window = peer.window
         if not window.fresh(counter):
             drops["replay"] += 1
@@ -279,7 +279,7 @@ class RPCService(service.Service):
             return
         window.commit(counter)
         node = peer.node
-        if node.domain != sender_domain or now >= node.expires or self.trust.is_revoked(sender_id):
+        if node.domain != sender_domain or now >= node.expires or sender_id in self.trust.revoked:
             drops["sender_invalid"] += 1
             return
         if flags & RESPONSE:
