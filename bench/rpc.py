@@ -146,13 +146,13 @@ def enroll(workdir):
     from twisted.internet import reactor
 
     from meshnode import identity
-    from meshnode.roles import operator
+    from meshnode.roles.operator import signing
 
-    operator.init_operator(os.path.join(workdir, "op"), 0x00010000, "operator", reactor)
+    signing.init_operator(os.path.join(workdir, "op"), 0x00010000, "operator", reactor)
     for name in ("server", "client"):
         state_dir = os.path.join(workdir, name)
         me = identity.load_or_create(state_dir, reactor)
-        _, bundle = operator.sign_node(os.path.join(workdir, "op"), me.signing_public,
+        _, bundle = signing.sign_node(os.path.join(workdir, "op"), me.signing_public,
                                        me.agreement_public, 0x00010001, name, reactor)
         identity.write_private(os.path.join(state_dir, identity.ENROLLMENT_FILE), bundle)
 

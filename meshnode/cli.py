@@ -12,44 +12,23 @@ import sys
 
 from twisted.python import usage
 
-from meshnode import config, control, identity, records
+from meshnode import config, control, identity, store
+from meshnode.clibase import (Command, CommandError, parse_domain, parse_name,
+                              print_result)
+from meshnode.roles.operator import admin
 
 
-class CommandError(Exception):
-    """A command that could not be carried out; printed as one line, exit status 1."""
-
-
-class _Command(usage.Options):
-    optFlags = [["json", None, "print JSON for scripts"]]
-
-
-def _parse_domain(text):
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise usage.UsageError(f"--domain: {text!r} is not a number") from None
-    if not 0 <= value < 2**32:
-        raise usage.UsageError(f"--domain: {text!r} is not a 32-bit domain id")
-    return value
-
-
-def _parse_name(text):
-    if not text or len(text.encode()) > records.NAME_LIMIT:
-        raise usage.UsageError(f"--name: must be 1 to {records.NAME_LIMIT} bytes")
-    return text
-
-
-class IdentityOptions(_Command):
+class IdentityOptions(Command):
     synopsis = "[--json]"
     longdesc = "Show this node's id and public keys, making the keys on first use."
 
 
-class StatusOptions(_Command):
+class StatusOptions(Command):
     synopsis = "[--json]"
     longdesc = "Show the running node's identity, roles, peers and RPC counters."
 
 
-class PingOptions(_Command):
+class PingOptions(Command):
     synopsis = "[--count N] [--timeout SECONDS] [--json] HOST:PORT"
     longdesc = "Send sealed Pings from this node's identity and print the round-trip times."
     optParameters = [
@@ -75,69 +54,19 @@ class PingOptions(_Command):
             raise usage.UsageError("--timeout must be above 0 and at most 60 seconds")
 
 
-class OperatorInitOptions(_Command):
-    synopsis = "[--domain N] [--name NAME] [--json]"
-    longdesc = "Make this state directory an operator with a self-signed OperatorNode record."
-    optParameters = [
-        ["domain", None, 0, "the operator's own domain id", _parse_domain],
-        ["name", None, "operator", "the operator's overlay name", _parse_name],
-    ]
-
-
-class SignNodeOptions(_Command):
-    synopsis = "--public-key FILE --domain N --name NAME --out FILE [--days D] [--json]"
-    longdesc = ("Sign a Node record for the keys in FILE (a node's node.pub) and write the "
-                "enrollment file the node keeps as STATE/enrollment.")
-    optParameters = [
-        ["public-key", None, None, "the node's node.pub file"],
-        ["domain", None, None, "the node's domain id", _parse_domain],
-        ["name", None, None, "the node's overlay name", _parse_name],
-        ["days", None, "30", "days the Node record is valid (1-365)"],
-        ["out", None, None, "where to write the enrollment file"],
-    ]
-
-    def postOptions(self):
-        for key in ("public-key", "domain", "name", "out"):
-            if self[key] is None:
-                raise usage.UsageError(f"--{key} is required")
-        try:
-            self["days"] = int(self["days"])
-        except ValueError:
-            raise usage.UsageError("--days must be a whole number") from None
-        if not 1 <= self["days"] <= 365:
-            raise usage.UsageError("--days must be 1-365")
-        try:
-            self["keys"] = identity.read_public_key_file(self["public-key"])
-        except ValueError as e:
-            raise usage.UsageError(f"--public-key: {e}") from None
-        directory = os.path.dirname(os.path.abspath(self["out"]))
-        if not os.path.isdir(directory):
-            raise usage.UsageError(f"--out: {directory} is not a directory")
-
-
-class OperatorOptions(usage.Options):
-    synopsis = "init | sign-node"
-    subCommands = [
-        ["init", None, OperatorInitOptions, "make this node an operator"],
-        ["sign-node", None, SignNodeOptions, "sign a Node record for a node's public keys"],
-    ]
-
-    def postOptions(self):
-        if self.subCommand is None:
-            raise usage.UsageError("operator: name a command (init, sign-node)")
-
-
 class Options(usage.Options):
     synopsis = "[--config FILE] [--state-dir DIR] COMMAND [options]"
     optParameters = [
         ["config", None, None, "INI configuration file (the same as twistd meshnode's)"],
         ["state-dir", None, None, "the node's state directory"],
+        ["database", None, None, "the store's database URL (default: a SQLite file in the "
+                                 "state directory)"],
     ]
     subCommands = [
         ["identity", None, IdentityOptions, "show this node's id and public keys"],
         ["status", None, StatusOptions, "show the running node's status"],
         ["ping", None, PingOptions, "ping a node at HOST:PORT"],
-        ["operator", None, OperatorOptions, "operator administration"],
+        ["operator", None, admin.OperatorOptions, "operator administration"],
     ]
 
     def postOptions(self):
@@ -151,10 +80,8 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         self["state-dir"] = (self["state-dir"] or settings.get("state-dir")
                              or config.default_state_dir())
-
-
-def _print(options, data, text):
-    print(json.dumps(data, indent=2) if options["json"] else text)
+        self["database"] = (self["database"] or settings.get("database")
+                            or store.sqlite_url(self["state-dir"]))
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -187,16 +114,18 @@ def control_request(state_dir, method, path, body=None, timeout=30):
     return data
 
 
-def cmd_identity(options, state_dir):
+def cmd_identity(options, global_options):
+    state_dir = global_options["state-dir"]
     from twisted.internet import reactor
 
     me = identity.load_or_create(state_dir, reactor)
     data = me.public_json()
     data["public_key_file"] = os.path.join(state_dir, identity.PUBLIC_KEY_FILE)
-    _print(options, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+    print_result(options, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
 
 
-def cmd_status(options, state_dir):
+def cmd_status(options, global_options):
+    state_dir = global_options["state-dir"]
     data = control_request(state_dir, "GET", "/v1/status")
     if data is None:
         raise CommandError(f"no node is running with state directory {state_dir}")
@@ -204,7 +133,7 @@ def cmd_status(options, state_dir):
     for key in ("accepted", "drops"):
         counts = ", ".join(f"{k}={v}" for k, v in data[key].items()) or "none"
         lines.append(f"{key}: {counts}")
-    _print(options, data, "\n".join(lines))
+    print_result(options, data, "\n".join(lines))
 
 
 def _standalone_ping(state_dir, host, port, count, timeout):
@@ -239,7 +168,8 @@ def _standalone_ping(state_dir, host, port, count, timeout):
     return outcome["result"]
 
 
-def cmd_ping(options, state_dir):
+def cmd_ping(options, global_options):
+    state_dir = global_options["state-dir"]
     host, port = options["address"]
     request = {"address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
                "count": options["count"], "timeout": options["timeout"]}
@@ -249,35 +179,11 @@ def cmd_ping(options, state_dir):
         data = _standalone_ping(state_dir, host, port, options["count"], options["timeout"])
     lines = [f"Pong from {data['name']} ({data['node_id'][:16]}) at {data['address']}: "
              f"time={rtt} ms" for rtt in data["rtt_ms"]]
-    _print(options, data, "\n".join(lines))
-
-
-def cmd_operator(options, state_dir):
-    from twisted.internet import reactor
-
-    from meshnode.roles import operator
-
-    sub = options.subOptions
-    try:
-        if options.subCommand == "init":
-            me, signed = operator.init_operator(state_dir, sub["domain"], sub["name"], reactor)
-            data = {"node_id": me.node_id.hex(), "domain": sub["domain"], "name": sub["name"],
-                    "enrollment": os.path.join(state_dir, identity.ENROLLMENT_FILE)}
-            _print(sub, data, f"operator {data['node_id']} initialised in {state_dir}")
-        else:
-            signing_key, agreement_key = sub["keys"]
-            node, bundle = operator.sign_node(state_dir, signing_key, agreement_key,
-                                              sub["domain"], sub["name"], reactor, sub["days"])
-            identity.write_private(sub["out"], bundle)
-            data = {"node_id": node.record.node_id.hex(), "domain": sub["domain"],
-                    "name": sub["name"], "expires": node.record.expires, "out": sub["out"]}
-            _print(sub, data, f"signed {sub['name']} ({data['node_id']}) into {sub['out']}")
-    except operator.OperatorError as e:
-        raise CommandError(str(e)) from None
+    print_result(options, data, "\n".join(lines))
 
 
 COMMANDS = {"identity": cmd_identity, "status": cmd_status, "ping": cmd_ping,
-            "operator": cmd_operator}
+            "operator": admin.run}
 
 
 def main(argv=None):
@@ -288,7 +194,7 @@ def main(argv=None):
         print(f"meshnode: {e}", file=sys.stderr)
         return 2
     try:
-        COMMANDS[options.subCommand](options.subOptions, options["state-dir"])
+        COMMANDS[options.subCommand](options.subOptions, options)
     except CommandError as e:
         print(f"meshnode: {e}", file=sys.stderr)
         return 1

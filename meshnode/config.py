@@ -90,6 +90,7 @@ def default_state_dir():
 SETTINGS = {
     ("node", "state-dir"): str,
     ("node", "listen-address"): parse_address,
+    ("node", "database"): str,
     ("node", "rpc-port"): parse_port,
     ("node", "operator"): parse_bool,
     ("node", "super"): parse_bool,

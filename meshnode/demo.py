@@ -17,7 +17,7 @@ import time
 from twisted.internet import reactor as clock
 
 from meshnode import cli, identity
-from meshnode.roles import operator
+from meshnode.roles.operator import signing
 
 OPERATOR_DOMAIN = 0x00010000
 DEMO_DOMAIN = 0x00010001
@@ -31,7 +31,7 @@ def free_port():
 
 def enroll(operator_dir, state_dir, name):
     me = identity.load_or_create(state_dir, clock)
-    _, bundle = operator.sign_node(operator_dir, me.signing_public, me.agreement_public,
+    _, bundle = signing.sign_node(operator_dir, me.signing_public, me.agreement_public,
                                    DEMO_DOMAIN, name, clock)
     identity.write_private(os.path.join(state_dir, identity.ENROLLMENT_FILE), bundle)
 
@@ -69,7 +69,7 @@ def main():
     os.makedirs(base)
 
     operator_dir = os.path.join(base, "operator")
-    operator.init_operator(operator_dir, OPERATOR_DOMAIN, "operator", clock)
+    signing.init_operator(operator_dir, OPERATOR_DOMAIN, "operator", clock)
     nodes = {"operator": (operator_dir, ["--operator"])}
     for name in ("alice", "bob"):
         enroll(operator_dir, os.path.join(base, name), name)

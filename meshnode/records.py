@@ -470,6 +470,15 @@ def _public_key(raw):
     return key
 
 
+def signature_holds(signing_key, signature, message):
+    """Whether `signature` is the Ed25519 signature of `message` by `signing_key`."""
+    try:
+        _public_key(signing_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
 def check_signature(signed, signing_key):
     try:
         _public_key(signing_key).verify(signed.signature, _context(signed.record.TYPE)

@@ -1,26 +1,31 @@
-"""The node's local database: a SQLAlchemy engine (a SQLite file by default) behind a thread pool.
+"""The node's database: a SQLAlchemy engine (a SQLite file by default) behind a thread pool.
 
 Database work never runs on the reactor thread: `run(thd_function, ...)` calls a `thd_*`
-function with the engine in the pool and fires with the plain data it returns.
+function with the engine in the pool and fires with the plain data it returns. The schema is
+brought up to date by Alembic when the store opens; a database migrated by a newer meshnode
+is refused rather than used.
 """
 
 import os
 
 import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from twisted.application import service
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-metadata = sa.MetaData()
+from meshnode.errors import StartupError
+from meshnode.schema import node_records
 
-# Peers' operator-signed Node records, kept so a restarted node still knows its peers.
-node_records = sa.Table(
-    "node_records", metadata,
-    sa.Column("node_id", sa.LargeBinary(32), primary_key=True),
-    sa.Column("domain", sa.BigInteger, nullable=False, index=True),
-    sa.Column("issued", sa.BigInteger, nullable=False),
-    sa.Column("record", sa.LargeBinary, nullable=False),
-)
+MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+
+
+class SchemaError(StartupError):
+    """The database cannot be used: unreachable, or migrated by a newer meshnode."""
 
 
 def sqlite_url(state_dir):
@@ -31,14 +36,48 @@ def _sqlite_pragmas(dbapi_connection, connection_record):
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()
 
 
+def _alembic_config(connection):
+    config = Config()
+    config.set_main_option("script_location", MIGRATIONS)
+    config.attributes["connection"] = connection
+    return config
+
+
+def migrate(engine):
+    """Bring the schema to the newest revision; refuse one this code does not know."""
+    with engine.begin() as connection:
+        config = _alembic_config(connection)
+        current = MigrationContext.configure(connection).get_current_revision()
+        if current is not None:
+            try:
+                ScriptDirectory.from_config(config).get_revision(current)
+            except CommandError:
+                raise SchemaError(f"the database schema is at revision {current}, which this "
+                                  f"meshnode does not know (made by a newer version?)") from None
+        command.upgrade(config, "head")
+
+
 def open_engine(url):
-    engine = sa.create_engine(url)
+    """An engine on `url` with the schema migrated; SchemaError says why it cannot be used."""
+    try:
+        engine = sa.create_engine(url)
+    except (sa.exc.ArgumentError, ImportError) as e:
+        raise SchemaError(f"database URL {url!r}: {e}") from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
-    metadata.create_all(engine)
+    try:
+        migrate(engine)
+    except sa.exc.OperationalError as e:
+        engine.dispose()
+        raise SchemaError(f"cannot open the database: {e.orig}") from None
+    except SchemaError:
+        engine.dispose()
+        raise
     return engine
 
 
@@ -61,7 +100,7 @@ def thd_load_nodes(engine):
 
 
 class StoreService(service.Service):
-    """Opens the database at start, runs `thd_*` functions in its own thread pool."""
+    """Opens (and migrates) the database at start, runs `thd_*` functions in its thread pool."""
 
     name = "store"
 

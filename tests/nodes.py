@@ -11,7 +11,7 @@ import tempfile
 from twisted.internet import defer, protocol, reactor, task, threads
 
 from meshnode import cli, identity
-from meshnode.roles import operator
+from meshnode.roles.operator import signing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPERATOR_DOMAIN = 0x00010000
@@ -122,13 +122,13 @@ class Network:
         self.base = tempfile.mkdtemp(prefix="mn-", dir="/tmp")
         testcase.addCleanup(shutil.rmtree, self.base, ignore_errors=True)
         self.operator_dir = os.path.join(self.base, "operator")
-        operator.init_operator(self.operator_dir, OPERATOR_DOMAIN, "operator", reactor)
+        signing.init_operator(self.operator_dir, OPERATOR_DOMAIN, "operator", reactor)
 
     def enroll(self, name, domain, days=30):
         """A state directory with fresh keys and an operator-signed enrollment file."""
         state_dir = os.path.join(self.base, name)
         me = identity.load_or_create(state_dir, reactor)
-        _, bundle = operator.sign_node(self.operator_dir, me.signing_public, me.agreement_public,
+        _, bundle = signing.sign_node(self.operator_dir, me.signing_public, me.agreement_public,
                                        domain, name, reactor, days)
         identity.write_private(os.path.join(state_dir, identity.ENROLLMENT_FILE), bundle)
         return state_dir

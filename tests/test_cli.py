@@ -79,7 +79,7 @@ class CommandLineTests(SynchronousTestCase):
                 os.path.join(self.base, "out"))
         self.assertIn("--domain", self.refused(*base, "--public-key", "x", "--name", "n",
                                                "--domain", "2**40"))
-        self.assertIn("--name", self.refused(*base, "--public-key", "x", "--domain", "1",
+        self.assertIn("1 to 63 bytes", self.refused(*base, "--public-key", "x", "--domain", "1",
                                              "--name", "n" * 64))
         self.assertIn("--days", self.refused(*base, "--public-key", "x", "--domain", "1",
                                              "--name", "n", "--days", "0"))

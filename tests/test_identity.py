@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshnode import identity, records
-from meshnode.roles import operator
+from meshnode.roles.operator import signing
 
 NOW_S = 1_800_000_000
 
@@ -84,12 +84,12 @@ class EnrollmentTests(SynchronousTestCase):
     def setUp(self):
         self.clock = clock()
         self.operator_dir = self.mktemp()
-        operator.init_operator(self.operator_dir, 0x10000, "operator", self.clock)
+        signing.init_operator(self.operator_dir, 0x10000, "operator", self.clock)
         self.state_dir = self.mktemp()
         self.me = identity.load_or_create(self.state_dir, self.clock)
 
     def sign(self, me, days=30):
-        _, bundle = operator.sign_node(self.operator_dir, me.signing_public, me.agreement_public,
+        _, bundle = signing.sign_node(self.operator_dir, me.signing_public, me.agreement_public,
                                        0x10001, "alice", self.clock, days)
         return bundle
 
@@ -111,7 +111,7 @@ class EnrollmentTests(SynchronousTestCase):
         enrollment = self.load()
         self.assertTrue(enrollment.enrolled)
         self.assertEqual(enrollment.node.record.name, "alice")
-        operator_me, _ = operator.load_operator(self.operator_dir, self.clock)
+        operator_me, _ = signing.load_operator(self.operator_dir, self.clock)
         self.assertTrue(enrollment.trust.is_operator(operator_me.node_id))
 
     def test_bundle_for_other_keys_does_not_enroll(self):
@@ -134,12 +134,12 @@ class EnrollmentTests(SynchronousTestCase):
 
     def test_operator_init_refuses_an_enrolled_node(self):
         """`operator init` on a directory that already has an enrollment is refused."""
-        self.assertRaises(operator.OperatorError, operator.init_operator, self.operator_dir,
+        self.assertRaises(signing.OperatorError, signing.init_operator, self.operator_dir,
                           0x10000, "operator", self.clock)
 
     def test_sign_node_needs_an_operator(self):
         """Only an operator's state directory can sign Node records."""
-        self.assertRaises(operator.OperatorError, operator.sign_node, self.state_dir,
+        self.assertRaises(signing.OperatorError, signing.sign_node, self.state_dir,
                           self.me.signing_public, self.me.agreement_public, 1, "x", self.clock)
 
     def test_operator_is_enrolled_as_itself(self):

@@ -13,6 +13,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from meshnode import records
+from meshnode.errors import StartupError
 from meshnode.records import Role
 from meshnode.rpc import frame
 from meshnode.rpc.frame import PLAIN, RESPONSE, FrameError
@@ -44,10 +45,6 @@ class Stopped(RPCError):
 
 class NotEnrolled(RPCError):
     """This node has no operator-signed Node record, so no peer can authenticate it."""
-
-
-class StartupError(Exception):
-    """The node cannot start; the message is the one line an operator needs."""
 
 
 def _is_ip(host):

@@ -1,0 +1,1 @@
+"""Alembic migrations of meshnode's store (run by the store at start)."""

@@ -1,0 +1,373 @@
+"""`meshnode operator …`: the operator's admin command line, acting on its store directly.
+
+Every command checks its input before it opens anything, so a refused command writes nothing.
+"""
+
+import os
+
+from twisted.python import usage
+
+from meshnode import identity, store
+from meshnode.clibase import (Command, CommandError, parse_domain, parse_duration, parse_name,
+                              print_result, table)
+from meshnode.roles.operator import registry, signing
+
+class OperatorInitOptions(Command):
+    synopsis = "[--domain N] [--name NAME] [--json]"
+    longdesc = "Make this state directory an operator with a self-signed OperatorNode record."
+    optParameters = [
+        ["domain", None, 0, "the operator's own domain id", parse_domain],
+        ["name", None, "operator", "the operator's overlay name", parse_name],
+    ]
+
+
+class SignNodeOptions(Command):
+    synopsis = "--public-key FILE --domain N --name NAME --out FILE [--days D] [--json]"
+    longdesc = ("Sign a Node record for the keys in FILE (a node's node.pub) and write the "
+                "enrollment file the node keeps as STATE/enrollment.")
+    optParameters = [
+        ["public-key", None, None, "the node's node.pub file"],
+        ["domain", None, None, "the node's domain id", parse_domain],
+        ["name", None, None, "the node's overlay name", parse_name],
+        ["days", None, "30", "days the Node record is valid (1-365)"],
+        ["out", None, None, "where to write the enrollment file"],
+    ]
+
+    def postOptions(self):
+        for key in ("public-key", "domain", "name", "out"):
+            if self[key] is None:
+                raise usage.UsageError(f"--{key} is required")
+        try:
+            self["days"] = int(self["days"])
+        except ValueError:
+            raise usage.UsageError("--days must be a whole number") from None
+        if not 1 <= self["days"] <= 365:
+            raise usage.UsageError("--days must be 1-365")
+        try:
+            self["keys"] = identity.read_public_key_file(self["public-key"])
+        except ValueError as e:
+            raise usage.UsageError(f"--public-key: {e}") from None
+        directory = os.path.dirname(os.path.abspath(self["out"]))
+        if not os.path.isdir(directory):
+            raise usage.UsageError(f"--out: {directory} is not a directory")
+
+
+class OperatorOptions(usage.Options):
+    synopsis = "init | sign-node"
+    subCommands = [
+        ["init", None, OperatorInitOptions, "make this node an operator"],
+        ["sign-node", None, SignNodeOptions, "sign a Node record for a node's public keys"],
+    ]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("operator: name a command (init, sign-node)")
+
+
+class InfoOptions(Command):
+    synopsis = "[--json]"
+    longdesc = "Show the operator's node id and the SHA-256 fingerprint of its TLS certificate."
+
+
+class DomainCreateOptions(Command):
+    synopsis = "NAME [--json]"
+
+    def parseArgs(self, name):
+        self["name"] = parse_name(name)
+
+
+class DomainOptions(usage.Options):
+    synopsis = "create NAME | list"
+    subCommands = [
+        ["create", None, DomainCreateOptions, "create a domain with a random 32-bit id"],
+        ["list", None, Command, "list the domains"],
+    ]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("domain: name a command (create, list)")
+
+
+class TokenCreateOptions(Command):
+    synopsis = "--domain NAME [--uses N] [--expires 7d] [--json]"
+    optParameters = [
+        ["domain", None, None, "the domain's name"],
+        ["uses", None, "1", "how many nodes may enroll with it"],
+        ["expires", None, "7d", "how long it is valid (s, m, h or d)"],
+    ]
+
+    def postOptions(self):
+        if self["domain"] is None:
+            raise usage.UsageError("--domain is required")
+        try:
+            self["uses"] = int(self["uses"])
+        except ValueError:
+            raise usage.UsageError("--uses must be a whole number") from None
+        if not 1 <= self["uses"] <= 1_000_000:
+            raise usage.UsageError("--uses must be 1 to 1000000")
+        self["expires"] = parse_duration(self["expires"])
+
+
+class TokenOptions(usage.Options):
+    synopsis = "create --domain NAME [--uses N] [--expires 7d]"
+    subCommands = [["create", None, TokenCreateOptions, "make an enrollment token"]]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("token: name a command (create)")
+
+
+class NodeListOptions(Command):
+    synopsis = "[--domain NAME] [--json]"
+    optParameters = [["domain", None, None, "only this domain's nodes"]]
+
+
+class NodeRevokeOptions(Command):
+    synopsis = "NODE-ID [--json]"
+
+    def parseArgs(self, node_id):
+        self["node-id"] = node_id
+
+
+class NodeOptions(usage.Options):
+    synopsis = "list [--domain NAME] | revoke NODE-ID"
+    subCommands = [
+        ["list", None, NodeListOptions, "list enrolled nodes"],
+        ["revoke", None, NodeRevokeOptions, "revoke a node (by id or 8+ hex digits of it)"],
+    ]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("node: name a command (list, revoke)")
+
+
+def _parse_mac(text):
+    parts = text.replace("-", ":").split(":")
+    try:
+        mac = bytes(int(part, 16) for part in parts)
+    except ValueError:
+        mac = b""
+    if len(parts) != 6 or len(mac) != 6 or any(len(part) != 2 for part in parts):
+        raise usage.UsageError(f"--mac: {text!r} is not a MAC address like aa:bb:cc:dd:ee:ff")
+    return mac
+
+
+def _parse_hex32(option, text):
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        value = b""
+    if len(value) != 32:
+        raise usage.UsageError(f"--{option}: {text!r} is not 64 hex digits")
+    return value
+
+
+class DeviceAddOptions(Command):
+    synopsis = ("--domain NAME --name NAME --mac MAC --location ID --port P [--port P …] "
+                "[--address IP] [--certificate-sha256 HEX] [--json]")
+    optParameters = [
+        ["domain", None, None, "the domain's name"],
+        ["name", None, None, "the device's name, unique in its domain"],
+        ["mac", None, None, "the device's MAC address (how tunnel-nodes find it)"],
+        ["location", None, None, "the location id of its LAN (`meshnode location`)"],
+        ["address", None, None, "an address pinned instead of the MAC (a service on the "
+                                "tunnel-node itself, e.g. 127.0.0.1)"],
+        ["certificate-sha256", None, None, "SHA-256 of the device's TLS certificate"],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["ports"] = []
+
+    def opt_port(self, value):
+        """an allowed TCP port (repeat for more)"""
+        try:
+            port = int(value)
+        except ValueError:
+            port = 0
+        if not 0 < port < 65536:
+            raise usage.UsageError(f"--port: {value!r} is not a TCP port")
+        self["ports"].append(port)
+
+    def postOptions(self):
+        for key in ("domain", "name", "mac", "location"):
+            if self[key] is None:
+                raise usage.UsageError(f"--{key} is required")
+        if not self["ports"]:
+            raise usage.UsageError("--port is required (at least one)")
+        self["name"] = parse_name(self["name"])
+        self["mac"] = _parse_mac(self["mac"])
+        self["location"] = _parse_hex32("location", self["location"])
+        if self["certificate-sha256"] is not None:
+            self["certificate-sha256"] = _parse_hex32("certificate-sha256",
+                                                      self["certificate-sha256"])
+        if self["address"] is not None:
+            from meshnode.records import _canonical_address
+
+            try:
+                self["address"] = _canonical_address(self["address"])
+            except ValueError:
+                raise usage.UsageError(f"--address: {self['address']!r} is not an IP address"
+                                       ) from None
+
+
+class DeviceListOptions(Command):
+    synopsis = "[--domain NAME] [--json]"
+    optParameters = [["domain", None, None, "only this domain's devices"]]
+
+
+class DeviceRemoveOptions(Command):
+    synopsis = "--domain NAME --name NAME [--json]"
+    optParameters = [["domain", None, None, "the domain's name"],
+                     ["name", None, None, "the device's name"]]
+
+    def postOptions(self):
+        for key in ("domain", "name"):
+            if self[key] is None:
+                raise usage.UsageError(f"--{key} is required")
+
+
+class DeviceOptions(usage.Options):
+    synopsis = "add … | list [--domain NAME] | remove --domain NAME --name NAME"
+    subCommands = [
+        ["add", None, DeviceAddOptions, "register an end-device"],
+        ["list", None, DeviceListOptions, "list end-devices"],
+        ["remove", None, DeviceRemoveOptions, "remove an end-device"],
+    ]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("device: name a command (add, list, remove)")
+
+
+class OperatorOptions(usage.Options):
+    synopsis = "init | sign-node | info | domain | token | node | device"
+    subCommands = [
+        ["init", None, OperatorInitOptions, "make this node an operator"],
+        ["sign-node", None, SignNodeOptions, "sign a Node record for a node's public keys"],
+        ["info", None, InfoOptions, "the operator's id and TLS certificate fingerprint"],
+        ["domain", None, DomainOptions, "create and list domains"],
+        ["token", None, TokenOptions, "make enrollment tokens"],
+        ["node", None, NodeOptions, "list and revoke nodes"],
+        ["device", None, DeviceOptions, "add, list and remove end-devices"],
+    ]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("operator: name a command (" + ", ".join(
+                c[0] for c in self.subCommands) + ")")
+
+
+def _now_ms(clock):
+    return int(clock.seconds() * 1000)
+
+
+def _open(global_options):
+    """The operator's identity and its store, or CommandError if this is no operator."""
+    from twisted.internet import reactor
+
+    me, operators = signing.load_operator(global_options["state-dir"], reactor)
+    try:
+        engine = store.open_engine(global_options["database"])
+    except store.SchemaError as e:
+        raise CommandError(str(e)) from None
+    registry.thd_publish_operator(engine, signing.own_operator_record(me, operators))
+    return me, engine
+
+
+def _init(sub, global_options, clock):
+    state_dir = global_options["state-dir"]
+    me, signed = signing.init_operator(state_dir, sub["domain"], sub["name"], clock)
+    data = {"node_id": me.node_id.hex(), "domain": sub["domain"], "name": sub["name"],
+            "enrollment": os.path.join(state_dir, identity.ENROLLMENT_FILE)}
+    print_result(sub, data, f"operator {data['node_id']} initialised in {state_dir}")
+
+
+def _sign_node(sub, global_options, clock):
+    signing_key, agreement_key = sub["keys"]
+    node, bundle = signing.sign_node(global_options["state-dir"], signing_key, agreement_key,
+                                     sub["domain"], sub["name"], clock, sub["days"])
+    identity.write_private(sub["out"], bundle)
+    data = {"node_id": node.record.node_id.hex(), "domain": sub["domain"], "name": sub["name"],
+            "expires": node.record.expires, "out": sub["out"]}
+    print_result(sub, data, f"signed {sub['name']} ({data['node_id']}) into {sub['out']}")
+
+
+def _info(sub, global_options, clock):
+    from meshnode.roles.operator import tls
+
+    me, operators = signing.load_operator(global_options["state-dir"], clock)
+    certificate = tls.load_or_create_tls(global_options["state-dir"], clock)
+    data = {"node_id": me.node_id.hex(), "domain": operators[0].record.domain,
+            "tls_fingerprint": certificate.fingerprint}
+    print_result(sub, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+
+
+def _domain(sub, global_options, clock):
+    command = sub.subOptions
+    me, engine = _open(global_options)
+    if sub.subCommand == "create":
+        domain = registry.thd_create_domain(engine, command["name"], _now_ms(clock))
+        data = {"domain": domain, "name": command["name"]}
+        print_result(command, data, f"domain {command['name']} is {domain:#010x}")
+    else:
+        rows = registry.thd_list_domains(engine)
+        for row in rows:
+            row["id"] = f"{row['domain']:#010x}"
+        print_result(command, rows, table(rows, ["name", "id", "domain"]))
+
+
+def _token(sub, global_options, clock):
+    command = sub.subOptions
+    me, engine = _open(global_options)
+    now = _now_ms(clock)
+    data = registry.thd_create_token(engine, command["domain"], command["uses"],
+                                     now + command["expires"] * 1000, now)
+    print_result(command, data, data["token"])
+
+
+def _node(sub, global_options, clock):
+    command = sub.subOptions
+    me, engine = _open(global_options)
+    if sub.subCommand == "list":
+        rows = registry.thd_list_nodes(engine, command["domain"])
+        print_result(command, rows, table(rows, ["name", "domain_name", "node_id", "revoked"]))
+    else:
+        data = registry.thd_revoke_node(engine, me, command["node-id"], _now_ms(clock))
+        print_result(command, data, f"revoked {data['name']} ({data['node_id']})")
+
+
+def _device(sub, global_options, clock):
+    command = sub.subOptions
+    me, engine = _open(global_options)
+    if sub.subCommand == "add":
+        data = registry.thd_add_device(
+            engine, me, command["domain"], command["name"], command["mac"], command["address"],
+            command["certificate-sha256"], command["location"], command["ports"],
+            _now_ms(clock))
+        print_result(command, data, f"added {data['name']} ({data['device_id']})")
+    elif sub.subCommand == "list":
+        rows = registry.thd_list_devices(engine, command["domain"])
+        for row in rows:
+            row["ports"] = ",".join(map(str, row["ports"]))
+        print_result(command, rows, table(rows, ["name", "domain_name", "mac", "address",
+                                                 "ports", "location_id"]))
+    else:
+        registry.thd_remove_device(engine, command["domain"], command["name"])
+        print_result(command, {"removed": command["name"]}, f"removed {command['name']}")
+
+
+_COMMANDS = {"init": _init, "sign-node": _sign_node, "info": _info, "domain": _domain,
+             "token": _token, "node": _node, "device": _device}
+
+
+def run(options, global_options):
+    """Carry out `meshnode operator …`; errors become one-line CommandErrors."""
+    from twisted.internet import reactor
+
+    try:
+        _COMMANDS[options.subCommand](options.subOptions, global_options, reactor)
+    except (signing.OperatorError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    except registry.RegistryError as e:
+        raise CommandError(e.reason) from None

@@ -1,0 +1,299 @@
+"""The operator's registry: domains, enrollment tokens and the records it signs, in the store.
+
+Every function here is a `thd_*` function: it runs in the store's thread pool (or directly from
+the admin command line), takes the engine first, returns plain data, and either changes the
+database in one transaction or raises RegistryError and changes nothing.
+"""
+
+import hashlib
+import secrets
+
+import sqlalchemy as sa
+
+from meshnode import records
+from meshnode.schema import domains, end_devices, enrollment_tokens, nodes, operator_nodes
+from meshnode.schema import revocations, super_nodes
+
+DAY_MS = 86_400_000
+NODE_LIFETIME_MS = 30 * DAY_MS
+RENEW_CONTEXT = b"meshnode/1 renew\x00"
+
+
+class RegistryError(Exception):
+    """A refused request; `status` is the HTTP status it maps to, `reason` the one line why."""
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def token_hash(token):
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def renew_message(node_id, timestamp):
+    """What a node signs to renew its Node record."""
+    return RENEW_CONTEXT + node_id + timestamp.to_bytes(8, "big")
+
+
+# -- domains and tokens --------------------------------------------------------------------
+
+def thd_create_domain(engine, name, now):
+    """A new domain with a random, unused 32-bit id; → the id."""
+    with engine.begin() as connection:
+        if connection.execute(sa.select(domains.c.domain).where(domains.c.name == name)).first():
+            raise RegistryError(409, f"domain {name!r} exists")
+        for _ in range(100):
+            domain = secrets.randbits(32)
+            taken = connection.execute(sa.select(domains.c.domain)
+                                       .where(domains.c.domain == domain)).first()
+            if domain != 0 and not taken:
+                connection.execute(domains.insert().values(domain=domain, name=name, created=now))
+                return domain
+    raise RegistryError(500, "no free domain id found")
+
+
+def thd_list_domains(engine):
+    with engine.connect() as connection:
+        rows = connection.execute(sa.select(domains).order_by(domains.c.name))
+        return [{"domain": row.domain, "name": row.name, "created": row.created} for row in rows]
+
+
+def _domain_id(connection, name):
+    row = connection.execute(sa.select(domains.c.domain).where(domains.c.name == name)).first()
+    if row is None:
+        raise RegistryError(404, f"no domain {name!r}")
+    return row.domain
+
+
+def thd_create_token(engine, domain_name, uses, expires, now):
+    """An enrollment token for a domain; the token itself is returned once and stored hashed."""
+    token = secrets.token_urlsafe(24)
+    with engine.begin() as connection:
+        domain = _domain_id(connection, domain_name)
+        connection.execute(enrollment_tokens.insert().values(
+            token_hash=token_hash(token), domain=domain, uses_left=uses, expires=expires,
+            created=now))
+    return {"token": token, "domain": domain, "uses": uses, "expires": expires}
+
+
+# -- nodes ---------------------------------------------------------------------------------
+
+def _sign_node(operator, domain, signing_key, agreement_key, name, now):
+    return operator.sign(records.Node(domain, records.node_id_for(signing_key), signing_key,
+                                      agreement_key, name, now, now + NODE_LIFETIME_MS))
+
+
+def thd_enroll(engine, operator, token, signing_key, agreement_key, name, now):
+    """Spend one use of `token` on a Node record for these keys and name → the Signed record.
+
+    401 unknown token, 403 expired or used-up token or revoked keys, 409 name taken.
+    """
+    node_id = records.node_id_for(signing_key)
+    try:
+        with engine.begin() as connection:
+            row = connection.execute(sa.select(enrollment_tokens).where(
+                enrollment_tokens.c.token_hash == token_hash(token))).first()
+            if row is None:
+                raise RegistryError(401, "unknown enrollment token")
+            if row.expires <= now:
+                raise RegistryError(403, "the enrollment token has expired")
+            if row.uses_left <= 0:
+                raise RegistryError(403, "the enrollment token is used up")
+            existing = connection.execute(sa.select(nodes).where(nodes.c.node_id == node_id)
+                                          ).first()
+            if existing is not None and existing.revoked:
+                raise RegistryError(403, "these keys were revoked")
+            if existing is not None:
+                raise RegistryError(409, f"these keys are enrolled already as "
+                                         f"{existing.name!r}: renew instead")
+            holder = connection.execute(sa.select(nodes.c.node_id).where(
+                nodes.c.domain == row.domain, nodes.c.name == name,
+                nodes.c.revoked == sa.false())).first()
+            if holder is not None:
+                raise RegistryError(409, f"the name {name!r} is taken in this domain")
+            spent = connection.execute(enrollment_tokens.update().where(
+                enrollment_tokens.c.token_hash == row.token_hash,
+                enrollment_tokens.c.uses_left > 0).values(
+                uses_left=enrollment_tokens.c.uses_left - 1))
+            if spent.rowcount != 1:
+                raise RegistryError(403, "the enrollment token is used up")
+            signed = _sign_node(operator, row.domain, signing_key, agreement_key, name, now)
+            connection.execute(nodes.insert().values(
+                node_id=node_id, domain=row.domain, name=name, signing_key=signing_key,
+                agreement_key=agreement_key, record=signed.encode(), issued=now,
+                expires=signed.record.expires, revoked=False))
+            return signed
+    except sa.exc.IntegrityError:
+        # Another enrollment (perhaps on another operator sharing the database) won the race.
+        raise RegistryError(409, f"the name {name!r} is taken in this domain") from None
+
+
+def thd_renew(engine, operator, node_id, timestamp, signature, now):
+    """A fresh Node record for an enrolled node that signed `renew_message` with its key."""
+    if abs(timestamp - now) > records.CLOCK_SKEW_MS:
+        raise RegistryError(400, "the renewal timestamp is off by more than 60 seconds")
+    with engine.begin() as connection:
+        row = connection.execute(sa.select(nodes).where(nodes.c.node_id == node_id)).first()
+        if row is None:
+            raise RegistryError(404, "no such node: enroll instead")
+        if row.revoked:
+            raise RegistryError(403, "this node is revoked")
+        if row.expires <= now:
+            raise RegistryError(403, "the Node record has expired: enroll again with a token")
+        if not records.signature_holds(row.signing_key, signature,
+                                       renew_message(node_id, timestamp)):
+            raise RegistryError(401, "the renewal is not signed by the node's key")
+        signed = _sign_node(operator, row.domain, row.signing_key, row.agreement_key, row.name,
+                            now)
+        connection.execute(nodes.update().where(nodes.c.node_id == node_id).values(
+            record=signed.encode(), issued=now, expires=signed.record.expires))
+        return signed
+
+
+def thd_node_record(engine, node_id):
+    """The newest Node record of a node that is not revoked, as bytes, or None."""
+    with engine.connect() as connection:
+        row = connection.execute(sa.select(nodes.c.record).where(
+            nodes.c.node_id == node_id, nodes.c.revoked == sa.false())).first()
+        return row.record if row else None
+
+
+def thd_list_nodes(engine, domain_name=None):
+    with engine.connect() as connection:
+        query = sa.select(nodes, domains.c.name.label("domain_name")).join(
+            domains, domains.c.domain == nodes.c.domain, isouter=True).order_by(
+            nodes.c.domain, nodes.c.name)
+        if domain_name is not None:
+            query = query.where(nodes.c.domain == _domain_id(connection, domain_name))
+        return [{"node_id": row.node_id.hex(), "domain": row.domain,
+                 "domain_name": row.domain_name, "name": row.name, "issued": row.issued,
+                 "expires": row.expires, "revoked": row.revoked}
+                for row in connection.execute(query)]
+
+
+def _resign_revocation(connection, operator, domain, now):
+    """The domain's Revocation record anew: every revoked node and device still current."""
+    node_ids = [row.node_id for row in connection.execute(sa.select(nodes.c.node_id).where(
+        nodes.c.domain == domain, nodes.c.revoked == sa.true(), nodes.c.expires > now))]
+    signed = operator.sign(records.Revocation(domain, node_ids[:records.Revocation.ID_LIMIT],
+                                              (), now))
+    connection.execute(revocations.insert().values(domain=domain, record=signed.encode(),
+                                                   created=now))
+    return signed
+
+
+def _find_node(connection, node_id_prefix):
+    """A node by its hex id or an unambiguous prefix of at least 8 hex digits."""
+    prefix = node_id_prefix.lower()
+    if len(prefix) < 8 or any(c not in "0123456789abcdef" for c in prefix):
+        raise RegistryError(400, f"{node_id_prefix!r} is not 8 or more hex digits of a node id")
+    rows = [row for row in connection.execute(sa.select(nodes))
+            if row.node_id.hex().startswith(prefix)]
+    if not rows:
+        raise RegistryError(404, f"no node {node_id_prefix}")
+    if len(rows) > 1:
+        raise RegistryError(409, f"{node_id_prefix} matches {len(rows)} nodes")
+    return rows[0]
+
+
+def thd_revoke_node(engine, operator, node_id_prefix, now):
+    """Revoke a node: its name is freed and a new Revocation record names it."""
+    with engine.begin() as connection:
+        row = _find_node(connection, node_id_prefix)
+        if row.revoked:
+            raise RegistryError(409, f"node {row.node_id.hex()} is revoked already")
+        connection.execute(nodes.update().where(nodes.c.node_id == row.node_id).values(
+            revoked=True))
+        _resign_revocation(connection, operator, row.domain, now)
+        return {"node_id": row.node_id.hex(), "name": row.name, "domain": row.domain}
+
+
+def thd_revocations(engine):
+    """The newest Revocation record of each domain, as bytes."""
+    with engine.connect() as connection:
+        newest = sa.select(revocations.c.domain, sa.func.max(revocations.c.id).label("id")
+                           ).group_by(revocations.c.domain).subquery()
+        query = sa.select(revocations.c.record).join(newest, revocations.c.id == newest.c.id)
+        return [row.record for row in connection.execute(query)]
+
+
+# -- operators and super-nodes ---------------------------------------------------------------
+
+def thd_publish_operator(engine, signed_operator):
+    """Keep this operator's OperatorNode record in the shared store (idempotent)."""
+    record = signed_operator.record
+    with engine.begin() as connection:
+        exists = connection.execute(sa.select(operator_nodes.c.node_id).where(
+            operator_nodes.c.node_id == record.node_id)).first()
+        if exists is None:
+            connection.execute(operator_nodes.insert().values(
+                node_id=record.node_id, domain=record.domain, record=signed_operator.encode(),
+                created=record.created))
+
+
+def thd_operator_records(engine):
+    with engine.connect() as connection:
+        return [row.record for row in connection.execute(
+            sa.select(operator_nodes.c.record).order_by(operator_nodes.c.created))]
+
+
+def thd_super_node_records(engine):
+    with engine.connect() as connection:
+        return [row.record for row in connection.execute(sa.select(super_nodes.c.record))]
+
+
+# -- end-devices ---------------------------------------------------------------------------
+
+def thd_add_device(engine, operator, domain_name, name, mac, address, certificate_sha256,
+                   location_id, ports, now):
+    with engine.begin() as connection:
+        domain = _domain_id(connection, domain_name)
+        if connection.execute(sa.select(end_devices.c.device_id).where(
+                end_devices.c.domain == domain, end_devices.c.name == name)).first():
+            raise RegistryError(409, f"a device named {name!r} exists in {domain_name!r}")
+        device_id = records.device_id_for(mac, certificate_sha256)
+        if connection.execute(sa.select(end_devices.c.name).where(
+                end_devices.c.domain == domain, end_devices.c.device_id == device_id)).first():
+            raise RegistryError(409, "that MAC (and certificate) is registered already")
+        signed = operator.sign(records.EndDevice(domain, device_id, name, mac, address,
+                                                 certificate_sha256, location_id, ports, now))
+        connection.execute(end_devices.insert().values(
+            domain=domain, device_id=device_id, name=name, location_id=location_id,
+            record=signed.encode(), created=now))
+        return _device_row(signed.record, domain_name)
+
+
+def _device_row(device, domain_name):
+    return {"device_id": device.device_id.hex(), "domain": device.domain,
+            "domain_name": domain_name, "name": device.name, "mac": device.mac.hex(":"),
+            "address": device.address, "location_id": device.location_id.hex(),
+            "ports": list(device.ports)}
+
+
+def thd_list_devices(engine, domain_name=None):
+    with engine.connect() as connection:
+        query = sa.select(end_devices.c.record, domains.c.name).join(
+            domains, domains.c.domain == end_devices.c.domain).order_by(
+            domains.c.name, end_devices.c.name)
+        if domain_name is not None:
+            query = query.where(end_devices.c.domain == _domain_id(connection, domain_name))
+        return [_device_row(records.decode_signed(row.record).record, row.name)
+                for row in connection.execute(query)]
+
+
+def thd_end_device_records(engine, domain):
+    with engine.connect() as connection:
+        return [row.record for row in connection.execute(
+            sa.select(end_devices.c.record).where(end_devices.c.domain == domain)
+            .order_by(end_devices.c.name))]
+
+
+def thd_remove_device(engine, domain_name, name):
+    with engine.begin() as connection:
+        domain = _domain_id(connection, domain_name)
+        removed = connection.execute(end_devices.delete().where(
+            end_devices.c.domain == domain, end_devices.c.name == name))
+        if removed.rowcount != 1:
+            raise RegistryError(404, f"no device {name!r} in {domain_name!r}")

@@ -1,0 +1,91 @@
+"""The database schema: every table of the node's store, as SQLAlchemy Core.
+
+Alembic migrations in meshnode/migrations create and change these tables; the store runs them
+at start and refuses a database whose schema it does not know.
+"""
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+_ID = sa.LargeBinary(32)
+
+# Peers' operator-signed Node records, kept so a restarted node still knows its peers.
+node_records = sa.Table(
+    "node_records", metadata,
+    sa.Column("node_id", _ID, primary_key=True),
+    sa.Column("domain", sa.BigInteger, nullable=False, index=True),
+    sa.Column("issued", sa.BigInteger, nullable=False),
+    sa.Column("record", sa.LargeBinary, nullable=False),
+)
+
+# -- the operator's registry ---------------------------------------------------------------
+
+domains = sa.Table(
+    "domains", metadata,
+    sa.Column("domain", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("name", sa.String(63), nullable=False, unique=True),
+    sa.Column("created", sa.BigInteger, nullable=False),
+)
+
+enrollment_tokens = sa.Table(
+    "enrollment_tokens", metadata,
+    sa.Column("token_hash", _ID, primary_key=True),
+    sa.Column("domain", sa.BigInteger, sa.ForeignKey("domains.domain"), nullable=False),
+    sa.Column("uses_left", sa.Integer, nullable=False),
+    sa.Column("expires", sa.BigInteger, nullable=False),
+    sa.Column("created", sa.BigInteger, nullable=False),
+)
+
+nodes = sa.Table(
+    "nodes", metadata,
+    sa.Column("node_id", _ID, primary_key=True),
+    sa.Column("domain", sa.BigInteger, nullable=False),
+    sa.Column("name", sa.String(63), nullable=False),
+    sa.Column("signing_key", _ID, nullable=False),
+    sa.Column("agreement_key", _ID, nullable=False),
+    sa.Column("record", sa.LargeBinary, nullable=False),
+    sa.Column("issued", sa.BigInteger, nullable=False),
+    sa.Column("expires", sa.BigInteger, nullable=False),
+    sa.Column("revoked", sa.Boolean, nullable=False, default=False),
+    # A name is unique among a domain's nodes that are not revoked.
+    sa.Index("nodes_domain_name", "domain", "name", unique=True,
+             sqlite_where=sa.text("revoked = 0"), postgresql_where=sa.text("NOT revoked")),
+)
+
+operator_nodes = sa.Table(
+    "operator_nodes", metadata,
+    sa.Column("node_id", _ID, primary_key=True),
+    sa.Column("domain", sa.BigInteger, nullable=False),
+    sa.Column("record", sa.LargeBinary, nullable=False),
+    sa.Column("created", sa.BigInteger, nullable=False),
+)
+
+super_nodes = sa.Table(
+    "super_nodes", metadata,
+    sa.Column("node_id", _ID, primary_key=True),
+    sa.Column("domain", sa.BigInteger, nullable=False),
+    sa.Column("partition_from", sa.Integer, nullable=False),
+    sa.Column("partition_to", sa.Integer, nullable=False),
+    sa.Column("record", sa.LargeBinary, nullable=False),
+    sa.Column("created", sa.BigInteger, nullable=False),
+)
+
+end_devices = sa.Table(
+    "end_devices", metadata,
+    sa.Column("domain", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("device_id", _ID, primary_key=True),
+    sa.Column("name", sa.String(63), nullable=False),
+    sa.Column("location_id", _ID, nullable=False, index=True),
+    sa.Column("record", sa.LargeBinary, nullable=False),
+    sa.Column("created", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("domain", "name", name="end_devices_domain_name"),
+)
+
+revocations = sa.Table(
+    "revocations", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("domain", sa.BigInteger, nullable=False, index=True),
+    sa.Column("record", sa.LargeBinary, nullable=False),
+    sa.Column("created", sa.BigInteger, nullable=False),
+)
