@@ -38,7 +38,7 @@ class PingOptions(Command):
 
     def parseArgs(self, address):
         try:
-            self["address"] = control.split_address(address)
+            self["address"] = config.parse_host_port(address)
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 

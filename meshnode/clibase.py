@@ -1,5 +1,6 @@
 """What every `meshnode` subcommand shares: one-line errors, --json, tables, value parsers."""
 
+import getopt
 import json
 
 from twisted.python import usage
@@ -12,9 +13,28 @@ class CommandError(Exception):
 
 
 class Command(usage.Options):
-    """A subcommand that prints: human-readable by default, JSON with --json."""
+    """A subcommand that prints: human-readable by default, JSON with --json.
+
+    Options may come after its arguments (`meshnode ping HOST:PORT --count 3`), as with GNU
+    tools; twisted's parser alone stops at the first argument.
+    """
 
     optFlags = [["json", None, "print JSON for scripts"]]
+
+    def parseOptions(self, options=None):
+        if options is not None:
+            try:
+                pairs, arguments = getopt.gnu_getopt(options, self.shortOpt, self.longOpt)
+            except getopt.GetoptError as e:
+                raise usage.UsageError(str(e)) from None
+            options = [part for option, value in pairs
+                       for part in ((option,) if value == "" and option.lstrip("-") in
+                                    self._flag_names() else (option, value))]
+            options += ["--"] + arguments
+        super().parseOptions(options)
+
+    def _flag_names(self):
+        return {name for flag in self.optFlags for name in flag[:2] if name}
 
 
 def print_result(options, data, text):

@@ -7,6 +7,7 @@ unknown key raises ConfigError naming it, before the node writes anything.
 import configparser
 import ipaddress
 import os
+import urllib.parse
 
 DEFAULT_RPC_PORT = 7400
 
@@ -79,6 +80,57 @@ def parse_positive_int(text):
     return value
 
 
+def parse_https_url(text):
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme != "https" or not parsed.hostname:
+        raise ValueError(f"{text!r} is not an https:// URL")
+    try:
+        parsed.port
+    except ValueError:
+        raise ValueError(f"{text!r} has a bad port") from None
+    return text.rstrip("/")
+
+
+def parse_fingerprint(text):
+    """A SHA-256 certificate fingerprint: 64 hex digits, colons allowed → lowercase hex."""
+    digits = text.replace(":", "").strip().lower()
+    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits)")
+    return digits
+
+
+def parse_existing_file(text):
+    if not os.path.isfile(text):
+        raise ValueError(f"{text!r} is not a file")
+    return text
+
+
+def parse_node_name(text):
+    if not text or len(text.encode("utf-8")) > 63:
+        raise ValueError(f"{text!r} must be 1 to 63 bytes")
+    return text
+
+
+def parse_server_endpoint(text):
+    kind = text.split(":", 1)[0]
+    if kind not in ("ssl", "tcp") or ":" not in text:
+        raise ValueError(f"{text!r} is not an endpoint like ssl:8443 or "
+                         f"ssl:8443:interface=127.0.0.1")
+    return text
+
+
+def parse_host_port(text):
+    """'HOST:PORT' or '[V6]:PORT' → (host, port)."""
+    host, colon, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    port_number = parse_port(port)
+    if port_number == 0:
+        raise ValueError(f"{text!r}: port must be 1-65535")
+    return host, port_number
+
+
 def default_state_dir():
     if os.geteuid() == 0:
         return "/var/lib/meshnode"
@@ -97,6 +149,13 @@ SETTINGS = {
     ("node", "partition"): parse_partition,
     ("node", "tunnel"): parse_bool,
     ("node", "user"): parse_bool,
+    ("node", "name"): parse_node_name,
+    ("node", "operator-url"): parse_https_url,
+    ("node", "operator-fingerprint"): parse_fingerprint,
+    ("node", "operator-ca"): parse_existing_file,
+    ("node", "operator-rpc"): parse_host_port,
+    ("node", "enroll-token"): str,
+    ("operator", "enroll-listen"): parse_server_endpoint,
     ("rpc", "call-timeout"): parse_positive_float,
     ("rpc", "rate-limit"): parse_positive_int,
     ("rpc", "rate-burst"): parse_positive_int,
@@ -108,6 +167,7 @@ DEFAULTS = {
     "call-timeout": 2.0,
     "rate-limit": 2000,
     "rate-burst": 4000,
+    "enroll-listen": "ssl:8443",
 }
 
 

@@ -13,6 +13,7 @@ from twisted.internet.error import CannotListenError, DNSLookupError
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from meshnode import config
 from meshnode.records import Role
 from meshnode.rpc.messages import Command
 from meshnode.rpc.service import CallTimeout, RPCError
@@ -33,21 +34,6 @@ class ControlError(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-
-
-def split_address(text):
-    """'HOST:PORT' or '[V6]:PORT' → (host, port); ValueError says what is wrong."""
-    host, colon, port = text.rpartition(":")
-    if not colon or not host:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        port_number = int(port)
-    except ValueError:
-        raise ValueError(f"{text!r} has no port number") from None
-    if not 0 < port_number < 65536:
-        raise ValueError(f"{text!r}: port must be 1-65535")
-    return host, port_number
 
 
 def node_status(identity_service, rpc):
@@ -104,9 +90,16 @@ class StatusResource(_JSONResource):
 
 
 class PingResource(_JSONResource):
-    def __init__(self, rpc):
+    """POST {"address": "HOST:PORT", "count": N, "timeout": S, "node_id": HEX (optional)}.
+
+    With a node id, the peer's Node record comes from the directory (the operator) instead of
+    the GetNode bootstrap.
+    """
+
+    def __init__(self, rpc, directory):
         super().__init__()
         self._rpc = rpc
+        self._directory = directory
 
     def render_POST(self, request):
         return self._serve(request, self._ping)
@@ -114,14 +107,19 @@ class PingResource(_JSONResource):
     def _ping(self, request):
         try:
             body = json.loads(request.content.read(65536) or b"{}")
-            host, port = split_address(body["address"])
+            host, port = config.parse_host_port(body["address"])
             count = int(body.get("count", 1))
             timeout = float(body.get("timeout", self._rpc.call_timeout))
+            node_id = bytes.fromhex(body["node_id"]) if body.get("node_id") else None
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ControlError(400, f"bad ping request: {e}") from None
         if not 1 <= count <= 100 or not 0 < timeout <= 60:
             raise ControlError(400, "count must be 1-100 and timeout 0-60 seconds")
-        d = self._rpc.ping_address(host, port, count, timeout)
+        if node_id is None:
+            d = self._rpc.ping_address(host, port, count, timeout)
+        else:
+            d = self._directory.lookup_node(node_id)
+            d.addCallback(lambda peer: self._rpc.ping_peer(peer, (host, port), count, timeout))
         d.addErrback(self._explain)
         return d
 
@@ -138,10 +136,11 @@ class ControlService(service.Service):
 
     name = "control"
 
-    def __init__(self, state_dir, identity_service, rpc, reactor):
+    def __init__(self, state_dir, identity_service, rpc, directory, reactor):
         self._path = socket_path(state_dir)
         self._identity_service = identity_service
         self._rpc = rpc
+        self._directory = directory
         self._reactor = reactor
         self._port = None
 
@@ -150,7 +149,7 @@ class ControlService(service.Service):
         v1 = resource.Resource()
         root.putChild(b"v1", v1)
         v1.putChild(b"status", StatusResource(self._identity_service, self._rpc))
-        v1.putChild(b"ping", PingResource(self._rpc))
+        v1.putChild(b"ping", PingResource(self._rpc, self._directory))
         site = server.Site(root)
         site.displayTracebacks = False
         site.noisy = False

@@ -1,25 +1,35 @@
-"""Who to ask: the operators this node trusts and the peers it has authenticated.
+"""Who to ask: the operators this node trusts, and Node records looked up through them.
 
-This issue keeps the operator list from the enrollment and persists peers' Node records in the
-store so a restarted node still knows them. Super-node lists and K-redundant queries with
-doubling fan-out come with the DHT issue.
+This issue keeps the operator list from the enrollment, asks the operator's RPC for the Node
+records of its domain's nodes, and persists peers' Node records in the store so a restarted
+node still knows them. Super-node lists and K-redundant queries with doubling fan-out come
+with the DHT issue.
 """
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from meshnode import records, store
+from meshnode.rpc.messages import GetNode, NodeRecord
+from meshnode.rpc.service import RPCError
 
 _log = Logger()
+
+
+class DirectoryError(RPCError):
+    """The directory could not find what was asked for; the message says why."""
 
 
 class DirectoryService(service.Service):
     name = "directory"
 
-    def __init__(self, identity_service, store_service, rpc):
+    def __init__(self, identity_service, store_service, rpc, operator_address=None):
         self._identity_service = identity_service
         self._store = store_service
         self._rpc = rpc
+        self.operator_address = operator_address
+        self._operator = None
 
     @property
     def operator_ids(self):
@@ -52,3 +62,33 @@ class DirectoryService(service.Service):
         d = self._store.run(store.thd_save_node, node.node_id, node.domain, node.issued,
                             signed.encode())
         d.addErrback(lambda f: _log.failure("could not cache a Node record", f))
+
+    @defer.inlineCallbacks
+    def operator(self):
+        """The operator's Peer, bootstrapped once from its RPC address."""
+        if self._operator is None:
+            if self.operator_address is None:
+                raise DirectoryError("no operator RPC address configured (operator-rpc)")
+            peer = yield self._rpc.fetch_node(self.operator_address)
+            if not self._rpc.trust.is_operator(peer.node.node_id):
+                raise DirectoryError(f"{self.operator_address[0]}:{self.operator_address[1]} is "
+                                  f"not an operator this node trusts")
+            self._operator = peer
+        return self._operator
+
+    @defer.inlineCallbacks
+    def lookup_node(self, node_id):
+        """A node of this node's domain, by id → its Peer (Node record verified and learned)."""
+        peer = self._rpc.peers.get(node_id)
+        if peer is not None:
+            return peer
+        operator = yield self.operator()
+        answer = yield self._rpc.call(operator, self.operator_address, GetNode(wanted=node_id),
+                                      NodeRecord)
+        if answer.signed is None or answer.signed.record.node_id != node_id:
+            raise DirectoryError(f"the operator knows no node {node_id.hex()} in this domain")
+        try:
+            return self._rpc.learn(answer.signed)
+        except records.RecordError as e:
+            raise DirectoryError(f"the operator's record of {node_id.hex()} is unusable: "
+                              f"{e.reason}") from None

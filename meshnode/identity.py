@@ -172,16 +172,32 @@ def load_enrollment(state_dir, identity, now):
         return Enrollment()
 
 
+RENEW_MARGIN_MS = 10 * 86_400_000  # renew a Node record when it has less than this left
+RENEW_CHECK_SECONDS = 3600
+ENROLL_RETRY_SECONDS = 30
+
+
 class IdentityService(service.Service):
-    """Loads (or makes) the node's keys and its enrollment when the node starts."""
+    """The node's keys and enrollment: loaded (or made) at start, kept current while running.
+
+    With an `enroller` (meshnode.enrollment.EnrollmentClient) a node that is not enrolled, or
+    whose keys were replaced, enrolls with its token; an enrolled node renews its Node record
+    before it expires. Services that depend on the enrollment register in `observers`.
+    """
 
     name = "identity"
 
-    def __init__(self, state_dir, clock):
+    def __init__(self, state_dir, clock, enroller=None, token=None, name=None):
         self.state_dir = state_dir
         self.clock = clock
+        self.enroller = enroller
+        self.token = token
+        self.node_name = name
         self.identity = None
         self.enrollment = Enrollment()
+        self.observers = []
+        self._timer = None
+        self._busy = False
 
     def now_ms(self):
         return int(self.clock.seconds() * 1000)
@@ -189,8 +205,75 @@ class IdentityService(service.Service):
     def startService(self):
         self.identity = load_or_create(self.state_dir, self.clock)
         self.enrollment = load_enrollment(self.state_dir, self.identity, self.now_ms())
+        self._announce()
+        service.Service.startService(self)
+        if self.enroller is not None:
+            self._schedule(0)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+
+    def reload(self):
+        """Read the enrollment file again (after someone else rewrote it)."""
+        self._use(load_enrollment(self.state_dir, self.identity, self.now_ms()))
+
+    def _announce(self):
         if self.enrollment.enrolled:
             node = self.enrollment.node.record
             _log.info("node {node_id} ({name}) of domain {domain:#010x}",
                       node_id=self.identity.node_id.hex(), name=node.name, domain=node.domain)
-        service.Service.startService(self)
+
+    def _use(self, enrollment):
+        self.enrollment = enrollment
+        self._announce()
+        for observer in self.observers:
+            observer(enrollment)
+
+    def _schedule(self, seconds):
+        if self.running:
+            self._timer = self.clock.callLater(seconds, self._check)
+
+    def _check(self):
+        """Enroll or renew when needed; runs at start and then periodically."""
+        if self._busy:
+            return
+        if not self.enrollment.enrolled:
+            if not self.token:
+                _log.warn("not enrolled and no enroll-token configured: nothing to enroll with")
+                return
+            d = self.enroller.enroll(self.identity, self.token, self.node_name)
+            action = "enrollment"
+        elif self.enrollment.node.record.expires - self.now_ms() < RENEW_MARGIN_MS:
+            d = self.enroller.renew(self.identity, self.identity.node_id, self.now_ms())
+            action = "renewal"
+        else:
+            self._schedule(RENEW_CHECK_SECONDS)
+            return
+        self._busy = True
+        d.addCallback(self._enrolled, action)
+        d.addErrback(self._failed, action)
+
+    def _enrolled(self, answer, action):
+        self._busy = False
+        try:
+            enrollment = Enrollment.from_bundle(self.identity,
+                                                records.decode_bundle(answer["enrollment"]),
+                                                self.now_ms())
+        except (ValueError, records.RecordError) as e:
+            _log.error("the operator's {action} answer is unusable: {reason}", action=action,
+                       reason=e)
+            self._schedule(ENROLL_RETRY_SECONDS)
+            return
+        write_private(os.path.join(self.state_dir, ENROLLMENT_FILE), answer["enrollment"])
+        _log.info("{action} done: Node record valid until {expires}", action=action,
+                  expires=enrollment.node.record.expires)
+        self._use(enrollment)
+        self._schedule(RENEW_CHECK_SECONDS)
+
+    def _failed(self, failure, action):
+        self._busy = False
+        _log.error("{action} failed: {reason}", action=action,
+                   reason=failure.getErrorMessage())
+        self._schedule(ENROLL_RETRY_SECONDS)

@@ -1,6 +1,8 @@
 """`twistd meshnode`: command-line options and the service tree they build (DESIGN.md §2)."""
 
 import os
+import socket
+import urllib.parse
 
 from twisted.application import service
 from twisted.python import usage
@@ -8,6 +10,7 @@ from twisted.python import usage
 from meshnode import config
 from meshnode.control import ControlService
 from meshnode.directory import DirectoryService
+from meshnode.enrollment import EnrollmentClient
 from meshnode.identity import IdentityService
 from meshnode.records import Role
 from meshnode.roles.operator import OperatorService
@@ -39,6 +42,19 @@ class Options(usage.Options):
         ["rpc-port", None, None, f"UDP (and TCP) port of the RPC (default "
                                  f"{config.DEFAULT_RPC_PORT}; 0 picks a free one)"],
         ["listen-address", None, None, "IP address to bind (default: all)"],
+        ["database", None, None, "the store's database URL (default: a SQLite file in the "
+                                 "state directory; postgresql+psycopg://… to share it)"],
+        ["operator-url", None, None, "the operator's enrollment URL, https://HOST:PORT"],
+        ["operator-fingerprint", None, None, "SHA-256 fingerprint of the operator's TLS "
+                                             "certificate (`meshnode operator info`)"],
+        ["operator-ca", None, None, "a CA bundle to check the operator's certificate and "
+                                    "hostname with, instead of a fingerprint"],
+        ["operator-rpc", None, None, "the operator's RPC address HOST:PORT (default: the "
+                                     "operator-url's host, port 7400)"],
+        ["enroll-token", None, None, "the domain enrollment token for the first start"],
+        ["name", None, None, "this node's overlay name, unique in its domain"],
+        ["enroll-listen", None, None, "(operator) endpoint of the HTTPS enrollment API "
+                                      "(default ssl:8443)"],
     ]
 
     def postOptions(self):
@@ -53,7 +69,9 @@ class Options(usage.Options):
         settings = dict(config.DEFAULTS)
         if self["config"] is not None:
             settings.update(config.read_config(self["config"]))
-        for key in ("partition", "state-dir", "rpc-port", "listen-address"):
+        for key in ("partition", "state-dir", "rpc-port", "listen-address", "database",
+                    "operator-url", "operator-fingerprint", "operator-ca", "operator-rpc",
+                    "enroll-token", "name", "enroll-listen"):
             if self[key] is not None:
                 settings[key] = config.parse_setting(key, self[key])
         for role in ROLE_FLAGS:
@@ -62,6 +80,15 @@ class Options(usage.Options):
             raise config.ConfigError("partition: only a super-node (--super) serves a partition")
         if settings["super"]:
             settings.setdefault("partition", (0, 0xFFFF))
+        if "operator-url" in settings:
+            if ("operator-fingerprint" in settings) == ("operator-ca" in settings):
+                raise config.ConfigError("operator-url needs exactly one of "
+                                         "operator-fingerprint and operator-ca")
+        elif "enroll-token" in settings:
+            raise config.ConfigError("enroll-token: enrolling needs operator-url")
+        if self["enroll-listen"] is not None and not settings["operator"]:
+            raise config.ConfigError("enroll-listen: only an operator (--operator) serves "
+                                     "enrollment")
         settings.setdefault("state-dir", config.default_state_dir())
         state_dir = settings["state-dir"]
         if os.path.exists(state_dir) and not os.path.isdir(state_dir):
@@ -77,22 +104,39 @@ def roles_of(settings):
     return roles
 
 
+def _operator_rpc_address(settings):
+    """Where the operator answers the RPC: `operator-rpc`, else the enrollment URL's host."""
+    if "operator-rpc" in settings:
+        return settings["operator-rpc"]
+    if "operator-url" in settings:
+        return (urllib.parse.urlsplit(settings["operator-url"]).hostname,
+                config.DEFAULT_RPC_PORT)
+    return None
+
+
 def build_node(settings, reactor):
     """The node's service tree: core services first, then one child per enabled role."""
     node = service.MultiService()
     state_dir = settings["state-dir"]
-    identity = IdentityService(state_dir, reactor)
-    store = StoreService(sqlite_url(state_dir), reactor)
+    enroller = None
+    if "operator-url" in settings:
+        enroller = EnrollmentClient(reactor, settings["operator-url"],
+                                    fingerprint=settings.get("operator-fingerprint"),
+                                    ca_file=settings.get("operator-ca"))
+    identity = IdentityService(state_dir, reactor, enroller, settings.get("enroll-token"),
+                               settings.get("name") or socket.gethostname()[:63])
+    store = StoreService(settings.get("database") or sqlite_url(state_dir), reactor)
     rpc = RPCService(identity, reactor, interface=settings["listen-address"],
                      port=settings["rpc-port"], roles=roles_of(settings),
                      call_timeout=settings["call-timeout"], rate=settings["rate-limit"],
                      burst=settings["rate-burst"])
-    directory = DirectoryService(identity, store, rpc)
-    control = ControlService(state_dir, identity, rpc, reactor)
+    directory = DirectoryService(identity, store, rpc, _operator_rpc_address(settings))
+    control = ControlService(state_dir, identity, rpc, directory, reactor)
     for child in (identity, store, rpc, directory, control):
         child.setServiceParent(node)
     if settings["operator"]:
-        OperatorService().setServiceParent(node)
+        OperatorService(state_dir, identity, store, rpc, reactor,
+                        settings["enroll-listen"]).setServiceParent(node)
     if settings["super"]:
         SuperService(settings["partition"]).setServiceParent(node)
     if settings["tunnel"]:

@@ -98,45 +98,147 @@ class Pong(_Echo):
 
 @attrs.frozen
 class GetNode:
-    """Asks the receiver for its own operator-signed Node record (plain, bootstrap).
+    """Asks for an operator-signed Node record.
 
-    `cause` is the message id of the sealed datagram that could not be opened because its
-    sender was unknown, or zeros on first contact.
+    Plain (bootstrap): the receiver's own record; `cause` is the message id of the sealed
+    datagram that could not be opened because its sender was unknown, or zeros on first
+    contact. Sealed, with `wanted`: a directory lookup of that node (same domain only).
     """
 
     COMMAND = Command.GET_NODE
     cause: bytes = bytes(12)
+    wanted: bytes | None = None
 
     def encode(self):
-        return Writer().fixed(self.cause, 12).bytes()
+        return self.cause + (self.wanted or b"")
 
     @classmethod
     def decode(cls, payload):
-        r = Reader(payload)
-        message = cls(r.fixed(12))
-        r.end()
-        return message
+        if len(payload) == 12:
+            return cls(payload)
+        if len(payload) == 12 + 32:
+            return cls(payload[:12], payload[12:])
+        raise DecodeError("bad GetNode length")
 
 
 @attrs.frozen
 class NodeRecord:
-    """Carries an operator-signed Node record (plain: it authenticates itself)."""
+    """Carries an operator-signed Node record (plain: it authenticates itself), or None when a
+    directory lookup found nothing."""
 
     COMMAND = Command.NODE
-    signed: records.Signed
+    signed: records.Signed | None
 
     def encode(self):
-        return Writer().blob(self.signed.encode(), 1024).bytes()
+        return Writer().blob(self.signed.encode() if self.signed else b"", 1024).bytes()
 
     @classmethod
     def decode(cls, payload):
         r = Reader(payload)
-        message = cls(records.decode_signed(r.blob(1024)))
+        blob = r.blob(1024)
+        r.end()
+        return cls(records.decode_signed(blob) if blob else None)
+
+
+# The most record bytes one answer can carry: a datagram less header, tag and request id.
+PAGE_BYTES = 1200 - 96 - 16 - 12 - 4
+
+
+class _PageRequest:
+    """Asks for one page of a record list, starting at `offset`."""
+
+    __slots__ = ("offset",)
+
+    def __init__(self, offset=0):
+        self.offset = offset
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.offset == other.offset
+
+    def encode(self):
+        return Writer().u16(self.offset).bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        message = cls(r.u16())
         r.end()
         return message
 
 
-MESSAGES = {cls.COMMAND: cls for cls in (Ping, Pong, GetNode, NodeRecord)}
+class _RecordPage:
+    """One page of signed records and how many there are in all."""
+
+    __slots__ = ("total", "signed")
+
+    def __init__(self, total, signed):
+        self.total = total
+        self.signed = tuple(signed)
+
+    def __eq__(self, other):
+        return (type(self) is type(other) and self.total == other.total
+                and self.signed == other.signed)
+
+    @classmethod
+    def fill(cls, blobs, offset):
+        """As many records from `blobs[offset:]` as fit one datagram."""
+        page, size = [], 0
+        for blob in blobs[offset:]:
+            if size + 2 + len(blob) > PAGE_BYTES:
+                break
+            page.append(records.decode_signed(blob))
+            size += 2 + len(blob)
+        return cls(len(blobs), page)
+
+    def encode(self):
+        w = Writer().u16(self.total)
+        w.items(self.signed, 64, lambda w, s: w.blob(s.encode(), PAGE_BYTES))
+        return w.bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        total = r.u16()
+        signed = r.items(64, lambda r: records.decode_signed(r.blob(PAGE_BYTES)))
+        r.end()
+        return cls(total, signed)
+
+
+class GetOperatorNodes(_PageRequest):
+    __slots__ = ()
+    COMMAND = Command.GET_OPERATOR_NODES
+
+
+class OperatorNodes(_RecordPage):
+    __slots__ = ()
+    COMMAND = Command.OPERATOR_NODES
+
+
+class GetSuperNodes(_PageRequest):
+    __slots__ = ()
+    COMMAND = Command.GET_SUPER_NODES
+
+
+class SuperNodes(_RecordPage):
+    __slots__ = ()
+    COMMAND = Command.SUPER_NODES
+
+
+class GetEndDevices(_PageRequest):
+    """The requester's domain's end-devices (a page of them)."""
+
+    __slots__ = ()
+    COMMAND = Command.GET_END_DEVICES
+
+
+class EndDevices(_RecordPage):
+    __slots__ = ()
+    COMMAND = Command.END_DEVICES
+
+
+MESSAGES = {cls.COMMAND: cls for cls in (
+    Ping, Pong, GetNode, NodeRecord, GetOperatorNodes, OperatorNodes, GetSuperNodes,
+    SuperNodes, GetEndDevices, EndDevices)}
 
 # A Node answer is at most: header, plain length, request id, blob length, largest Node record.
 NODE_ANSWER_SIZE = 96 + 2 + 12 + 2 + (2 + 4 + 32 * 3 + 2 + records.NAME_LIMIT + 16 + 32 + 64)

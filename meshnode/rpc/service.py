@@ -185,19 +185,22 @@ class RPCService(service.Service):
 
     def startService(self):
         identity = self._identity_service.identity
-        enrollment = self._identity_service.enrollment
-        self._identity = identity
-        self.trust = enrollment.trust
-        self.own_node = enrollment.node
         self.node_id = identity.node_id
-        self.domain = enrollment.node.record.domain if enrollment.enrolled else 0
         self.peers = PeerTable(identity)
+        self.use_enrollment(self._identity_service.enrollment)
+        self._identity_service.observers.append(self.use_enrollment)
         self._ids = frame.MessageIds(self._clock)
         self._listen()
         service.Service.startService(self)
         if not self.enrolled:
             _log.warn("not enrolled: datagrams from peers cannot be authenticated and are dropped")
         _log.info("RPC listening on UDP and TCP port {port}", port=self.port)
+
+    def use_enrollment(self, enrollment):
+        """Speak as the node this enrollment makes us (on start, enrollment and renewal)."""
+        self.trust = enrollment.trust
+        self.own_node = enrollment.node
+        self.domain = enrollment.node.record.domain if enrollment.enrolled else 0
 
     def _listen(self):
         udp = RPCDatagramProtocol(self.receive, self.drops)
@@ -219,6 +222,8 @@ class RPCService(service.Service):
     def stopService(self):
         # Not running first: a call started from one of the errbacks below must fail too.
         service.Service.stopService(self)
+        if self.use_enrollment in self._identity_service.observers:
+            self._identity_service.observers.remove(self.use_enrollment)
         pending, self._pending = self._pending, {}
         self._deadlines.stop()
         for call in pending.values():
@@ -380,7 +385,7 @@ class RPCService(service.Service):
         if received.flags & RESPONSE:
             request_id, payload = payload[:frame.MESSAGE_ID_SIZE], payload[frame.MESSAGE_ID_SIZE:]
         signed = NodeRecord.decode(payload).signed
-        node = signed.record
+        node = signed.record if signed is not None else None
         if not isinstance(node, records.Node) or (node.node_id != received.sender_id
                                                   or node.domain != received.sender_domain):
             self.drops["sender_invalid"] += 1
@@ -393,7 +398,9 @@ class RPCService(service.Service):
         self.accepted[Command.NODE] += 1
         if received.flags & RESPONSE:
             call = self._pending.get(request_id)
-            if call is not None and call.answer is NodeRecord and call.source == source:
+            # only a first-contact fetch_node (no peer yet) takes a plain Node answer
+            if (call is not None and call.peer_id is None and call.answer is NodeRecord
+                    and call.source == source):
                 del self._pending[request_id]
                 call.deferred.callback(peer)
 
@@ -480,11 +487,16 @@ class RPCService(service.Service):
         """Bootstrap with whoever listens at HOST:PORT, then ping it `count` times."""
         address = (host, port) if _is_ip(host) else ((yield self._reactor.resolve(host)), port)
         peer = yield self.fetch_node(address, timeout)
+        return (yield self.ping_peer(peer, address, count, timeout))
+
+    @defer.inlineCallbacks
+    def ping_peer(self, peer, address, count=1, timeout=None):
+        """Ping a known peer at `address` `count` times → a summary with the round trips."""
         rtts = []
         for _ in range(count):
             rtts.append((yield self.ping(peer, address, timeout=timeout)))
         node = peer.node
-        return {"address": f"{address[0]}:{port}", "node_id": node.node_id.hex(),
+        return {"address": f"{address[0]}:{address[1]}", "node_id": node.node_id.hex(),
                 "name": node.name, "domain": node.domain,
                 "rtt_ms": [round(rtt * 1000, 3) for rtt in rtts]}
 

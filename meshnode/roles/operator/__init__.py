@@ -1,9 +1,100 @@
-"""The operator role: the only trusted party, which signs the records everyone else checks."""
+"""The operator role: the only trusted party, which signs the records everyone else checks.
 
-from twisted.application import service
+It serves the HTTPS enrollment API, keeps its own records current, follows revocations made
+with the admin command line, and — until super-nodes exist — answers the directory's RPC
+lookups (operators, super-nodes, Node records, end-devices) for every domain.
+"""
+
+from twisted.application import internet, service
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+
+from meshnode import records
+from meshnode.errors import StartupError
+from meshnode.roles.operator import directory, registry, signing, tls
+from meshnode.roles.operator.enroll import EnrollmentAPI, enrollment_site
+
+_log = Logger()
+
+REVOCATION_POLL_SECONDS = 5.0
+OWN_RECORD_CHECK_SECONDS = 3600.0
 
 
 class OperatorService(service.MultiService):
-    """The operator role's place in the service tree."""
-
     name = "operator"
+
+    def __init__(self, state_dir, identity_service, store, rpc, reactor, enroll_listen):
+        super().__init__()
+        self._state_dir = state_dir
+        self._identity_service = identity_service
+        self._store = store
+        self._rpc = rpc
+        self._reactor = reactor
+        self._enroll_listen = enroll_listen
+        self._port = None
+        self.fingerprint = None
+        for interval, work in ((REVOCATION_POLL_SECONDS, self._follow_revocations),
+                               (OWN_RECORD_CHECK_SECONDS, self._renew_own_node)):
+            timer = internet.TimerService(interval, self._guarded, work)
+            timer.clock = reactor
+            timer.setServiceParent(self)
+
+    def startService(self):
+        try:
+            me, operators = signing.load_operator(self._state_dir, self._reactor)
+        except signing.OperatorError as e:
+            raise StartupError(str(e)) from None
+        own = signing.own_operator_record(me, operators)
+        self._store.run(registry.thd_publish_operator, own).addErrback(
+            lambda f: _log.failure("could not publish the OperatorNode record", f))
+        certificate = tls.load_or_create_tls(self._state_dir, self._reactor)
+        self.fingerprint = certificate.fingerprint
+        site = enrollment_site(EnrollmentAPI(self._store, me, own, self._reactor))
+        description = tls.server_endpoint_string(self._enroll_listen, certificate.key_path,
+                                                 certificate.cert_path)
+        listening = endpoints.serverFromString(self._reactor, description).listen(site)
+        failures = []
+        listening.addCallbacks(self._listening, failures.append)
+        if failures:
+            raise StartupError(f"cannot serve enrollment on {self._enroll_listen}: "
+                               f"{failures[0].getErrorMessage()}")
+        _log.info("operator TLS certificate SHA-256 fingerprint: {fingerprint}",
+                  fingerprint=self.fingerprint)
+        directory.register(self._rpc, self._store)
+        super().startService()
+
+    def _listening(self, port):
+        self._port = port
+        _log.info("enrollment API listening on {address}", address=port.getHost())
+
+    @property
+    def enroll_port(self):
+        return self._port.getHost().port if self._port is not None else None
+
+    def stopService(self):
+        stopping = super().stopService()
+        if self._port is not None:
+            return defer.gatherResults([defer.maybeDeferred(self._port.stopListening),
+                                        defer.maybeDeferred(lambda: stopping)])
+        return stopping
+
+    def _guarded(self, work):
+        # One exception would stop a TimerService for good: log it and carry on.
+        d = defer.maybeDeferred(work)
+        d.addErrback(lambda f: _log.failure("operator periodic work failed", f))
+        return d
+
+    def _renew_own_node(self):
+        if signing.renew_own_node(self._state_dir, self._reactor):
+            self._identity_service.reload()
+
+    @defer.inlineCallbacks
+    def _follow_revocations(self):
+        """Revocations made with the admin command line reach the running operator."""
+        blobs = yield self._store.run(registry.thd_revocations)
+        now = int(self._reactor.seconds() * 1000)
+        for blob in blobs:
+            try:
+                self._rpc.trust.add_revocation(records.decode_signed(blob), now)
+            except (ValueError, records.RecordError) as e:
+                _log.error("a stored Revocation record is unusable: {reason}", reason=e)

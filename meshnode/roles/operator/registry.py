@@ -11,12 +11,12 @@ import secrets
 import sqlalchemy as sa
 
 from meshnode import records
+from meshnode.enrollment import renew_message
 from meshnode.schema import domains, end_devices, enrollment_tokens, nodes, operator_nodes
 from meshnode.schema import revocations, super_nodes
 
 DAY_MS = 86_400_000
 NODE_LIFETIME_MS = 30 * DAY_MS
-RENEW_CONTEXT = b"meshnode/1 renew\x00"
 
 
 class RegistryError(Exception):
@@ -30,11 +30,6 @@ class RegistryError(Exception):
 
 def token_hash(token):
     return hashlib.sha256(token.encode("utf-8")).digest()
-
-
-def renew_message(node_id, timestamp):
-    """What a node signs to renew its Node record."""
-    return RENEW_CONTEXT + node_id + timestamp.to_bytes(8, "big")
 
 
 # -- domains and tokens --------------------------------------------------------------------

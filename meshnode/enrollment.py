@@ -1,0 +1,328 @@
+"""The node side of enrollment: asks the operator over HTTPS for a Node record, and renews it.
+
+The operator is trusted by the SHA-256 fingerprint of its TLS certificate (pinned), or by a CA
+bundle and the host name in its URL (checked with service-identity).
+"""
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import json
+import re
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import extract_patterns
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from twisted.internet import defer, error, ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (Agent, HTTPConnectionPool, RequestTransmissionFailed,
+                                ResponseFailed, ResponseNeverReceived, readBody)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
+from zope.interface import implementer
+
+_log = Logger()
+
+RENEW_CONTEXT = b"meshnode/1 renew\x00"
+CONNECT_TIMEOUT = 10
+TIMEOUT = 30
+
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+def renew_message(node_id, timestamp):
+    """What a node signs to renew its Node record: context, node id, u64 big-endian time (ms)."""
+    return RENEW_CONTEXT + node_id + timestamp.to_bytes(8, "big")
+
+
+def parse_fingerprint(text):
+    """A certificate's SHA-256 as 32 bytes from hex (any case, colons allowed); else ValueError."""
+    cleaned = text.replace(":", "").strip().lower() if isinstance(text, str) else ""
+    if not _FINGERPRINT.fullmatch(cleaned):
+        raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits)")
+    return bytes.fromhex(cleaned)
+
+
+class EnrollmentError(Exception):
+    """The operator refused (`status` is the HTTP status) or could not be reached (None)."""
+
+    def __init__(self, status, reason):
+        super().__init__(f"{status} {reason}" if status is not None else reason)
+        self.status = status
+        self.reason = reason
+
+
+class _FingerprintMismatch(Exception):
+    """The server's certificate is not the pinned one."""
+
+    def __init__(self, seen):
+        super().__init__(f"certificate fingerprint mismatch: the server's certificate has "
+                         f"SHA-256 {seen}")
+
+
+def _is_ip_address(host):
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _pin_check(tls_protocol, fingerprint):
+    """An OpenSSL verify callback accepting exactly one leaf certificate, whatever its chain.
+
+    Like Twisted's own host name check, a mismatch aborts the connection through
+    `failVerification`, so the HTTP client learns why; nothing may raise inside OpenSSL.
+    """
+    def verify(connection, certificate, errno, depth, ok):
+        if depth != 0:
+            return True  # the chain is irrelevant: the pinned leaf alone is trusted
+        try:
+            der = certificate.to_cryptography().public_bytes(serialization.Encoding.DER)
+            seen = hashlib.sha256(der).digest()
+            if hmac.compare_digest(seen, fingerprint):
+                return True
+            tls_protocol.failVerification(Failure(_FingerprintMismatch(seen.hex())))
+        except BaseException:
+            _log.failure("while checking the operator's certificate fingerprint")
+        return False
+    return verify
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _PinnedConnectionCreator:
+    """TLS client connections that accept only the certificate whose SHA-256 is pinned."""
+
+    def __init__(self, fingerprint, hostname):
+        self._fingerprint = fingerprint
+        self._hostname = hostname
+        self._context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        self._context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        self._context.set_options(SSL.OP_NO_COMPRESSION)
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+                              _pin_check(tlsProtocol, self._fingerprint))
+        if self._hostname and not _is_ip_address(self._hostname):
+            connection.set_tlsext_host_name(self._hostname.encode("idna"))
+        connection.set_connect_state()
+        return connection
+
+
+@implementer(IPolicyForHTTPS)
+class FingerprintPolicy:
+    """An HTTPS policy for Agent that trusts the one certificate whose SHA-256 is `fingerprint`."""
+
+    def __init__(self, fingerprint):
+        self._fingerprint = parse_fingerprint(fingerprint)
+
+    def creatorForNetloc(self, hostname, port):
+        return _PinnedConnectionCreator(self._fingerprint, hostname.decode("ascii"))
+
+
+def _host_check(tls_protocol, hostname):
+    """An OpenSSL verify callback: the chain as OpenSSL judged it, and the leaf's host name.
+
+    Twisted's own callback logs and then accepts a certificate with no subjectAltName at all
+    (service-identity's CertificateError), so this one replaces it.
+    """
+    service_id = IPAddress_ID(hostname) if _is_ip_address(hostname) else DNS_ID(hostname)
+
+    def verify(connection, certificate, errno, depth, ok):
+        if not ok or depth != 0:
+            return bool(ok)
+        try:
+            verify_service_identity(extract_patterns(certificate.to_cryptography()),
+                                    [service_id], [])
+            return True
+        except (VerificationError, CertificateError):
+            tls_protocol.failVerification(Failure())
+        except BaseException:
+            _log.failure("while checking the operator's certificate against its host name")
+        return False
+    return verify
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _HostCheckedConnectionCreator:
+    def __init__(self, trust_root, hostname):
+        self._options = ssl.optionsForClientTLS(hostname, trustRoot=trust_root)
+        self._hostname = hostname
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+                              _host_check(tlsProtocol, self._hostname))
+        return connection
+
+
+@implementer(IPolicyForHTTPS)
+class CAPolicy:
+    """An HTTPS policy that checks the server's chain against `ca_file` and its host name."""
+
+    def __init__(self, ca_file):
+        try:
+            with open(ca_file, "rb") as f:
+                certificates = x509.load_pem_x509_certificates(f.read())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"CA file {ca_file}: {e}") from None
+        self._trust_root = ssl.trustRootFromCertificates(
+            [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
+             for c in certificates])
+
+    def creatorForNetloc(self, hostname, port):
+        return _HostCheckedConnectionCreator(self._trust_root, hostname.decode("ascii"))
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    def __init__(self, body):
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer):
+        consumer.write(self._body)
+        return defer.succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+def _reasons(failure):
+    """The failures behind a web client failure (which wraps them in lists)."""
+    if failure.check(ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed):
+        return [inner for reason in failure.value.reasons for inner in _reasons(reason)]
+    return [failure]
+
+
+def _explain(failure, url, timeout):
+    """Turn a failure to talk to the operator into EnrollmentError(None, why)."""
+    if failure.check(EnrollmentError):
+        return failure
+    if failure.check(defer.TimeoutError):
+        raise EnrollmentError(None, f"no answer from {url} within {timeout} s")
+    for reason in _reasons(failure):
+        if reason.check(_FingerprintMismatch):
+            raise EnrollmentError(None, str(reason.value))
+        if reason.check(VerificationError, CertificateError):
+            raise EnrollmentError(None, f"the certificate of {url} is not for its host name "
+                                        f"({reason.value})")
+        if reason.check(SSL.Error):
+            raise EnrollmentError(None, f"TLS with {url} failed: {reason.value}")
+        if reason.check(error.ConnectionRefusedError):
+            raise EnrollmentError(None, f"connection refused by {url}")
+        if reason.check(error.DNSLookupError):
+            raise EnrollmentError(None, f"cannot resolve the host of {url}")
+        if reason.check(error.TimeoutError, defer.CancelledError):
+            raise EnrollmentError(None, f"no answer from {url} within {timeout} s")
+        if reason.check(error.ConnectError, error.ConnectionLost, error.ConnectionDone):
+            raise EnrollmentError(None, f"cannot talk to {url}: {reason.value}")
+    if failure.check(ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed):
+        raise EnrollmentError(None, f"cannot talk to {url}: {_reasons(failure)[0].value}")
+    return failure
+
+
+def _decode_base64(text):
+    if not isinstance(text, str):
+        raise ValueError("not a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as e:
+        raise ValueError(f"bad base64: {e}") from None
+
+
+def _parse_answer(body):
+    """The operator's 200 answer, with its records decoded from base64; else ValueError."""
+    answer = json.loads(body)
+    if not isinstance(answer, dict):
+        raise ValueError("not a JSON object")
+    for field, kind in (("node_id", str), ("domain", int), ("name", str), ("expires", int),
+                        ("enrollment", str), ("super_nodes", list)):
+        if not isinstance(answer.get(field), kind):
+            raise ValueError(f"{field!r} is missing or not a {kind.__name__}")
+    answer["enrollment"] = _decode_base64(answer["enrollment"])
+    answer["super_nodes"] = [_decode_base64(record) for record in answer["super_nodes"]]
+    return answer
+
+
+class EnrollmentClient:
+    """Talks to one operator's enrollment API at `operator_url` ("https://host:port").
+
+    Give exactly one of `fingerprint` (the SHA-256 of the operator's certificate, hex) or
+    `ca_file` (PEM CA bundle; the URL's host name must then match the certificate).
+    """
+
+    def __init__(self, reactor, operator_url, fingerprint=None, ca_file=None,
+                 connect_timeout=CONNECT_TIMEOUT, timeout=TIMEOUT):
+        if (fingerprint is None) == (ca_file is None):
+            raise ValueError("give exactly one of an operator fingerprint or a CA file")
+        if not operator_url.lower().startswith("https://"):
+            raise ValueError(f"the operator URL {operator_url!r} is not https://")
+        if not operator_url.isascii():
+            raise ValueError(f"the operator URL {operator_url!r} is not ASCII (use punycode)")
+        self._reactor = reactor
+        self._url = operator_url.rstrip("/")
+        self._timeout = timeout
+        policy = FingerprintPolicy(fingerprint) if fingerprint is not None else (
+            CAPolicy(ca_file))
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._agent = Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout,
+                            pool=self._pool)
+
+    def enroll(self, identity, token, name):
+        """Spend `token` on a Node record for `identity`'s keys → Deferred[dict]."""
+        return self._post("enroll", {"token": token,
+                                     "signing_key": identity.signing_public.hex(),
+                                     "agreement_key": identity.agreement_public.hex(),
+                                     "name": name})
+
+    def renew(self, identity, node_id, now_ms):
+        """A fresh Node record for an enrolled node, signed for with its key → Deferred[dict]."""
+        signature = identity.signing_key.sign(renew_message(node_id, now_ms))
+        return self._post("renew", {"node_id": node_id.hex(), "timestamp": now_ms,
+                                    "signature": signature.hex()})
+
+    def close(self):
+        """Close idle connections to the operator → Deferred fired when they are closed."""
+        return self._pool.closeCachedConnections()
+
+    def _post(self, action, body):
+        url = f"{self._url}/v1/{action}"
+        d = defer.Deferred.fromCoroutine(self._exchange(url, json.dumps(body).encode()))
+        d.addTimeout(self._timeout, self._reactor)
+        d.addErrback(_explain, url, self._timeout)
+        return d
+
+    async def _exchange(self, url, body):
+        response = await self._agent.request(
+            b"POST", url.encode("ascii"),
+            Headers({b"content-type": [b"application/json"]}), _BytesProducer(body))
+        answer = await readBody(response)
+        if response.code == 200:
+            try:
+                return _parse_answer(answer)
+            except (ValueError, RecursionError) as e:
+                raise EnrollmentError(None, f"{url} gave an answer that is not an enrollment "
+                                            f"({e})") from None
+        try:
+            reason = json.loads(answer)["error"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            reason = None
+        if not isinstance(reason, str):
+            reason = f"HTTP {response.code} {response.phrase.decode('latin-1')}"
+        raise EnrollmentError(response.code, reason)

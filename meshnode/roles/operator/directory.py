@@ -1,0 +1,45 @@
+"""The operator as the first super-node: directory lookups over the sealed RPC.
+
+Until super-nodes serve the DHT, the operator answers GetOperatorNodes, GetSuperNodes, GetNode
+lookups and GetEndDevices for every domain, each from its store; a node only ever learns the
+Node records and end-devices of its own domain.
+"""
+
+from meshnode.roles.operator import registry
+from meshnode.rpc.messages import (Command, EndDevices, NodeRecord, OperatorNodes, SuperNodes)
+from meshnode.rpc.service import any_domain
+from meshnode import records
+
+
+def register(rpc, store):
+    """Answer the directory commands on `rpc` from `store`."""
+
+    def operator_nodes(incoming):
+        d = store.run(registry.thd_operator_records)
+        return d.addCallback(OperatorNodes.fill, incoming.message.offset)
+
+    def super_nodes(incoming):
+        d = store.run(registry.thd_super_node_records)
+        return d.addCallback(SuperNodes.fill, incoming.message.offset)
+
+    def end_devices(incoming):
+        d = store.run(registry.thd_end_device_records, incoming.node.domain)
+        return d.addCallback(EndDevices.fill, incoming.message.offset)
+
+    def node(incoming):
+        wanted = incoming.message.wanted
+        if wanted is None:
+            return NodeRecord(rpc.own_node)
+
+        def answer(blob):
+            signed = records.decode_signed(blob) if blob else None
+            if signed is None or signed.record.domain != incoming.node.domain:
+                return NodeRecord(None)  # another domain's nodes are not ours to show
+            return NodeRecord(signed)
+
+        return store.run(registry.thd_node_record, wanted).addCallback(answer)
+
+    rpc.register(Command.GET_OPERATOR_NODES, operator_nodes, any_domain)
+    rpc.register(Command.GET_SUPER_NODES, super_nodes, any_domain)
+    rpc.register(Command.GET_END_DEVICES, end_devices, any_domain)
+    rpc.register(Command.GET_NODE, node, any_domain)
