@@ -1,7 +1,9 @@
 """`make run`: a local demo network on loopback, as far as meshnode is built.
 
-An operator and two user-nodes, enrolled by operator-signed records, run as real
-`twistd meshnode` processes; they bootstrap each other with GetNode and ping over the sealed RPC.
+An operator issues an enrollment token with its admin command line; two user-nodes enroll
+with it over HTTPS (pinning the operator's certificate), find each other's Node records
+through the operator's RPC and ping each other over the sealed RPC — all real `twistd meshnode`
+processes.
 """
 
 import argparse
@@ -14,13 +16,7 @@ import subprocess
 import sys
 import time
 
-from twisted.internet import reactor as clock
-
-from meshnode import cli, identity
-from meshnode.roles.operator import signing
-
-OPERATOR_DOMAIN = 0x00010000
-DEMO_DOMAIN = 0x00010001
+from meshnode import cli
 
 
 def free_port():
@@ -29,14 +25,21 @@ def free_port():
         return s.getsockname()[1]
 
 
-def enroll(operator_dir, state_dir, name):
-    me = identity.load_or_create(state_dir, clock)
-    _, bundle = signing.sign_node(operator_dir, me.signing_public, me.agreement_public,
-                                   DEMO_DOMAIN, name, clock)
-    identity.write_private(os.path.join(state_dir, identity.ENROLLMENT_FILE), bundle)
+def meshnode(*args, show=True):
+    """Run the `meshnode` command as a user would, showing it; → its output."""
+    command = [sys.executable, "-m", "meshnode.cli", *args]
+    if show:
+        print("$ meshnode " + " ".join(args))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise SystemExit(f"demo: meshnode {' '.join(args)} failed: {result.stderr.strip()}")
+    if show:
+        print(result.stdout.rstrip())
+    return result.stdout
 
 
 def start(state_dir, port, *flags):
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     return subprocess.Popen([twistd, "-n", "--pidfile=", "--logfile",
                              os.path.join(state_dir, "twistd.log"), "meshnode",
@@ -44,18 +47,19 @@ def start(state_dir, port, *flags):
                              "--rpc-port", str(port), *flags])
 
 
-def wait_until_up(state_dir, process, timeout=20):
+def wait_for(state_dir, process, ready, what, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"demo: the node in {state_dir} exited; see its twistd.log")
         try:
-            if cli.control_request(state_dir, "GET", "/v1/status", timeout=2) is not None:
-                return
+            status = cli.control_request(state_dir, "GET", "/v1/status", timeout=2)
         except cli.CommandError:
-            pass
+            status = None
+        if status is not None and ready(status):
+            return status
         time.sleep(0.1)
-    raise SystemExit(f"demo: the node in {state_dir} did not start within {timeout} s")
+    raise SystemExit(f"demo: the node in {state_dir} did not {what} within {timeout} s")
 
 
 def main():
@@ -67,35 +71,53 @@ def main():
     base = os.path.abspath(options.dir)
     shutil.rmtree(base, ignore_errors=True)
     os.makedirs(base)
-
     operator_dir = os.path.join(base, "operator")
-    signing.init_operator(operator_dir, OPERATOR_DOMAIN, "operator", clock)
-    nodes = {"operator": (operator_dir, ["--operator"])}
-    for name in ("alice", "bob"):
-        enroll(operator_dir, os.path.join(base, name), name)
-        nodes[name] = (os.path.join(base, name), [])
-
-    processes, ports = {}, {}
+    processes = {}
     try:
-        for name, (state_dir, flags) in nodes.items():
-            ports[name] = free_port()
-            processes[name] = start(state_dir, ports[name], *flags)
-        for name, (state_dir, _) in nodes.items():
-            wait_until_up(state_dir, processes[name])
-        print(f"demo network in {base}:")
-        for name, (state_dir, flags) in nodes.items():
-            print(f"  {name:9} udp 127.0.0.1:{ports[name]}  roles: user{''.join(' ' + f[2:] for f in flags)}")
+        print("An operator: its identity, a domain and an enrollment token.")
+        meshnode("--state-dir", operator_dir, "operator", "init", "--domain", "0x10000")
+        meshnode("--state-dir", operator_dir, "operator", "domain", "create", "acme")
+        token = meshnode("--state-dir", operator_dir, "operator", "token", "create",
+                         "--domain", "acme", "--uses", "2").strip()
+        fingerprint = json.loads(meshnode("--state-dir", operator_dir, "operator", "info",
+                                          "--json", show=False))["tls_fingerprint"]
+        rpc_port, enroll_port = free_port(), free_port()
+        processes["operator"] = start(operator_dir, rpc_port, "--operator", "--enroll-listen",
+                                      f"ssl:{enroll_port}:interface=127.0.0.1")
+        wait_for(operator_dir, processes["operator"], lambda s: True, "start")
+        print(f"\noperator running: RPC udp 127.0.0.1:{rpc_port}, enrollment "
+              f"https://127.0.0.1:{enroll_port} (certificate SHA-256 {fingerprint[:16]}…)")
+
+        nodes = {}
+        for name in ("alice", "bob"):
+            state_dir = os.path.join(base, name)
+            port = free_port()
+            processes[name] = start(
+                state_dir, port, "--operator-url", f"https://127.0.0.1:{enroll_port}",
+                "--operator-fingerprint", fingerprint, "--enroll-token", token,
+                "--operator-rpc", f"127.0.0.1:{rpc_port}", "--name", name)
+            nodes[name] = (state_dir, port)
+        print("\nalice and bob start with the token and enroll over HTTPS:")
+        for name, (state_dir, port) in nodes.items():
+            status = wait_for(state_dir, processes[name], lambda s: s["enrolled"], "enroll")
+            nodes[name] += (status["node_id"],)
+            print(f"  {name:6} {status['node_id'][:16]}…  domain {status['domain']:#010x}  "
+                  f"udp 127.0.0.1:{port}")
         print()
-        for source, target in (("alice", "bob"), ("bob", "alice"), ("alice", "operator")):
-            result = cli.control_request(nodes[source][0], "POST", "/v1/ping",
-                                         {"address": f"127.0.0.1:{ports[target]}", "count": 3})
-            print(f"{source} pings {target} ({result['node_id'][:16]}): "
-                  f"{', '.join(str(rtt) for rtt in result['rtt_ms'])} ms")
-        status = cli.control_request(nodes["bob"][0], "GET", "/v1/status")
-        print("\nbob's status:", json.dumps(status, indent=2))
+        meshnode("--state-dir", operator_dir, "operator", "node", "list")
+
+        print("\nEach finds the other's Node record through the operator and pings it:")
+        for source, target in (("alice", "bob"), ("bob", "alice")):
+            result = cli.control_request(nodes[source][0], "POST", "/v1/ping", {
+                "address": f"127.0.0.1:{nodes[target][1]}", "node_id": nodes[target][2],
+                "count": 3})
+            print(f"  {source} → {target}: {', '.join(str(r) for r in result['rtt_ms'])} ms")
+        print()
+        meshnode("--state-dir", nodes["alice"][0], "status")
         print(f"\nTry: PYTHONPATH=. .venv/bin/meshnode --state-dir {nodes['alice'][0]} ping "
-              f"127.0.0.1:{ports['bob']}")
-        print(f"     PYTHONPATH=. .venv/bin/meshnode --state-dir {nodes['bob'][0]} status")
+              f"127.0.0.1:{nodes['bob'][1]}")
+        print(f"     PYTHONPATH=. .venv/bin/meshnode --state-dir {operator_dir} operator "
+              f"node list")
         print("\nThe network runs until Ctrl-C." if options.seconds is None
               else f"\nThe network runs for {options.seconds:g} s.", flush=True)
         time.sleep(options.seconds if options.seconds is not None else 10 ** 9)

@@ -36,16 +36,22 @@ def token_hash(token):
 
 def thd_create_domain(engine, name, now):
     """A new domain with a random, unused 32-bit id; → the id."""
-    with engine.begin() as connection:
-        if connection.execute(sa.select(domains.c.domain).where(domains.c.name == name)).first():
-            raise RegistryError(409, f"domain {name!r} exists")
-        for _ in range(100):
-            domain = secrets.randbits(32)
-            taken = connection.execute(sa.select(domains.c.domain)
-                                       .where(domains.c.domain == domain)).first()
-            if domain != 0 and not taken:
-                connection.execute(domains.insert().values(domain=domain, name=name, created=now))
-                return domain
+    try:
+        with engine.begin() as connection:
+            if connection.execute(sa.select(domains.c.domain)
+                                  .where(domains.c.name == name)).first():
+                raise RegistryError(409, f"domain {name!r} exists")
+            for _ in range(100):
+                domain = secrets.randbits(32)
+                taken = connection.execute(sa.select(domains.c.domain)
+                                           .where(domains.c.domain == domain)).first()
+                if domain != 0 and not taken:
+                    connection.execute(domains.insert().values(domain=domain, name=name,
+                                                               created=now))
+                    return domain
+    except sa.exc.IntegrityError:
+        # created meanwhile by another operator sharing the database
+        raise RegistryError(409, f"domain {name!r} exists") from None
     raise RegistryError(500, "no free domain id found")
 
 
@@ -86,6 +92,8 @@ def thd_enroll(engine, operator, token, signing_key, agreement_key, name, now):
     401 unknown token, 403 expired or used-up token or revoked keys, 409 name taken.
     """
     node_id = records.node_id_for(signing_key)
+    if not isinstance(name, str) or not 0 < len(name.encode("utf-8")) <= records.NAME_LIMIT:
+        raise RegistryError(400, f"a node name is 1 to {records.NAME_LIMIT} bytes")
     try:
         with engine.begin() as connection:
             row = connection.execute(sa.select(enrollment_tokens).where(
