@@ -4,6 +4,7 @@ Every command checks its input before it opens anything, so a refused command wr
 """
 
 import os
+import re
 
 from twisted.python import usage
 
@@ -141,25 +142,20 @@ class NodeOptions(usage.Options):
             raise usage.UsageError("node: name a command (list, revoke)")
 
 
+_MAC = re.compile(r"[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}")
+_HEX32 = re.compile(r"[0-9A-Fa-f]{64}")
+
+
 def _parse_mac(text):
-    parts = text.replace("-", ":").split(":")
-    try:
-        mac = bytes(int(part, 16) for part in parts)
-    except ValueError:
-        mac = b""
-    if len(parts) != 6 or len(mac) != 6 or any(len(part) != 2 for part in parts):
+    if not _MAC.fullmatch(text):
         raise usage.UsageError(f"--mac: {text!r} is not a MAC address like aa:bb:cc:dd:ee:ff")
-    return mac
+    return bytes.fromhex(text.replace(":", "").replace("-", ""))
 
 
 def _parse_hex32(option, text):
-    try:
-        value = bytes.fromhex(text)
-    except ValueError:
-        value = b""
-    if len(value) != 32:
+    if not _HEX32.fullmatch(text):
         raise usage.UsageError(f"--{option}: {text!r} is not 64 hex digits")
-    return value
+    return bytes.fromhex(text)
 
 
 class DeviceAddOptions(Command):
@@ -262,8 +258,13 @@ def _now_ms(clock):
     return int(clock.seconds() * 1000)
 
 
+_engines = []
+
+
 def _open(global_options):
-    """The operator's identity and its store, or CommandError if this is no operator."""
+    """The operator's identity and its store, or CommandError if this is no operator.
+
+    The engine is disposed when the command ends (`run`)."""
     from twisted.internet import reactor
 
     me, operators = signing.load_operator(global_options["state-dir"], reactor)
@@ -271,6 +272,7 @@ def _open(global_options):
         engine = store.open_engine(global_options["database"])
     except store.SchemaError as e:
         raise CommandError(str(e)) from None
+    _engines.append(engine)
     registry.thd_publish_operator(engine, signing.own_operator_record(me, operators))
     return me, engine
 
@@ -348,10 +350,9 @@ def _device(sub, global_options, clock):
         print_result(command, data, f"added {data['name']} ({data['device_id']})")
     elif sub.subCommand == "list":
         rows = registry.thd_list_devices(engine, command["domain"])
-        for row in rows:
-            row["ports"] = ",".join(map(str, row["ports"]))
-        print_result(command, rows, table(rows, ["name", "domain_name", "mac", "address",
-                                                 "ports", "location_id"]))
+        shown = [dict(row, ports=",".join(map(str, row["ports"]))) for row in rows]
+        print_result(command, rows, table(shown, ["name", "domain_name", "mac", "address",
+                                                  "ports", "location_id"]))
     else:
         registry.thd_remove_device(engine, command["domain"], command["name"])
         print_result(command, {"removed": command["name"]}, f"removed {command['name']}")
@@ -371,3 +372,6 @@ def run(options, global_options):
         raise CommandError(str(e)) from None
     except registry.RegistryError as e:
         raise CommandError(e.reason) from None
+    finally:
+        while _engines:
+            _engines.pop().dispose()
