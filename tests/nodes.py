@@ -94,6 +94,18 @@ class Node:
     def status(self):
         return self.control("GET", "/v1/status")
 
+    @defer.inlineCallbacks
+    def wait_enrolled(self, timeout=30):
+        """The node's status once it is enrolled; fails after `timeout` seconds with its log."""
+        deadline = reactor.seconds() + timeout
+        while True:
+            status = yield self.status()
+            if status["enrolled"]:
+                return status
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"not enrolled within {timeout} s: {self.log()[-2000:]}")
+            yield task.deferLater(reactor, 0.1, lambda: None)
+
     def log(self):
         with open(os.path.join(self.state_dir, "twistd.log"), errors="replace") as f:
             return f.read()

@@ -5,6 +5,7 @@ import json
 import os
 import stat
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -151,3 +152,117 @@ class EnrollmentTests(SynchronousTestCase):
         kinds = sorted(type(s.record).__name__ for s in enrollment.bundle)
         self.assertEqual(kinds, ["Node", "OperatorNode"])
         self.assertIsInstance(enrollment.node.record, records.Node)
+
+
+class _FakeEnroller:
+    """Records enroll/renew calls; each returns a Deferred the test fires."""
+
+    def __init__(self):
+        self.calls = []
+
+    def enroll(self, identity, token, name):
+        return self._call("enroll", identity, token, name)
+
+    def renew(self, identity, node_id, now_ms):
+        return self._call("renew", identity, node_id, now_ms)
+
+    def _call(self, *call):
+        d = defer.Deferred()
+        self.calls.append((call, d))
+        return d
+
+
+class EnrollmentServiceTests(SynchronousTestCase):
+    """IdentityService enrolls with its token, renews before expiry and retries failures."""
+
+    def setUp(self):
+        self.clock = clock()
+        self.operator_dir = self.mktemp()
+        signing.init_operator(self.operator_dir, 0x10000, "operator", self.clock)
+        self.state_dir = self.mktemp()
+        self.enroller = _FakeEnroller()
+        self.changes = []
+
+    def service(self, token="token-1"):
+        service = identity.IdentityService(self.state_dir, self.clock, self.enroller, token,
+                                           "alice")
+        service.observers.append(self.changes.append)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    def answer(self, me, days=30):
+        _, bundle = signing.sign_node(self.operator_dir, me.signing_public, me.agreement_public,
+                                      0x10001, "alice", self.clock, days)
+        return {"enrollment": bundle}
+
+    def test_first_start_enrolls_with_the_token(self):
+        """A node without enrollment enrolls with its token and name, then keeps the record."""
+        service = self.service()
+        self.clock.advance(0)
+        (call, d), = self.enroller.calls
+        self.assertEqual(call[0::2], ("enroll", "token-1"))
+        self.assertEqual(call[3], "alice")
+        d.callback(self.answer(service.identity))
+        self.assertTrue(service.enrollment.enrolled)
+        self.assertEqual(self.changes, [service.enrollment])
+        reloaded = identity.load_enrollment(self.state_dir, service.identity,
+                                            int(self.clock.seconds() * 1000))
+        self.assertEqual(reloaded.node.record, service.enrollment.node.record)
+
+    def test_failed_enrollment_is_retried(self):
+        """A refused or failed enrollment is logged and tried again later."""
+        service = self.service()
+        self.clock.advance(0)
+        self.enroller.calls[0][1].errback(RuntimeError("connection refused"))
+        self.assertFalse(service.enrollment.enrolled)
+        self.clock.advance(identity.ENROLL_RETRY_SECONDS - 1)
+        self.assertEqual(len(self.enroller.calls), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.enroller.calls), 2)
+
+    def test_answer_for_other_keys_is_not_used(self):
+        """An enrollment answer that is not for this node's keys is refused and retried."""
+        service = self.service()
+        self.clock.advance(0)
+        self.enroller.calls[0][1].callback(self.answer(identity.Identity.generate()))
+        self.assertFalse(service.enrollment.enrolled)
+        self.assertFalse(os.path.exists(os.path.join(self.state_dir, identity.ENROLLMENT_FILE)))
+        self.clock.advance(identity.ENROLL_RETRY_SECONDS)
+        self.assertEqual(len(self.enroller.calls), 2)
+
+    def test_renews_before_expiry(self):
+        """An enrolled node renews when less than the margin is left, not before."""
+        me = identity.load_or_create(self.state_dir, self.clock)
+        identity.write_private(os.path.join(self.state_dir, identity.ENROLLMENT_FILE),
+                               self.answer(me, days=12)["enrollment"])
+        service = self.service()
+        self.clock.advance(0)
+        self.assertEqual(self.enroller.calls, [])
+        self.clock.advance(2 * 86400 + identity.RENEW_CHECK_SECONDS)
+        (call, d), = self.enroller.calls
+        self.assertEqual((call[0], call[2]), ("renew", me.node_id))
+        old_expiry = service.enrollment.node.record.expires
+        d.callback(self.answer(me))
+        self.assertGreater(service.enrollment.node.record.expires, old_expiry)
+
+    def test_replaced_keys_enroll_again(self):
+        """A node whose keys were replaced (its record is for the old keys) enrolls anew."""
+        old = identity.load_or_create(self.state_dir, self.clock)
+        identity.write_private(os.path.join(self.state_dir, identity.ENROLLMENT_FILE),
+                               self.answer(old)["enrollment"])
+        os.remove(os.path.join(self.state_dir, identity.SIGNING_KEY_FILE))
+        service = self.service()
+        self.clock.advance(0)
+        (call, d), = self.enroller.calls
+        self.assertEqual(call[0], "enroll")
+        d.callback(self.answer(service.identity))
+        self.assertNotEqual(service.identity.node_id, old.node_id)
+        self.assertTrue(service.enrollment.enrolled)
+
+    def test_no_token_means_no_enrollment_attempt(self):
+        """Without a token an unenrolled node does not call the operator."""
+        service = self.service(token=None)
+        self.clock.advance(3600)
+        self.assertEqual(self.enroller.calls, [])
+        self.assertFalse(service.enrollment.enrolled)

@@ -8,6 +8,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
 from meshnode import cli
+from tests import postgres
 from tests.nodes import Network, free_udp_port, meshnode_command, run_command
 
 
@@ -21,17 +22,6 @@ class OperatorNetworkTests(TestCase):
             "--state-dir", network.operator_dir, "operator", *args, "--json"))
         self.assertEqual(code, 0, output)
         return json.loads(output)
-
-    @defer.inlineCallbacks
-    def wait_enrolled(self, node, timeout=30):
-        deadline = reactor.seconds() + timeout
-        while True:
-            status = yield node.status()
-            if status["enrolled"]:
-                return status
-            if reactor.seconds() > deadline:
-                self.fail(f"not enrolled within {timeout} s: {node.log()[-2000:]}")
-            yield task.deferLater(reactor, 0.1, lambda: None)
 
     @defer.inlineCallbacks
     def test_enroll_lookup_ping_and_revoke(self):
@@ -51,8 +41,8 @@ class OperatorNetworkTests(TestCase):
         alice = yield network.start(os.path.join(network.base, "alice"), *joining,
                                     "--name", "alice")
         bob = yield network.start(os.path.join(network.base, "bob"), *joining, "--name", "bob")
-        alice_status = yield self.wait_enrolled(alice)
-        bob_status = yield self.wait_enrolled(bob)
+        alice_status = yield alice.wait_enrolled()
+        bob_status = yield bob.wait_enrolled()
         self.assertEqual(alice_status["domain"], bob_status["domain"])
 
         # Each finds the other's Node record through the operator, then pings it.
@@ -90,3 +80,75 @@ class OperatorNetworkTests(TestCase):
             if reactor.seconds() > deadline:
                 self.fail("the revoked node is still answered by the operator")
             yield task.deferLater(reactor, 0.5, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_wrong_fingerprint_refuses_to_enroll(self):
+        """A node pinning another certificate refuses to talk to the operator and says so."""
+        network = Network(self)
+        yield self.admin(network, "domain", "create", "acme")
+        token = (yield self.admin(network, "token", "create", "--domain", "acme"))["token"]
+        enroll_port = free_udp_port()
+        operator = yield network.start(network.operator_dir, "--operator", "--enroll-listen",
+                                       f"ssl:{enroll_port}:interface=127.0.0.1")
+        mallory = yield network.start(
+            os.path.join(network.base, "mallory"), "--operator-url",
+            f"https://127.0.0.1:{enroll_port}", "--operator-fingerprint", "ab" * 32,
+            "--enroll-token", token, "--operator-rpc", operator.address, "--name", "mallory")
+        deadline = reactor.seconds() + 15
+        while "fingerprint mismatch" not in mallory.log() and reactor.seconds() < deadline:
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertIn("certificate fingerprint mismatch", mallory.log())
+        self.assertFalse((yield mallory.status())["enrolled"])
+        nodes = yield self.admin(network, "node", "list")
+        self.assertEqual(nodes, [])
+
+
+class SharedPostgresTests(TestCase):
+    timeout = 180
+    skip = postgres.skip_reason()
+
+    @defer.inlineCallbacks
+    def test_two_operators_share_one_database(self):
+        """Two operator processes on one PostgreSQL database each enroll a node; the nodes
+        find each other through either operator."""
+        network = Network(self)
+        url = postgres.fresh_database()
+        second_dir = os.path.join(network.base, "operator2")
+        code, output = yield run_command(meshnode_command(
+            "--state-dir", second_dir, "operator", "init", "--domain", "0x10000"))
+        self.assertEqual(code, 0, output)
+
+        @defer.inlineCallbacks
+        def admin(state_dir, *args):
+            code, output = yield run_command(meshnode_command(
+                "--state-dir", state_dir, "--database", url, "operator", *args, "--json"))
+            self.assertEqual(code, 0, output)
+            return json.loads(output)
+
+        yield admin(network.operator_dir, "domain", "create", "acme")
+        token = (yield admin(second_dir, "token", "create", "--domain", "acme", "--uses",
+                             "2"))["token"]
+        operators = []
+        for state_dir in (network.operator_dir, second_dir):
+            fingerprint = (yield admin(state_dir, "info"))["tls_fingerprint"]
+            enroll_port = free_udp_port()
+            node = yield network.start(state_dir, "--operator", "--database", url,
+                                       "--enroll-listen",
+                                       f"ssl:{enroll_port}:interface=127.0.0.1")
+            operators.append((node, enroll_port, fingerprint))
+        members = []
+        for name, (operator, enroll_port, fingerprint) in zip(("alice", "bob"), operators):
+            node = yield network.start(
+                os.path.join(network.base, name), "--operator-url",
+                f"https://127.0.0.1:{enroll_port}", "--operator-fingerprint", fingerprint,
+                "--enroll-token", token, "--operator-rpc", operator.address, "--name", name)
+            members.append(node)
+        alice_status = yield members[0].wait_enrolled()
+        bob_status = yield members[1].wait_enrolled()
+        self.assertEqual(alice_status["domain"], bob_status["domain"])
+        nodes = yield admin(network.operator_dir, "node", "list")
+        self.assertEqual(sorted(n["name"] for n in nodes), ["alice", "bob"])
+        # bob's record was signed by the second operator; alice finds it through the first.
+        result = yield members[0].control("POST", "/v1/ping", {
+            "address": members[1].address, "node_id": bob_status["node_id"]})
+        self.assertEqual(result["name"], "bob")
