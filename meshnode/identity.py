@@ -214,6 +214,8 @@ class IdentityService(service.Service):
         service.Service.stopService(self)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self.enroller is not None:
+            return self.enroller.close()
 
     def reload(self):
         """Read the enrollment file again (after someone else rewrote it)."""

@@ -166,6 +166,9 @@ class _FakeEnroller:
     def renew(self, identity, node_id, now_ms):
         return self._call("renew", identity, node_id, now_ms)
 
+    def close(self):
+        return defer.succeed(None)
+
     def _call(self, *call):
         d = defer.Deferred()
         self.calls.append((call, d))

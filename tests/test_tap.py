@@ -62,6 +62,31 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("rpc-port", self.refused("--rpc-port", "seven"))
         self.assertIn("listen-address", self.refused("--listen-address", "not-an-ip"))
 
+    def test_enrollment_options_checked_together(self):
+        """An operator URL needs exactly one way to trust it; a token needs a URL."""
+        url = ("--operator-url", "https://op.example:8443")
+        self.assertIn("exactly one of", self.refused(*url))
+        self.assertIn("exactly one of", self.refused(*url, "--operator-fingerprint", "ab" * 32,
+                                                     "--operator-ca", __file__))
+        self.assertIn("needs operator-url", self.refused("--enroll-token", "t"))
+        self.assertIn("https://", self.refused("--operator-url", "http://op.example",
+                                               "--operator-fingerprint", "ab" * 32))
+        self.assertIn("fingerprint", self.refused(*url, "--operator-fingerprint", "abc"))
+        self.assertIn("operator-ca", self.refused(*url, "--operator-ca", "/nonexistent"))
+        self.assertIn("operator-rpc", self.refused("--operator-rpc", "op.example"))
+        self.assertIn("only an operator", self.refused("--enroll-listen", "ssl:8443"))
+        self.assertIn("enroll-listen", self.refused("--operator", "--enroll-listen", "8443"))
+
+    def test_enrollment_options_accepted(self):
+        """A complete enrollment configuration parses, the fingerprint normalised."""
+        settings = parse("--state-dir", self.state_dir, "--operator-url",
+                         "https://op.example:8443/", "--operator-fingerprint",
+                         ":".join(["AB"] * 32), "--enroll-token", "t", "--name", "printer-gw",
+                         "--operator-rpc", "[::1]:7400").settings
+        self.assertEqual(settings["operator-url"], "https://op.example:8443")
+        self.assertEqual(settings["operator-fingerprint"], "ab" * 32)
+        self.assertEqual(settings["operator-rpc"], ("::1", 7400))
+
     def test_state_dir_that_is_a_file_refused(self):
         """A state directory path naming a file is refused."""
         path = self.mktemp()
@@ -135,7 +160,9 @@ class ServiceTreeTests(SynchronousTestCase):
 
     def test_one_child_per_enabled_role(self):
         """Each role flag adds its named child."""
-        node = self.build("--operator", "--super", "--partition", "0-7fff", "--tunnel")
+        node = self.build("--operator", "--super", "--partition", "0-7fff", "--tunnel",
+                          "--operator-url", "https://op.example", "--operator-fingerprint",
+                          "ab" * 32)
         self.assertEqual(self.names(node)[-4:], ["operator", "super", "tunnel", "user"])
         self.assertEqual(node.getServiceNamed("super").partition, (0, 0x7FFF))
 
