@@ -85,7 +85,9 @@ class DirectoryService(service.Service):
         operator = yield self.operator()
         answer = yield self._rpc.call(operator, self.operator_address, GetNode(wanted=node_id),
                                       NodeRecord)
-        if answer.signed is None or answer.signed.record.node_id != node_id:
+        record = answer.signed.record if answer.signed is not None else None
+        if (not isinstance(record, records.Node) or record.node_id != node_id
+                or record.domain != self._rpc.domain):
             raise DirectoryError(f"the operator knows no node {node_id.hex()} in this domain")
         try:
             return self._rpc.learn(answer.signed)

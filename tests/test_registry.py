@@ -220,7 +220,7 @@ class RegistryTestsMixin:
                          (node.signing_public, node.agreement_public))
         self.assertEqual((record.issued, record.expires), (NOW, NOW + 30 * DAY_MS))
         self.assertEqual(self.uses_left(token), 1)
-        self.assertEqual(registry.thd_node_record(self.engine, node.node_id), signed.encode())
+        self.assertEqual(registry.thd_node_record(self.engine, node.node_id, NOW), signed.encode())
 
     def test_enroll_unknown_token_refused(self):
         """A token the registry never made is refused with 401."""
@@ -347,7 +347,7 @@ class RegistryTestsMixin:
         self.assertEqual((record.name, record.node_id, record.domain),
                          ("gw", node.node_id, self.domain))
         self.assertEqual((record.issued, record.expires), (later, later + 30 * DAY_MS))
-        self.assertEqual(registry.thd_node_record(self.engine, node.node_id), signed.encode())
+        self.assertEqual(registry.thd_node_record(self.engine, node.node_id, NOW), signed.encode())
 
     def test_renew_bad_signature_refused(self):
         """A renewal signed by other keys (or for another time) is refused with 401."""
@@ -398,7 +398,7 @@ class RegistryTestsMixin:
                                         node.node_id.hex()[:8].upper(), NOW)
         self.assertEqual(data, {"node_id": node.node_id.hex(), "name": "gw",
                                 "domain": self.domain})
-        self.assertIsNone(registry.thd_node_record(self.engine, node.node_id))
+        self.assertIsNone(registry.thd_node_record(self.engine, node.node_id, NOW))
         replacement = Identity.generate()
         self.assertEqual(self.enroll(self.token(), replacement, "gw").record.node_id,
                          replacement.node_id)
@@ -464,7 +464,7 @@ class RegistryTestsMixin:
                                               self.operator, node.node_id.hex()[:8], NOW))
         self.assertEqual(registry.thd_revocations(self.engine), [])
         registry.thd_revoke_node(self.engine, self.operator, node.node_id.hex()[:10], NOW)
-        self.assertIsNone(registry.thd_node_record(self.engine, node.node_id))
+        self.assertIsNone(registry.thd_node_record(self.engine, node.node_id, NOW))
 
     # -- end-devices -----------------------------------------------------------------------
 

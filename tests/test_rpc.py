@@ -129,7 +129,7 @@ def _sealed(sender, receiver, command, payload, flags=0, timestamp=None, sender_
                         peer.node.node_id if receiver_id is None else receiver_id,
                         sender.rpc.domain if sender_domain is None else sender_domain,
                         sender.rpc.node_id,
-                        sender.rpc._now_ms() if timestamp is None else timestamp,
+                        sender.rpc.now_ms() if timestamp is None else timestamp,
                         sender.rpc._ids.next() if message_id is None else message_id)
     return frame.seal(peer.seal_key, head, payload)
 

@@ -235,7 +235,7 @@ class RPCService(service.Service):
     def enrolled(self):
         return self.own_node is not None
 
-    def _now_ms(self):
+    def now_ms(self):
         return int(self._clock.seconds() * 1000)
 
     # -- receiving ----------------------------------------------------------------------
@@ -435,7 +435,7 @@ class RPCService(service.Service):
 
         Observers in `learned` hear of new and renewed records (the directory caches them).
         """
-        self.trust.verify(signed, self._now_ms())
+        self.trust.verify(signed, self.now_ms())
         peer, changed = self.peers.learn(signed)
         if changed and announce:
             for observer in self.learned:
@@ -468,7 +468,7 @@ class RPCService(service.Service):
         """First contact: ask whoever listens at `address` for its Node record → Peer."""
         if not self.running:
             return defer.fail(Stopped("the RPC service is not running"))
-        head = self._header(PLAIN, Command.GET_NODE, 0, frame.ZERO_ID, self._now_ms())
+        head = self._header(PLAIN, Command.GET_NODE, 0, frame.ZERO_ID, self.now_ms())
         # Padded to the largest possible answer, so the answer never amplifies.
         datagram = frame.plain(head, GetNode().encode(), pad_to=NODE_ANSWER_SIZE)
         d = self._track(head[84:96], None, NodeRecord, address, None, timeout)

@@ -37,7 +37,7 @@ def register(rpc, store):
                 return NodeRecord(None)  # another domain's nodes are not ours to show
             return NodeRecord(signed)
 
-        return store.run(registry.thd_node_record, wanted).addCallback(answer)
+        return store.run(registry.thd_node_record, wanted, rpc.now_ms()).addCallback(answer)
 
     rpc.register(Command.GET_OPERATOR_NODES, operator_nodes, any_domain)
     rpc.register(Command.GET_SUPER_NODES, super_nodes, any_domain)

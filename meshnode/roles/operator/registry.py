@@ -155,11 +155,12 @@ def thd_renew(engine, operator, node_id, timestamp, signature, now):
         return signed
 
 
-def thd_node_record(engine, node_id):
-    """The newest Node record of a node that is not revoked, as bytes, or None."""
+def thd_node_record(engine, node_id, now):
+    """The Node record of a node that is neither revoked nor expired, as bytes, or None."""
     with engine.connect() as connection:
         row = connection.execute(sa.select(nodes.c.record).where(
-            nodes.c.node_id == node_id, nodes.c.revoked == sa.false())).first()
+            nodes.c.node_id == node_id, nodes.c.revoked == sa.false(),
+            nodes.c.expires > now)).first()
         return row.record if row else None
 
 
