@@ -4,7 +4,6 @@ import os
 import socket
 import urllib.parse
 
-from twisted.application import service
 from twisted.python import usage
 
 from meshnode import config
@@ -12,6 +11,7 @@ from meshnode.control import ControlService
 from meshnode.directory import DirectoryService
 from meshnode.enrollment import EnrollmentClient
 from meshnode.identity import IdentityService
+from meshnode.node import MeshNode
 from meshnode.records import Role
 from meshnode.roles.operator import OperatorService
 from meshnode.roles.super import SuperService
@@ -116,7 +116,7 @@ def _operator_rpc_address(settings):
 
 def build_node(settings, reactor):
     """The node's service tree: core services first, then one child per enabled role."""
-    node = service.MultiService()
+    node = MeshNode()
     state_dir = settings["state-dir"]
     enroller = None
     if "operator-url" in settings:

@@ -109,8 +109,21 @@ class TwoNodesTests(TestCase):
             twistd, "-n", "--pidfile=", "meshnode", "--state-dir",
             network.enroll("bob", DOMAIN), "--listen-address", "127.0.0.1",
             "--rpc-port", str(alice.port)])
-        self.assertNotEqual(code, 0)
-        self.assertIn(f"cannot listen on UDP 127.0.0.1:{alice.port}", output)
+        self.assertEqual(code, 1, output)
+        self.assertIn(f"meshnode cannot start: cannot listen on UDP 127.0.0.1:{alice.port}",
+                      output)
+
+    @defer.inlineCallbacks
+    def test_unreachable_database_is_one_clear_error(self):
+        """A node whose database cannot be opened exits at once, saying why."""
+        network = Network(self)
+        twistd = os.path.join(os.path.dirname(meshnode_command()[0]), "twistd")
+        code, output = yield run_command([
+            twistd, "-n", "--pidfile=", "meshnode", "--state-dir", network.enroll("bob", DOMAIN),
+            "--listen-address", "127.0.0.1", "--rpc-port", "0", "--database",
+            "postgresql+psycopg://nobody@127.0.0.1:1/none"], timeout=20)
+        self.assertEqual(code, 1, output)
+        self.assertIn("meshnode cannot start: cannot open the database", output)
 
 
 def _mutations(valid, count, seed):
