@@ -98,9 +98,9 @@ class _Call:
 class _Deadlines:
     """Call timeouts in slots of TICK seconds, swept by one timer.
 
-    A DelayedCall per call (Deferred.addTimeout) costs more than the rest of a Ping/Pong
-    round trip; slots make a timeout cost a list append. A call times out up to one TICK late,
-    never early. The timer runs only while something is pending.
+    A DelayedCall per call (Deferred.addTimeout) means a heap entry, a cancellation and its
+    bookkeeping for every call; slots make a timeout a list append. A call times out up to
+    one TICK late, never early. The timer runs only while something is pending.
     """
 
     TICK = 0.1
@@ -131,8 +131,9 @@ class _Deadlines:
 
     def _sweep(self):
         self._timer = self._timer_slot = None
-        now = self._clock.seconds()
-        for slot in sorted(s for s in self._slots if s * self.TICK <= now):
+        # the small allowance absorbs float rounding of slot * TICK against the clock
+        due = int(self._clock.seconds() / self.TICK + 1e-6)
+        for slot in sorted(s for s in self._slots if s <= due):
             for key in self._slots.pop(slot):
                 self._expire(key)
         if self._slots:
@@ -168,7 +169,6 @@ class RPCService(service.Service):
         self._handlers = {}
         self._pending = {}
         self._deadlines = _Deadlines(reactor, self._expire)
-        self._transports = []
         self.drops = collections.Counter()
         self.accepted = collections.Counter()
         self.learned = []

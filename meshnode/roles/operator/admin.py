@@ -213,9 +213,15 @@ class DeviceListOptions(Command):
 
 
 class DeviceRemoveOptions(Command):
-    synopsis = "--domain NAME --name NAME [--json]"
+    synopsis = "--domain NAME (--name NAME | NAME) [--json]"
     optParameters = [["domain", None, None, "the domain's name"],
                      ["name", None, None, "the device's name"]]
+
+    def parseArgs(self, name=None):
+        if name is not None:
+            if self["name"] is not None:
+                raise usage.UsageError("name the device once: --name NAME or NAME")
+            self["name"] = name
 
     def postOptions(self):
         for key in ("domain", "name"):
@@ -224,7 +230,7 @@ class DeviceRemoveOptions(Command):
 
 
 class DeviceOptions(usage.Options):
-    synopsis = "add … | list [--domain NAME] | remove --domain NAME --name NAME"
+    synopsis = "add … | list [--domain NAME] | remove --domain NAME NAME"
     subCommands = [
         ["add", None, DeviceAddOptions, "register an end-device"],
         ["list", None, DeviceListOptions, "list end-devices"],
