@@ -13,8 +13,7 @@ import sys
 from twisted.python import usage
 
 from meshnode import config, control, identity, store
-from meshnode.clibase import (Command, CommandError, parse_domain, parse_name,
-                              print_result)
+from meshnode.clibase import Command, CommandError, print_result
 from meshnode.roles.operator import admin
 
 

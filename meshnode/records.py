@@ -12,7 +12,7 @@ import attrs
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from meshnode.wire import DecodeError, Endpoint, Reader, Writer
+from meshnode.wire import DecodeError, Reader, Writer
 
 RECORD_VERSION = 1
 ID_SIZE = 32

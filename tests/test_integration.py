@@ -9,7 +9,6 @@ from twisted.trial.unittest import TestCase
 
 from meshnode import cli
 from meshnode.identity import IdentityService
-from meshnode.rpc import frame
 from meshnode.rpc.messages import Command, Ping
 from meshnode.rpc.service import RPCService
 from tests.nodes import Network, meshnode_command, run_command

@@ -3,7 +3,7 @@
 import hashlib
 
 import attrs
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshnode.identity import Identity
@@ -12,11 +12,6 @@ from meshnode.records import (
     NatBehaviour, Node, NodeInfo, OperatorNode, RecordError, RecordType, Revocation, Role,
     SuperNode, Trust, decode_bundle, decode_signed, device_id_for, encode_bundle, sign)
 from meshnode.wire import DecodeError, Endpoint, Writer
-
-settings.register_profile("meshnode-records", max_examples=100, derandomize=True,
-                          deadline=None, database=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("meshnode-records")
 
 NOW = 1_800_000_000_000
 DAY_MS = 86_400_000

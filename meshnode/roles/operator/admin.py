@@ -53,18 +53,6 @@ class SignNodeOptions(Command):
             raise usage.UsageError(f"--out: {directory} is not a directory")
 
 
-class OperatorOptions(usage.Options):
-    synopsis = "init | sign-node"
-    subCommands = [
-        ["init", None, OperatorInitOptions, "make this node an operator"],
-        ["sign-node", None, SignNodeOptions, "sign a Node record for a node's public keys"],
-    ]
-
-    def postOptions(self):
-        if self.subCommand is None:
-            raise usage.UsageError("operator: name a command (init, sign-node)")
-
-
 class InfoOptions(Command):
     synopsis = "[--json]"
     longdesc = "Show the operator's node id and the SHA-256 fingerprint of its TLS certificate."
