@@ -53,6 +53,20 @@ class PingOptions(Command):
             raise usage.UsageError("--timeout must be above 0 and at most 60 seconds")
 
 
+class LookupOptions(Command):
+    synopsis = "NODE-ID [--json]"
+    longdesc = ("Print the NodeInfo the directory finds for a node of this node's domain, "
+                "and which replicas answered.")
+
+    def parseArgs(self, node_id):
+        try:
+            if len(bytes.fromhex(node_id)) != 32:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError(f"{node_id!r} is not a node id (64 hex digits)") from None
+        self["node-id"] = node_id
+
+
 class Options(usage.Options):
     synopsis = "[--config FILE] [--state-dir DIR] COMMAND [options]"
     optParameters = [
@@ -65,6 +79,7 @@ class Options(usage.Options):
         ["identity", None, IdentityOptions, "show this node's id and public keys"],
         ["status", None, StatusOptions, "show the running node's status"],
         ["ping", None, PingOptions, "ping a node at HOST:PORT"],
+        ["lookup", None, LookupOptions, "find a node's NodeInfo through the directory"],
         ["operator", None, admin.OperatorOptions, "operator administration"],
     ]
 
@@ -181,7 +196,16 @@ def cmd_ping(options, global_options):
     print_result(options, data, "\n".join(lines))
 
 
+def cmd_lookup(options, global_options):
+    state_dir = global_options["state-dir"]
+    data = control_request(state_dir, "POST", "/v1/lookup", {"node_id": options["node-id"]})
+    if data is None:
+        raise CommandError(f"no node is running with state directory {state_dir}")
+    print_result(options, data, "\n".join(f"{key}: {value}" for key, value in data.items()))
+
+
 COMMANDS = {"identity": cmd_identity, "status": cmd_status, "ping": cmd_ping,
+            "lookup": cmd_lookup,
             "operator": admin.run}
 
 

@@ -56,6 +56,15 @@ def node_status(identity_service, rpc):
     }
 
 
+def _explain_rpc_failure(failure):
+    """An RPC failure as the control API's answer: 504 no answer, 502 refused or unknown."""
+    if failure.check(CallTimeout):
+        raise ControlError(504, str(failure.value))
+    if failure.check(RPCError, DNSLookupError):
+        raise ControlError(502, str(failure.value))
+    return failure
+
+
 class _JSONResource(resource.Resource):
     isLeaf = True
 
@@ -120,15 +129,42 @@ class PingResource(_JSONResource):
         else:
             d = self._directory.lookup_node(node_id)
             d.addCallback(lambda peer: self._rpc.ping_peer(peer, (host, port), count, timeout))
-        d.addErrback(self._explain)
+        d.addErrback(_explain_rpc_failure)
         return d
 
-    def _explain(self, failure):
-        if failure.check(CallTimeout):
-            raise ControlError(504, str(failure.value))
-        if failure.check(RPCError, DNSLookupError):
-            raise ControlError(502, str(failure.value))
-        return failure
+
+class LookupResource(_JSONResource):
+    """POST {"node_id": HEX}: the NodeInfo the directory finds, and which replicas answered."""
+
+    def __init__(self, directory):
+        super().__init__()
+        self._directory = directory
+
+    def render_POST(self, request):
+        return self._serve(request, self._lookup)
+
+    def _lookup(self, request):
+        try:
+            body = json.loads(request.content.read(65536) or b"{}")
+            node_id = bytes.fromhex(body["node_id"])
+            if len(node_id) != 32:
+                raise ValueError("a node id is 64 hex digits")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ControlError(400, f"bad lookup request: {e}") from None
+        d = self._directory.lookup_node_info(node_id)
+        d.addCallback(self._describe)
+        d.addErrback(_explain_rpc_failure)
+        return d
+
+    @staticmethod
+    def _describe(found):
+        info, answered = found
+        return {"node_id": info.node_id.hex(), "domain": info.domain,
+                "addresses": [str(e) for e in info.addresses], "rpc_port": info.rpc_port,
+                "observed": [str(e) for e in info.observed], "nat": info.nat.name.lower(),
+                "locations": [location.hex() for location in info.locations],
+                "roles": [role.name.lower() for role in Role if info.roles & role],
+                "created": info.created, "answered_by": [i.hex() for i in answered]}
 
 
 class ControlService(service.Service):
@@ -150,6 +186,7 @@ class ControlService(service.Service):
         root.putChild(b"v1", v1)
         v1.putChild(b"status", StatusResource(self._identity_service, self._rpc))
         v1.putChild(b"ping", PingResource(self._rpc, self._directory))
+        v1.putChild(b"lookup", LookupResource(self._directory))
         site = server.Site(root)
         site.displayTracebacks = False
         site.noisy = False

@@ -112,6 +112,8 @@ def main():
                 "address": f"127.0.0.1:{nodes[target][1]}", "node_id": nodes[target][2],
                 "count": 3})
             print(f"  {source} → {target}: {', '.join(str(r) for r in result['rtt_ms'])} ms")
+        print("\nEach announced its NodeInfo to the operator's DHT partition; alice looks bob up:")
+        meshnode("--state-dir", nodes["alice"][0], "lookup", nodes["bob"][2])
         print()
         meshnode("--state-dir", nodes["alice"][0], "status")
         print(f"\nTry: PYTHONPATH=. .venv/bin/meshnode --state-dir {nodes['alice'][0]} ping "

@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from meshnode import records, store
-from meshnode.rpc.messages import GetNode, NodeRecord
+from meshnode.rpc.messages import GetNode, GetNodeInfo, NodeInfoRecord, NodeRecord
 from meshnode.rpc.service import RPCError
 
 _log = Logger()
@@ -94,3 +94,32 @@ class DirectoryService(service.Service):
         except records.RecordError as e:
             raise DirectoryError(f"the operator's record of {node_id.hex()} is unusable: "
                               f"{e.reason}") from None
+
+    @defer.inlineCallbacks
+    def replicas(self):
+        """The DHT replicas of this node's partition as (Peer, address) pairs.
+
+        The operator serves every partition until super-nodes exist (the DHT issue)."""
+        operator = yield self.operator()
+        return [(operator, self.operator_address)]
+
+    @defer.inlineCallbacks
+    def lookup_node_info(self, node_id):
+        """The newest valid NodeInfo of a node of this domain → (NodeInfo, who answered)."""
+        node_peer = yield self.lookup_node(node_id)
+        best, answered = None, []
+        for peer, address in (yield self.replicas()):
+            answer = yield self._rpc.call(peer, address, GetNodeInfo(node_id), NodeInfoRecord)
+            if answer.signed is None:
+                continue
+            try:
+                record = self._rpc.trust.verify(answer.signed, self._rpc.now_ms(),
+                                                subject_node=node_peer.node)
+            except records.RecordError:
+                continue  # forged or stale: never wins
+            answered.append(peer.node.node_id)
+            if best is None or record.created > best.created:
+                best = record
+        if best is None:
+            raise DirectoryError(f"no replica holds a NodeInfo of {node_id.hex()}")
+        return best, answered

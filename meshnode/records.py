@@ -542,6 +542,8 @@ class Trust:
                 raise RecordError("wrong_signer", "a self-signed record signed by another node")
             if subject_node is None or subject_node.node_id != record.subject:
                 raise RecordError("unknown_signer", "the subject's Node record is unknown")
+            if record.domain != subject_node.domain:
+                raise RecordError("wrong_domain", "not the domain of the subject's Node record")
             signing_key = subject_node.signing_key
         if signed.signer in self.revoked or (record.subject is not None
                                               and record.subject in self.revoked):

@@ -89,3 +89,16 @@ revocations = sa.Table(
     sa.Column("record", sa.LargeBinary, nullable=False),
     sa.Column("created", sa.BigInteger, nullable=False),
 )
+
+# -- the DHT ------------------------------------------------------------------------------
+
+# Records a node serves as a DHT replica (NodeInfo so far), newest per (domain, type, key).
+dht_records = sa.Table(
+    "dht_records", metadata,
+    sa.Column("domain", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("record_type", sa.SmallInteger, primary_key=True, autoincrement=False),
+    sa.Column("key", _ID, primary_key=True),
+    sa.Column("created", sa.BigInteger, nullable=False),
+    sa.Column("expires", sa.BigInteger, nullable=False, index=True),
+    sa.Column("record", sa.LargeBinary, nullable=False),
+)

@@ -7,6 +7,7 @@ import urllib.parse
 from twisted.python import usage
 
 from meshnode import config
+from meshnode.announce import AnnouncerService
 from meshnode.control import ControlService
 from meshnode.directory import DirectoryService
 from meshnode.enrollment import EnrollmentClient
@@ -131,8 +132,9 @@ def build_node(settings, reactor):
                      call_timeout=settings["call-timeout"], rate=settings["rate-limit"],
                      burst=settings["rate-burst"])
     directory = DirectoryService(identity, store, rpc, _operator_rpc_address(settings))
+    announcer = AnnouncerService(identity, rpc, directory, reactor, settings["listen-address"])
     control = ControlService(state_dir, identity, rpc, directory, reactor)
-    for child in (identity, store, rpc, directory, control):
+    for child in (identity, store, rpc, directory, announcer, control):
         child.setServiceParent(node)
     if settings["operator"]:
         OperatorService(state_dir, identity, store, rpc, reactor,

@@ -54,6 +54,14 @@ class OperatorNetworkTests(TestCase):
         operator_status = yield operator.status()
         self.assertGreaterEqual(operator_status["accepted"].get("GET_NODE", 0), 2)
 
+        # Each node announced its NodeInfo to the operator (the DHT's only replica so far).
+        code, output = yield run_command(meshnode_command(
+            "--state-dir", alice.state_dir, "lookup", bob_status["node_id"], "--json"))
+        self.assertEqual(code, 0, output)
+        found = json.loads(output)
+        self.assertEqual(found["addresses"], [bob.address])
+        self.assertEqual(found["answered_by"], operator_status["operators"])
+
         # The token had two uses: a third node is refused and stays unenrolled.
         carol = yield network.start(os.path.join(network.base, "carol"), *joining,
                                     "--name", "carol")

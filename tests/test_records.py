@@ -125,8 +125,8 @@ def _trust():
     return trust
 
 
-def _node_record(subject, issued=NOW - DAY_MS, expires=NOW + DAY_MS):
-    return Node(DOMAIN, subject.node_id, subject.signing_public, subject.agreement_public,
+def _node_record(subject, issued=NOW - DAY_MS, expires=NOW + DAY_MS, domain=DOMAIN):
+    return Node(domain, subject.node_id, subject.signing_public, subject.agreement_public,
                 "node", issued, expires)
 
 
@@ -145,7 +145,7 @@ def _subject_node_for(record):
     """The Node record Trust.verify needs for a self-signed NodeInfo, else None."""
     if isinstance(record, NodeInfo):
         subject = next(n for n in NODES if n.node_id == record.node_id)
-        return _node_record(subject)
+        return _node_record(subject, domain=record.domain)
     return None
 
 
@@ -517,6 +517,14 @@ class TrustVerifyTests(SynchronousTestCase):
         signed = NODES[1].sign(_node_info(NODES[0]))
         self.assertRejected("wrong_signer", signed, subject_node=self.node)
         self.assertRejected("wrong_signer", signed, subject_node=_node_record(NODES[1]))
+
+    def test_node_info_of_another_domain_rejected(self):
+        """A NodeInfo naming a domain other than its node's is refused ("wrong_domain")."""
+        subject = NODES[0]
+        signed = subject.sign(_node_info(subject))
+        with self.assertRaises(RecordError) as caught:
+            _trust().verify(signed, NOW, subject_node=_node_record(subject, domain=DOMAIN + 1))
+        self.assertEqual(caught.exception.reason, "wrong_domain")
 
     def test_node_info_needs_its_subject_node(self):
         """A NodeInfo is rejected without its subject's Node record, or with another's."""

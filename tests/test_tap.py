@@ -156,7 +156,8 @@ class ServiceTreeTests(SynchronousTestCase):
     def test_core_children_and_user_role(self):
         """The tree has the core services and a user role, nothing else by default."""
         self.assertEqual(self.names(self.build()),
-                         ["identity", "store", "rpc", "directory", "control", "user"])
+                         ["identity", "store", "rpc", "directory", "announcer", "control",
+                          "user"])
 
     def test_one_child_per_enabled_role(self):
         """Each role flag adds its named child."""

@@ -236,9 +236,81 @@ class EndDevices(_RecordPage):
     COMMAND = Command.END_DEVICES
 
 
+@attrs.frozen
+class PutRecord:
+    """Asks a DHT replica to keep a signed record."""
+
+    COMMAND = Command.PUT_RECORD
+    signed: records.Signed
+
+    def encode(self):
+        return Writer().blob(self.signed.encode(), PAGE_BYTES).bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        message = cls(records.decode_signed(r.blob(PAGE_BYTES)))
+        r.end()
+        return message
+
+
+@attrs.frozen
+class Stored:
+    """A replica's answer to PutRecord: 0 stored, 1 a newer one is held, 2 refused."""
+
+    COMMAND = Command.STORED
+    result: int
+    reason: str = ""
+
+    def encode(self):
+        return Writer().u8(self.result).text(self.reason, 200).bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        message = cls(r.u8(), r.text(200))
+        r.end()
+        return message
+
+
+@attrs.frozen
+class GetNodeInfo:
+    """Asks for the NodeInfo of a node of the requester's domain."""
+
+    COMMAND = Command.GET_NODE_INFO
+    node_id: bytes
+
+    def encode(self):
+        return self.node_id
+
+    @classmethod
+    def decode(cls, payload):
+        if len(payload) != 32:
+            raise DecodeError("bad GetNodeInfo length")
+        return cls(payload)
+
+
+@attrs.frozen
+class NodeInfoRecord:
+    """Carries a signed NodeInfo record, or None when the replica holds none."""
+
+    COMMAND = Command.NODE_INFO
+    signed: records.Signed | None
+
+    def encode(self):
+        return Writer().blob(self.signed.encode() if self.signed else b"", PAGE_BYTES).bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        blob = r.blob(PAGE_BYTES)
+        r.end()
+        return cls(records.decode_signed(blob) if blob else None)
+
+
 MESSAGES = {cls.COMMAND: cls for cls in (
     Ping, Pong, GetNode, NodeRecord, GetOperatorNodes, OperatorNodes, GetSuperNodes,
-    SuperNodes, GetEndDevices, EndDevices)}
+    SuperNodes, GetEndDevices, EndDevices, PutRecord, Stored, GetNodeInfo, NodeInfoRecord)}
 
 # A Node answer is at most: header, plain length, request id, blob length, largest Node record.
 NODE_ANSWER_SIZE = 96 + 2 + 12 + 2 + (2 + 4 + 32 * 3 + 2 + records.NAME_LIMIT + 16 + 32 + 64)

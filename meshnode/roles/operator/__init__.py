@@ -10,6 +10,7 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
 from meshnode import records
+from meshnode.dht import PartitionService
 from meshnode.errors import StartupError
 from meshnode.roles.operator import directory, registry, signing, tls
 from meshnode.roles.operator.enroll import EnrollmentAPI, enrollment_site
@@ -33,6 +34,8 @@ class OperatorService(service.MultiService):
         self._enroll_listen = enroll_listen
         self._port = None
         self.fingerprint = None
+        # Until super-nodes take over, the operator serves every DHT partition.
+        PartitionService(rpc, store, reactor).setServiceParent(self)
         for interval, work in ((REVOCATION_POLL_SECONDS, self._follow_revocations),
                                (OWN_RECORD_CHECK_SECONDS, self._renew_own_node)):
             timer = internet.TimerService(interval, self._guarded, work)
