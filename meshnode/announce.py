@@ -80,9 +80,10 @@ class AnnouncerService(service.MultiService):
         """Sign a fresh NodeInfo and put it to every replica → their Stored answers."""
         if not self._rpc.enrolled or self._directory.operator_address is None:
             return None
+        replicas = yield self._directory.replicas()  # resolves the operator's address first
         signed = self._identity_service.identity.sign(self.node_info())
         results = []
-        for peer, address in (yield self._directory.replicas()):
+        for peer, address in replicas:
             results.append((yield self._rpc.call(peer, address, PutRecord(signed), Stored)))
         self.last_result = results
         return results

@@ -69,6 +69,7 @@ class DirectoryService(service.Service):
         if self._operator is None:
             if self.operator_address is None:
                 raise DirectoryError("no operator RPC address configured (operator-rpc)")
+            self.operator_address = yield self._rpc.resolve(self.operator_address)
             peer = yield self._rpc.fetch_node(self.operator_address)
             if not self._rpc.trust.is_operator(peer.node.node_id):
                 raise DirectoryError(f"{self.operator_address[0]}:{self.operator_address[1]} is "

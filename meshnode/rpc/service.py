@@ -482,10 +482,19 @@ class RPCService(service.Service):
         d.addCallback(lambda pong: self._clock.seconds() - started)
         return d
 
+    def resolve(self, address):
+        """(host, port) with the host name resolved without blocking → Deferred[(ip, port)].
+
+        Datagrams go out with sendto, which would resolve a name on the reactor thread."""
+        host, port = address
+        if _is_ip(host):
+            return defer.succeed((host, port))
+        return self._reactor.resolve(host).addCallback(lambda ip: (ip, port))
+
     @defer.inlineCallbacks
     def ping_address(self, host, port, count=1, timeout=None):
         """Bootstrap with whoever listens at HOST:PORT, then ping it `count` times."""
-        address = (host, port) if _is_ip(host) else ((yield self._reactor.resolve(host)), port)
+        address = yield self.resolve((host, port))
         peer = yield self.fetch_node(address, timeout)
         return (yield self.ping_peer(peer, address, count, timeout))
 
