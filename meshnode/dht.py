@@ -34,21 +34,30 @@ class PutResult(enum.IntEnum):
 
 
 def thd_save(engine, domain, record_type, key, created, expires, record):
-    with engine.begin() as connection:
-        connection.execute(dht_records.delete().where(
-            dht_records.c.domain == domain, dht_records.c.record_type == record_type,
-            dht_records.c.key == key))
-        connection.execute(dht_records.insert().values(
-            domain=domain, record_type=record_type, key=key, created=created, expires=expires,
-            record=record))
+    """Keep the record unless the table holds one as new (writes may land out of order when
+    the store has several threads)."""
+    where = (dht_records.c.domain == domain, dht_records.c.record_type == record_type,
+             dht_records.c.key == key)
+    try:
+        with engine.begin() as connection:
+            held = connection.execute(sa.select(dht_records.c.created).where(*where)).first()
+            if held is None:
+                connection.execute(dht_records.insert().values(
+                    domain=domain, record_type=record_type, key=key, created=created,
+                    expires=expires, record=record))
+            elif held.created < created:
+                connection.execute(dht_records.update().where(*where).values(
+                    created=created, expires=expires, record=record))
+    except sa.exc.IntegrityError:
+        pass  # a concurrent insert of the key won; memory holds the newest, the next put
+        # (announcements come every 5 minutes) brings the table up to date
 
 
-def thd_delete(engine, keys):
+def thd_delete_expired(engine, now):
+    """Delete every expired row: those swept from memory, collected for a quota, or expired
+    while the replica was down."""
     with engine.begin() as connection:
-        for domain, record_type, key in keys:
-            connection.execute(dht_records.delete().where(
-                dht_records.c.domain == domain, dht_records.c.record_type == record_type,
-                dht_records.c.key == key))
+        connection.execute(dht_records.delete().where(dht_records.c.expires <= now))
 
 
 def thd_load(engine, now):
@@ -136,6 +145,11 @@ class PartitionService(service.MultiService):
         d.addErrback(lambda f: _log.failure("could not load the DHT records", f))
         super().startService()
 
+    def stopService(self):
+        for command in (Command.PUT_RECORD, Command.GET_NODE_INFO):
+            self._rpc.unregister(command)
+        return super().stopService()
+
     def _restore(self, blobs):
         now = self._rpc.now_ms()
         for blob in blobs:
@@ -169,8 +183,7 @@ class PartitionService(service.MultiService):
         return NodeInfoRecord(signed)
 
     def _sweep(self):
-        gone = self.records.expire(self._rpc.now_ms())
-        if gone:
-            keys = [(domain, records.RecordType.NODE_INFO, node_id) for domain, node_id in gone]
-            d = self._store.run(thd_delete, keys)
-            d.addErrback(lambda f: _log.failure("could not delete expired DHT records", f))
+        now = self._rpc.now_ms()
+        self.records.expire(now)
+        d = self._store.run(thd_delete_expired, now)
+        d.addErrback(lambda f: _log.failure("could not delete expired DHT records", f))

@@ -183,6 +183,10 @@ class RPCService(service.Service):
             raise ValueError(f"no message codec for {Command(command).name}")
         self._handlers[Command(command)] = (handler, policy)
 
+    def unregister(self, command):
+        """Stop answering `command` (its requests are dropped as unknown from now on)."""
+        self._handlers.pop(Command(command), None)
+
     def startService(self):
         identity = self._identity_service.identity
         self.node_id = identity.node_id
