@@ -21,6 +21,7 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/rpc.py
+	$(BIN)/python bench/dht.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp* demo twisted/plugins/dropin.cache

@@ -141,6 +141,20 @@ def measure(command, seconds):
     return json.loads(out.stdout.strip().splitlines()[-1])["rate"]
 
 
+def echo_rate(seconds):
+    """The bare Twisted UDP echo's answers per second, server and client in two processes."""
+    port = free_port()
+    echo = subprocess.Popen([python(), os.path.abspath(__file__), "echo-server", str(port)],
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        time.sleep(0.5)
+        return measure([python(), os.path.abspath(__file__), "echo-client", str(port),
+                        str(seconds)], seconds)
+    finally:
+        echo.terminate()
+        echo.wait(10)
+
+
 def enroll(workdir):
     """An operator and two nodes, signed with the library (no network)."""
     from twisted.internet import reactor
@@ -181,16 +195,7 @@ def bench_rpc(seconds, rounds):
             finally:
                 server.terminate()
                 server.wait(10)
-            port = free_port()
-            echo = subprocess.Popen([python(), __file__, "echo-server", str(port)],
-                                    env=dict(os.environ, PYTHONPATH=ROOT))
-            try:
-                time.sleep(0.5)
-                bare.append(measure([python(), __file__, "echo-client", str(port),
-                                     str(seconds)], seconds))
-            finally:
-                echo.terminate()
-                echo.wait(10)
+            bare.append(echo_rate(seconds))
         value, baseline = statistics.median(sealed), statistics.median(bare)
         print(json.dumps({"name": "rpc_sealed_ping_pong", "value": round(value),
                           "unit": "messages/s", "baseline": round(baseline),
