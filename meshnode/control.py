@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError, DNSLookupError
 from twisted.logger import Logger
 from twisted.web import resource, server
+from twisted.web.error import UnsupportedMethod
 
 from meshnode import config
 from meshnode.records import Role
@@ -65,8 +66,38 @@ def _explain_rpc_failure(failure):
     return failure
 
 
+def _json_error(request, status, reason):
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps({"error": reason}).encode() + b"\n"
+
+
+class _Routes(resource.Resource):
+    """A directory of the API: unknown paths get a JSON 404."""
+
+    def getChild(self, path, request):
+        return _NotFound()
+
+    def render(self, request):
+        return _json_error(request, 404, "no such resource")
+
+
+class _NotFound(resource.Resource):
+    isLeaf = True
+
+    def render(self, request):
+        return _json_error(request, 404, "no such resource")
+
+
 class _JSONResource(resource.Resource):
     isLeaf = True
+
+    def render(self, request):
+        try:
+            return super().render(request)
+        except UnsupportedMethod as e:
+            request.setHeader(b"allow", b", ".join(e.allowedMethods))
+            return _json_error(request, 405, "method not allowed")
 
     def _reply(self, request, status, body):
         request.setResponseCode(status)
@@ -181,8 +212,8 @@ class ControlService(service.Service):
         self._port = None
 
     def startService(self):
-        root = resource.Resource()
-        v1 = resource.Resource()
+        root = _Routes()
+        v1 = _Routes()
         root.putChild(b"v1", v1)
         v1.putChild(b"status", StatusResource(self._identity_service, self._rpc))
         v1.putChild(b"ping", PingResource(self._rpc, self._directory))
