@@ -6,6 +6,8 @@ node still knows them. Super-node lists and K-redundant queries with doubling fa
 with the DHT issue.
 """
 
+import random
+
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -30,6 +32,7 @@ class DirectoryService(service.Service):
         self._rpc = rpc
         self.operator_address = operator_address
         self._operator = None
+        self._fan_out = FanOut()
 
     @property
     def operator_ids(self):
@@ -108,19 +111,72 @@ class DirectoryService(service.Service):
     def lookup_node_info(self, node_id):
         """The newest valid NodeInfo of a node of this domain → (NodeInfo, who answered)."""
         node_peer = yield self.lookup_node(node_id)
-        best, answered = None, []
-        for peer, address in (yield self.replicas()):
-            answer = yield self._rpc.call(peer, address, GetNodeInfo(node_id), NodeInfoRecord)
+
+        def ask(replica):
+            peer, address = replica
+            d = self._rpc.call(peer, address, GetNodeInfo(node_id), NodeInfoRecord)
+            return d.addCallback(valid)
+
+        def valid(answer):
             if answer.signed is None:
-                continue
+                return None
             try:
-                record = self._rpc.trust.verify(answer.signed, self._rpc.now_ms(),
-                                                subject_node=node_peer.node)
+                return self._rpc.trust.verify(answer.signed, self._rpc.now_ms(),
+                                              subject_node=node_peer.node)
             except records.RecordError:
-                continue  # forged or stale: never wins
-            answered.append(peer.node.node_id)
-            if best is None or record.created > best.created:
-                best = record
+                return None  # forged or stale: never wins
+
+        best, answered = yield self._fan_out.query((yield self.replicas()), ask)
         if best is None:
             raise DirectoryError(f"no replica holds a NodeInfo of {node_id.hex()}")
-        return best, answered
+        return best, [peer.node.node_id for peer, _ in answered]
+
+
+class FanOut:
+    """K-redundant queries (seed §3.9.4, §4.3.4): ask `k` replicas in random order, and
+    after a wave brings no valid answer, ask twice as many of the rest (2, 4, 8 …).
+
+    The newest valid answer (by `created`) of the first wave that has one wins. Who answered
+    is remembered: a replica that failed to answer is asked last until it answers again.
+    Otherwise the order is random, so the load of a replica that fails spreads over all the
+    others instead of falling on one neighbour (the seed's chain reaction).
+    """
+
+    def __init__(self, k=3, rng=None):
+        self.k = k
+        self._rng = rng or random.Random()
+        self._failed = set()
+
+    def _order(self, replicas):
+        replicas = list(replicas)
+        self._rng.shuffle(replicas)
+        return sorted(replicas, key=lambda r: _key(r) in self._failed)
+
+    @defer.inlineCallbacks
+    def query(self, replicas, ask):
+        """`ask(replica)` → Deferred[record or None] → (newest record or None, who answered)."""
+        waiting = self._order(replicas)
+        wave = self.k
+        while waiting:
+            batch, waiting = waiting[:wave], waiting[wave:]
+            results = yield defer.DeferredList([defer.maybeDeferred(ask, r) for r in batch],
+                                               consumeErrors=True)
+            best, answered = None, []
+            for replica, (ok, record) in zip(batch, results):
+                if ok:
+                    self._failed.discard(_key(replica))
+                else:
+                    self._failed.add(_key(replica))
+                if ok and record is not None:
+                    answered.append(replica)
+                    if best is None or record.created > best.created:
+                        best = record
+            if best is not None:
+                return best, answered
+            wave *= 2
+        return None, []
+
+
+def _key(replica):
+    peer, address = replica
+    return peer.node.node_id
