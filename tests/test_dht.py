@@ -6,164 +6,22 @@ user nodes over tests.fakes' in-memory network, with a synchronous store stand-i
 SQLite engine; AnnouncerService and lookup_node_info are tested end to end over that network.
 """
 
-import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode import dht, records, store
+from meshnode import dht, records
 from meshnode.announce import AnnouncerService
-from meshnode.dht import PartitionService, PartitionStore, PutResult
+from meshnode.dht import PartitionStore, PutResult
 from meshnode.directory import DirectoryError, DirectoryService
-from meshnode.identity import Enrollment, Identity
 from meshnode.records import NatBehaviour, Role
-from meshnode.roles.operator import directory, registry
 from meshnode.rpc.messages import GetNodeInfo, NodeInfoRecord, PutRecord, Stored
-from meshnode.rpc.service import RPCService
-from meshnode.schema import dht_records
 from meshnode.wire import Endpoint
-from tests.fakes import FakeNetwork, FakeReactor
+from tests.mesh import DAY_MS, NOW_MS, Mesh, StoreStandIn
 
-EPOCH = 1_800_000_000
-NOW_MS = EPOCH * 1000
-DAY_MS = 86_400_000
 LIFETIME_MS = records.NODE_INFO_LIFETIME_MS
 LIFETIME_SECONDS = LIFETIME_MS // 1000
 # Far enough for a NodeInfo put now to expire and for a sweep to have run after that.
 PAST_LIFETIME_AND_SWEEP = LIFETIME_SECONDS + dht.EXPIRY_SWEEP_SECONDS + 1
-
-
-# -- helpers (after tests/test_operator_directory.py) -------------------------------------
-
-class _IdentityStandIn:
-    """What RPCService, DirectoryService and AnnouncerService need of IdentityService."""
-
-    def __init__(self, identity, enrollment):
-        self.identity = identity
-        self.enrollment = enrollment
-        self.observers = []
-
-
-class _StoreStandIn:
-    """StoreService without its thread pool: `run` calls the thd_* function at once."""
-
-    def __init__(self, testcase, engine=None):
-        if engine is None:
-            engine = store.open_engine(f"sqlite:///{testcase.mktemp()}.sqlite")
-            testcase.addCleanup(engine.dispose)
-        self.engine = engine
-
-    def run(self, function, *args, **kwargs):
-        try:
-            return defer.succeed(function(self.engine, *args, **kwargs))
-        except Exception:
-            return defer.fail()
-
-
-class _Node:
-    """One started RPCService with its reactor, address, fake UDP port and identity stand-in."""
-
-    def __init__(self, rpc, reactor, identity_service, host):
-        self.rpc = rpc
-        self.reactor = reactor
-        self.identity_service = identity_service
-        self.identity = identity_service.identity
-        self.host = host
-        self.address = (host, rpc.port)
-        self.udp = reactor.network.ports[self.address]
-
-    @property
-    def node_id(self):
-        return self.identity.node_id
-
-    @property
-    def trust(self):
-        return self.identity_service.enrollment.trust
-
-
-class _Mesh:
-    """An operator node serving its directory and the DHT, and user nodes it enrolled."""
-
-    def __init__(self, testcase):
-        self._testcase = testcase
-        self._hosts = 0
-        self._tokens = {}
-        self.nodes = []
-        self.network = FakeNetwork()
-        self.store = _StoreStandIn(testcase)
-        self.engine = self.store.engine
-        me = self.me = Identity.generate()
-        domain = registry.thd_create_domain(self.engine, "operators", NOW_MS)
-        self.operator_record = me.sign(records.OperatorNode(
-            domain, me.node_id, me.signing_public, me.agreement_public, NOW_MS))
-        registry.thd_publish_operator(self.engine, self.operator_record)
-        own = me.sign(records.Node(domain, me.node_id, me.signing_public, me.agreement_public,
-                                   "operator", NOW_MS, NOW_MS + 30 * DAY_MS))
-        self.operator = self._start(
-            me, Enrollment.from_bundle(me, [own, self.operator_record], NOW_MS),
-            Role.OPERATOR | Role.USER)
-        directory.register(self.operator.rpc, self.store)
-
-    def _start(self, identity, enrollment, roles):
-        self._hosts += 1
-        host = f"10.0.0.{self._hosts}"
-        reactor = FakeReactor(self.network, host)
-        reactor.advance(EPOCH)
-        identity_service = _IdentityStandIn(identity, enrollment)
-        rpc = RPCService(identity_service, reactor, interface=host, roles=roles)
-        rpc.startService()
-        self._testcase.addCleanup(lambda: rpc.running and rpc.stopService())
-        node = _Node(rpc, reactor, identity_service, host)
-        self.nodes.append(node)
-        return node
-
-    def token(self, domain_name):
-        """A many-use enrollment token of `domain_name`, creating the domain on first use."""
-        if domain_name not in self._tokens:
-            registry.thd_create_domain(self.engine, domain_name, NOW_MS)
-            self._tokens[domain_name] = registry.thd_create_token(
-                self.engine, domain_name, 100, NOW_MS + DAY_MS, NOW_MS)["token"]
-        return self._tokens[domain_name]
-
-    def user(self, name, domain_name="acme"):
-        """A user node enrolled in the registry, its enrollment built from what it returned."""
-        identity = Identity.generate()
-        signed = registry.thd_enroll(self.engine, self.me, self.token(domain_name),
-                                     identity.signing_public, identity.agreement_public, name,
-                                     NOW_MS)
-        enrollment = Enrollment.from_bundle(identity, [signed, self.operator_record], NOW_MS)
-        return self._start(identity, enrollment, Role.USER)
-
-    def unenrolled(self):
-        """A node with keys but no Node record."""
-        return self._start(Identity.generate(), Enrollment(), Role.USER)
-
-    def partition(self, quota=dht.DEFAULT_QUOTA):
-        """A started PartitionService on the operator's RPC, kept in the mesh's store."""
-        service = PartitionService(self.operator.rpc, self.store, self.operator.reactor, quota)
-        service.startService()
-        self._testcase.addCleanup(lambda: service.running and service.stopService())
-        return service
-
-    def directory_of(self, node, operator_address=None):
-        """A started DirectoryService of `node`, caching Node records in a store of its own."""
-        service = DirectoryService(node.identity_service, _StoreStandIn(self._testcase),
-                                   node.rpc, operator_address or self.operator.address)
-        service.startService()
-        self._testcase.addCleanup(lambda: service.running and service.stopService())
-        return service
-
-    def advance(self, seconds):
-        """Move every node's clock on together, so their timestamps stay within the window."""
-        for node in self.nodes:
-            node.reactor.advance(seconds)
-
-    def rows(self):
-        """The operator's dht_records rows as (domain, record_type, key, created, expires)."""
-        with self.engine.connect() as connection:
-            return sorted(tuple(row) for row in connection.execute(sa.select(
-                dht_records.c.domain, dht_records.c.record_type, dht_records.c.key,
-                dht_records.c.created, dht_records.c.expires)))
 
 
 def node_info(node, created=None, domain=None, node_id=None, roles=Role.USER):
@@ -320,7 +178,7 @@ class PartitionStoreTests(SynchronousTestCase):
 class _PartitionTestCase(SynchronousTestCase):
 
     def setUp(self):
-        self.mesh = _Mesh(self)
+        self.mesh = Mesh(self)
         self.operator = self.mesh.operator
         self.alice = self.mesh.user("alice")
         self.bob = self.mesh.user("bob")
@@ -634,7 +492,7 @@ class AnnounceAndLookupTests(_PartitionTestCase):
     def test_unenrolled_does_nothing(self):
         """An unenrolled node's announce() returns None and sends nothing."""
         stranger = self.mesh.unenrolled()
-        directory_service = DirectoryService(stranger.identity_service, _StoreStandIn(self),
+        directory_service = DirectoryService(stranger.identity_service, StoreStandIn(self),
                                              stranger.rpc, self.operator.address)
         announcer = self.announcer_of(stranger, directory_service)
         d = announcer.announce()
@@ -646,7 +504,7 @@ class AnnounceAndLookupTests(_PartitionTestCase):
 
     def test_no_operator_address_does_nothing(self):
         """A node with no operator address configured announces nothing."""
-        directory_service = DirectoryService(self.bob.identity_service, _StoreStandIn(self),
+        directory_service = DirectoryService(self.bob.identity_service, StoreStandIn(self),
                                              self.bob.rpc, None)
         d = self.announcer_of(self.bob, directory_service).announce()
         self.assertIsNone(self.successResultOf(d))

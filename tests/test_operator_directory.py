@@ -5,145 +5,27 @@ real SQLite registry; user nodes enrolled in that registry ask it over tests.fak
 network, directly and through the node-side DirectoryService.
 """
 
-from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshnode import records, store
-from meshnode.directory import DirectoryError, DirectoryService
-from meshnode.identity import Enrollment, Identity
-from meshnode.records import Role
-from meshnode.roles.operator import directory, registry
+from meshnode.directory import DirectoryError
+from meshnode.identity import Identity
+from meshnode.roles.operator import registry
 from meshnode.rpc import frame
 from meshnode.rpc.messages import (PAGE_BYTES, Command, EndDevices, GetEndDevices, GetNode,
                                    GetOperatorNodes, GetSuperNodes, NodeRecord, OperatorNodes,
                                    SuperNodes)
-from meshnode.rpc.service import CallTimeout, RPCService
-from tests.fakes import FakeNetwork, FakeReactor
+from meshnode.rpc.service import CallTimeout
+from tests.mesh import NOW_MS, Mesh
 
-EPOCH = 1_800_000_000
-NOW_MS = EPOCH * 1000
-DAY_MS = 86_400_000
-LOCATION = bytes(range(32))
 # The most bytes a datagram may have (DESIGN.md §4).
 MAX_DATAGRAM = 1200
-
-
-# -- helpers (after tests/test_rpc.py) ----------------------------------------------------
-
-class _IdentityStandIn:
-    """What RPCService and DirectoryService need of IdentityService: keys and enrollment."""
-
-    def __init__(self, identity, enrollment):
-        self.identity = identity
-        self.enrollment = enrollment
-        self.observers = []
-
-
-class _StoreStandIn:
-    """StoreService without its thread pool: `run` calls the thd_* function at once."""
-
-    def __init__(self, testcase):
-        self.engine = store.open_engine(f"sqlite:///{testcase.mktemp()}.sqlite")
-        testcase.addCleanup(self.engine.dispose)
-
-    def run(self, function, *args, **kwargs):
-        try:
-            return defer.succeed(function(self.engine, *args, **kwargs))
-        except Exception:
-            return defer.fail()
-
-
-class _Node:
-    """One started RPCService with its reactor, address, fake UDP port and identity stand-in."""
-
-    def __init__(self, rpc, reactor, identity_service, host):
-        self.rpc = rpc
-        self.reactor = reactor
-        self.identity_service = identity_service
-        self.identity = identity_service.identity
-        self.host = host
-        self.address = (host, rpc.port)
-        self.udp = reactor.network.ports[self.address]
-
-    @property
-    def node_id(self):
-        return self.identity.node_id
-
-    @property
-    def trust(self):
-        return self.identity_service.enrollment.trust
-
-
-class _Mesh:
-    """An operator node serving its directory from a registry, and user nodes it enrolled."""
-
-    def __init__(self, testcase):
-        self._testcase = testcase
-        self._hosts = 0
-        self._tokens = {}
-        self.network = FakeNetwork()
-        self.store = _StoreStandIn(testcase)
-        self.engine = self.store.engine
-        me = self.me = Identity.generate()
-        domain = registry.thd_create_domain(self.engine, "operators", NOW_MS)
-        self.operator_record = me.sign(records.OperatorNode(
-            domain, me.node_id, me.signing_public, me.agreement_public, NOW_MS))
-        registry.thd_publish_operator(self.engine, self.operator_record)
-        own = me.sign(records.Node(domain, me.node_id, me.signing_public, me.agreement_public,
-                                   "operator", NOW_MS, NOW_MS + 30 * DAY_MS))
-        self.operator = self._start(
-            me, Enrollment.from_bundle(me, [own, self.operator_record], NOW_MS),
-            Role.OPERATOR | Role.USER)
-        directory.register(self.operator.rpc, self.store)
-
-    def _start(self, identity, enrollment, roles):
-        self._hosts += 1
-        host = f"10.0.0.{self._hosts}"
-        reactor = FakeReactor(self.network, host)
-        reactor.advance(EPOCH)
-        identity_service = _IdentityStandIn(identity, enrollment)
-        rpc = RPCService(identity_service, reactor, interface=host, roles=roles)
-        rpc.startService()
-        self._testcase.addCleanup(lambda: rpc.running and rpc.stopService())
-        return _Node(rpc, reactor, identity_service, host)
-
-    def token(self, domain_name):
-        """A many-use enrollment token of `domain_name`, creating the domain on first use."""
-        if domain_name not in self._tokens:
-            registry.thd_create_domain(self.engine, domain_name, NOW_MS)
-            self._tokens[domain_name] = registry.thd_create_token(
-                self.engine, domain_name, 100, NOW_MS + DAY_MS, NOW_MS)["token"]
-        return self._tokens[domain_name]
-
-    def user(self, name, domain_name="acme"):
-        """A user node enrolled in the registry, its enrollment built from what it returned."""
-        identity = Identity.generate()
-        signed = registry.thd_enroll(self.engine, self.me, self.token(domain_name),
-                                     identity.signing_public, identity.agreement_public, name,
-                                     NOW_MS)
-        enrollment = Enrollment.from_bundle(identity, [signed, self.operator_record], NOW_MS)
-        return self._start(identity, enrollment, Role.USER)
-
-    def add_devices(self, domain_name, names, address=None, certificate=None, ports=(631,)):
-        self.token(domain_name)
-        for i, name in enumerate(names):
-            mac = bytes([2, 0, 0, 0, len(self._tokens), i])
-            registry.thd_add_device(self.engine, self.me, domain_name, name, mac, address,
-                                    certificate, LOCATION, list(ports), NOW_MS)
-
-    def directory_of(self, node, operator_address=None):
-        """A started DirectoryService of `node`, caching Node records in a store of its own."""
-        service = DirectoryService(node.identity_service, _StoreStandIn(self._testcase),
-                                   node.rpc, operator_address or self.operator.address)
-        service.startService()
-        self._testcase.addCleanup(lambda: service.running and service.stopService())
-        return service
 
 
 class _DirectoryTestCase(SynchronousTestCase):
 
     def setUp(self):
-        self.mesh = _Mesh(self)
+        self.mesh = Mesh(self)
         self.operator = self.mesh.operator
         self.alice = self.mesh.user("alice")
 
