@@ -37,11 +37,12 @@ class ControlError(Exception):
         self.reason = reason
 
 
-def node_status(identity_service, rpc):
-    """What `meshnode status` shows: who this node is and what its RPC has seen."""
+def node_status(identity_service, rpc, sections=()):
+    """What `meshnode status` shows: who this node is, what its RPC has seen, and what each
+    role adds (`sections`: name → callable giving that role's part)."""
     enrollment = identity_service.enrollment
     node = enrollment.node.record if enrollment.enrolled else None
-    return {
+    status = {
         "node_id": identity_service.identity.node_id.hex(),
         "enrolled": enrollment.enrolled,
         "name": node.name if node else None,
@@ -55,6 +56,9 @@ def node_status(identity_service, rpc):
                      for command, count in sorted(rpc.accepted.items())},
         "drops": dict(sorted(rpc.drops.items())),
     }
+    for name, section in sections:
+        status[name] = section()
+    return status
 
 
 def _explain_rpc_failure(failure):
@@ -120,13 +124,15 @@ class _JSONResource(resource.Resource):
 
 
 class StatusResource(_JSONResource):
-    def __init__(self, identity_service, rpc):
+    def __init__(self, identity_service, rpc, sections):
         super().__init__()
         self._identity_service = identity_service
         self._rpc = rpc
+        self._sections = sections
 
     def render_GET(self, request):
-        return self._serve(request, lambda r: node_status(self._identity_service, self._rpc))
+        return self._serve(request, lambda r: node_status(self._identity_service, self._rpc,
+                                                          self._sections))
 
 
 class PingResource(_JSONResource):
@@ -210,12 +216,14 @@ class ControlService(service.Service):
         self._directory = directory
         self._reactor = reactor
         self._port = None
+        self.status_sections = []  # roles add (name, callable) for `meshnode status`
 
     def startService(self):
         root = _Routes()
         v1 = _Routes()
         root.putChild(b"v1", v1)
-        v1.putChild(b"status", StatusResource(self._identity_service, self._rpc))
+        v1.putChild(b"status", StatusResource(self._identity_service, self._rpc,
+                                              self.status_sections))
         v1.putChild(b"ping", PingResource(self._rpc, self._directory))
         v1.putChild(b"lookup", LookupResource(self._directory))
         site = server.Site(root)

@@ -112,7 +112,8 @@ def read_public_key_file(path):
     try:
         with open(path) as f:
             data = json.load(f)
-        signing, agreement = bytes.fromhex(data["signing_key"]), bytes.fromhex(data["agreement_key"])
+        signing = bytes.fromhex(data["signing_key"])
+        agreement = bytes.fromhex(data["agreement_key"])
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e.strerror}") from None
     except (ValueError, KeyError, TypeError, AttributeError):

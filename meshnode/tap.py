@@ -137,7 +137,7 @@ def build_node(settings, reactor):
     for child in (identity, store, rpc, directory, announcer, control):
         child.setServiceParent(node)
     if settings["operator"]:
-        OperatorService(state_dir, identity, store, rpc, reactor,
+        OperatorService(state_dir, identity, store, rpc, control, reactor,
                         settings["enroll-listen"]).setServiceParent(node)
     if settings["super"]:
         SuperService(settings["partition"]).setServiceParent(node)

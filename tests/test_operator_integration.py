@@ -61,6 +61,11 @@ class OperatorNetworkTests(TestCase):
         found = json.loads(output)
         self.assertEqual(found["addresses"], [bob.address])
         self.assertEqual(found["answered_by"], operator_status["operators"])
+        operator_status = yield operator.status()
+        self.assertEqual(operator_status["operator"]["enroll_port"], enroll_port)
+        self.assertEqual(operator_status["operator"]["tls_fingerprint"], fingerprint)
+        self.assertEqual(operator_status["operator"]["records_per_domain"],
+                         {f"{alice_status['domain']:#010x}": 2})
 
         # The token had two uses: a third node is refused and stays unenrolled.
         carol = yield network.start(os.path.join(network.base, "carol"), *joining,

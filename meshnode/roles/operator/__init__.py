@@ -24,7 +24,8 @@ OWN_RECORD_CHECK_SECONDS = 3600.0
 class OperatorService(service.MultiService):
     name = "operator"
 
-    def __init__(self, state_dir, identity_service, store, rpc, reactor, enroll_listen):
+    def __init__(self, state_dir, identity_service, store, rpc, control, reactor,
+                 enroll_listen):
         super().__init__()
         self._state_dir = state_dir
         self._identity_service = identity_service
@@ -35,7 +36,9 @@ class OperatorService(service.MultiService):
         self._port = None
         self.fingerprint = None
         # Until super-nodes take over, the operator serves every DHT partition.
-        PartitionService(rpc, store, reactor).setServiceParent(self)
+        partition = PartitionService(rpc, store, reactor)
+        partition.setServiceParent(self)
+        control.status_sections.append(("operator", lambda: self._status(partition)))
         for interval, work in ((REVOCATION_POLL_SECONDS, self._follow_revocations),
                                (OWN_RECORD_CHECK_SECONDS, self._renew_own_node)):
             timer = internet.TimerService(interval, self._guarded, work)
@@ -69,6 +72,13 @@ class OperatorService(service.MultiService):
     def _listening(self, port):
         self._port = port
         _log.info("enrollment API listening on {address}", address=port.getHost())
+
+    def _status(self, partition):
+        """The operator's part of `meshnode status`."""
+        counts = sorted(partition.records.counts().items())
+        return {"enroll_port": self.enroll_port, "tls_fingerprint": self.fingerprint,
+                "partitions": ["0000-ffff"],
+                "records_per_domain": {f"{domain:#010x}": count for domain, count in counts}}
 
     @property
     def enroll_port(self):
