@@ -25,16 +25,11 @@ def run_lookup_client(port, state_dir, seconds):
     from twisted.internet import reactor
 
     from meshnode import records
-    from meshnode.identity import IdentityService
     from meshnode.records import NatBehaviour, Role
     from meshnode.rpc.messages import GetNodeInfo, NodeInfoRecord, PutRecord, Stored
-    from meshnode.rpc.service import RPCService
     from meshnode.wire import Endpoint
 
-    identity = IdentityService(state_dir, reactor)
-    rpc = RPCService(identity, reactor, interface="127.0.0.1", rate=10**9, burst=10**9)
-    identity.startService()
-    rpc.startService()
+    identity, rpc = rpc_bench.start_client(state_dir)
     state = {"received": 0}
     address = ("127.0.0.1", port)
 
@@ -71,20 +66,11 @@ def run_lookup_client(port, state_dir, seconds):
 
 
 def bench_dht(seconds, rounds):
-    from twisted.internet import reactor
-
-    from meshnode import identity
-    from meshnode.roles.operator import signing
-
     workdir = tempfile.mkdtemp(prefix="meshnode-bench-")
     try:
+        rpc_bench.enroll(workdir)
         operator_dir = os.path.join(workdir, "op")
-        signing.init_operator(operator_dir, 0x00010000, "operator", reactor)
         client_dir = os.path.join(workdir, "client")
-        me = identity.load_or_create(client_dir, reactor)
-        _, bundle = signing.sign_node(operator_dir, me.signing_public, me.agreement_public,
-                                      0x00010001, "client", reactor)
-        identity.write_private(os.path.join(client_dir, identity.ENROLLMENT_FILE), bundle)
         config = os.path.join(workdir, "bench.conf")
         with open(config, "w") as f:
             f.write("[rpc]\nrate-limit = 1000000000\nrate-burst = 1000000000\n")

@@ -75,17 +75,26 @@ def run_echo_client(port, seconds):
     report(reactor, state, seconds)
 
 
-def run_rpc_client(port, state_dir, seconds):
+def start_client(state_dir):
+    """A started RPC for the enrolled identity in `state_dir` (a benchmark's client side)."""
     from twisted.internet import reactor
 
     from meshnode.identity import IdentityService
-    from meshnode.rpc.messages import Ping, Pong
     from meshnode.rpc.service import RPCService
 
     identity = IdentityService(state_dir, reactor)
     rpc = RPCService(identity, reactor, interface="127.0.0.1", rate=10**9, burst=10**9)
     identity.startService()
     rpc.startService()
+    return identity, rpc
+
+
+def run_rpc_client(port, state_dir, seconds):
+    from twisted.internet import reactor
+
+    from meshnode.rpc.messages import Ping, Pong
+
+    identity, rpc = start_client(state_dir)
     state = {"received": 0}
     address = ("127.0.0.1", port)
 
@@ -156,7 +165,7 @@ def echo_rate(seconds):
 
 
 def enroll(workdir):
-    """An operator and two nodes, signed with the library (no network)."""
+    """An operator ("op") and two nodes ("server", "client"), signed with the library."""
     from twisted.internet import reactor
 
     from meshnode import identity
