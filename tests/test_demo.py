@@ -1,0 +1,28 @@
+"""`make run`'s demo network, run as a user would: it enrolls, finds and pings, then stops."""
+
+import os
+import shutil
+import sys
+import tempfile
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from tests.nodes import run_command
+
+
+class DemoTests(TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_demo_network_works_and_stops(self):
+        """The demo's nodes enroll, find each other through the operator, ping, and stop."""
+        base = tempfile.mkdtemp(prefix="mn-demo-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, base, ignore_errors=True)
+        state = os.path.join(base, "demo")
+        code, output = yield run_command([sys.executable, "-m", "meshnode.demo", "--dir", state,
+                                          "--seconds", "0"], timeout=90)
+        self.assertEqual(code, 0, output)
+        for line in ("alice → bob:", "bob → alice:", "answered_by:", "demo network stopped"):
+            self.assertIn(line, output)
+        self.assertNotIn("Traceback", output)
