@@ -54,17 +54,16 @@ class PingOptions(Command):
 
 
 class LookupOptions(Command):
-    synopsis = "NODE-ID [--json]"
-    longdesc = ("Print the NodeInfo the directory finds for a node of this node's domain, "
-                "and which replicas answered.")
+    synopsis = "NAME-OR-ID [--json]"
+    longdesc = ("Print the NodeInfo the directory finds for a node of this node's domain "
+                "(by overlay name or 64-hex-digit node id), and which replicas answered.")
 
-    def parseArgs(self, node_id):
+    def parseArgs(self, node):
         try:
-            if len(bytes.fromhex(node_id)) != 32:
-                raise ValueError
-        except ValueError:
-            raise usage.UsageError(f"{node_id!r} is not a node id (64 hex digits)") from None
-        self["node-id"] = node_id
+            config.parse_node_or_id(node)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["node"] = node
 
 
 class Options(usage.Options):
@@ -198,7 +197,7 @@ def cmd_ping(options, global_options):
 
 def cmd_lookup(options, global_options):
     state_dir = global_options["state-dir"]
-    data = control_request(state_dir, "POST", "/v1/lookup", {"node_id": options["node-id"]})
+    data = control_request(state_dir, "POST", "/v1/lookup", {"node": options["node"]})
     if data is None:
         raise CommandError(f"no node is running with state directory {state_dir}")
     print_result(options, data, "\n".join(f"{key}: {value}" for key, value in data.items()))

@@ -111,6 +111,16 @@ def parse_node_name(text):
     return text
 
 
+def parse_node_or_id(text):
+    """An overlay name (1-63 bytes) or a node id (64 hex digits) → bytes id or str name."""
+    if isinstance(text, str) and len(text) == 64:
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            pass
+    return parse_node_name(text)
+
+
 def parse_server_endpoint(text):
     kind = text.split(":", 1)[0]
     if kind not in ("ssl", "tcp") or ":" not in text:

@@ -171,7 +171,8 @@ class PingResource(_JSONResource):
 
 
 class LookupResource(_JSONResource):
-    """POST {"node_id": HEX}: the NodeInfo the directory finds, and which replicas answered."""
+    """POST {"node": NAME or 64-HEX-ID}: the NodeInfo the directory finds, and which replicas
+    answered."""
 
     def __init__(self, directory):
         super().__init__()
@@ -183,12 +184,10 @@ class LookupResource(_JSONResource):
     def _lookup(self, request):
         try:
             body = json.loads(request.content.read(65536) or b"{}")
-            node_id = bytes.fromhex(body["node_id"])
-            if len(node_id) != 32:
-                raise ValueError("a node id is 64 hex digits")
+            node = config.parse_node_or_id(body["node"])
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ControlError(400, f"bad lookup request: {e}") from None
-        d = self._directory.lookup_node_info(node_id)
+        d = self._directory.lookup_node_info(node)
         d.addCallback(self._describe)
         d.addErrback(_explain_rpc_failure)
         return d

@@ -113,7 +113,7 @@ def main():
                 "count": 3})
             print(f"  {source} → {target}: {', '.join(str(r) for r in result['rtt_ms'])} ms")
         print("\nEach announced its NodeInfo to the operator's DHT partition; alice looks bob up:")
-        meshnode("--state-dir", nodes["alice"][0], "lookup", nodes["bob"][2])
+        meshnode("--state-dir", nodes["alice"][0], "lookup", "bob")
         print()
         meshnode("--state-dir", nodes["alice"][0], "status")
         print(f"\nTry: PYTHONPATH=. .venv/bin/meshnode --state-dir {nodes['alice'][0]} ping "

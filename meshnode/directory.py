@@ -80,24 +80,31 @@ class DirectoryService(service.Service):
             self._operator = peer
         return self._operator
 
-    @defer.inlineCallbacks
     def lookup_node(self, node_id):
         """A node of this node's domain, by id → its Peer (Node record verified and learned)."""
         peer = self._rpc.peers.get(node_id)
         if peer is not None:
-            return peer
+            return defer.succeed(peer)
+        return self._ask_operator(GetNode(wanted=node_id), node_id.hex(),
+                                  lambda node: node.node_id == node_id)
+
+    def lookup_name(self, name):
+        """A node of this node's domain, by overlay name → its Peer."""
+        return self._ask_operator(GetNode(name=name), repr(name), lambda node: node.name == name)
+
+    @defer.inlineCallbacks
+    def _ask_operator(self, request, what, matches):
         operator = yield self.operator()
-        answer = yield self._rpc.call(operator, self.operator_address, GetNode(wanted=node_id),
-                                      NodeRecord)
+        answer = yield self._rpc.call(operator, self.operator_address, request, NodeRecord)
         record = answer.signed.record if answer.signed is not None else None
-        if (not isinstance(record, records.Node) or record.node_id != node_id
+        if (not isinstance(record, records.Node) or not matches(record)
                 or record.domain != self._rpc.domain):
-            raise DirectoryError(f"the operator knows no node {node_id.hex()} in this domain")
+            raise DirectoryError(f"the operator knows no node {what} in this domain")
         try:
             return self._rpc.learn(answer.signed)
         except records.RecordError as e:
-            raise DirectoryError(f"the operator's record of {node_id.hex()} is unusable: "
-                              f"{e.reason}") from None
+            raise DirectoryError(f"the operator's record of {what} is unusable: "
+                                 f"{e.reason}") from None
 
     @defer.inlineCallbacks
     def replicas(self):
@@ -108,9 +115,12 @@ class DirectoryService(service.Service):
         return [(operator, self.operator_address)]
 
     @defer.inlineCallbacks
-    def lookup_node_info(self, node_id):
-        """The newest valid NodeInfo of a node of this domain → (NodeInfo, who answered)."""
-        node_peer = yield self.lookup_node(node_id)
+    def lookup_node_info(self, node):
+        """The newest valid NodeInfo of a node of this domain, by id (bytes) or name (str)
+        → (NodeInfo, who answered)."""
+        node_peer = yield (self.lookup_name(node) if isinstance(node, str)
+                           else self.lookup_node(node))
+        node_id = node_peer.node.node_id
 
         def ask(replica):
             peer, address = replica

@@ -74,7 +74,7 @@ class ControlAPITests(TestCase):
     @defer.inlineCallbacks
     def test_lookup_without_operator_says_why(self):
         """A lookup on a node with no operator configured explains itself."""
-        reason = yield self.refused("POST", "/v1/lookup", {"node_id": "00" * 32})
+        reason = yield self.refused("POST", "/v1/lookup", {"node": "00" * 32})
         self.assertIn("no operator RPC address", reason)
-        reason = yield self.refused("POST", "/v1/lookup", {"node_id": "00"})
+        reason = yield self.refused("POST", "/v1/lookup", {"node": ""})
         self.assertIn("bad lookup request", reason)

@@ -45,6 +45,11 @@ class MessageRoundTripTests(SynchronousTestCase):
         """GetNode with or without a wanted node id."""
         self.round_trip(GetNode(cause, wanted))
 
+    @given(st.binary(min_size=12, max_size=12), _NAMES)
+    def test_get_node_by_name_round_trips(self, cause, name):
+        """GetNode asking for an overlay name."""
+        self.round_trip(GetNode(cause, name=name))
+
     @given(_NAMES)
     def test_node_record_round_trips(self, name):
         """NodeRecord carries a signed Node record, or nothing."""

@@ -100,6 +100,21 @@ class GetNodeTests(_DirectoryTestCase):
         self.assertIn(carol.node_id.hex(), failure.getErrorMessage())
         self.assertIsNone(self.alice.rpc.peers.get(carol.node_id))
 
+    def test_lookup_by_name(self):
+        """GetNode(name=) finds a node of the asker's domain by overlay name, not another's."""
+        bob = self.mesh.user("bob")
+        self.mesh.user("carol", "globex")
+        answer = self.ask(self.alice, GetNode(name="bob"), NodeRecord)
+        self.assertEqual(answer.signed, bob.rpc.own_node)
+        self.assertEqual(self.ask(self.alice, GetNode(name="carol"), NodeRecord),
+                         NodeRecord(None))
+        d = self.mesh.directory_of(self.alice).lookup_name("bob")
+        self.mesh.network.flush()
+        self.assertEqual(self.successResultOf(d).node, bob.rpc.own_node.record)
+        d = self.mesh.directory_of(self.alice).lookup_name("carol")
+        self.mesh.network.flush()
+        self.failureResultOf(d, DirectoryError)
+
     def test_unknown_node(self):
         """A node id the registry does not know answers NodeRecord(None)."""
         answer = self.ask(self.alice, GetNode(wanted=bytes(32)), NodeRecord)

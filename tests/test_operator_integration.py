@@ -61,6 +61,10 @@ class OperatorNetworkTests(TestCase):
         found = json.loads(output)
         self.assertEqual(found["addresses"], [bob.address])
         self.assertEqual(found["answered_by"], operator_status["operators"])
+        code, output = yield run_command(meshnode_command(
+            "--state-dir", alice.state_dir, "lookup", "bob", "--json"))
+        self.assertEqual(code, 0, output)
+        self.assertEqual(json.loads(output)["node_id"], bob_status["node_id"])
         operator_status = yield operator.status()
         self.assertEqual(operator_status["operator"]["enroll_port"], enroll_port)
         self.assertEqual(operator_status["operator"]["tls_fingerprint"], fingerprint)

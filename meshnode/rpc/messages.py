@@ -102,23 +102,41 @@ class GetNode:
 
     Plain (bootstrap): the receiver's own record; `cause` is the message id of the sealed
     datagram that could not be opened because its sender was unknown, or zeros on first
-    contact. Sealed, with `wanted`: a directory lookup of that node (same domain only).
+    contact. Sealed, with `wanted` (a node id) or `name` (an overlay name): a directory lookup
+    of that node in the asker's own domain.
     """
 
     COMMAND = Command.GET_NODE
+    _BY_ID = 1
+    _BY_NAME = 2
+
     cause: bytes = bytes(12)
     wanted: bytes | None = None
+    name: str | None = None
 
     def encode(self):
-        return self.cause + (self.wanted or b"")
+        w = Writer().fixed(self.cause, 12)
+        if self.wanted is not None:
+            w.u8(self._BY_ID).fixed(self.wanted, 32)
+        elif self.name is not None:
+            w.u8(self._BY_NAME).text(self.name, records.NAME_LIMIT)
+        return w.bytes()
 
     @classmethod
     def decode(cls, payload):
-        if len(payload) == 12:
-            return cls(payload)
-        if len(payload) == 12 + 32:
-            return cls(payload[:12], payload[12:])
-        raise DecodeError("bad GetNode length")
+        r = Reader(payload)
+        cause = r.fixed(12)
+        if r.offset == len(payload):
+            return cls(cause)
+        kind = r.u8()
+        if kind == cls._BY_ID:
+            message = cls(cause, wanted=r.fixed(32))
+        elif kind == cls._BY_NAME:
+            message = cls(cause, name=r.text(records.NAME_LIMIT))
+        else:
+            raise DecodeError(f"unknown GetNode lookup kind {kind}")
+        r.end()
+        return message
 
 
 @attrs.frozen

@@ -27,8 +27,8 @@ def register(rpc, store):
         return d.addCallback(EndDevices.fill, incoming.message.offset)
 
     def node(incoming):
-        wanted = incoming.message.wanted
-        if wanted is None:
+        wanted, name = incoming.message.wanted, incoming.message.name
+        if wanted is None and name is None:
             return NodeRecord(rpc.own_node)
 
         def answer(blob):
@@ -37,7 +37,12 @@ def register(rpc, store):
                 return NodeRecord(None)  # another domain's nodes are not ours to show
             return NodeRecord(signed)
 
-        return store.run(registry.thd_node_record, wanted, rpc.now_ms()).addCallback(answer)
+        if wanted is not None:
+            d = store.run(registry.thd_node_record, wanted, rpc.now_ms())
+        else:
+            d = store.run(registry.thd_node_record_named, incoming.node.domain, name,
+                          rpc.now_ms())
+        return d.addCallback(answer)
 
     rpc.register(Command.GET_OPERATOR_NODES, operator_nodes, any_domain)
     rpc.register(Command.GET_SUPER_NODES, super_nodes, any_domain)

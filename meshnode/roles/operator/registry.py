@@ -164,6 +164,15 @@ def thd_node_record(engine, node_id, now):
         return row.record if row else None
 
 
+def thd_node_record_named(engine, domain, name, now):
+    """The current Node record of the node called `name` in `domain`, as bytes, or None."""
+    with engine.connect() as connection:
+        row = connection.execute(sa.select(nodes.c.record).where(
+            nodes.c.domain == domain, nodes.c.name == name, nodes.c.revoked == sa.false(),
+            nodes.c.expires > now)).first()
+        return row.record if row else None
+
+
 def thd_list_nodes(engine, domain_name=None):
     with engine.connect() as connection:
         query = sa.select(nodes, domains.c.name.label("domain_name")).join(
