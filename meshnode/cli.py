@@ -28,18 +28,27 @@ class StatusOptions(Command):
 
 
 class PingOptions(Command):
-    synopsis = "[--count N] [--timeout SECONDS] [--json] HOST:PORT"
-    longdesc = "Send sealed Pings from this node's identity and print the round-trip times."
+    synopsis = "[--count N] [--timeout SECONDS] [--json] HOST:PORT | NAME-OR-ID"
+    longdesc = ("Send sealed Pings from this node's identity and print the round-trip times. "
+                "A node of this domain may be named instead of HOST:PORT: its address comes "
+                "from its NodeInfo (the running node must be enrolled).")
     optParameters = [
         ["count", "c", "1", "number of pings (1-100)"],
         ["timeout", "t", "2", "seconds to wait for each answer"],
     ]
 
-    def parseArgs(self, address):
+    def parseArgs(self, target):
+        self["address"] = self["node"] = None
         try:
-            self["address"] = config.parse_host_port(address)
-        except ValueError as e:
-            raise usage.UsageError(str(e)) from None
+            self["address"] = config.parse_host_port(target)
+        except ValueError as address_error:
+            if ":" in target:
+                raise usage.UsageError(str(address_error)) from None
+            try:
+                config.parse_node_or_id(target)
+            except ValueError as e:
+                raise usage.UsageError(f"{e}: name a node or give HOST:PORT") from None
+            self["node"] = target
 
     def postOptions(self):
         try:
@@ -183,12 +192,18 @@ def _standalone_ping(state_dir, host, port, count, timeout):
 
 def cmd_ping(options, global_options):
     state_dir = global_options["state-dir"]
-    host, port = options["address"]
-    request = {"address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-               "count": options["count"], "timeout": options["timeout"]}
+    request = {"count": options["count"], "timeout": options["timeout"]}
+    if options["node"] is not None:
+        request["node"] = options["node"]
+    else:
+        host, port = options["address"]
+        request["address"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     data = control_request(state_dir, "POST", "/v1/ping", request,
                            timeout=options["count"] * options["timeout"] * 2 + 5)
     if data is None:
+        if options["node"] is not None:
+            raise CommandError(f"no node is running with state directory {state_dir} "
+                               f"to find {options['node']!r} through")
         data = _standalone_ping(state_dir, host, port, options["count"], options["timeout"])
     lines = [f"Pong from {data['name']} ({data['node_id'][:16]}) at {data['address']}: "
              f"time={rtt} ms" for rtt in data["rtt_ms"]]

@@ -136,10 +136,11 @@ class StatusResource(_JSONResource):
 
 
 class PingResource(_JSONResource):
-    """POST {"address": "HOST:PORT", "count": N, "timeout": S, "node_id": HEX (optional)}.
+    """POST {"address": "HOST:PORT" and/or "node": NAME-OR-ID, "count": N, "timeout": S}.
 
-    With a node id, the peer's Node record comes from the directory (the operator) instead of
-    the GetNode bootstrap.
+    With an address only, the peer is met with the GetNode bootstrap; with a node as well, its
+    Node record comes from the directory (the operator); with a node only, its address comes
+    from its NodeInfo in the DHT.
     """
 
     def __init__(self, rpc, directory):
@@ -153,21 +154,35 @@ class PingResource(_JSONResource):
     def _ping(self, request):
         try:
             body = json.loads(request.content.read(65536) or b"{}")
-            host, port = config.parse_host_port(body["address"])
+            address = config.parse_host_port(body["address"]) if "address" in body else None
+            node = config.parse_node_or_id(body["node"]) if "node" in body else None
             count = int(body.get("count", 1))
             timeout = float(body.get("timeout", self._rpc.call_timeout))
-            node_id = bytes.fromhex(body["node_id"]) if body.get("node_id") else None
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ControlError(400, f"bad ping request: {e}") from None
+        if address is None and node is None:
+            raise ControlError(400, "bad ping request: give an address or a node")
         if not 1 <= count <= 100 or not 0 < timeout <= 60:
             raise ControlError(400, "count must be 1-100 and timeout 0-60 seconds")
-        if node_id is None:
-            d = self._rpc.ping_address(host, port, count, timeout)
+        if node is None:
+            d = self._rpc.ping_address(*address, count, timeout)
+        elif address is not None:
+            d = (self._directory.lookup_name(node) if isinstance(node, str)
+                 else self._directory.lookup_node(node))
+            d.addCallback(lambda peer: self._rpc.ping_peer(peer, address, count, timeout))
         else:
-            d = self._directory.lookup_node(node_id)
-            d.addCallback(lambda peer: self._rpc.ping_peer(peer, (host, port), count, timeout))
+            d = self._directory.lookup_node_info(node)
+            d.addCallback(self._ping_announced, count, timeout)
         d.addErrback(_explain_rpc_failure)
         return d
+
+    def _ping_announced(self, found, count, timeout):
+        info, _ = found
+        if not info.addresses:
+            raise ControlError(502, "the node announced no address")
+        address = info.addresses[0]
+        peer = self._rpc.peers.get(info.node_id)
+        return self._rpc.ping_peer(peer, (address.host, address.port), count, timeout)
 
 
 class LookupResource(_JSONResource):

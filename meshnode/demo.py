@@ -109,7 +109,7 @@ def main():
         print("\nEach finds the other's Node record through the operator and pings it:")
         for source, target in (("alice", "bob"), ("bob", "alice")):
             result = cli.control_request(nodes[source][0], "POST", "/v1/ping", {
-                "address": f"127.0.0.1:{nodes[target][1]}", "node_id": nodes[target][2],
+                "address": f"127.0.0.1:{nodes[target][1]}", "node": nodes[target][2],
                 "count": 3})
             print(f"  {source} → {target}: {', '.join(str(r) for r in result['rtt_ms'])} ms")
         print("\nEach announced its NodeInfo to the operator's DHT partition; alice looks bob up:")

@@ -102,9 +102,14 @@ class CommandLineTests(SynchronousTestCase):
         self.assertIn("name a command", self.refused())
 
     def test_ping_bad_address_refused(self):
-        """`ping` with a malformed address is refused."""
-        self.assertIn("HOST:PORT", self.refused("--state-dir", self.node_dir, "ping", "nohost"))
+        """`ping` with a malformed address or an impossible node name is refused."""
         self.assertIn("port", self.refused("--state-dir", self.node_dir, "ping", "h:99999"))
+        self.assertIn("HOST:PORT", self.refused("--state-dir", self.node_dir, "ping", "h" * 64))
+
+    def test_ping_by_name_needs_a_running_node(self):
+        """`ping NAME` finds the node through the running node, and says when there is none."""
+        err = self.refused("--state-dir", self.node_dir, "ping", "bob", status=1)
+        self.assertIn("no node is running", err)
 
     def test_status_without_a_running_node(self):
         """`status` says when no node runs in the state directory."""

@@ -47,9 +47,9 @@ class OperatorNetworkTests(TestCase):
 
         # Each finds the other's Node record through the operator, then pings it.
         there = yield alice.control("POST", "/v1/ping", {"address": bob.address,
-                                                         "node_id": bob_status["node_id"]})
+                                                         "node": bob_status["node_id"]})
         back = yield bob.control("POST", "/v1/ping", {"address": alice.address,
-                                                      "node_id": alice_status["node_id"]})
+                                                      "node": alice_status["node_id"]})
         self.assertEqual((there["name"], back["name"]), ("bob", "alice"))
         operator_status = yield operator.status()
         self.assertGreaterEqual(operator_status["accepted"].get("GET_NODE", 0), 2)
@@ -65,6 +65,12 @@ class OperatorNetworkTests(TestCase):
             "--state-dir", alice.state_dir, "lookup", "bob", "--json"))
         self.assertEqual(code, 0, output)
         self.assertEqual(json.loads(output)["node_id"], bob_status["node_id"])
+        # By name alone: the address comes from bob's announced NodeInfo.
+        code, output = yield run_command(meshnode_command(
+            "--state-dir", alice.state_dir, "ping", "bob", "--count", "2"))
+        self.assertEqual(code, 0, output)
+        self.assertEqual(output.count(f"Pong from bob ({bob_status['node_id'][:16]}) at "
+                                      f"{bob.address}"), 2, output)
         operator_status = yield operator.status()
         self.assertEqual(operator_status["operator"]["enroll_port"], enroll_port)
         self.assertEqual(operator_status["operator"]["tls_fingerprint"], fingerprint)
@@ -167,5 +173,5 @@ class SharedPostgresTests(TestCase):
         self.assertEqual(sorted(n["name"] for n in nodes), ["alice", "bob"])
         # bob's record was signed by the second operator; alice finds it through the first.
         result = yield members[0].control("POST", "/v1/ping", {
-            "address": members[1].address, "node_id": bob_status["node_id"]})
+            "address": members[1].address, "node": bob_status["node_id"]})
         self.assertEqual(result["name"], "bob")
