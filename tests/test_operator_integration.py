@@ -175,3 +175,22 @@ class SharedPostgresTests(TestCase):
         result = yield members[0].control("POST", "/v1/ping", {
             "address": members[1].address, "node": bob_status["node_id"]})
         self.assertEqual(result["name"], "bob")
+
+    @defer.inlineCallbacks
+    def test_fresh_operator_initialises_itself(self):
+        """`twistd meshnode --operator` on a new state directory becomes an operator at once,
+        with the TLS fingerprint `meshnode operator info` shows."""
+        network = Network(self)
+        state_dir = os.path.join(network.base, "fresh")
+        enroll_port = free_udp_port()
+        operator = yield network.start(state_dir, "--operator", "--enroll-listen",
+                                       f"ssl:{enroll_port}:interface=127.0.0.1")
+        status = yield operator.status()
+        self.assertTrue(status["enrolled"])
+        self.assertIn("operator", status["roles"])
+        code, output = yield run_command(meshnode_command(
+            "--state-dir", state_dir, "operator", "info", "--json"))
+        self.assertEqual(code, 0, output)
+        self.assertEqual(json.loads(output)["tls_fingerprint"],
+                         status["operator"]["tls_fingerprint"])
+        self.assertIn("made a new operator", operator.log())

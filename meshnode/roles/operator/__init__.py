@@ -5,11 +5,13 @@ with the admin command line, and — until super-nodes exist — answers the dir
 lookups (operators, super-nodes, Node records, end-devices) for every domain.
 """
 
+import os
+
 from twisted.application import internet, service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
-from meshnode import records
+from meshnode import identity, records
 from meshnode.dht import PartitionService
 from meshnode.errors import StartupError
 from meshnode.roles.operator import directory, registry, signing, tls
@@ -44,6 +46,15 @@ class OperatorService(service.MultiService):
             timer = internet.TimerService(interval, self._guarded, work)
             timer.clock = reactor
             timer.setServiceParent(self)
+
+    def privilegedStartService(self):
+        # Before any service starts (the identity service reads the enrollment): a fresh state
+        # directory becomes an operator, as `meshnode operator init` would make it.
+        if not os.path.exists(os.path.join(self._state_dir, identity.ENROLLMENT_FILE)):
+            me, _ = signing.init_operator(self._state_dir, 0, "operator", self._reactor)
+            _log.info("made a new operator {node_id} in {state_dir}", node_id=me.node_id.hex(),
+                      state_dir=self._state_dir)
+        super().privilegedStartService()
 
     def startService(self):
         try:
