@@ -1,6 +1,5 @@
 """Real `twistd -n meshnode` processes for integration tests, with bounded waits and cleanup."""
 
-import json
 import os
 import shutil
 import signal
@@ -176,7 +175,3 @@ class Network:
 
 def meshnode_command(*args):
     return [sys.executable, "-m", "meshnode.cli", *args]
-
-
-def parse_json(output):
-    return json.loads(output)
