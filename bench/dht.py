@@ -6,10 +6,8 @@ in flight. The baseline is bench/rpc.py's bare echo with the same window, in the
 """
 
 import argparse
-import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,10 +91,7 @@ def bench_dht(seconds, rounds):
                 server.terminate()
                 server.wait(10)
             bare.append(rpc_bench.echo_rate(seconds))
-        value, baseline = statistics.median(served), statistics.median(bare)
-        print(json.dumps({"name": "dht_get_node_info", "value": round(value),
-                          "unit": "lookups/s", "baseline": round(baseline),
-                          "ratio": round(value / baseline, 3)}), flush=True)
+        rpc_bench.print_figure("dht_get_node_info", "lookups/s", served, bare)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

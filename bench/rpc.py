@@ -150,6 +150,14 @@ def measure(command, seconds):
     return json.loads(out.stdout.strip().splitlines()[-1])["rate"]
 
 
+def print_figure(name, unit, values, baselines):
+    """One benchmark's JSON line: the medians of its rounds and of the baseline's."""
+    value, baseline = statistics.median(values), statistics.median(baselines)
+    print(json.dumps({"name": name, "value": round(value), "unit": unit,
+                      "baseline": round(baseline), "ratio": round(value / baseline, 3)}),
+          flush=True)
+
+
 def echo_rate(seconds):
     """The bare Twisted UDP echo's answers per second, server and client in two processes."""
     port = free_port()
@@ -205,10 +213,7 @@ def bench_rpc(seconds, rounds):
                 server.terminate()
                 server.wait(10)
             bare.append(echo_rate(seconds))
-        value, baseline = statistics.median(sealed), statistics.median(bare)
-        print(json.dumps({"name": "rpc_sealed_ping_pong", "value": round(value),
-                          "unit": "messages/s", "baseline": round(baseline),
-                          "ratio": round(value / baseline, 3)}), flush=True)
+        print_figure("rpc_sealed_ping_pong", "messages/s", sealed, bare)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -159,3 +159,11 @@ class Mesh:
             return sorted(tuple(row) for row in connection.execute(sa.select(
                 dht_records.c.domain, dht_records.c.record_type, dht_records.c.key,
                 dht_records.c.created, dht_records.c.expires)))
+
+    def ask(self, node, message, answer, to=None):
+        """Call `to` (the operator by default) from `node`, deliver everything → the answer."""
+        to = to or self.operator
+        peer = node.rpc.learn(to.rpc.own_node)
+        d = node.rpc.call(peer, to.address, message, answer)
+        self.network.flush()
+        return self._testcase.successResultOf(d)

@@ -189,12 +189,7 @@ class _PartitionTestCase(SynchronousTestCase):
         return self.mesh.partition(quota)
 
     def ask(self, node, message, answer, to=None):
-        """Call `to` (the operator by default) from `node`, deliver everything → the answer."""
-        to = to or self.operator
-        peer = node.rpc.learn(to.rpc.own_node)
-        d = node.rpc.call(peer, to.address, message, answer)
-        self.mesh.network.flush()
-        return self.successResultOf(d)
+        return self.mesh.ask(node, message, answer, to)
 
     def put(self, node, signed):
         return self.ask(node, PutRecord(signed), Stored)

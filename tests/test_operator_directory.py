@@ -30,12 +30,7 @@ class _DirectoryTestCase(SynchronousTestCase):
         self.alice = self.mesh.user("alice")
 
     def ask(self, node, message, answer, to=None):
-        """Call `to` (the operator by default) from `node`, deliver everything → the answer."""
-        to = to or self.operator
-        peer = node.rpc.learn(to.rpc.own_node)
-        d = node.rpc.call(peer, to.address, message, answer)
-        self.mesh.network.flush()
-        return self.successResultOf(d)
+        return self.mesh.ask(node, message, answer, to)
 
     def verified(self, node, page):
         """The records of a page, each checked with `node`'s trust."""
