@@ -1,9 +1,9 @@
 """NodeInfo announcements: every node tells its domain's DHT replicas where it is.
 
 A NodeInfo (addresses, RPC port, observed endpoints, NAT behaviour, locations, roles) is
-signed by the node itself and put to the replicas every 5 minutes and whenever it changes.
-Built so far: addresses and roles, put to the operator (which serves every partition until
-super-nodes exist); observed endpoints, NAT behaviour and locations come with later issues.
+signed by the node itself and put to every replica of its domain's partition every 5 minutes
+and whenever it changes. The observed endpoint is what one replica answers to WhoAmI; NAT
+behaviour and locations come with the NAT traversal and tunnel issues.
 """
 
 import socket
@@ -13,8 +13,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from meshnode import records
+from meshnode.dht import PutResult
 from meshnode.records import NatBehaviour
-from meshnode.rpc.messages import PutRecord, Stored
+from meshnode.rpc.messages import PutRecord, Stored, WhoAmI, YouAre
+from meshnode.rpc.service import RPCError
 from meshnode.wire import Endpoint
 
 _log = Logger()
@@ -65,25 +67,41 @@ class AnnouncerService(service.MultiService):
                                          reason=f.getErrorMessage()))
         return d
 
-    def node_info(self):
+    def node_info(self, observed=()):
         """This node's NodeInfo as it is now (unsigned)."""
         address = self._listen_address
         if not address and self._directory.operator_address is not None:
             address = outbound_address(self._directory.operator_address)
         addresses = [Endpoint(address, self._rpc.port)] if address else []
         return records.NodeInfo(self._rpc.domain, self._rpc.node_id, addresses, self._rpc.port,
-                                (), NatBehaviour.UNKNOWN, (), self._rpc.roles,
+                                observed, NatBehaviour.UNKNOWN, (), self._rpc.roles,
                                 self._rpc.now_ms())
 
     @defer.inlineCallbacks
+    def _observe(self, replicas):
+        """The endpoint a replica sees our datagrams come from, if one answers."""
+        for replica in replicas[:2]:
+            try:
+                seen = yield self._directory.call(replica, WhoAmI(), YouAre)
+            except RPCError:
+                continue
+            return (seen.endpoint,)
+        return ()
+
+    @defer.inlineCallbacks
     def announce(self):
-        """Sign a fresh NodeInfo and put it to every replica → their Stored answers."""
+        """Sign a fresh NodeInfo and put it to every replica → {replica id: Stored or the
+        failure's message}."""
         if not self._rpc.enrolled or self._directory.operator_address is None:
             return None
-        replicas = yield self._directory.replicas()  # resolves the operator's address first
-        signed = self._identity_service.identity.sign(self.node_info())
-        results = []
-        for peer, address in replicas:
-            results.append((yield self._rpc.call(peer, address, PutRecord(signed), Stored)))
-        self.last_result = results
-        return results
+        replicas = yield self._directory.replicas()
+        observed = yield self._observe(replicas)
+        signed = self._identity_service.identity.sign(self.node_info(observed))
+        results = yield defer.DeferredList(
+            [self._directory.call(replica, PutRecord(signed), Stored) for replica in replicas],
+            consumeErrors=True)
+        self.last_result = {replica.node_id.hex(): (answer if ok else answer.getErrorMessage())
+                            for replica, (ok, answer) in zip(replicas, results)}
+        if not any(ok and answer.result != PutResult.REFUSED for ok, answer in results):
+            _log.warn("no replica took our NodeInfo: {results}", results=self.last_result)
+        return self.last_result

@@ -141,6 +141,13 @@ def parse_host_port(text):
     return host, port_number
 
 
+def parse_replicas(text):
+    value = parse_positive_int(text)
+    if value > 16:
+        raise ValueError(f"{value} replicas per range is over the limit of 16")
+    return value
+
+
 def default_state_dir():
     if os.geteuid() == 0:
         return "/var/lib/meshnode"
@@ -166,6 +173,8 @@ SETTINGS = {
     ("node", "operator-rpc"): parse_host_port,
     ("node", "enroll-token"): str,
     ("operator", "enroll-listen"): parse_server_endpoint,
+    ("operator", "replicas"): parse_replicas,
+    ("dht", "quota"): parse_positive_int,
     ("rpc", "call-timeout"): parse_positive_float,
     ("rpc", "rate-limit"): parse_positive_int,
     ("rpc", "rate-burst"): parse_positive_int,
@@ -178,6 +187,8 @@ DEFAULTS = {
     "rate-limit": 2000,
     "rate-burst": 4000,
     "enroll-listen": "ssl:8443",
+    "replicas": 3,
+    "quota": 10_000,
 }
 
 

@@ -1,30 +1,43 @@
-"""A DHT replica: the self-signed records of the partitions a node serves (DESIGN.md §5).
+"""A DHT replica: the self-signed records of the partition ranges a node serves (DESIGN.md §5).
+
+Each entry is a node's NodeInfo together with its operator-signed Node record, the record it
+was checked against: so any replica can check an entry it is handed by another replica, and a
+reader gets everything it needs to check the answer in one datagram.
 
 Reads come from an in-memory index; writes go through to the store's `dht_records` table in
-its thread pool, so the RPC's hot path never waits on the database. A record is kept only if
+its thread pool, so the RPC's hot path never waits on the database. An entry is kept only if
 its signer rule, signature and lifetime hold; the newest `created` wins; each domain has a
-quota, and expired records are collected first (and by a periodic sweep).
+quota, and expired entries are collected first (and by a periodic sweep).
 
-Built so far: NodeInfo records, served by the operator for every partition (PutRecord,
-GetNodeInfo). Super-node ranges, replication and anti-entropy come with the DHT issue.
+Replicas of a range converge by anti-entropy: every half minute a replica asks one other
+holder of each of its ranges for per-domain digests (count and an XOR of entry hashes) and
+pulls every domain whose digest differs, page by page (TransferPartition). A new replica is
+filled the same way, from the other holders and the operator.
 """
 
 import collections
 import enum
+import hashlib
+import random
 
+import attrs
 import sqlalchemy as sa
 from twisted.application import internet, service
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from meshnode import records
-from meshnode.rpc.messages import Command, NodeInfoRecord, Stored
-from meshnode.rpc.service import any_domain
+from meshnode.rpc.messages import (Command, NodeInfoRecord, PartitionDigests, PartitionRecords,
+                                   Stored, TransferPartition, DIGESTS_PER_PAGE)
+from meshnode.rpc.service import RPCError, any_domain
 from meshnode.schema import dht_records
 
 _log = Logger()
 
 DEFAULT_QUOTA = 10_000
 EXPIRY_SWEEP_SECONDS = 60.0
+ANTI_ENTROPY_SECONDS = 30.0
+TRANSFER_PAGE_LIMIT = 20_000  # pages one domain pull may take (a quota's worth and more)
 
 
 class PutResult(enum.IntEnum):
@@ -33,21 +46,58 @@ class PutResult(enum.IntEnum):
     REFUSED = 2
 
 
-def thd_save(engine, domain, record_type, key, created, expires, record):
-    """Keep the record unless the table holds one as new (writes may land out of order when
+@attrs.frozen
+class Entry:
+    """A NodeInfo and the Node record of its subject, both as signed."""
+
+    node: records.Signed
+    info: records.Signed
+
+    @property
+    def key(self):
+        return self.info.record.domain, self.info.record.node_id
+
+    @property
+    def created(self):
+        return self.info.record.created
+
+    @property
+    def expires(self):
+        return _expires(self.info.record)
+
+
+def _expires(record):
+    return record.created + records.NODE_INFO_LIFETIME_MS
+
+
+def _entry_hash(node_id, created):
+    return int.from_bytes(hashlib.blake2b(node_id + created.to_bytes(8, "big"),
+                                          digest_size=16).digest(), "big")
+
+
+def served(ranges, partition_key):
+    return any(low <= partition_key <= high for low, high in ranges)
+
+
+# -- persistence (run in the store's thread pool) ----------------------------------------------
+
+def thd_save(engine, entry):
+    """Keep the entry unless the table holds one as new (writes may land out of order when
     the store has several threads)."""
+    domain, node_id = entry.key
+    record_type = records.RecordType.NODE_INFO
     where = (dht_records.c.domain == domain, dht_records.c.record_type == record_type,
-             dht_records.c.key == key)
+             dht_records.c.key == node_id)
+    values = dict(created=entry.created, expires=entry.expires, record=entry.info.encode(),
+                  subject_node=entry.node.encode())
     try:
         with engine.begin() as connection:
             held = connection.execute(sa.select(dht_records.c.created).where(*where)).first()
             if held is None:
                 connection.execute(dht_records.insert().values(
-                    domain=domain, record_type=record_type, key=key, created=created,
-                    expires=expires, record=record))
-            elif held.created < created:
-                connection.execute(dht_records.update().where(*where).values(
-                    created=created, expires=expires, record=record))
+                    domain=domain, record_type=record_type, key=node_id, **values))
+            elif held.created < entry.created:
+                connection.execute(dht_records.update().where(*where).values(**values))
     except sa.exc.IntegrityError:
         pass  # a concurrent insert of the key won; memory holds the newest, the next put
         # (announcements come every 5 minutes) brings the table up to date
@@ -62,128 +112,326 @@ def thd_delete_expired(engine, now):
 
 def thd_load(engine, now):
     with engine.connect() as connection:
-        return [row.record for row in connection.execute(
-            sa.select(dht_records.c.record).where(dht_records.c.expires > now))]
+        return [(row.subject_node, row.record) for row in connection.execute(
+            sa.select(dht_records.c.subject_node, dht_records.c.record).where(
+                dht_records.c.expires > now))]
 
+
+# -- the in-memory index -------------------------------------------------------------------
 
 class PartitionStore:
-    """NodeInfo records by (domain, node id), with a per-domain quota."""
+    """Entries by (domain, node id) and by (domain, overlay name), with a per-domain quota
+    and a per-domain digest kept up to date on every change."""
 
     def __init__(self, quota=DEFAULT_QUOTA):
         self.quota = quota
-        self._records = {}
+        self._entries = {}
+        self._names = {}
         self._per_domain = collections.Counter()
+        self._digest = collections.defaultdict(int)
 
     def __len__(self):
-        return len(self._records)
+        return len(self._entries)
 
     def counts(self):
-        """Records held per domain."""
+        """Entries held per domain."""
         return {domain: count for domain, count in self._per_domain.items() if count}
 
-    def put(self, signed, now):
-        """Keep `signed` (already verified) unless a newer one is held or the quota is full
+    def put(self, entry, now):
+        """Keep `entry` (already verified) unless a newer one is held or the quota is full
         → (PutResult, reason)."""
-        record = signed.record
-        key = (record.domain, record.node_id)
-        held = self._records.get(key)
+        key = entry.key
+        held = self._entries.get(key)
         if held is not None:
-            if held.record.created >= record.created:
+            if held.created >= entry.created:
                 return PutResult.KEPT_NEWER, "a newer record is held"
-        elif self._per_domain[record.domain] >= self.quota:
-            self._collect(record.domain, now)
-            if self._per_domain[record.domain] >= self.quota:
+        elif self._per_domain[key[0]] >= self.quota:
+            self.expire(now, key[0])
+            if self._per_domain[key[0]] >= self.quota:
                 return PutResult.REFUSED, "the domain's quota is full"
-        self._records[key] = signed
-        if held is None:
-            self._per_domain[record.domain] += 1
+        if held is not None:
+            self._remove(key)
+        self._entries[key] = entry
+        self._names[(key[0], entry.node.record.name)] = key[1]
+        self._per_domain[key[0]] += 1
+        self._digest[key[0]] ^= _entry_hash(key[1], entry.created)
         return PutResult.STORED, ""
 
-    def get(self, domain, node_id, now):
-        signed = self._records.get((domain, node_id))
-        if signed is None or _expires(signed.record) <= now:
-            return None
-        return signed
+    def _remove(self, key):
+        entry = self._entries.pop(key)
+        name_key = (key[0], entry.node.record.name)
+        if self._names.get(name_key) == key[1]:
+            del self._names[name_key]
+        self._per_domain[key[0]] -= 1
+        self._digest[key[0]] ^= _entry_hash(key[1], entry.created)
+        if not self._per_domain[key[0]]:
+            del self._per_domain[key[0]]
+            del self._digest[key[0]]
 
-    def _collect(self, domain, now):
-        return self.expire(now, domain)
+    def get(self, domain, node_id, now):
+        entry = self._entries.get((domain, node_id))
+        if entry is None or entry.expires <= now:
+            return None
+        return entry
+
+    def get_named(self, domain, name, now):
+        node_id = self._names.get((domain, name))
+        return None if node_id is None else self.get(domain, node_id, now)
 
     def expire(self, now, domain=None):
-        """Drop expired records (of one domain, or all) → their keys."""
-        gone = [key for key, signed in self._records.items()
-                if (domain is None or key[0] == domain) and _expires(signed.record) <= now]
+        """Drop expired entries (of one domain, or all) → their keys."""
+        gone = [key for key, entry in self._entries.items()
+                if (domain is None or key[0] == domain) and entry.expires <= now]
         for key in gone:
-            del self._records[key]
-            self._per_domain[key[0]] -= 1
+            self._remove(key)
         return gone
 
+    def digests(self, low, high):
+        """(domain, count, 16-byte digest) of each domain in partition keys low..high."""
+        return sorted((domain, count, self._digest[domain].to_bytes(16, "big"))
+                      for domain, count in self._per_domain.items()
+                      if low <= records.partition_of(domain) <= high)
 
-def _expires(record):
-    return record.created + records.NODE_INFO_LIFETIME_MS
+    def entries_of(self, domain):
+        """A domain's entries in node-id order (the order pages are served in)."""
+        return [entry for key, entry in sorted(self._entries.items()) if key[0] == domain]
 
+    def drop_outside(self, ranges):
+        """Forget every entry whose partition is outside `ranges` → how many."""
+        gone = [key for key in self._entries
+                if not served(ranges, records.partition_of(key[0]))]
+        for key in gone:
+            self._remove(key)
+        return len(gone)
+
+
+# -- the service ---------------------------------------------------------------------------
 
 class PartitionService(service.MultiService):
-    """Serves PutRecord and GetNodeInfo from a PartitionStore kept in the node's store."""
+    """Serves PutRecord, GetNodeInfo and TransferPartition for the ranges in `ranges`.
+
+    The owner (the operator or the super role) says which ranges to serve with `serve()`,
+    who may pull a range with `may_transfer(node_id, low, high)`, and who the other replicas
+    of a range are with `co_replicas(low, high, first)` → Deferred[list of Replica]
+    (`first`: the range was just gained, so include every source, the operator too).
+    `call(replica, message, answer)` sends a request to a replica.
+    """
 
     name = "partition"
 
-    def __init__(self, rpc, store, clock, quota=DEFAULT_QUOTA):
+    def __init__(self, rpc, store, clock, quota=DEFAULT_QUOTA, may_transfer=None,
+                 co_replicas=None, call=None, rng=None):
         super().__init__()
         self._rpc = rpc
         self._store = store
         self._clock = clock
+        self._may_transfer = may_transfer or (lambda node_id, low, high: False)
+        self._co_replicas = co_replicas
+        self._call = call
+        self._rng = rng or random.Random()
         self.records = PartitionStore(quota)
-        sweep = internet.TimerService(EXPIRY_SWEEP_SECONDS, self._sweep)
-        sweep.clock = clock
-        sweep.setServiceParent(self)
+        self.ranges = ()
+        self._new_ranges = set()
+        self.pulled = collections.Counter()  # entries stored by anti-entropy, per source id
+        self.last_sync = {}  # range → (time, replica id, pulled entries) of the last exchange
+        self._syncing = False
+        for interval, work in ((EXPIRY_SWEEP_SECONDS, self._sweep),
+                               (ANTI_ENTROPY_SECONDS, self.anti_entropy)):
+            timer = internet.TimerService(interval, self._guarded, work)
+            timer.clock = clock
+            timer.setServiceParent(self)
+
+    def serve(self, ranges):
+        """Serve exactly `ranges` ((low, high) pairs) from now on; gained ones are filled by
+        the next anti-entropy round, which starts at once."""
+        ranges = tuple(sorted(ranges))
+        if ranges == self.ranges:
+            return
+        gained = set(ranges) - set(self.ranges)
+        self.ranges = ranges
+        self._new_ranges |= gained
+        self._new_ranges &= set(ranges)
+        _log.info("serving DHT partition ranges {ranges}", ranges=format_ranges(ranges))
+        if gained and self.running and self._co_replicas is not None:
+            self._guarded(self.anti_entropy)
 
     def startService(self):
         self._rpc.register(Command.PUT_RECORD, self._put, any_domain)
         self._rpc.register(Command.GET_NODE_INFO, self._get_node_info, any_domain)
+        self._rpc.register(Command.TRANSFER_PARTITION, self._transfer, any_domain)
         d = self._store.run(thd_load, self._rpc.now_ms())
         d.addCallback(self._restore)
         d.addErrback(lambda f: _log.failure("could not load the DHT records", f))
         super().startService()
 
     def stopService(self):
-        for command in (Command.PUT_RECORD, Command.GET_NODE_INFO):
+        for command in (Command.PUT_RECORD, Command.GET_NODE_INFO, Command.TRANSFER_PARTITION):
             self._rpc.unregister(command)
         return super().stopService()
 
-    def _restore(self, blobs):
+    def _guarded(self, work):
+        d = defer.maybeDeferred(work)
+        d.addErrback(lambda f: _log.failure("DHT periodic work failed", f))
+        return d
+
+    def _restore(self, rows):
         now = self._rpc.now_ms()
-        for blob in blobs:
+        kept = 0
+        for node_blob, info_blob in rows:
             try:
-                self.records.put(records.decode_signed(blob), now)
-            except ValueError:
-                continue
-        _log.info("serving {count} DHT records", count=len(self.records))
+                entry = self.check(records.decode_signed(node_blob),
+                                   records.decode_signed(info_blob), now)
+            except (ValueError, records.RecordError):
+                continue  # revoked or expired since: not used
+            if self.records.put(entry, now)[0] == PutResult.STORED:
+                kept += 1
+        _log.info("restored {kept} DHT records", kept=kept)
+
+    def check(self, node_signed, info_signed, now):
+        """An Entry from a Node record and a NodeInfo, or RecordError if either fails."""
+        if not isinstance(info_signed.record, records.NodeInfo):
+            raise records.RecordError("wrong_type", "only NodeInfo records are stored here")
+        node = self._rpc.trust.verify(node_signed, now)
+        if not isinstance(node, records.Node):
+            raise records.RecordError("wrong_type", "the subject record is not a Node record")
+        self._rpc.trust.verify(info_signed, now, subject_node=node)
+        return Entry(node_signed, info_signed)
+
+    def _keep(self, entry, now):
+        result, reason = self.records.put(entry, now)
+        if result == PutResult.STORED:
+            d = self._store.run(thd_save, entry)
+            d.addErrback(lambda f: _log.failure("could not keep a DHT record", f))
+        return result, reason
+
+    # -- handlers ---------------------------------------------------------------------------
 
     def _put(self, incoming):
         """Only the subject writes its NodeInfo: the sender, checked against its Node record."""
         signed = incoming.message.signed
+        if not served(self.ranges, records.partition_of(signed.record.domain)):
+            self._rpc.drops["not_served"] += 1
+            return None  # outside our ranges: silence, so the writer re-reads the list
         now = self._rpc.now_ms()
-        if not isinstance(signed.record, records.NodeInfo):
-            return Stored(PutResult.REFUSED, "only NodeInfo records are stored here")
         try:
-            record = self._rpc.trust.verify(signed, now, subject_node=incoming.node)
+            entry = self.check(incoming.peer.signed, signed, now)
         except records.RecordError as e:
             return Stored(PutResult.REFUSED, e.reason)
-        result, reason = self.records.put(signed, now)
-        if result == PutResult.STORED:
-            d = self._store.run(thd_save, record.domain, record.TYPE, record.node_id,
-                                record.created, _expires(record), signed.encode())
-            d.addErrback(lambda f: _log.failure("could not keep a DHT record", f))
-        return Stored(result, reason)
+        return Stored(*self._keep(entry, now))
 
     def _get_node_info(self, incoming):
         """NodeInfo of a node of the requester's own domain (tenants never see each other)."""
-        signed = self.records.get(incoming.node.domain, incoming.message.node_id,
-                                  self._rpc.now_ms())
-        return NodeInfoRecord(signed)
+        domain = incoming.node.domain
+        if not served(self.ranges, records.partition_of(domain)):
+            self._rpc.drops["not_served"] += 1
+            return None
+        message, now = incoming.message, self._rpc.now_ms()
+        if message.node_id is not None:
+            entry = self.records.get(domain, message.node_id, now)
+        else:
+            entry = self.records.get_named(domain, message.name, now)
+        if entry is None:
+            return NodeInfoRecord()
+        return NodeInfoRecord(entry.node, entry.info)
+
+    def _transfer(self, incoming):
+        """Pages for another replica of the range: only for one the operator placed there."""
+        message = incoming.message
+        if not self._may_transfer(incoming.node.node_id, message.low, message.high):
+            self._rpc.drops["not_replica"] += 1
+            return None
+        if message.domain is None:
+            digests = self.records.digests(message.low, message.high)
+            start = message.offset
+            return PartitionDigests(len(digests), digests[start:start + DIGESTS_PER_PAGE])
+        if not message.low <= records.partition_of(message.domain) <= message.high:
+            return PartitionRecords(0, ())
+        return PartitionRecords.fill(self.records.entries_of(message.domain), message.offset)
+
+    # -- anti-entropy -------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def anti_entropy(self):
+        """One round: for each range served, exchange digests with one other replica (every
+        source for a range just gained) and pull the domains that differ."""
+        if self._syncing or self._co_replicas is None or not self._rpc.enrolled:
+            return
+        self._syncing = True
+        try:
+            for low, high in self.ranges:
+                first = (low, high) in self._new_ranges
+                replicas = list((yield self._co_replicas(low, high, first)))
+                self._rng.shuffle(replicas)
+                if not first:
+                    replicas = replicas[:1]
+                complete = bool(replicas)
+                for replica in replicas:
+                    try:
+                        pulled = yield self.sync_with(replica, low, high)
+                    except RPCError as e:
+                        complete = False
+                        _log.info("anti-entropy with {replica} failed: {reason}",
+                                  replica=replica.node_id.hex()[:16], reason=e)
+                        continue
+                    self.last_sync[(low, high)] = (self._clock.seconds(),
+                                                   replica.node_id.hex(), pulled)
+                if first and complete:
+                    self._new_ranges.discard((low, high))
+        finally:
+            self._syncing = False
+
+    @defer.inlineCallbacks
+    def sync_with(self, replica, low, high):
+        """Pull from `replica` every domain of low..high whose digest differs from ours
+        → the number of entries stored."""
+        theirs = []
+        while True:
+            page = yield self._call(replica, TransferPartition(low, high, None, len(theirs)),
+                                    PartitionDigests)
+            theirs.extend(page.digests)
+            if not page.digests or len(theirs) >= page.total:
+                break
+        mine = {domain: (count, digest) for domain, count, digest
+                in self.records.digests(low, high)}
+        stored = 0
+        for domain, count, digest in theirs:
+            if not low <= records.partition_of(domain) <= high:
+                continue
+            if mine.get(domain) == (count, digest):
+                continue
+            stored += yield self._pull(replica, low, high, domain)
+        self.pulled[replica.node_id] += stored
+        return stored
+
+    @defer.inlineCallbacks
+    def _pull(self, replica, low, high, domain):
+        stored = offset = 0
+        for _ in range(TRANSFER_PAGE_LIMIT):
+            page = yield self._call(replica, TransferPartition(low, high, domain, offset),
+                                    PartitionRecords)
+            now = self._rpc.now_ms()
+            for node_signed, info_signed in page.entries:
+                try:
+                    entry = self.check(node_signed, info_signed, now)
+                except records.RecordError:
+                    self._rpc.drops["bad_transfer_record"] += 1
+                    continue  # forged, stale or revoked: never kept
+                if entry.key[0] != domain:
+                    continue
+                if self._keep(entry, now)[0] == PutResult.STORED:
+                    stored += 1
+            offset += len(page.entries)
+            if not page.entries or offset >= page.total:
+                break
+        return stored
 
     def _sweep(self):
         now = self._rpc.now_ms()
         self.records.expire(now)
         d = self._store.run(thd_delete_expired, now)
         d.addErrback(lambda f: _log.failure("could not delete expired DHT records", f))
+        return d
+
+
+def format_ranges(ranges):
+    return ", ".join(f"{low:04x}-{high:04x}" for low, high in ranges) or "none"

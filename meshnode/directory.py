@@ -1,54 +1,145 @@
-"""Who to ask: the operators this node trusts, and Node records looked up through them.
+"""Who to ask: the operators this node trusts, the super-nodes the operator placed, and the
+DHT replicas of a partition.
 
-This issue keeps the operator list from the enrollment, asks the operator's RPC for the Node
-records of its domain's nodes, and persists peers' Node records in the store so a restarted
-node still knows them. Super-node lists and K-redundant queries with doubling fan-out come
-with the DHT issue.
+The super-node list is the operator's signed SuperNode records (each with the endpoint the
+operator reached the super-node on), fetched from a super-node of the list or from an
+operator, checked, and kept in the local store so a restarted node knows it without asking.
+A partition's replicas are the super-nodes whose records cover it, and the operator while
+there are fewer than K of them. Reads ask K replicas in random order with doubling fan-out
+(FanOut); when every replica fails, the list is fetched again once from an operator
+(seed §3.9.4). Writes go to every replica.
 """
 
 import random
 
-from twisted.application import service
+import attrs
+import sqlalchemy as sa
+from twisted.application import internet, service
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from meshnode import records, store
-from meshnode.rpc.messages import GetNode, GetNodeInfo, NodeInfoRecord, NodeRecord
+from meshnode.rpc.messages import (GetNode, GetNodeInfo, GetSuperNodes, NodeInfoRecord,
+                                   NodeRecord, SuperNodes)
 from meshnode.rpc.service import RPCError
+from meshnode.schema import kept_lists
+from meshnode.wire import Writer
 
 _log = Logger()
+
+SUPER_NODE_REFRESH_SECONDS = 300.0
+SUPER_NODE_PAGE_LIMIT = 256  # pages of SuperNode records one refresh may read
 
 
 class DirectoryError(RPCError):
     """The directory could not find what was asked for; the message says why."""
 
 
-class DirectoryService(service.Service):
+@attrs.frozen
+class Replica:
+    """A node that serves DHT partitions (a super-node or an operator) and where it listens."""
+
+    node_id: bytes
+    address: tuple
+
+
+class SuperNodeList:
+    """The operator's SuperNode records (checked), and K, the replicas each range should have."""
+
+    def __init__(self, signed=(), replicas=1):
+        self.signed = tuple(signed)
+        self.replicas = replicas
+
+    def __len__(self):
+        return len(self.signed)
+
+    def holders(self, low, high=None):
+        """The super-nodes holding any of partition keys low..high, one Replica each."""
+        high = low if high is None else high
+        found = {}
+        for s in self.signed:
+            r = s.record
+            if r.partition_from <= high and low <= r.partition_to:
+                found.setdefault(r.node_id, Replica(r.node_id, (r.endpoint.host,
+                                                                r.endpoint.port)))
+        return list(found.values())
+
+    def ranges_of(self, node_id):
+        return sorted((s.record.partition_from, s.record.partition_to) for s in self.signed
+                      if s.record.node_id == node_id)
+
+    def super_nodes(self):
+        """{node id: (Replica, [ranges])}."""
+        out = {}
+        for s in self.signed:
+            r = s.record
+            replica = Replica(r.node_id, (r.endpoint.host, r.endpoint.port))
+            out.setdefault(r.node_id, (replica, []))[1].append((r.partition_from,
+                                                                r.partition_to))
+        return out
+
+    def encode(self):
+        return Writer().u8(self.replicas).bytes() + records.encode_bundle(self.signed)
+
+    @classmethod
+    def decode(cls, data):
+        return cls(records.decode_bundle(data[1:]), data[0])
+
+
+def _thd_load_list(engine, name):
+    with engine.connect() as connection:
+        row = connection.execute(sa.select(kept_lists.c.data).where(
+            kept_lists.c.name == name)).first()
+    return None if row is None else row.data
+
+
+def thd_keep_list(engine, name, data):
+    with engine.begin() as connection:
+        updated = connection.execute(kept_lists.update().where(
+            kept_lists.c.name == name).values(data=data)).rowcount
+        if not updated:
+            connection.execute(kept_lists.insert().values(name=name, data=data))
+
+
+class DirectoryService(service.MultiService):
     name = "directory"
 
-    def __init__(self, identity_service, store_service, rpc, operator_address=None):
+    def __init__(self, identity_service, store_service, rpc, operator_address=None,
+                 clock=None, rng=None):
+        super().__init__()
         self._identity_service = identity_service
         self._store = store_service
         self._rpc = rpc
         self.operator_address = operator_address
         self._operator = None
-        self._fan_out = FanOut()
+        self._rng = rng or random.Random()
+        self._fan_out = FanOut(rng=self._rng)
+        self.super_node_list = SuperNodeList()
+        self._list_loaded = False
+        self.list_observers = []  # called with the new SuperNodeList after every refresh
+        if clock is not None:
+            timer = internet.TimerService(SUPER_NODE_REFRESH_SECONDS, self._refresh_quietly)
+            timer.clock = clock
+            timer.setServiceParent(self)
 
     @property
     def operator_ids(self):
         return self._identity_service.enrollment.trust.operator_ids
 
     def startService(self):
-        service.Service.startService(self)
         self._rpc.learned.append(self._save_node)
         d = self._store.run(store.thd_load_nodes)
         d.addCallback(self._restore_nodes)
         d.addErrback(lambda f: _log.failure("could not load cached Node records", f))
+        d = self._store.run(_thd_load_list, "super_nodes")
+        d.addCallback(self._restore_list)
+        d.addErrback(lambda f: _log.failure("could not load the kept super-node list", f))
+        super().startService()
 
     def stopService(self):
         if self._save_node in self._rpc.learned:
             self._rpc.learned.remove(self._save_node)
-        return service.Service.stopService(self)
+        return super().stopService()
 
     def _restore_nodes(self, blobs):
         kept = 0
@@ -66,6 +157,17 @@ class DirectoryService(service.Service):
                             signed.encode())
         d.addErrback(lambda f: _log.failure("could not cache a Node record", f))
 
+    def _restore_list(self, data):
+        if data is None or self._list_loaded:
+            return
+        try:
+            kept = SuperNodeList.decode(data)
+        except ValueError:
+            return
+        self._use_list(self._checked(kept.signed), kept.replicas, save=False)
+
+    # -- reaching operators and replicas ------------------------------------------------------
+
     @defer.inlineCallbacks
     def operator(self):
         """The operator's Peer, bootstrapped once from its RPC address."""
@@ -76,9 +178,120 @@ class DirectoryService(service.Service):
             peer = yield self._rpc.fetch_node(self.operator_address)
             if not self._rpc.trust.is_operator(peer.node.node_id):
                 raise DirectoryError(f"{self.operator_address[0]}:{self.operator_address[1]} is "
-                                  f"not an operator this node trusts")
+                                     f"not an operator this node trusts")
             self._operator = peer
         return self._operator
+
+    @defer.inlineCallbacks
+    def operator_replica(self):
+        peer = yield self.operator()
+        return Replica(peer.node.node_id, self.operator_address)
+
+    @defer.inlineCallbacks
+    def peer_for(self, replica):
+        """The replica's Peer: known already, or met with the GetNode bootstrap; a node other
+        than the one the operator placed there is refused."""
+        peer = self._rpc.peers.get(replica.node_id)
+        if peer is None:
+            peer = yield self._rpc.fetch_node(replica.address)
+            if peer.node.node_id != replica.node_id:
+                raise DirectoryError(f"{replica.address[0]}:{replica.address[1]} is not the "
+                                     f"super-node the operator placed there")
+        return peer
+
+    @defer.inlineCallbacks
+    def call(self, replica, message, answer, timeout=None):
+        """Send `message` to a replica → Deferred[its answer]."""
+        peer = yield self.peer_for(replica)
+        return (yield self._rpc.call(peer, replica.address, message, answer, timeout))
+
+    # -- the super-node list ------------------------------------------------------------------
+
+    def _checked(self, signed_records):
+        now = self._rpc.now_ms()
+        kept = []
+        for signed in signed_records:
+            try:
+                if isinstance(self._rpc.trust.verify(signed, now), records.SuperNode):
+                    kept.append(signed)
+            except records.RecordError:
+                continue  # not signed by an operator we trust, or revoked: ignored
+        return kept
+
+    def _use_list(self, signed, replicas, save=True):
+        self._list_loaded = True
+        self.super_node_list = SuperNodeList(signed, replicas)
+        if save:
+            d = self._store.run(thd_keep_list, "super_nodes", self.super_node_list.encode())
+            d.addErrback(lambda f: _log.failure("could not keep the super-node list", f))
+        for observer in list(self.list_observers):
+            observer(self.super_node_list)
+
+    @defer.inlineCallbacks
+    def refresh_super_nodes(self, from_operator=False):
+        """Fetch the SuperNode records again: from a random super-node of the list, else (or
+        when it fails, or `from_operator`) from the operator → the new SuperNodeList."""
+        sources = []
+        if not from_operator:
+            sources = [replica for replica, _ in self.super_node_list.super_nodes().values()
+                       if replica.node_id != self._rpc.node_id]
+            self._rng.shuffle(sources)
+            sources = sources[:1]
+        failure = None
+        for source in sources + [None]:
+            try:
+                if source is None:
+                    source = yield self.operator_replica()
+                signed, replicas = yield self._read_list(source)
+            except RPCError as e:
+                failure = e
+                continue
+            self._use_list(self._checked(signed), replicas)
+            return self.super_node_list
+        raise failure
+
+    @defer.inlineCallbacks
+    def _read_list(self, source):
+        signed = []
+        for _ in range(SUPER_NODE_PAGE_LIMIT):
+            page = yield self.call(source, GetSuperNodes(len(signed)), SuperNodes)
+            signed.extend(page.signed)
+            if not page.signed or len(signed) >= page.total:
+                break
+        return signed, page.replicas
+
+    def _refresh_quietly(self):
+        if not self._rpc.enrolled or self.operator_address is None:
+            return None
+        d = self.refresh_super_nodes()
+        d.addErrback(lambda f: _log.info("could not refresh the super-node list: {reason}",
+                                         reason=f.getErrorMessage()))
+        return d
+
+    @defer.inlineCallbacks
+    def replicas(self, domain=None):
+        """The DHT replicas of a domain's partition (this node's own by default): the
+        super-nodes placed there, and the operator while they are fewer than K."""
+        if not self._list_loaded:
+            try:
+                yield self.refresh_super_nodes(from_operator=True)
+            except RPCError as e:
+                _log.info("no super-node list yet: {reason}", reason=e)
+        key = records.partition_of(self._rpc.domain if domain is None else domain)
+        holders = self.super_node_list.holders(key)
+        if len(holders) < self.super_node_list.replicas:
+            holders.append((yield self.operator_replica()))
+        return holders
+
+    def status(self):
+        """The directory's part of `meshnode status`: the super-node list it uses."""
+        listed = self.super_node_list
+        return {"replicas_per_range": listed.replicas, "super_nodes": [
+            {"node_id": node_id.hex(), "endpoint": f"{replica.address[0]}:{replica.address[1]}",
+             "ranges": [f"{low:04x}-{high:04x}" for low, high in sorted(ranges)]}
+            for node_id, (replica, ranges) in sorted(listed.super_nodes().items())]}
+
+    # -- lookups ----------------------------------------------------------------------------
 
     def lookup_node(self, node_id):
         """A node of this node's domain, by id → its Peer (Node record verified and learned)."""
@@ -107,39 +320,60 @@ class DirectoryService(service.Service):
                                  f"{e.reason}") from None
 
     @defer.inlineCallbacks
-    def replicas(self):
-        """The DHT replicas of this node's partition as (Peer, address) pairs.
-
-        The operator serves every partition until super-nodes exist (the DHT issue)."""
-        operator = yield self.operator()
-        return [(operator, self.operator_address)]
-
-    @defer.inlineCallbacks
     def lookup_node_info(self, node):
-        """The newest valid NodeInfo of a node of this domain, by id (bytes) or name (str)
-        → (NodeInfo, who answered)."""
-        node_peer = yield (self.lookup_name(node) if isinstance(node, str)
-                           else self.lookup_node(node))
-        node_id = node_peer.node.node_id
+        """The newest valid NodeInfo of a node of this domain, by id (bytes) or name (str),
+        from its partition's replicas → (NodeInfo, ids of the replicas that answered).
+
+        Each answer carries the node's Node record; both are checked, and the Node record is
+        learned, so the node can be reached at once."""
+        if isinstance(node, str):
+            request, what = GetNodeInfo(name=node), repr(node)
+        else:
+            request, what = GetNodeInfo(node_id=node), node.hex()
 
         def ask(replica):
-            peer, address = replica
-            d = self._rpc.call(peer, address, GetNodeInfo(node_id), NodeInfoRecord)
+            d = self.call(replica, request, NodeInfoRecord)
             return d.addCallback(valid)
 
         def valid(answer):
-            if answer.signed is None:
+            if answer.node is None:
                 return None
             try:
-                return self._rpc.trust.verify(answer.signed, self._rpc.now_ms(),
-                                              subject_node=node_peer.node)
+                node_record = self._rpc.trust.verify(answer.node, self._rpc.now_ms())
+                if (not isinstance(node_record, records.Node)
+                        or node_record.domain != self._rpc.domain
+                        or (node_record.name if isinstance(node, str)
+                            else node_record.node_id) != node):
+                    return None
+                info = self._rpc.trust.verify(answer.info, self._rpc.now_ms(),
+                                              subject_node=node_record)
             except records.RecordError:
                 return None  # forged or stale: never wins
+            return _Found(info, answer.node)
 
-        best, answered = yield self._fan_out.query((yield self.replicas()), ask)
+        for attempt in range(2):
+            best, answered = yield self._fan_out.query((yield self.replicas()), ask)
+            if best is not None or attempt:
+                break
+            # Nobody held it, or nobody answered: the list may be stale (seed §3.9.4).
+            try:
+                yield self.refresh_super_nodes(from_operator=True)
+            except RPCError:
+                break
         if best is None:
-            raise DirectoryError(f"no replica holds a NodeInfo of {node_id.hex()}")
-        return best, [peer.node.node_id for peer, _ in answered]
+            raise DirectoryError(f"no replica holds a NodeInfo of {what}")
+        self._rpc.learn(best.node)
+        return best.info, [replica.node_id for replica in answered]
+
+
+@attrs.frozen
+class _Found:
+    info: records.NodeInfo
+    node: records.Signed
+
+    @property
+    def created(self):
+        return self.info.created
 
 
 class FanOut:
@@ -188,5 +422,4 @@ class FanOut:
 
 
 def _key(replica):
-    peer, address = replica
-    return peer.node.node_id
+    return replica.node_id

@@ -12,7 +12,7 @@ import attrs
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from meshnode.wire import DecodeError, Reader, Writer
+from meshnode.wire import DecodeError, Endpoint, Reader, Writer
 
 RECORD_VERSION = 1
 ID_SIZE = 32
@@ -204,7 +204,10 @@ class NodeInfo:
 
 @attrs.frozen
 class SuperNode:
-    """An operator's assignment of a DHT partition range to a super-node."""
+    """An operator's assignment of a DHT partition range to a super-node.
+
+    `endpoint` is the RPC endpoint the operator reached the super-node on before signing:
+    nodes of every domain find their replicas from these records alone."""
 
     TYPE = RecordType.SUPER_NODE
     SIGNED_BY_OPERATOR = True
@@ -213,6 +216,7 @@ class SuperNode:
     node_id: bytes = _ID
     partition_from: int = attrs.field(validator=_check_uint(16))
     partition_to: int = attrs.field(validator=_check_uint(16))
+    endpoint: Endpoint = attrs.field(validator=attrs.validators.instance_of(Endpoint))
     created: int = _TIME
 
     @partition_to.validator
@@ -226,14 +230,15 @@ class SuperNode:
 
     def write(self, w):
         w.u32(self.domain).fixed(self.node_id, ID_SIZE)
-        w.u16(self.partition_from).u16(self.partition_to).u64(self.created)
+        w.u16(self.partition_from).u16(self.partition_to).endpoint(self.endpoint)
+        w.u64(self.created)
 
     @classmethod
     def read(cls, r):
         domain, node_id, low, high = r.u32(), r.fixed(ID_SIZE), r.u16(), r.u16()
         if high < low:
             raise DecodeError("partition range is reversed")
-        return cls(domain, node_id, low, high, r.u64())
+        return cls(domain, node_id, low, high, r.endpoint(), r.u64())
 
     def check(self, now):
         if self.created > now + CLOCK_SKEW_MS:

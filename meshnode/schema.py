@@ -61,14 +61,28 @@ operator_nodes = sa.Table(
     sa.Column("created", sa.BigInteger, nullable=False),
 )
 
+# The operator's signed partition assignment: one SuperNode record per range a node holds.
 super_nodes = sa.Table(
     "super_nodes", metadata,
+    sa.Column("node_id", _ID, primary_key=True),
+    sa.Column("partition_from", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("partition_to", sa.Integer, nullable=False),
+    sa.Column("domain", sa.BigInteger, nullable=False),
+    sa.Column("record", sa.LargeBinary, nullable=False),
+    sa.Column("created", sa.BigInteger, nullable=False),
+)
+
+# What each super-node offered (SubmitSuperNode), where it was reached, and when it was last
+# heard: the operator's input to the assignment.
+super_node_offers = sa.Table(
+    "super_node_offers", metadata,
     sa.Column("node_id", _ID, primary_key=True),
     sa.Column("domain", sa.BigInteger, nullable=False),
     sa.Column("partition_from", sa.Integer, nullable=False),
     sa.Column("partition_to", sa.Integer, nullable=False),
-    sa.Column("record", sa.LargeBinary, nullable=False),
-    sa.Column("created", sa.BigInteger, nullable=False),
+    sa.Column("host", sa.String(64), nullable=False),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("last_seen", sa.BigInteger, nullable=False),
 )
 
 end_devices = sa.Table(
@@ -92,7 +106,8 @@ revocations = sa.Table(
 
 # -- the DHT ------------------------------------------------------------------------------
 
-# Records a node serves as a DHT replica (NodeInfo so far), newest per (domain, type, key).
+# Records a node serves as a DHT replica (NodeInfo so far), newest per (domain, type, key),
+# each with the operator-signed Node record of its subject, which it is checked against.
 dht_records = sa.Table(
     "dht_records", metadata,
     sa.Column("domain", sa.BigInteger, primary_key=True, autoincrement=False),
@@ -101,4 +116,12 @@ dht_records = sa.Table(
     sa.Column("created", sa.BigInteger, nullable=False),
     sa.Column("expires", sa.BigInteger, nullable=False, index=True),
     sa.Column("record", sa.LargeBinary, nullable=False),
+    sa.Column("subject_node", sa.LargeBinary, nullable=False),
+)
+
+# Lists a node keeps between runs, by name: the operator's SuperNode records ("super_nodes").
+kept_lists = sa.Table(
+    "kept_lists", metadata,
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
 )

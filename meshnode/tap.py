@@ -56,6 +56,7 @@ class Options(usage.Options):
         ["name", None, None, "this node's overlay name, unique in its domain"],
         ["enroll-listen", None, None, "(operator) endpoint of the HTTPS enrollment API "
                                       "(default ssl:8443)"],
+        ["replicas", None, None, "(operator) super-nodes per DHT partition range (default 3)"],
     ]
 
     def postOptions(self):
@@ -72,7 +73,7 @@ class Options(usage.Options):
             settings.update(config.read_config(self["config"]))
         for key in ("partition", "state-dir", "rpc-port", "listen-address", "database",
                     "operator-url", "operator-fingerprint", "operator-ca", "operator-rpc",
-                    "enroll-token", "name", "enroll-listen"):
+                    "enroll-token", "name", "enroll-listen", "replicas"):
             if self[key] is not None:
                 settings[key] = config.parse_setting(key, self[key])
         for role in ROLE_FLAGS:
@@ -90,6 +91,9 @@ class Options(usage.Options):
         if self["enroll-listen"] is not None and not settings["operator"]:
             raise config.ConfigError("enroll-listen: only an operator (--operator) serves "
                                      "enrollment")
+        if self["replicas"] is not None and not settings["operator"]:
+            raise config.ConfigError("replicas: only an operator (--operator) places "
+                                     "super-nodes")
         settings.setdefault("state-dir", config.default_state_dir())
         state_dir = settings["state-dir"]
         if os.path.exists(state_dir) and not os.path.isdir(state_dir):
@@ -131,16 +135,20 @@ def build_node(settings, reactor):
                      port=settings["rpc-port"], roles=roles_of(settings),
                      call_timeout=settings["call-timeout"], rate=settings["rate-limit"],
                      burst=settings["rate-burst"])
-    directory = DirectoryService(identity, store, rpc, _operator_rpc_address(settings))
+    directory = DirectoryService(identity, store, rpc, _operator_rpc_address(settings),
+                                 clock=reactor)
     announcer = AnnouncerService(identity, rpc, directory, reactor, settings["listen-address"])
     control = ControlService(state_dir, identity, rpc, directory, reactor)
+    control.status_sections.append(("directory", directory.status))
     for child in (identity, store, rpc, directory, announcer, control):
         child.setServiceParent(node)
     if settings["operator"]:
         OperatorService(state_dir, identity, store, rpc, control, reactor,
-                        settings["enroll-listen"]).setServiceParent(node)
+                        settings["enroll-listen"], settings["replicas"],
+                        settings["quota"]).setServiceParent(node)
     if settings["super"]:
-        SuperService(settings["partition"]).setServiceParent(node)
+        SuperService(settings["partition"], rpc, store, directory, reactor, control,
+                     settings["listen-address"], settings["quota"]).setServiceParent(node)
     if settings["tunnel"]:
         TunnelService().setServiceParent(node)
     UserService().setServiceParent(node)

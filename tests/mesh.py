@@ -21,6 +21,7 @@ EPOCH = 1_800_000_000
 NOW_MS = EPOCH * 1000
 DAY_MS = 86_400_000
 LOCATION = bytes(range(32))
+REPLICAS = 3
 
 
 class IdentityStandIn:
@@ -90,7 +91,7 @@ class Mesh:
         self.operator = self._start(
             me, Enrollment.from_bundle(me, [own, self.operator_record], NOW_MS),
             Role.OPERATOR | Role.USER)
-        directory.register(self.operator.rpc, self.store)
+        directory.register(self.operator.rpc, self.store, REPLICAS)
 
     def _start(self, identity, enrollment, roles):
         self._hosts += 1
@@ -134,8 +135,10 @@ class Mesh:
         return self._start(Identity.generate(), Enrollment(), Role.USER)
 
     def partition(self, quota=dht.DEFAULT_QUOTA):
-        """A started PartitionService on the operator's RPC, kept in the mesh's store."""
+        """A started PartitionService on the operator's RPC serving every partition key (as
+        the operator does before any super-node joins), kept in the mesh's store."""
         service = PartitionService(self.operator.rpc, self.store, self.operator.reactor, quota)
+        service.serve([(0, 0xFFFF)])
         service.startService()
         self._testcase.addCleanup(lambda: service.running and service.stopService())
         return service

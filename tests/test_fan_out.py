@@ -7,18 +7,8 @@ import attrs
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode.directory import FanOut
+from meshnode.directory import FanOut, Replica
 from meshnode.rpc.service import CallTimeout
-
-
-@attrs.frozen
-class _Node:
-    node_id: bytes
-
-
-@attrs.frozen
-class _Peer:
-    node: _Node
 
 
 @attrs.frozen
@@ -27,7 +17,7 @@ class _Record:
 
 
 def replicas(count):
-    return [(_Peer(_Node(bytes([i]) * 32)), ("127.0.0.1", 7000 + i)) for i in range(count)]
+    return [Replica(bytes([i]) * 32, ("127.0.0.1", 7000 + i)) for i in range(count)]
 
 
 class FanOutTests(SynchronousTestCase):

@@ -165,7 +165,7 @@ class ServiceTreeTests(SynchronousTestCase):
                           "--operator-url", "https://op.example", "--operator-fingerprint",
                           "ab" * 32)
         self.assertEqual(self.names(node)[-4:], ["operator", "super", "tunnel", "user"])
-        self.assertEqual(node.getServiceNamed("super").partition, (0, 0x7FFF))
+        self.assertEqual(node.getServiceNamed("super").offer, (0, 0x7FFF))
 
     def test_building_opens_nothing(self):
         """Building the tree writes no state and binds no port: startService does."""

@@ -1,15 +1,146 @@
-"""The super role: serves a partition of the DHT, introduces NATed peers, relays tunnels.
+"""The super role: serves the DHT partition ranges the operator placed it on.
 
-Built so far: the partition the node offers (`--partition A-B`). Joining, the DHT, rendezvous
-and relaying come with the super-node and tunnel issues.
+The node offers `--partition A-B` with SubmitSuperNode, every minute (its heartbeat), from the
+endpoint the operator sees it on (WhoAmI) unless `listen-address` names one. It serves exactly
+the ranges of its own SuperNode records in the directory's list — kept in the local store, so
+a restarted super-node serves again before the operator answers — and converges with the
+other replicas of its ranges by anti-entropy. Rendezvous and relaying come with the tunnel and
+NAT traversal issues.
 """
 
-from twisted.application import service
+from twisted.application import internet, service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from meshnode.dht import DEFAULT_QUOTA, PartitionService, format_ranges
+from meshnode.rpc.messages import (Command, SubmitState, SubmitSuperNode, SuperNodes,
+                                   SuperNodeStatus, WhoAmI, YouAre)
+from meshnode.rpc.service import RPCError, any_domain
+from meshnode.wire import Endpoint
+
+_log = Logger()
+
+SUBMIT_SECONDS = 60.0
+CHECK_POLL_SECONDS = 0.5
+CHECK_POLLS = 20
 
 
 class SuperService(service.MultiService):
     name = "super"
 
-    def __init__(self, partition):
+    def __init__(self, offer, rpc, store, directory, clock, control, listen_address="",
+                 quota=DEFAULT_QUOTA):
         super().__init__()
-        self.partition = partition
+        self.offer = offer
+        self._rpc = rpc
+        self._directory = directory
+        self._clock = clock
+        self._listen_address = listen_address
+        self.state = None  # the operator's last SuperNodeStatus
+        self.endpoint = None
+        self.partition = PartitionService(rpc, store, clock, quota,
+                                          may_transfer=self._may_transfer,
+                                          co_replicas=self._co_replicas, call=directory.call)
+        self.partition.setServiceParent(self)
+        timer = internet.TimerService(SUBMIT_SECONDS, self._guarded)
+        timer.clock = clock
+        timer.setServiceParent(self)
+        directory.list_observers.append(self._list_changed)
+        control.status_sections.append(("super", self.status))
+
+    def startService(self):
+        self._rpc.register(Command.GET_SUPER_NODES, self._super_nodes, any_domain)
+        super().startService()
+
+    def stopService(self):
+        self._rpc.unregister(Command.GET_SUPER_NODES)
+        return super().stopService()
+
+    def _guarded(self):
+        d = defer.maybeDeferred(self.submit)
+        d.addErrback(lambda f: _log.warn("super-node submission failed: {reason}",
+                                         reason=f.getErrorMessage()))
+        return d
+
+    # -- joining --------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def advertised_endpoint(self, operator):
+        """Where others reach this node: listen-address if it names one, else the endpoint
+        the operator saw our datagram come from."""
+        if self._listen_address not in ("", "0.0.0.0", "::"):
+            return Endpoint(self._listen_address, self._rpc.port)
+        seen = yield self._directory.call(operator, WhoAmI(), YouAre)
+        return Endpoint(seen.endpoint.host, self._rpc.port)
+
+    @defer.inlineCallbacks
+    def submit(self):
+        """Offer our range to the operator (again) → its SuperNodeStatus."""
+        if not self._rpc.enrolled or self._directory.operator_address is None:
+            return None
+        operator = yield self._directory.operator_replica()
+        self.endpoint = yield self.advertised_endpoint(operator)
+        request = SubmitSuperNode(self.offer[0], self.offer[1], self.endpoint)
+        for _ in range(CHECK_POLLS):
+            status = yield self._directory.call(operator, request, SuperNodeStatus)
+            if status.state != SubmitState.CHECKING:
+                break
+            yield task.deferLater(self._clock, CHECK_POLL_SECONDS, lambda: None)
+        if status.state != (self.state.state if self.state else None):
+            _log.info("super-node submission: {state} {reason}", state=status.state.name,
+                      reason=status.reason)
+        self.state = status
+        if status.state == SubmitState.ASSIGNED:
+            yield self._directory.refresh_super_nodes(from_operator=True)
+        return status
+
+    def _list_changed(self, listed):
+        self.partition.serve(listed.ranges_of(self._rpc.node_id))
+
+    # -- who may pull, and whom to pull from -------------------------------------------------
+
+    def _may_transfer(self, node_id, low, high):
+        if self._rpc.trust.is_operator(node_id):
+            return True
+        return any(node_id == replica.node_id
+                   for replica in self._directory.super_node_list.holders(low, high))
+
+    @defer.inlineCallbacks
+    def _co_replicas(self, low, high, first):
+        """The other holders of low..high; and the operator when the range was just gained
+        (it may hold what the others missed) or has fewer than K holders."""
+        listed = self._directory.super_node_list
+        holders = listed.holders(low, high)
+        others = [replica for replica in holders if replica.node_id != self._rpc.node_id]
+        if first or len(holders) < listed.replicas:
+            try:
+                others.append((yield self._directory.operator_replica()))
+            except RPCError:
+                pass  # the operator is away: the super-nodes converge among themselves
+        return others
+
+    def _super_nodes(self, incoming):
+        """Super-nodes hand out the list too, so nodes refresh it without the operator."""
+        listed = self._directory.super_node_list
+        blobs = [signed.encode() for signed in listed.signed]
+        return SuperNodes.fill(blobs, incoming.message.offset, listed.replicas)
+
+    def status(self):
+        listed = self._directory.super_node_list
+        ranges = self.partition.ranges
+        return {
+            "offer": f"{self.offer[0]:04x}-{self.offer[1]:04x}",
+            "endpoint": str(self.endpoint) if self.endpoint else None,
+            "state": self.state.state.name.lower() if self.state else "not submitted",
+            "reason": self.state.reason if self.state else "",
+            "ranges": format_ranges(ranges).split(", ") if ranges else [],
+            "records": len(self.partition.records),
+            "records_per_domain": {f"{domain:#010x}": count for domain, count
+                                   in sorted(self.partition.records.counts().items())},
+            "replica_peers": {f"{low:04x}-{high:04x}": sorted(
+                replica.node_id.hex() for replica in listed.holders(low, high)
+                if replica.node_id != self._rpc.node_id) for low, high in ranges},
+            "last_sync": {f"{low:04x}-{high:04x}": {"at": at, "with": who, "pulled": pulled}
+                          for (low, high), (at, who, pulled)
+                          in sorted(self.partition.last_sync.items())},
+        }

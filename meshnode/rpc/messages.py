@@ -10,7 +10,7 @@ import struct
 import attrs
 
 from meshnode import records
-from meshnode.wire import DecodeError, Reader, Writer
+from meshnode.wire import DecodeError, Endpoint, Reader, Writer
 
 
 class Command(enum.IntEnum):
@@ -42,6 +42,9 @@ class Command(enum.IntEnum):
     YOU_ARE = 24
     INTRODUCE = 25
     ERROR = 26
+    SUPER_NODE_STATUS = 27
+    PARTITION_DIGESTS = 28
+    PARTITION_RECORDS = 29
 
 
 PING_DATA_LIMIT = 1000
@@ -238,8 +241,34 @@ class GetSuperNodes(_PageRequest):
 
 
 class SuperNodes(_RecordPage):
-    __slots__ = ()
+    """A page of SuperNode records, and K: the operator serves a range with fewer holders."""
+
+    __slots__ = ("replicas",)
     COMMAND = Command.SUPER_NODES
+
+    def __init__(self, total, signed, replicas=1):
+        super().__init__(total, signed)
+        self.replicas = replicas
+
+    def __eq__(self, other):
+        return super().__eq__(other) and self.replicas == other.replicas
+
+    @classmethod
+    def fill(cls, blobs, offset, replicas=1):
+        page = super().fill(blobs, offset)
+        page.replicas = replicas
+        return page
+
+    def encode(self):
+        return Writer().u8(self.replicas).bytes() + super().encode()
+
+    @classmethod
+    def decode(cls, payload):
+        if not payload or payload[0] == 0:
+            raise DecodeError("bad replica count")
+        page = super().decode(payload[1:])
+        page.replicas = payload[0]
+        return page
 
 
 class GetEndDevices(_PageRequest):
@@ -293,42 +322,263 @@ class Stored:
 
 @attrs.frozen
 class GetNodeInfo:
-    """Asks for the NodeInfo of a node of the requester's domain."""
+    """Asks a DHT replica for the NodeInfo of a node of the requester's domain, by node id or
+    by overlay name."""
 
     COMMAND = Command.GET_NODE_INFO
-    node_id: bytes
+    _BY_ID = 1
+    _BY_NAME = 2
+
+    node_id: bytes | None = None
+    name: str | None = None
+
+    def __attrs_post_init__(self):
+        if (self.node_id is None) == (self.name is None):
+            raise ValueError("GetNodeInfo takes a node id or a name")
 
     def encode(self):
-        return self.node_id
-
-    @classmethod
-    def decode(cls, payload):
-        if len(payload) != 32:
-            raise DecodeError("bad GetNodeInfo length")
-        return cls(payload)
-
-
-@attrs.frozen
-class NodeInfoRecord:
-    """Carries a signed NodeInfo record, or None when the replica holds none."""
-
-    COMMAND = Command.NODE_INFO
-    signed: records.Signed | None
-
-    def encode(self):
-        return Writer().blob(self.signed.encode() if self.signed else b"", PAGE_BYTES).bytes()
+        if self.node_id is not None:
+            return Writer().u8(self._BY_ID).fixed(self.node_id, 32).bytes()
+        return Writer().u8(self._BY_NAME).text(self.name, records.NAME_LIMIT).bytes()
 
     @classmethod
     def decode(cls, payload):
         r = Reader(payload)
-        blob = r.blob(PAGE_BYTES)
+        kind = r.u8()
+        if kind == cls._BY_ID:
+            message = cls(node_id=r.fixed(32))
+        elif kind == cls._BY_NAME:
+            message = cls(name=r.text(records.NAME_LIMIT))
+        else:
+            raise DecodeError(f"unknown GetNodeInfo lookup kind {kind}")
         r.end()
-        return cls(records.decode_signed(blob) if blob else None)
+        return message
+
+
+def _write_entry(w, entry):
+    node, info = entry
+    w.blob(node.encode(), PAGE_BYTES).blob(info.encode(), PAGE_BYTES)
+
+
+def _read_entry(r):
+    return records.decode_signed(r.blob(PAGE_BYTES)), records.decode_signed(r.blob(PAGE_BYTES))
+
+
+def entry_size(entry):
+    """The bytes one (Node, NodeInfo) pair takes in an answer."""
+    node, info = entry
+    return 4 + len(node.signed_bytes) + len(node.signature) + len(info.signed_bytes) + len(
+        info.signature)
+
+
+@attrs.frozen
+class NodeInfoRecord:
+    """A replica's answer to GetNodeInfo: the node's operator-signed Node record and its
+    self-signed NodeInfo (the asker needs no other lookup to check it), or neither."""
+
+    COMMAND = Command.NODE_INFO
+    node: records.Signed | None = None
+    info: records.Signed | None = None
+
+    def encode(self):
+        if self.node is None or self.info is None:
+            return b""
+        w = Writer()
+        _write_entry(w, (self.node, self.info))
+        return w.bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        if not payload:
+            return cls()
+        r = Reader(payload)
+        node, info = _read_entry(r)
+        r.end()
+        return cls(node, info)
+
+
+@attrs.frozen
+class WhoAmI:
+    """Asks the receiver which endpoint this datagram came from (reflexive discovery)."""
+
+    COMMAND = Command.WHO_AM_I
+
+    def encode(self):
+        return b""
+
+    @classmethod
+    def decode(cls, payload):
+        if payload:
+            raise DecodeError("WhoAmI carries nothing")
+        return cls()
+
+
+@attrs.frozen
+class YouAre:
+    """The endpoint a WhoAmI came from, as the answering node saw it."""
+
+    COMMAND = Command.YOU_ARE
+    endpoint: Endpoint
+
+    def encode(self):
+        return Writer().endpoint(self.endpoint).bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        endpoint = r.endpoint()
+        r.end()
+        return cls(endpoint)
+
+
+def _check_range(low, high):
+    if not 0 <= low <= high <= 0xFFFF:
+        raise DecodeError(f"bad partition range {low:#x}-{high:#x}")
+
+
+@attrs.frozen
+class SubmitSuperNode:
+    """A node offers to serve partition keys low..high as a super-node, reachable at
+    `endpoint`; sent again every minute as the super-node's heartbeat."""
+
+    COMMAND = Command.SUBMIT_SUPER_NODE
+    low: int
+    high: int
+    endpoint: Endpoint
+
+    def encode(self):
+        return Writer().u16(self.low).u16(self.high).endpoint(self.endpoint).bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        low, high, endpoint = r.u16(), r.u16(), r.endpoint()
+        r.end()
+        _check_range(low, high)
+        return cls(low, high, endpoint)
+
+
+class SubmitState(enum.IntEnum):
+    ASSIGNED = 0   # the submitter's ranges are in the operator's SuperNode records
+    CHECKING = 1   # the operator is reaching back to the endpoint; submit again shortly
+    REFUSED = 2    # `reason` says why
+
+
+@attrs.frozen
+class SuperNodeStatus:
+    """The operator's answer to SubmitSuperNode; the assignment itself is read with
+    GetSuperNodes."""
+
+    COMMAND = Command.SUPER_NODE_STATUS
+    state: SubmitState = attrs.field(converter=SubmitState)
+    reason: str = ""
+
+    def encode(self):
+        return Writer().u8(self.state).text(self.reason, 200).bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        state, reason = r.u8(), r.text(200)
+        r.end()
+        try:
+            return cls(state, reason)
+        except ValueError as e:
+            raise DecodeError(str(e)) from None
+
+
+@attrs.frozen
+class TransferPartition:
+    """A replica asks another replica of keys low..high for one page: of per-domain digests
+    (domain None), or of the (Node, NodeInfo) entries of one domain."""
+
+    COMMAND = Command.TRANSFER_PARTITION
+    low: int
+    high: int
+    domain: int | None = None
+    offset: int = 0
+
+    def encode(self):
+        w = Writer().u16(self.low).u16(self.high).u32(self.offset)
+        if self.domain is not None:
+            w.u32(self.domain)
+        return w.bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        low, high, offset = r.u16(), r.u16(), r.u32()
+        domain = r.u32() if r.offset < len(payload) else None
+        r.end()
+        _check_range(low, high)
+        return cls(low, high, domain, offset)
+
+
+_DIGEST = struct.Struct(">IIH16s")
+DIGESTS_PER_PAGE = (PAGE_BYTES - 8) // _DIGEST.size
+
+
+@attrs.frozen
+class PartitionDigests:
+    """One page of (domain, record count, digest of the domain's entries) in a range."""
+
+    COMMAND = Command.PARTITION_DIGESTS
+    total: int
+    digests: tuple = attrs.field(converter=tuple)
+
+    def encode(self):
+        # the u16 in each entry is reserved (zero)
+        return struct.pack(">II", self.total, len(self.digests)) + b"".join(
+            _DIGEST.pack(domain, count, 0, digest) for domain, count, digest in self.digests)
+
+    @classmethod
+    def decode(cls, payload):
+        if len(payload) < 8:
+            raise DecodeError("short digest page")
+        total, n = struct.unpack_from(">II", payload)
+        if n > DIGESTS_PER_PAGE or len(payload) != 8 + n * _DIGEST.size:
+            raise DecodeError("bad digest page length")
+        return cls(total, tuple((domain, count, digest) for domain, count, _, digest
+                                in _DIGEST.iter_unpack(payload[8:])))
+
+
+@attrs.frozen
+class PartitionRecords:
+    """One page of a domain's (Node, NodeInfo) entries, and how many the domain has."""
+
+    COMMAND = Command.PARTITION_RECORDS
+    total: int
+    entries: tuple = attrs.field(converter=tuple)
+
+    @classmethod
+    def fill(cls, entries, offset):
+        page, size = [], 0
+        for entry in entries[offset:]:
+            if size + entry_size(entry) > PAGE_BYTES - 6:
+                break
+            page.append(entry)
+            size += entry_size(entry)
+        return cls(len(entries), page)
+
+    def encode(self):
+        w = Writer().u32(self.total)
+        w.items(self.entries, 16, _write_entry)
+        return w.bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        total = r.u32()
+        entries = r.items(16, _read_entry)
+        r.end()
+        return cls(total, entries)
 
 
 MESSAGES = {cls.COMMAND: cls for cls in (
     Ping, Pong, GetNode, NodeRecord, GetOperatorNodes, OperatorNodes, GetSuperNodes,
-    SuperNodes, GetEndDevices, EndDevices, PutRecord, Stored, GetNodeInfo, NodeInfoRecord)}
+    SuperNodes, GetEndDevices, EndDevices, PutRecord, Stored, GetNodeInfo, NodeInfoRecord,
+    WhoAmI, YouAre, SubmitSuperNode, SuperNodeStatus, TransferPartition, PartitionDigests,
+    PartitionRecords)}
 
 # A Node answer is at most: header, plain length, request id, blob length, largest Node record.
 NODE_ANSWER_SIZE = 96 + 2 + 12 + 2 + (2 + 4 + 32 * 3 + 2 + records.NAME_LIMIT + 16 + 32 + 64)

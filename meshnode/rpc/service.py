@@ -18,11 +18,11 @@ from meshnode.records import Role
 from meshnode.rpc import frame
 from meshnode.rpc.frame import PLAIN, RESPONSE, FrameError
 from meshnode.rpc.messages import (MESSAGES, NODE_ANSWER_SIZE, Command, GetNode, NodeRecord,
-                                   Ping, Pong)
+                                   Ping, Pong, YouAre)
 from meshnode.rpc.peers import PeerTable
 from meshnode.rpc.protocol import RPCDatagramProtocol, RPCStreamFactory
 from meshnode.rpc.ratelimit import RateLimiter
-from meshnode.wire import DecodeError
+from meshnode.wire import DecodeError, Endpoint
 
 _log = Logger()
 
@@ -174,6 +174,7 @@ class RPCService(service.Service):
         self.learned = []
         self.peers = None
         self.register(Command.PING, self._answer_ping, infrastructure_or_same_domain)
+        self.register(Command.WHO_AM_I, self._answer_who_am_i, any_domain)
 
     # -- wiring -------------------------------------------------------------------------
 
@@ -515,3 +516,7 @@ class RPCService(service.Service):
 
     def _answer_ping(self, incoming):
         return Pong(incoming.message.data)
+
+    def _answer_who_am_i(self, incoming):
+        """Reflexive discovery: the endpoint the request came from, as seen here."""
+        return YouAre(Endpoint(incoming.source[0], incoming.source[1]))

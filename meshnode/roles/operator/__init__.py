@@ -1,8 +1,9 @@
 """The operator role: the only trusted party, which signs the records everyone else checks.
 
 It serves the HTTPS enrollment API, keeps its own records current, follows revocations made
-with the admin command line, and — until super-nodes exist — answers the directory's RPC
-lookups (operators, super-nodes, Node records, end-devices) for every domain.
+with the admin command line, answers the directory's RPC lookups (operators, super-nodes, Node
+records, end-devices) for every domain, places super-nodes on DHT partition ranges, and
+serves every range that has fewer than K super-nodes itself.
 """
 
 import os
@@ -12,9 +13,9 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
 from meshnode import identity, records
-from meshnode.dht import PartitionService
+from meshnode.dht import DEFAULT_QUOTA, PartitionService
 from meshnode.errors import StartupError
-from meshnode.roles.operator import directory, registry, signing, tls
+from meshnode.roles.operator import assignment, directory, placement, registry, signing, tls
 from meshnode.roles.operator.enroll import EnrollmentAPI, enrollment_site
 
 _log = Logger()
@@ -27,7 +28,7 @@ class OperatorService(service.MultiService):
     name = "operator"
 
     def __init__(self, state_dir, identity_service, store, rpc, control, reactor,
-                 enroll_listen):
+                 enroll_listen, replicas=assignment.DEFAULT_K, quota=DEFAULT_QUOTA):
         super().__init__()
         self._state_dir = state_dir
         self._identity_service = identity_service
@@ -37,9 +38,12 @@ class OperatorService(service.MultiService):
         self._enroll_listen = enroll_listen
         self._port = None
         self.fingerprint = None
-        # Until super-nodes take over, the operator serves every DHT partition.
-        partition = PartitionService(rpc, store, reactor)
+        # The operator serves the DHT ranges that have fewer than K super-nodes.
+        partition = PartitionService(rpc, store, reactor, quota,
+                                     may_transfer=self._may_transfer)
+        self.placement = placement.PlacementService(rpc, store, reactor, partition, replicas)
         partition.setServiceParent(self)
+        self.placement.setServiceParent(self)
         control.status_sections.append(("operator", lambda: self._status(partition)))
         for interval, work in ((REVOCATION_POLL_SECONDS, self._follow_revocations),
                                (OWN_RECORD_CHECK_SECONDS, self._renew_own_node)):
@@ -62,6 +66,7 @@ class OperatorService(service.MultiService):
         except signing.OperatorError as e:
             raise StartupError(str(e)) from None
         own = signing.own_operator_record(me, operators)
+        self.placement.operator = me
         self._store.run(registry.thd_publish_operator, own).addErrback(
             lambda f: _log.failure("could not publish the OperatorNode record", f))
         certificate = tls.load_or_create_tls(self._state_dir, self._reactor)
@@ -77,8 +82,11 @@ class OperatorService(service.MultiService):
                                f"{failures[0].getErrorMessage()}")
         _log.info("operator TLS certificate SHA-256 fingerprint: {fingerprint}",
                   fingerprint=self.fingerprint)
-        directory.register(self._rpc, self._store)
+        directory.register(self._rpc, self._store, self.placement.replicas)
         super().startService()
+
+    def _may_transfer(self, node_id, low, high):
+        return self.placement.may_transfer(node_id, low, high)
 
     def _listening(self, port):
         self._port = port
@@ -88,7 +96,9 @@ class OperatorService(service.MultiService):
         """The operator's part of `meshnode status`."""
         counts = sorted(partition.records.counts().items())
         return {"enroll_port": self.enroll_port, "tls_fingerprint": self.fingerprint,
-                "partitions": ["0000-ffff"],
+                "replicas_per_range": self.placement.replicas,
+                "ranges": [f"{low:04x}-{high:04x}" for low, high in partition.ranges],
+                "super_nodes": self.placement.status(),
                 "records_per_domain": {f"{domain:#010x}": count for domain, count in counts}}
 
     @property

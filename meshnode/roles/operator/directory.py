@@ -1,8 +1,8 @@
-"""The operator as the first super-node: directory lookups over the sealed RPC.
+"""The operator's directory answers over the sealed RPC.
 
-Until super-nodes serve the DHT, the operator answers GetOperatorNodes, GetSuperNodes, GetNode
-lookups and GetEndDevices for every domain, each from its store; a node only ever learns the
-Node records and end-devices of its own domain.
+The operator answers GetOperatorNodes, GetSuperNodes, GetNode lookups and GetEndDevices for
+every domain, each from its store; a node only ever learns the Node records and end-devices of
+its own domain.
 """
 
 from meshnode.roles.operator import registry
@@ -11,8 +11,9 @@ from meshnode.rpc.service import any_domain
 from meshnode import records
 
 
-def register(rpc, store):
-    """Answer the directory commands on `rpc` from `store`."""
+def register(rpc, store, replicas):
+    """Answer the directory commands on `rpc` from `store`; `replicas` is K, the holders each
+    range should have."""
 
     def operator_nodes(incoming):
         d = store.run(registry.thd_operator_records)
@@ -20,7 +21,7 @@ def register(rpc, store):
 
     def super_nodes(incoming):
         d = store.run(registry.thd_super_node_records)
-        return d.addCallback(SuperNodes.fill, incoming.message.offset)
+        return d.addCallback(SuperNodes.fill, incoming.message.offset, replicas)
 
     def end_devices(incoming):
         d = store.run(registry.thd_end_device_records, incoming.node.domain)

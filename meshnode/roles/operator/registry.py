@@ -254,7 +254,9 @@ def thd_operator_records(engine):
 
 def thd_super_node_records(engine):
     with engine.connect() as connection:
-        return [row.record for row in connection.execute(sa.select(super_nodes.c.record))]
+        return [row.record for row in connection.execute(
+            sa.select(super_nodes.c.record).order_by(super_nodes.c.node_id,
+                                                      super_nodes.c.partition_from))]
 
 
 # -- end-devices ---------------------------------------------------------------------------

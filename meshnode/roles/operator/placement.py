@@ -1,0 +1,255 @@
+"""Super-node placement: the operator turns SubmitSuperNode offers into signed SuperNode records.
+
+A node started with `--super [--partition A-B]` asks the operator's RPC with SubmitSuperNode
+(its offer and the endpoint it can be reached on) and repeats that every minute as its
+heartbeat. The operator first reaches back: it pings the node on that endpoint, from its own
+socket, so a node behind a NAT or firewall that cannot be reached is never placed. Handlers
+never wait on another node (DESIGN.md §4), so the first answer is CHECKING and the node asks
+again shortly; once reached, SubmitSuperNode runs `assignment.join` in one database
+transaction, and every node whose ranges changed gets its SuperNode records signed anew.
+
+A super-node not heard from for SUPER_NODE_TIMEOUT_SECONDS has left: it is removed, and joins
+are run again for the others so each range is back to K holders where offers allow. The
+operator serves every range with fewer than K holders itself.
+"""
+
+import sqlalchemy as sa
+from twisted.application import internet, service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from meshnode import records
+from meshnode.roles.operator import assignment
+from meshnode.rpc.messages import (Command, SubmitState, SuperNodeStatus)
+from meshnode.rpc.service import RPCError, any_domain
+from meshnode.schema import super_node_offers, super_nodes
+from meshnode.wire import Endpoint
+
+_log = Logger()
+
+SUPER_NODE_TIMEOUT_SECONDS = 300.0
+SWEEP_SECONDS = 60.0
+REACH_BACK_TIMEOUT_SECONDS = 2.0
+REACHED_VALID_SECONDS = 600.0
+
+
+# -- the assignment in the database (run in the store's thread pool) -------------------------
+
+def assignment_from_rows(rows, k):
+    """Rebuild the Assignment from (node_id, low, high) rows: cut at every range edge, give
+    each piece the nodes whose rows cover it, merge neighbours with the same holders."""
+    edges = {assignment.FIRST_KEY, assignment.LAST_KEY + 1}
+    for _, low, high in rows:
+        edges.update((low, high + 1))
+    edges = sorted(edges)
+    ranges = []
+    for low, after in zip(edges, edges[1:]):
+        holders = frozenset(node_id for node_id, a, b in rows if a <= low and after - 1 <= b)
+        if len(holders) > k:  # K was lowered since: keep the lowest ids
+            holders = frozenset(sorted(holders)[:k])
+        ranges.append(assignment.Range(low, after - 1, holders))
+    return assignment.Assignment(assignment._merged(ranges), k)
+
+
+def _load(connection, k):
+    rows = [(row.node_id, row.partition_from, row.partition_to) for row in connection.execute(
+        sa.select(super_nodes.c.node_id, super_nodes.c.partition_from,
+                  super_nodes.c.partition_to))]
+    offers = {row.node_id: row for row in connection.execute(sa.select(super_node_offers))}
+    return assignment_from_rows(rows, k), offers
+
+
+def thd_assignment(engine, k):
+    with engine.connect() as connection:
+        return _load(connection, k)[0]
+
+
+def _ranges_by_node(table):
+    by_node = {}
+    for r in table.ranges:
+        for holder in r.holders:
+            by_node.setdefault(holder, []).append((r.low, r.high))
+    return by_node
+
+
+def _write(connection, operator, before, after, offers, resign, now):
+    """Sign SuperNode records anew for every node whose ranges changed (and those in
+    `resign`: a new endpoint), and delete the records of nodes that hold nothing now."""
+    old, new = _ranges_by_node(before), _ranges_by_node(after)
+    rows = {row.node_id: row for row in connection.execute(
+        sa.select(super_nodes.c.node_id, super_nodes.c.created))}
+    for node_id in set(old) | set(new) | set(rows) | set(resign):
+        if old.get(node_id) == new.get(node_id) and node_id not in resign and (
+                node_id in rows or node_id not in new):
+            continue
+        connection.execute(super_nodes.delete().where(super_nodes.c.node_id == node_id))
+        offer = offers.get(node_id)
+        if offer is None:
+            continue
+        endpoint = Endpoint(offer.host, offer.port)
+        for low, high in new.get(node_id, ()):
+            signed = operator.sign(records.SuperNode(offer.domain, node_id, low, high,
+                                                     endpoint, now))
+            connection.execute(super_nodes.insert().values(
+                node_id=node_id, partition_from=low, partition_to=high, domain=offer.domain,
+                record=signed.encode(), created=now))
+
+
+def thd_join(engine, operator, node, offer, endpoint, now, k):
+    """Record `node`'s offer and heartbeat, place it → the new Assignment."""
+    low, high = offer
+    with engine.begin() as connection:
+        table, offers = _load(connection, k)
+        held = offers.get(node.node_id)
+        values = dict(domain=node.domain, partition_from=low, partition_to=high,
+                      host=endpoint.host, port=endpoint.port, last_seen=now)
+        if held is None:
+            connection.execute(super_node_offers.insert().values(node_id=node.node_id,
+                                                                 **values))
+        else:
+            connection.execute(super_node_offers.update().where(
+                super_node_offers.c.node_id == node.node_id).values(**values))
+        moved = held is not None and ((held.host, held.port) != (endpoint.host, endpoint.port)
+                                      or held.domain != node.domain)
+        offers = {row.node_id: row for row in connection.execute(
+            sa.select(super_node_offers))}
+        after, _ = assignment.join(table, node.node_id, offer)
+        _write(connection, operator, table, after, offers,
+               {node.node_id} if moved else set(), now)
+    return after
+
+
+def thd_expire(engine, operator, cutoff, now, k):
+    """Remove super-nodes last heard before `cutoff`, then re-run the others' joins (oldest
+    id first) so the ranges they left get K holders again → (Assignment, ids removed)."""
+    with engine.begin() as connection:
+        table, offers = _load(connection, k)
+        gone = [node_id for node_id, offer in offers.items() if offer.last_seen < cutoff]
+        # Holders without an offer (lost to a crash mid-write) cannot be reached either.
+        gone += [node_id for node_id in _ranges_by_node(table) if node_id not in offers]
+        after = table
+        for node_id in gone:
+            after = assignment.leave(after, node_id)
+            connection.execute(super_node_offers.delete().where(
+                super_node_offers.c.node_id == node_id))
+        offers = {node_id: offer for node_id, offer in offers.items() if node_id not in gone}
+        for node_id in sorted(offers):
+            offer = offers[node_id]
+            after, _ = assignment.join(after, node_id, (offer.partition_from,
+                                                        offer.partition_to))
+        _write(connection, operator, table, after, offers, set(), now)
+    return after, gone
+
+
+# -- the service ---------------------------------------------------------------------------
+
+def _unspecified(endpoint):
+    return endpoint.host in ("0.0.0.0", "::") or endpoint.port == 0
+
+
+class PlacementService(service.MultiService):
+    """Answers SubmitSuperNode, keeps the assignment, and tells the operator's own partition
+    service which ranges are still the operator's to serve."""
+
+    name = "placement"
+
+    def __init__(self, rpc, store, clock, partition, replicas=assignment.DEFAULT_K):
+        super().__init__()
+        self._rpc = rpc
+        self._store = store
+        self._clock = clock
+        self._partition = partition
+        self.replicas = replicas
+        self.operator = None  # the operator's Identity, set before start
+        self.assignment = assignment.Assignment.initial(replicas)
+        self._reached = {}  # node id → (endpoint, when) of the last successful reach-back
+        self._unreachable = {}  # node id → reason of the last failed reach-back
+        self._checking = set()
+        self.last_seen = {}
+        timer = internet.TimerService(SWEEP_SECONDS, self._guarded, self.expire)
+        timer.clock = clock
+        timer.setServiceParent(self)
+
+    def startService(self):
+        self._rpc.register(Command.SUBMIT_SUPER_NODE, self._submit, any_domain)
+        self._use(self.assignment)
+        d = self._store.run(thd_assignment, self.replicas)
+        d.addCallback(self._use)
+        d.addErrback(lambda f: _log.failure("could not load the partition assignment", f))
+        super().startService()
+
+    def stopService(self):
+        self._rpc.unregister(Command.SUBMIT_SUPER_NODE)
+        return super().stopService()
+
+    def _guarded(self, work):
+        d = defer.maybeDeferred(work)
+        d.addErrback(lambda f: _log.failure("super-node placement failed", f))
+        return d
+
+    def _use(self, table):
+        self.assignment = table
+        self._partition.serve([(r.low, r.high) for r in table.operator_ranges()])
+        return table
+
+    def may_transfer(self, node_id, low, high):
+        """Whether node_id is placed on any of keys low..high (and may pull them)."""
+        return any(node_id in r.holders for r in self.assignment.ranges
+                   if r.low <= high and low <= r.high)
+
+    def _submit(self, incoming):
+        node, message = incoming.node, incoming.message
+        node_id, endpoint = node.node_id, message.endpoint
+        if _unspecified(endpoint):
+            return SuperNodeStatus(SubmitState.REFUSED, "the endpoint is not a reachable address")
+        now = self._clock.seconds()
+        reached = self._reached.get(node_id)
+        if reached is None or reached[0] != endpoint or now - reached[1] > REACHED_VALID_SECONDS:
+            reason = self._unreachable.pop(node_id, None)
+            if reason is not None:
+                return SuperNodeStatus(SubmitState.REFUSED, reason)
+            self._reach_back(incoming.peer, endpoint)
+            return SuperNodeStatus(SubmitState.CHECKING, "reaching back to " + str(endpoint))
+        self.last_seen[node_id] = now
+        d = self._store.run(thd_join, self.operator, node, (message.low, message.high),
+                            endpoint, self._rpc.now_ms(), self.replicas)
+        d.addCallback(self._use)
+        d.addCallback(lambda table: SuperNodeStatus(
+            SubmitState.ASSIGNED, "" if assignment.ranges_of(table, node_id)
+            else "no range of the offer can be given now"))
+        return d
+
+    def _reach_back(self, peer, endpoint):
+        node_id = peer.node.node_id
+        if node_id in self._checking:
+            return
+        self._checking.add(node_id)
+
+        def reached(rtt):
+            self._reached[node_id] = (endpoint, self._clock.seconds())
+            _log.info("reached super-node {node_id} at {endpoint}", node_id=node_id.hex(),
+                      endpoint=str(endpoint))
+
+        def failed(failure):
+            failure.trap(RPCError)
+            self._unreachable[node_id] = f"not reachable at {endpoint}: {failure.value}"
+
+        d = self._rpc.ping(peer, (endpoint.host, endpoint.port),
+                           timeout=REACH_BACK_TIMEOUT_SECONDS)
+        d.addCallbacks(reached, failed)
+        d.addBoth(lambda _: self._checking.discard(node_id))
+
+    @defer.inlineCallbacks
+    def expire(self):
+        cutoff = self._rpc.now_ms() - int(SUPER_NODE_TIMEOUT_SECONDS * 1000)
+        table, gone = yield self._store.run(thd_expire, self.operator, cutoff,
+                                            self._rpc.now_ms(), self.replicas)
+        for node_id in gone:
+            _log.info("super-node {node_id} left (not heard from)", node_id=node_id.hex())
+            self._reached.pop(node_id, None)
+        self._use(table)
+
+    def status(self):
+        return [{"node_id": node_id.hex(),
+                 "ranges": [f"{low:04x}-{high:04x}" for low, high in ranges]}
+                for node_id, ranges in sorted(_ranges_by_node(self.assignment).items())]
