@@ -346,7 +346,8 @@ class PartitionService(service.MultiService):
             return PartitionDigests(len(digests), digests[start:start + DIGESTS_PER_PAGE])
         if not message.low <= records.partition_of(message.domain) <= message.high:
             return PartitionRecords(0, ())
-        return PartitionRecords.fill(self.records.entries_of(message.domain), message.offset)
+        entries = [(entry.node, entry.info) for entry in self.records.entries_of(message.domain)]
+        return PartitionRecords.fill(entries, message.offset)
 
     # -- anti-entropy -------------------------------------------------------------------------
 

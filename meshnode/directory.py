@@ -113,7 +113,7 @@ class DirectoryService(service.MultiService):
         self.operator_address = operator_address
         self._operator = None
         self._rng = rng or random.Random()
-        self._fan_out = FanOut(rng=self._rng)
+        self._fan_out = FanOut(rng=self._rng, clock=clock)
         self.super_node_list = SuperNodeList()
         self._list_loaded = False
         self.list_observers = []  # called with the new SuperNodeList after every refresh
@@ -229,16 +229,15 @@ class DirectoryService(service.MultiService):
 
     @defer.inlineCallbacks
     def refresh_super_nodes(self, from_operator=False):
-        """Fetch the SuperNode records again: from a random super-node of the list, else (or
-        when it fails, or `from_operator`) from the operator → the new SuperNodeList."""
-        sources = []
-        if not from_operator:
-            sources = [replica for replica, _ in self.super_node_list.super_nodes().values()
-                       if replica.node_id != self._rpc.node_id]
-            self._rng.shuffle(sources)
-            sources = sources[:1]
+        """Fetch the SuperNode records again from a random super-node of the list, and from
+        the operator if that fails (the other way round with `from_operator`) → the new
+        SuperNodeList."""
+        others = [replica for replica, _ in self.super_node_list.super_nodes().values()
+                  if replica.node_id != self._rpc.node_id]
+        self._rng.shuffle(others)
+        sources = [None] + others[:1] if from_operator else others[:1] + [None]
         failure = None
-        for source in sources + [None]:
+        for source in sources:
             try:
                 if source is None:
                     source = yield self.operator_replica()
@@ -380,15 +379,19 @@ class FanOut:
     """K-redundant queries (seed §3.9.4, §4.3.4): ask `k` replicas in random order, and
     after a wave brings no valid answer, ask twice as many of the rest (2, 4, 8 …).
 
-    The newest valid answer (by `created`) of the first wave that has one wins. Who answered
-    is remembered: a replica that failed to answer is asked last until it answers again.
+    The newest valid answer (by `created`) of the first wave that has one wins. Once a wave's
+    first valid answer is in, the others get `grace` seconds more (with a `clock`), so one
+    dead replica does not hold every lookup for a whole call timeout. Who answered is
+    remembered: a replica that failed to answer is asked last until it answers again.
     Otherwise the order is random, so the load of a replica that fails spreads over all the
     others instead of falling on one neighbour (the seed's chain reaction).
     """
 
-    def __init__(self, k=3, rng=None):
+    def __init__(self, k=3, rng=None, clock=None, grace=0.2):
         self.k = k
         self._rng = rng or random.Random()
+        self._clock = clock
+        self.grace = grace
         self._failed = set()
 
     def _order(self, replicas):
@@ -403,22 +406,46 @@ class FanOut:
         wave = self.k
         while waiting:
             batch, waiting = waiting[:wave], waiting[wave:]
-            results = yield defer.DeferredList([defer.maybeDeferred(ask, r) for r in batch],
-                                               consumeErrors=True)
-            best, answered = None, []
-            for replica, (ok, record) in zip(batch, results):
-                if ok:
-                    self._failed.discard(_key(replica))
-                else:
-                    self._failed.add(_key(replica))
-                if ok and record is not None:
-                    answered.append(replica)
-                    if best is None or record.created > best.created:
-                        best = record
-            if best is not None:
-                return best, answered
+            answers = yield self._wave(batch, ask)
+            if answers:
+                best = max((record for _, record in answers), key=lambda r: r.created)
+                return best, [replica for replica, _ in answers]
             wave *= 2
         return None, []
+
+    def _wave(self, batch, ask):
+        """Ask every replica of `batch` → Deferred[[(replica, valid record)]], fired when all
+        have answered or failed, or `grace` seconds after the first valid answer."""
+        done = defer.Deferred()
+        answers = []
+        state = {"left": len(batch), "timer": None}
+
+        def finish():
+            if state["timer"] is not None and state["timer"].active():
+                state["timer"].cancel()
+            if not done.called:
+                done.callback(list(answers))
+
+        def settled(result, replica, ok):
+            if ok:
+                self._failed.discard(_key(replica))
+            else:
+                self._failed.add(_key(replica))
+            if done.called:
+                return
+            state["left"] -= 1
+            if ok and result is not None:
+                answers.append((replica, result))
+                if self._clock is not None and state["timer"] is None:
+                    state["timer"] = self._clock.callLater(self.grace, finish)
+            if not state["left"]:
+                finish()
+
+        for replica in batch:
+            d = defer.maybeDeferred(ask, replica)
+            d.addCallbacks(settled, settled, callbackArgs=(replica, True),
+                           errbackArgs=(replica, False))
+        return done
 
 
 def _key(replica):

@@ -144,11 +144,10 @@ class Network:
         identity.write_private(os.path.join(state_dir, identity.ENROLLMENT_FILE), bundle)
         return state_dir
 
-    @defer.inlineCallbacks
-    def start(self, state_dir, *flags, timeout=20):
-        """Start `twistd -n meshnode` on a free loopback port; fires when its control socket
-        answers, or fails after `timeout` seconds with the node's log."""
-        port = free_udp_port()
+    def start(self, state_dir, *flags, timeout=20, port=None):
+        """Start `twistd -n meshnode` on a free loopback port (or `port`); fires when its
+        control socket answers, or fails after `timeout` seconds with the node's log."""
+        port = port or free_udp_port()
         os.makedirs(state_dir, mode=0o700, exist_ok=True)  # for the log file
         args = [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=",
                 "--logfile", os.path.join(state_dir, "twistd.log"), "meshnode",
@@ -158,19 +157,45 @@ class Network:
         transport = reactor.spawnProcess(exit_watch, args[0], args, env=environment(), path=ROOT)
         node = Node(state_dir, port, transport, exit_watch)
         self._testcase.addCleanup(node.stop)
-        deadline = reactor.seconds() + timeout
+        return _started([node], timeout).addCallback(lambda nodes: nodes[0])
+
+    def start_swarm(self, state_dirs, *flags, timeout=60):
+        """Start one process running a node per state directory (tests/swarm.py), each on its
+        own free loopback port; fires with their Nodes when every control socket answers."""
+        for state_dir in state_dirs:
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        log = os.path.join(self.base, f"swarm-{len(os.listdir(self.base))}.log")
+        args = [sys.executable, "-m", "tests.swarm", log, *state_dirs, "--",
+                "--listen-address", "127.0.0.1", "--rpc-port", "0", *flags]
+        exit_watch = _Exit()
+        transport = reactor.spawnProcess(exit_watch, args[0], args, env=environment(), path=ROOT)
+        nodes = [Node(state_dir, None, transport, exit_watch) for state_dir in state_dirs]
+        nodes[0].log = lambda: open(log, errors="replace").read()
+        self._testcase.addCleanup(nodes[0].stop)
+        return _started(nodes, timeout)
+
+
+@defer.inlineCallbacks
+def _started(nodes, timeout):
+    """`nodes` once each control socket answers (their `port` filled in from the status);
+    fails after `timeout` seconds with the first node's log."""
+    deadline = reactor.seconds() + timeout
+    for node in nodes:
         while True:
             if not node.running:
-                raise AssertionError(f"the node exited: {node.log()[-2000:]}")
+                raise AssertionError(f"the node exited: {nodes[0].log()[-2000:]}")
             try:
                 status = yield node.status()
             except cli.CommandError:
                 status = None
             if status is not None:
-                return node
+                node.port = status["rpc_port"]
+                break
             if reactor.seconds() > deadline:
-                raise AssertionError(f"the node did not start in {timeout} s: {node.log()[-2000:]}")
+                raise AssertionError(f"the node did not start in {timeout} s: "
+                                     f"{nodes[0].log()[-2000:]}")
             yield task.deferLater(reactor, 0.05, lambda: None)
+    return nodes
 
 
 def meshnode_command(*args):

@@ -64,3 +64,174 @@ class SuperNodeJoinTests(TestCase):
         alice_status = yield alice.status()
         self.assertEqual([s["node_id"] for s in alice_status["directory"]["super_nodes"]],
                          [status["node_id"]])
+
+
+SUPER_DOMAIN = 0x0F000001
+# Two domains far apart in the partition space (keys 1000 and c000), so a split of the
+# space puts them on different replica sets.
+DOMAINS = (0x10000001, 0xC0000001)
+
+
+class DHTNetworkTests(TestCase):
+    """An operator (K=3), four super-nodes and twenty nodes in a swarm process, on loopback."""
+
+    timeout = 300
+
+    @defer.inlineCallbacks
+    def build(self, super_nodes=4, nodes_per_domain=10, replicas=3):
+        self.network = network = Network(self)
+        self.operator = yield network.start(network.operator_dir, "--operator", "--replicas",
+                                            str(replicas),
+                                            "--enroll-listen", "tcp:0:interface=127.0.0.1")
+        self.at_operator = ("--operator-rpc", self.operator.address)
+        self.supers = []
+        for i in range(super_nodes):
+            self.supers.append((yield network.start(network.enroll(f"super{i}", SUPER_DOMAIN),
+                                                    "--super", *self.at_operator)))
+
+        @defer.inlineCallbacks
+        def all_placed():
+            status = yield self.operator.status()
+            placed = {s["node_id"]: s["ranges"] for s in status["operator"]["super_nodes"]}
+            if len(placed) != super_nodes or status["operator"]["ranges"]:
+                return False
+            for node in self.supers:  # and each super-node serves what it was given
+                status = yield node.status()
+                if status["super"]["ranges"] != placed[status["node_id"]]:
+                    return False
+            return True
+
+        yield wait_for(all_placed, 60, "every super-node placed, no range left to the operator")
+        self.names = {domain: [f"n{domain >> 28:x}{i:02d}" for i in range(nodes_per_domain)]
+                      for domain in DOMAINS}
+        dirs = [network.enroll(name, domain) for domain in DOMAINS
+                for name in self.names[domain]]
+        self.swarm = yield network.start_swarm(dirs, *self.at_operator)
+        yield self.wait_records({domain: nodes_per_domain for domain in DOMAINS}, self.supers)
+
+    @defer.inlineCallbacks
+    def placement(self, supers):
+        """{super index: its ranges} and {domain: indexes of the super-nodes holding it}."""
+        ranges, holders = {}, {domain: [] for domain in DOMAINS}
+        for i, node in enumerate(supers):
+            status = (yield node.status())["super"]
+            ranges[i] = status["ranges"]
+            for domain in DOMAINS:
+                if any(int(r[:4], 16) <= domain >> 16 <= int(r[5:], 16)
+                       for r in status["ranges"]):
+                    holders[domain].append(i)
+        return ranges, holders
+
+    @defer.inlineCallbacks
+    def wait_records(self, expected, supers, timeout=60):
+        """Wait until every holder among `supers` of each domain has `expected[domain]`
+        entries of it."""
+        _, holders = yield self.placement(supers)
+
+        @defer.inlineCallbacks
+        def complete():
+            for domain, count in expected.items():
+                for i in holders[domain]:
+                    status = (yield supers[i].status())["super"]
+                    if status["records_per_domain"].get(f"{domain:#010x}") != count:
+                        return False
+            return True
+
+        try:
+            yield wait_for(complete, timeout, f"every holder has the entries {expected}")
+        except AssertionError as e:
+            found = []
+            for node in supers:
+                found.append((yield node.status())["super"])
+            raise AssertionError(f"{e}; holders {holders}; super-nodes: {found}") from None
+
+    @defer.inlineCallbacks
+    def lookups(self, count, concurrency=8):
+        """`count` lookups of random same-domain nodes from random swarm nodes → failures."""
+        import random
+        rng = random.Random(count)
+        by_domain = {domain: [n for n in self.swarm
+                              if os.path.basename(n.state_dir) in self.names[domain]]
+                     for domain in DOMAINS}
+        failures = []
+
+        @defer.inlineCallbacks
+        def one():
+            domain = rng.choice(DOMAINS)
+            asker = rng.choice(by_domain[domain])
+            wanted = rng.choice(self.names[domain])
+            try:
+                answer = yield asker.control("POST", "/v1/lookup", {"node": wanted})
+                if not answer["answered_by"]:
+                    failures.append((wanted, "no replica named"))
+            except Exception as e:
+                failures.append((wanted, str(e)))
+
+        @defer.inlineCallbacks
+        def worker(share):
+            for _ in range(share):
+                yield one()
+
+        yield defer.gatherResults([worker(count // concurrency) for _ in range(concurrency)])
+        return failures
+
+    @defer.inlineCallbacks
+    def answered(self, supers):
+        counts = []
+        for node in supers:
+            counts.append((yield node.status())["accepted"].get("GET_NODE_INFO", 0))
+        return counts
+
+    @defer.inlineCallbacks
+    def test_replicas_share_reads_survive_a_kill_and_converge_without_the_operator(self):
+        """Records put through some super-nodes are read through the others; with one replica
+        SIGKILLed, ≥ 99.9% of lookups succeed and its load spreads (none of the survivors
+        takes more than twice its fair share); restarted with the operator gone, it pulls
+        what it missed from the other replicas."""
+        yield self.build()
+        ranges, holders = yield self.placement(self.supers)
+        # Every domain is held by K=3 super-nodes, and the two domains by different sets.
+        self.assertEqual([len(holders[d]) for d in DOMAINS], [3, 3])
+        self.assertNotEqual(set(holders[DOMAINS[0]]), set(holders[DOMAINS[1]]))
+
+        failures = yield self.lookups(400)
+        self.assertEqual(failures, [])
+
+        # Kill the replica that holds both domains' keys.
+        victim = next(i for i in range(4) if all(i in holders[d] for d in DOMAINS))
+        survivors = [node for i, node in enumerate(self.supers) if i != victim]
+        self.supers[victim].transport.signalProcess("KILL")
+        yield self.supers[victim].exit_watch.ended
+        before = yield self.answered(survivors)
+        failures = yield self.lookups(1000)
+        self.assertLessEqual(len(failures), 1, failures[:5])  # ≥ 99.9% succeed
+        after = yield self.answered(survivors)
+        moved = [b - a for a, b in zip(before, after)]
+        fair = sum(moved) / len(moved)
+        self.assertLessEqual(max(moved), 2 * fair, moved)
+
+        # New nodes announce while the victim is down: only the live replicas get them.
+        newcomers = {domain: [f"m{domain >> 28:x}{i:02d}" for i in range(2)]
+                     for domain in DOMAINS}
+        yield self.network.start_swarm(
+            [self.network.enroll(name, domain) for domain in DOMAINS
+             for name in newcomers[domain]], *self.at_operator)
+        expected = {domain: 12 for domain in DOMAINS}
+        yield self.wait_records(expected, survivors)
+
+        # The operator goes away; the victim restarts on its own port and state.
+        yield self.operator.stop()
+        victim_node = self.supers[victim]
+        restarted = yield self.network.start(victim_node.state_dir, "--super",
+                                             *self.at_operator, port=victim_node.port)
+        status = (yield restarted.status())["super"]
+        self.assertEqual(status["ranges"], ranges[victim])  # from its kept list
+
+        @defer.inlineCallbacks
+        def converged():
+            status = (yield restarted.status())["super"]
+            return all(status["records_per_domain"].get(f"{d:#010x}") == 12 for d in DOMAINS)
+
+        yield wait_for(converged, 60, "the restarted replica converged")
+        status = (yield restarted.status())["super"]
+        self.assertTrue(status["last_sync"], status)

@@ -2,9 +2,10 @@
 
 The node offers `--partition A-B` with SubmitSuperNode, every minute (its heartbeat), from the
 endpoint the operator sees it on (WhoAmI) unless `listen-address` names one. It serves exactly
-the ranges of its own SuperNode records in the directory's list — kept in the local store, so
-a restarted super-node serves again before the operator answers — and converges with the
-other replicas of its ranges by anti-entropy. Rendezvous and relaying come with the tunnel and
+the ranges of its own SuperNode records in the directory's list — re-read every 10 seconds so
+a range that moves stops being answered soon, and kept in the local store, so a restarted
+super-node serves again before the operator answers — and converges with the other replicas
+of its ranges by anti-entropy. Rendezvous and relaying come with the tunnel and
 NAT traversal issues.
 """
 
@@ -21,6 +22,7 @@ from meshnode.wire import Endpoint
 _log = Logger()
 
 SUBMIT_SECONDS = 60.0
+LIST_REFRESH_SECONDS = 10.0
 CHECK_POLL_SECONDS = 0.5
 CHECK_POLLS = 20
 
@@ -42,9 +44,11 @@ class SuperService(service.MultiService):
                                           may_transfer=self._may_transfer,
                                           co_replicas=self._co_replicas, call=directory.call)
         self.partition.setServiceParent(self)
-        timer = internet.TimerService(SUBMIT_SECONDS, self._guarded)
-        timer.clock = clock
-        timer.setServiceParent(self)
+        for interval, work in ((SUBMIT_SECONDS, self.submit),
+                               (LIST_REFRESH_SECONDS, self._refresh_list)):
+            timer = internet.TimerService(interval, self._guarded, work)
+            timer.clock = clock
+            timer.setServiceParent(self)
         directory.list_observers.append(self._list_changed)
         control.status_sections.append(("super", self.status))
 
@@ -56,11 +60,18 @@ class SuperService(service.MultiService):
         self._rpc.unregister(Command.GET_SUPER_NODES)
         return super().stopService()
 
-    def _guarded(self):
-        d = defer.maybeDeferred(self.submit)
-        d.addErrback(lambda f: _log.warn("super-node submission failed: {reason}",
+    def _guarded(self, work):
+        d = defer.maybeDeferred(work)
+        d.addErrback(lambda f: _log.warn("super-node {work} failed: {reason}",
+                                         work=work.__name__.strip("_").replace("_", " "),
                                          reason=f.getErrorMessage()))
         return d
+
+    def _refresh_list(self):
+        """Replicas learn soon when the operator moves ranges (theirs or their peers')."""
+        if not self._rpc.enrolled or self._directory.operator_address is None:
+            return None
+        return self._directory.refresh_super_nodes(from_operator=True)
 
     # -- joining --------------------------------------------------------------------------
 

@@ -72,15 +72,19 @@ def _ranges_by_node(table):
     return by_node
 
 
-def _write(connection, operator, before, after, offers, resign, now):
+def _write(connection, operator, after, offers, resign, now):
     """Sign SuperNode records anew for every node whose ranges changed (and those in
     `resign`: a new endpoint), and delete the records of nodes that hold nothing now."""
-    old, new = _ranges_by_node(before), _ranges_by_node(after)
-    rows = {row.node_id: row for row in connection.execute(
-        sa.select(super_nodes.c.node_id, super_nodes.c.created))}
-    for node_id in set(old) | set(new) | set(rows) | set(resign):
-        if old.get(node_id) == new.get(node_id) and node_id not in resign and (
-                node_id in rows or node_id not in new):
+    new = _ranges_by_node(after)
+    # Compared with the rows, not the table they were read into: a lowered K cuts holders
+    # off in assignment_from_rows, and their rows must go too.
+    stored = {}
+    for row in connection.execute(sa.select(
+            super_nodes.c.node_id, super_nodes.c.partition_from, super_nodes.c.partition_to)
+            .order_by(super_nodes.c.partition_from)):
+        stored.setdefault(row.node_id, []).append((row.partition_from, row.partition_to))
+    for node_id in set(new) | set(stored) | set(resign):
+        if stored.get(node_id) == new.get(node_id) and node_id not in resign:
             continue
         connection.execute(super_nodes.delete().where(super_nodes.c.node_id == node_id))
         offer = offers.get(node_id)
@@ -114,8 +118,7 @@ def thd_join(engine, operator, node, offer, endpoint, now, k):
         offers = {row.node_id: row for row in connection.execute(
             sa.select(super_node_offers))}
         after, _ = assignment.join(table, node.node_id, offer)
-        _write(connection, operator, table, after, offers,
-               {node.node_id} if moved else set(), now)
+        _write(connection, operator, after, offers, {node.node_id} if moved else set(), now)
     return after
 
 
@@ -137,7 +140,7 @@ def thd_expire(engine, operator, cutoff, now, k):
             offer = offers[node_id]
             after, _ = assignment.join(after, node_id, (offer.partition_from,
                                                         offer.partition_to))
-        _write(connection, operator, table, after, offers, set(), now)
+        _write(connection, operator, after, offers, set(), now)
     return after, gone
 
 
