@@ -120,56 +120,64 @@ def thd_load(engine, now):
 # -- the in-memory index -------------------------------------------------------------------
 
 class PartitionStore:
-    """Entries by (domain, node id) and by (domain, overlay name), with a per-domain quota
+    """Entries by domain and node id, and by (domain, overlay name), with a per-domain quota
     and a per-domain digest kept up to date on every change."""
 
     def __init__(self, quota=DEFAULT_QUOTA):
         self.quota = quota
-        self._entries = {}
-        self._names = {}
-        self._per_domain = collections.Counter()
-        self._digest = collections.defaultdict(int)
+        self._domains = {}  # domain → {node id: Entry}
+        self._names = {}  # (domain, name) → node id of the newest Node record with that name
+        self._digest = {}
+        self._size = 0
 
     def __len__(self):
-        return len(self._entries)
+        return self._size
 
     def counts(self):
         """Entries held per domain."""
-        return {domain: count for domain, count in self._per_domain.items() if count}
+        return {domain: len(entries) for domain, entries in self._domains.items()}
 
     def put(self, entry, now):
         """Keep `entry` (already verified) unless a newer one is held or the quota is full
         → (PutResult, reason)."""
-        key = entry.key
-        held = self._entries.get(key)
+        domain, node_id = entry.key
+        entries = self._domains.get(domain, {})
+        held = entries.get(node_id)
         if held is not None:
             if held.created >= entry.created:
                 return PutResult.KEPT_NEWER, "a newer record is held"
-        elif self._per_domain[key[0]] >= self.quota:
-            self.expire(now, key[0])
-            if self._per_domain[key[0]] >= self.quota:
+        elif len(entries) >= self.quota:
+            self.expire(now, domain)
+            if len(self._domains.get(domain, ())) >= self.quota:
                 return PutResult.REFUSED, "the domain's quota is full"
         if held is not None:
-            self._remove(key)
-        self._entries[key] = entry
-        self._names[(key[0], entry.node.record.name)] = key[1]
-        self._per_domain[key[0]] += 1
-        self._digest[key[0]] ^= _entry_hash(key[1], entry.created)
+            self._remove(domain, node_id)
+        entries = self._domains.setdefault(domain, {})
+        entries[node_id] = entry
+        self._size += 1
+        self._digest[domain] = self._digest.get(domain, 0) ^ _entry_hash(node_id, entry.created)
+        name_key = (domain, entry.node.record.name)
+        named = self._names.get(name_key)
+        # A name belongs to the node with the newest Node record of that name.
+        if named is None or named not in entries or (
+                entries[named].node.record.issued <= entry.node.record.issued):
+            self._names[name_key] = node_id
         return PutResult.STORED, ""
 
-    def _remove(self, key):
-        entry = self._entries.pop(key)
-        name_key = (key[0], entry.node.record.name)
-        if self._names.get(name_key) == key[1]:
+    def _remove(self, domain, node_id):
+        entries = self._domains[domain]
+        entry = entries.pop(node_id)
+        self._size -= 1
+        self._digest[domain] ^= _entry_hash(node_id, entry.created)
+        name_key = (domain, entry.node.record.name)
+        if self._names.get(name_key) == node_id:
             del self._names[name_key]
-        self._per_domain[key[0]] -= 1
-        self._digest[key[0]] ^= _entry_hash(key[1], entry.created)
-        if not self._per_domain[key[0]]:
-            del self._per_domain[key[0]]
-            del self._digest[key[0]]
+        if not entries:
+            del self._domains[domain]
+            del self._digest[domain]
 
     def get(self, domain, node_id, now):
-        entry = self._entries.get((domain, node_id))
+        entry = self._domains.get(domain, {}).get(node_id)
         if entry is None or entry.expires <= now:
             return None
         return entry
@@ -180,29 +188,23 @@ class PartitionStore:
 
     def expire(self, now, domain=None):
         """Drop expired entries (of one domain, or all) → their keys."""
-        gone = [key for key, entry in self._entries.items()
-                if (domain is None or key[0] == domain) and entry.expires <= now]
+        domains = list(self._domains) if domain is None else [domain]
+        gone = [(d, node_id) for d in domains
+                for node_id, entry in self._domains.get(d, {}).items() if entry.expires <= now]
         for key in gone:
-            self._remove(key)
+            self._remove(*key)
         return gone
 
     def digests(self, low, high):
         """(domain, count, 16-byte digest) of each domain in partition keys low..high."""
-        return sorted((domain, count, self._digest[domain].to_bytes(16, "big"))
-                      for domain, count in self._per_domain.items()
+        return sorted((domain, len(entries), self._digest[domain].to_bytes(16, "big"))
+                      for domain, entries in self._domains.items()
                       if low <= records.partition_of(domain) <= high)
 
     def entries_of(self, domain):
         """A domain's entries in node-id order (the order pages are served in)."""
-        return [entry for key, entry in sorted(self._entries.items()) if key[0] == domain]
-
-    def drop_outside(self, ranges):
-        """Forget every entry whose partition is outside `ranges` → how many."""
-        gone = [key for key in self._entries
-                if not served(ranges, records.partition_of(key[0]))]
-        for key in gone:
-            self._remove(key)
-        return len(gone)
+        entries = self._domains.get(domain, {})
+        return [entries[node_id] for node_id in sorted(entries)]
 
 
 # -- the service ---------------------------------------------------------------------------
@@ -418,6 +420,7 @@ class PartitionService(service.MultiService):
                     self._rpc.drops["bad_transfer_record"] += 1
                     continue  # forged, stale or revoked: never kept
                 if entry.key[0] != domain:
+                    self._rpc.drops["bad_transfer_record"] += 1
                     continue
                 if self._keep(entry, now)[0] == PutResult.STORED:
                     stored += 1
