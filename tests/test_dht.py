@@ -373,7 +373,7 @@ class DigestTests(SynchronousTestCase):
         self.assertEqual(store.expire(NOW_MS + LIFETIME_MS), [(ACME, _id(1))])
         self.assertEqual(store.digests(*EVERY_KEY), only_newer_second.digests(*EVERY_KEY))
         self.assertNotEqual(store.digests(*EVERY_KEY), only_second.digests(*EVERY_KEY))
-        store._remove((ACME, _id(2)))
+        store._remove(ACME, _id(2))
         self.assertEqual(store.digests(*EVERY_KEY), [])
 
     def test_refused_put_leaves_digest(self):
