@@ -13,7 +13,7 @@ import sys
 from twisted.python import usage
 
 from meshnode import config, control, identity, store
-from meshnode.clibase import Command, CommandError, print_result
+from meshnode.clibase import Command, CommandError, print_result, table
 from meshnode.roles.operator import admin
 
 
@@ -151,11 +151,28 @@ def cmd_status(options, global_options):
     data = control_request(state_dir, "GET", "/v1/status")
     if data is None:
         raise CommandError(f"no node is running with state directory {state_dir}")
-    lines = [f"{key}: {value}" for key, value in data.items() if key not in ("drops", "accepted")]
-    for key in ("accepted", "drops"):
-        counts = ", ".join(f"{k}={v}" for k, v in data[key].items()) or "none"
-        lines.append(f"{key}: {counts}")
-    print_result(options, data, "\n".join(lines))
+    counters = {key: ", ".join(f"{k}={v}" for k, v in data[key].items()) or "none"
+                for key in ("accepted", "drops")}
+    print_result(options, data, "\n".join(_lines({**data, **counters})))
+
+
+def _lines(data, indent=""):
+    """Nested status data as indented text: sections, lists of records as tables."""
+    for key, value in data.items():
+        label = f"{indent}{key.replace('_', ' ')}"
+        if isinstance(value, dict) and value:
+            yield f"{label}:"
+            yield from _lines(value, indent + "  ")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            yield f"{label}:"
+            columns = list(value[0])
+            rows = [{c: ", ".join(v[c]) if isinstance(v.get(c), list) else v.get(c)
+                     for c in columns} for v in value]
+            yield from (indent + "  " + line for line in table(rows, columns).splitlines())
+        elif isinstance(value, (list, dict)):
+            yield f"{label}: {', '.join(map(str, value)) or 'none'}"
+        else:
+            yield f"{label}: {value}"
 
 
 def _standalone_ping(state_dir, host, port, count, timeout):
@@ -215,7 +232,7 @@ def cmd_lookup(options, global_options):
     data = control_request(state_dir, "POST", "/v1/lookup", {"node": options["node"]})
     if data is None:
         raise CommandError(f"no node is running with state directory {state_dir}")
-    print_result(options, data, "\n".join(f"{key}: {value}" for key, value in data.items()))
+    print_result(options, data, "\n".join(_lines(data)))
 
 
 COMMANDS = {"identity": cmd_identity, "status": cmd_status, "ping": cmd_ping,

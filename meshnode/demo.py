@@ -1,9 +1,10 @@
 """`make run`: a local demo network on loopback, as far as meshnode is built.
 
-An operator issues an enrollment token with its admin command line; two user-nodes enroll
-with it over HTTPS (pinning the operator's certificate), find each other's Node records
-through the operator's RPC and ping each other over the sealed RPC — all real `twistd meshnode`
-processes.
+An operator issues an enrollment token with its admin command line; a super-node and two
+user-nodes enroll with it over HTTPS (pinning the operator's certificate). The operator places
+the super-node on the whole DHT (one replica per range in the demo), the user-nodes announce
+their NodeInfo to it, find each other through it and ping each other over the sealed RPC — all
+real `twistd meshnode` processes.
 """
 
 import argparse
@@ -78,24 +79,32 @@ def main():
         meshnode("--state-dir", operator_dir, "operator", "init", "--domain", "0x10000")
         meshnode("--state-dir", operator_dir, "operator", "domain", "create", "acme")
         token = meshnode("--state-dir", operator_dir, "operator", "token", "create",
-                         "--domain", "acme", "--uses", "2").strip()
+                         "--domain", "acme", "--uses", "3").strip()
         fingerprint = json.loads(meshnode("--state-dir", operator_dir, "operator", "info",
                                           "--json", show=False))["tls_fingerprint"]
         rpc_port, enroll_port = free_port(), free_port()
-        processes["operator"] = start(operator_dir, rpc_port, "--operator", "--enroll-listen",
-                                      f"ssl:{enroll_port}:interface=127.0.0.1")
+        processes["operator"] = start(operator_dir, rpc_port, "--operator", "--replicas", "1",
+                                      "--enroll-listen", f"ssl:{enroll_port}:interface=127.0.0.1")
         wait_for(operator_dir, processes["operator"], lambda s: True, "start")
         print(f"\noperator running: RPC udp 127.0.0.1:{rpc_port}, enrollment "
               f"https://127.0.0.1:{enroll_port} (certificate SHA-256 {fingerprint[:16]}…)")
+        joining = ("--operator-url", f"https://127.0.0.1:{enroll_port}",
+                   "--operator-fingerprint", fingerprint, "--enroll-token", token,
+                   "--operator-rpc", f"127.0.0.1:{rpc_port}")
+
+        super_dir, super_port = os.path.join(base, "super1"), free_port()
+        processes["super1"] = start(super_dir, super_port, "--super", *joining,
+                                    "--name", "super1")
+        status = wait_for(super_dir, processes["super1"],
+                          lambda s: s.get("super", {}).get("ranges"), "get a DHT range")
+        print(f"\nsuper1 enrolled, was reached back on udp 127.0.0.1:{super_port} and placed "
+              f"on {', '.join(status['super']['ranges'])} by the operator")
 
         nodes = {}
         for name in ("alice", "bob"):
             state_dir = os.path.join(base, name)
             port = free_port()
-            processes[name] = start(
-                state_dir, port, "--operator-url", f"https://127.0.0.1:{enroll_port}",
-                "--operator-fingerprint", fingerprint, "--enroll-token", token,
-                "--operator-rpc", f"127.0.0.1:{rpc_port}", "--name", name)
+            processes[name] = start(state_dir, port, *joining, "--name", name)
             nodes[name] = (state_dir, port)
         print("\nalice and bob start with the token and enroll over HTTPS:")
         for name, (state_dir, port) in nodes.items():
@@ -112,10 +121,19 @@ def main():
                 "address": f"127.0.0.1:{nodes[target][1]}", "node": nodes[target][2],
                 "count": 3})
             print(f"  {source} → {target}: {', '.join(str(r) for r in result['rtt_ms'])} ms")
-        print("\nEach announced its NodeInfo to the operator's DHT partition; alice looks bob up:")
+        print("\nEach announced its NodeInfo to the super-node; alice looks bob up there:")
+        deadline = time.monotonic() + 15
+        while True:  # bob's first announcement may still be on its way
+            try:
+                cli.control_request(nodes["alice"][0], "POST", "/v1/lookup", {"node": "bob"})
+                break
+            except cli.CommandError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         meshnode("--state-dir", nodes["alice"][0], "lookup", "bob")
         print()
-        meshnode("--state-dir", nodes["alice"][0], "status")
+        meshnode("--state-dir", super_dir, "status")
         print(f"\nTry: PYTHONPATH=. .venv/bin/meshnode --state-dir {nodes['alice'][0]} ping "
               f"127.0.0.1:{nodes['bob'][1]}")
         print(f"     PYTHONPATH=. .venv/bin/meshnode --state-dir {operator_dir} operator "

@@ -147,7 +147,7 @@ def build_node(settings, reactor):
                         settings["enroll-listen"], settings["replicas"],
                         settings["quota"]).setServiceParent(node)
     if settings["super"]:
-        SuperService(settings["partition"], rpc, store, directory, reactor, control,
+        SuperService(settings["partition"], identity, rpc, store, directory, reactor, control,
                      settings["listen-address"], settings["quota"]).setServiceParent(node)
     if settings["tunnel"]:
         TunnelService().setServiceParent(node)

@@ -16,13 +16,15 @@ class DemoTests(TestCase):
 
     @defer.inlineCallbacks
     def test_demo_network_works_and_stops(self):
-        """The demo's nodes enroll, find each other through the operator, ping, and stop."""
+        """The demo's nodes enroll, the super-node is placed, the users find each other
+        through it, ping, and stop."""
         base = tempfile.mkdtemp(prefix="mn-demo-", dir="/tmp")
         self.addCleanup(shutil.rmtree, base, ignore_errors=True)
         state = os.path.join(base, "demo")
         code, output = yield run_command([sys.executable, "-m", "meshnode.demo", "--dir", state,
                                           "--seconds", "0"], timeout=90)
         self.assertEqual(code, 0, output)
-        for line in ("alice → bob:", "bob → alice:", "answered_by:", "demo network stopped"):
+        for line in ("super1 enrolled, was reached back", "placed on 0000-ffff",
+                     "alice → bob:", "bob → alice:", "answered by:", "demo network stopped"):
             self.assertIn(line, output)
         self.assertNotIn("Traceback", output)

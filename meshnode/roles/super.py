@@ -30,10 +30,11 @@ CHECK_POLLS = 20
 class SuperService(service.MultiService):
     name = "super"
 
-    def __init__(self, offer, rpc, store, directory, clock, control, listen_address="",
-                 quota=DEFAULT_QUOTA):
+    def __init__(self, offer, identity_service, rpc, store, directory, clock, control,
+                 listen_address="", quota=DEFAULT_QUOTA):
         super().__init__()
         self.offer = offer
+        self._identity_service = identity_service
         self._rpc = rpc
         self._directory = directory
         self._clock = clock
@@ -54,11 +55,17 @@ class SuperService(service.MultiService):
 
     def startService(self):
         self._rpc.register(Command.GET_SUPER_NODES, self._super_nodes, any_domain)
+        self._identity_service.observers.append(self._enrollment_changed)
         super().startService()
 
     def stopService(self):
         self._rpc.unregister(Command.GET_SUPER_NODES)
+        if self._enrollment_changed in self._identity_service.observers:
+            self._identity_service.observers.remove(self._enrollment_changed)
         return super().stopService()
+
+    def _enrollment_changed(self, enrollment):
+        self._guarded(self.submit)  # just enrolled (or renewed): offer at once
 
     def _guarded(self, work):
         d = defer.maybeDeferred(work)

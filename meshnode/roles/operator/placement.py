@@ -166,9 +166,8 @@ class PlacementService(service.MultiService):
         self.operator = None  # the operator's Identity, set before start
         self.assignment = assignment.Assignment.initial(replicas)
         self._reached = {}  # node id → (endpoint, when) of the last successful reach-back
-        self._unreachable = {}  # node id → reason of the last failed reach-back
+        self._unreachable = {}  # node id → (endpoint, reason) of the last failed reach-back
         self._checking = set()
-        self.last_seen = {}
         timer = internet.TimerService(SWEEP_SECONDS, self._guarded, self.expire)
         timer.clock = clock
         timer.setServiceParent(self)
@@ -208,12 +207,11 @@ class PlacementService(service.MultiService):
         now = self._clock.seconds()
         reached = self._reached.get(node_id)
         if reached is None or reached[0] != endpoint or now - reached[1] > REACHED_VALID_SECONDS:
-            reason = self._unreachable.pop(node_id, None)
-            if reason is not None:
-                return SuperNodeStatus(SubmitState.REFUSED, reason)
+            refused = self._unreachable.pop(node_id, None)
+            if refused is not None and refused[0] == endpoint:
+                return SuperNodeStatus(SubmitState.REFUSED, refused[1])
             self._reach_back(incoming.peer, endpoint)
             return SuperNodeStatus(SubmitState.CHECKING, "reaching back to " + str(endpoint))
-        self.last_seen[node_id] = now
         d = self._store.run(thd_join, self.operator, node, (message.low, message.high),
                             endpoint, self._rpc.now_ms(), self.replicas)
         d.addCallback(self._use)
@@ -235,7 +233,8 @@ class PlacementService(service.MultiService):
 
         def failed(failure):
             failure.trap(RPCError)
-            self._unreachable[node_id] = f"not reachable at {endpoint}: {failure.value}"
+            self._unreachable[node_id] = (endpoint, "not reachable from the operator: "
+                                                    + failure.getErrorMessage())
 
         d = self._rpc.ping(peer, (endpoint.host, endpoint.port),
                            timeout=REACH_BACK_TIMEOUT_SECONDS)
