@@ -5,7 +5,7 @@ import os
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
-from tests.nodes import Network
+from tests.nodes import Network, free_udp_port
 
 DOMAIN = 0x51000001
 
@@ -235,3 +235,56 @@ class DHTNetworkTests(TestCase):
         yield wait_for(converged, 60, "the restarted replica converged")
         status = (yield restarted.status())["super"]
         self.assertTrue(status["last_sync"], status)
+
+
+class QuotaAndPlacementTests(TestCase):
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def test_flooded_domain_leaves_another_untouched_and_unplaced_super_node_is_ignored(self):
+        """A domain announcing more nodes than the quota fills its own share only: another
+        domain's records and lookups are untouched. A node running --super that the operator
+        never placed gets no DHT traffic: nobody lists it, nobody asks it."""
+        network = Network(self)
+        conf = os.path.join(network.base, "quota.conf")
+        with open(conf, "w") as f:
+            f.write("[dht]\nquota = 5\n")
+        operator = yield network.start(network.operator_dir, "--operator", "--replicas", "1",
+                                       "--config", conf,
+                                       "--enroll-listen", "tcp:0:interface=127.0.0.1")
+        at_operator = ("--operator-rpc", operator.address)
+        placed = yield network.start(network.enroll("super1", SUPER_DOMAIN), "--super",
+                                     "--config", conf, *at_operator)
+        unplaced_port = free_udp_port()  # nobody answers there: it can never be placed
+        unplaced = yield network.start(network.enroll("rogue", SUPER_DOMAIN), "--super",
+                                       "--operator-rpc", f"127.0.0.1:{unplaced_port}")
+
+        @defer.inlineCallbacks
+        def serving():
+            return (yield placed.status())["super"]["ranges"] == ["0000-ffff"]
+
+        yield wait_for(serving, 30, "super1 placed")
+        flood, quiet = DOMAINS
+        names = {flood: [f"f{i}" for i in range(8)], quiet: ["q0", "q1"]}
+        swarm = yield network.start_swarm(
+            [network.enroll(name, domain) for domain in DOMAINS for name in names[domain]],
+            *at_operator)
+
+        @defer.inlineCallbacks
+        def filled():
+            counts = (yield placed.status())["super"]["records_per_domain"]
+            return (counts.get(f"{flood:#010x}"), counts.get(f"{quiet:#010x}")) == (5, 2)
+
+        yield wait_for(filled, 60, "the flooded domain at its quota, the quiet one complete")
+        q0, q1 = swarm[-2:]
+        for asker, wanted in ((q0, "q1"), (q1, "q0")):
+            answer = yield asker.control("POST", "/v1/lookup", {"node": wanted})
+            self.assertEqual(answer["answered_by"], [(yield placed.status())["node_id"]])
+
+        unplaced_status = yield unplaced.status()
+        self.assertEqual(unplaced_status["super"]["ranges"], [])
+        for command in ("GET_NODE_INFO", "PUT_RECORD", "TRANSFER_PARTITION"):
+            self.assertNotIn(command, unplaced_status["accepted"])
+        for node in swarm:
+            listed = (yield node.status())["directory"]["super_nodes"]
+            self.assertNotIn(unplaced_status["node_id"], [s["node_id"] for s in listed])
