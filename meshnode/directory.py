@@ -29,6 +29,7 @@ _log = Logger()
 
 SUPER_NODE_REFRESH_SECONDS = 300.0
 SUPER_NODE_PAGE_LIMIT = 256  # pages of SuperNode records one refresh may read
+OPERATOR_RETRY_MS = 30_000  # after a failed bootstrap, the operator is not asked for this long
 
 
 class DirectoryError(RPCError):
@@ -112,6 +113,7 @@ class DirectoryService(service.MultiService):
         self._rpc = rpc
         self.operator_address = operator_address
         self._operator = None
+        self._operator_retry_at = 0
         self._rng = rng or random.Random()
         self._fan_out = FanOut(rng=self._rng, clock=clock)
         self.super_node_list = SuperNodeList()
@@ -174,8 +176,15 @@ class DirectoryService(service.MultiService):
         if self._operator is None:
             if self.operator_address is None:
                 raise DirectoryError("no operator RPC address configured (operator-rpc)")
+            if self._rpc.now_ms() < self._operator_retry_at:
+                # It just failed: do not make every lookup wait for it again.
+                raise DirectoryError("the operator did not answer; trying again shortly")
             self.operator_address = yield self._rpc.resolve(self.operator_address)
-            peer = yield self._rpc.fetch_node(self.operator_address)
+            try:
+                peer = yield self._rpc.fetch_node(self.operator_address)
+            except RPCError:
+                self._operator_retry_at = self._rpc.now_ms() + OPERATOR_RETRY_MS
+                raise
             if not self._rpc.trust.is_operator(peer.node.node_id):
                 raise DirectoryError(f"{self.operator_address[0]}:{self.operator_address[1]} is "
                                      f"not an operator this node trusts")
@@ -221,6 +230,7 @@ class DirectoryService(service.MultiService):
     def _use_list(self, signed, replicas, save=True):
         self._list_loaded = True
         self.super_node_list = SuperNodeList(signed, replicas)
+        self._fan_out.k = replicas
         if save:
             d = self._store.run(thd_keep_list, "super_nodes", self.super_node_list.encode())
             d.addErrback(lambda f: _log.failure("could not keep the super-node list", f))
@@ -245,7 +255,12 @@ class DirectoryService(service.MultiService):
             except RPCError as e:
                 failure = e
                 continue
-            self._use_list(self._checked(signed), replicas)
+            signed = self._checked(signed)
+            if not signed and not self._rpc.trust.is_operator(source.node_id):
+                # A super-node that lists nobody (not even itself) has no list yet.
+                failure = DirectoryError("a super-node answered with an empty list")
+                continue
+            self._use_list(signed, replicas)
             return self.super_node_list
         raise failure
 
@@ -279,7 +294,13 @@ class DirectoryService(service.MultiService):
         key = records.partition_of(self._rpc.domain if domain is None else domain)
         holders = self.super_node_list.holders(key)
         if len(holders) < self.super_node_list.replicas:
-            holders.append((yield self.operator_replica()))
+            try:
+                holders.append((yield self.operator_replica()))
+            except RPCError as e:
+                if not holders:
+                    raise
+                # the operator is away: the super-nodes placed there still answer
+                _log.info("asking the super-nodes only: {reason}", reason=e)
         return holders
 
     def status(self):
@@ -348,6 +369,8 @@ class DirectoryService(service.MultiService):
                                               subject_node=node_record)
             except records.RecordError:
                 return None  # forged or stale: never wins
+            if not isinstance(info, records.NodeInfo):
+                return None  # another operator-signed record in the NodeInfo's place
             return _Found(info, answer.node)
 
         for attempt in range(2):

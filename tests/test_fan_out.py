@@ -5,6 +5,7 @@ import random
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshnode.directory import FanOut, Replica
@@ -102,3 +103,159 @@ class FanOutTests(SynchronousTestCase):
         fair = sum(load.values()) / 9
         self.assertEqual(len(load), 9)
         self.assertLessEqual(max(load.values()), 2 * fair)
+
+
+class GraceTests(SynchronousTestCase):
+    """With a clock, a wave ends `grace` seconds after its first valid answer."""
+
+    def setUp(self):
+        self.asked = []
+        self.pending = {}
+        self.clock = Clock()
+
+    def ask(self, replica):
+        self.asked.append(replica)
+        d = self.pending[replica] = defer.Deferred()
+        return d
+
+    def fan_out(self, k=3, seed=11, clock=True):
+        return FanOut(k=k, rng=random.Random(seed), clock=self.clock if clock else None,
+                      grace=0.5)
+
+    def test_first_answer_wins_after_the_grace(self):
+        """One answer in and the others silent: the result is that answer, `grace` later."""
+        result = self.fan_out().query(replicas(3), self.ask)
+        first = self.asked[0]
+        self.pending[first].callback(_Record(3))
+        self.clock.advance(0.49)
+        self.assertNoResult(result)
+        self.clock.advance(0.01)
+        self.assertEqual(self.successResultOf(result), (_Record(3), [first]))
+        self.assertEqual(len(self.asked), 3)  # the wave answered: no second wave
+
+    def test_newer_answer_within_the_grace_wins(self):
+        """An answer newer than the first, in within the grace, wins; an older one does not."""
+        result = self.fan_out().query(replicas(3), self.ask)
+        first, second, third = self.asked
+        self.pending[first].callback(_Record(5))
+        self.clock.advance(0.2)
+        self.pending[second].callback(_Record(9))
+        self.clock.advance(0.2)
+        self.pending[third].callback(_Record(7))
+        best, answered = self.successResultOf(result)
+        self.assertEqual((best, answered), (_Record(9), [first, second, third]))
+
+    def test_grace_counts_from_the_first_answer(self):
+        """A second answer does not restart the grace: the wave ends `grace` after the first."""
+        result = self.fan_out().query(replicas(3), self.ask)
+        first, second, third = self.asked
+        self.pending[first].callback(_Record(5))
+        self.clock.advance(0.4)
+        self.pending[second].callback(_Record(9))
+        self.assertNoResult(result)
+        self.clock.advance(0.1)
+        found = []
+        result.addCallback(found.append)
+        self.pending[third].callback(_Record(99))  # too late to count
+        self.assertEqual(found, [(_Record(9), [first, second])])
+
+    def test_answer_after_the_grace_is_ignored(self):
+        """The newest answer in before the grace ran out wins, not a newer one after it."""
+        result = self.fan_out().query(replicas(2), self.ask)
+        first, late = self.asked
+        self.pending[first].callback(_Record(1))
+        self.clock.advance(0.5)
+        self.pending[late].callback(_Record(2))
+        self.assertEqual(self.successResultOf(result), (_Record(1), [first]))
+
+    def test_invalid_answer_does_not_start_the_grace(self):
+        """An answer with nothing valid (None) does not start the grace; the first valid one
+        does."""
+        result = self.fan_out().query(replicas(3), self.ask)
+        first, second, third = self.asked
+        self.pending[first].callback(None)
+        self.clock.advance(10)
+        self.assertNoResult(result)
+        self.pending[second].callback(_Record(4))
+        self.clock.advance(0.5)
+        self.assertEqual(self.successResultOf(result), (_Record(4), [second]))
+
+    def test_whole_wave_in_before_the_grace(self):
+        """When every replica has answered or failed, the result is there at once and no
+        timer is left behind."""
+        result = self.fan_out().query(replicas(3), self.ask)
+        first, second, third = self.asked
+        self.pending[first].callback(_Record(2))
+        self.pending[second].errback(CallTimeout("no answer"))
+        self.pending[third].callback(_Record(1))
+        self.assertEqual(self.successResultOf(result), (_Record(2), [first, third]))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_grace_in_a_later_wave(self):
+        """After a silent first wave, the grace holds for the second wave as well."""
+        result = self.fan_out(k=1).query(replicas(3), self.ask)
+        self.pending[self.asked[0]].errback(CallTimeout("no answer"))
+        self.assertEqual(len(self.asked), 3)
+        self.pending[self.asked[2]].callback(_Record(6))
+        self.assertNoResult(result)
+        self.clock.advance(0.5)
+        self.assertEqual(self.successResultOf(result), (_Record(6), [self.asked[2]]))
+
+    def test_without_a_clock_the_wave_waits_for_all(self):
+        """Without a clock there is no grace: the result waits for every replica of the wave."""
+        result = self.fan_out(clock=False).query(replicas(3), self.ask)
+        first, second, third = self.asked
+        self.pending[first].callback(_Record(5))
+        self.clock.advance(1000)
+        self.assertNoResult(result)
+        self.pending[second].errback(CallTimeout("no answer"))
+        self.assertNoResult(result)
+        self.pending[third].callback(_Record(8))
+        self.assertEqual(self.successResultOf(result), (_Record(8), [first, third]))
+
+    def test_late_failure_puts_the_replica_last(self):
+        """A replica still pending when the grace ended, that then fails, is asked last by the
+        following queries."""
+        group = replicas(3)
+        fan_out = self.fan_out(k=1, seed=12)
+        result = fan_out.query(group, self.ask)
+        first = self.asked[0]
+        self.pending[first].errback(CallTimeout("no answer"))
+        slow, fast = self.asked[1:]  # the second wave
+        self.pending[fast].callback(_Record(1))
+        self.clock.advance(0.5)
+        self.successResultOf(result)
+        self.pending[slow].errback(CallTimeout("no answer"))
+        for _ in range(20):
+            self.asked.clear()
+            result = fan_out.query(group, self.ask)
+            self.assertEqual(self.asked, [fast])
+            self.pending[fast].callback(_Record(1))
+            self.successResultOf(result)
+
+    def test_late_answer_takes_the_replica_off_the_failed_list(self):
+        """A replica asked last since it failed, that answers after its wave ended by the
+        grace, is no longer asked last: it comes first again in some following queries."""
+        group = replicas(2)
+        fan_out = self.fan_out(k=2, seed=13)
+        result = fan_out.query(group, self.ask)
+        silent, other = sorted(self.asked, key=group.index)
+        self.pending[silent].errback(CallTimeout("no answer"))
+        self.pending[other].callback(_Record(1))
+        self.successResultOf(result)
+        self.asked.clear()
+        result = fan_out.query(group, self.ask)
+        self.assertEqual(self.asked, [other, silent])
+        self.pending[other].callback(_Record(1))
+        self.clock.advance(0.5)
+        self.successResultOf(result)
+        self.pending[silent].callback(_Record(2))  # late, but an answer
+        firsts = collections.Counter()
+        for _ in range(40):
+            self.asked.clear()
+            result = fan_out.query(group, self.ask)
+            firsts[self.asked[0]] += 1
+            for replica in self.asked:
+                self.pending[replica].callback(_Record(1))
+            self.successResultOf(result)
+        self.assertGreater(firsts[silent], 5)
