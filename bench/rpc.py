@@ -150,11 +150,12 @@ def measure(command, seconds):
     return json.loads(out.stdout.strip().splitlines()[-1])["rate"]
 
 
-def print_figure(name, unit, values, baselines):
-    """One benchmark's JSON line: the medians of its rounds and of the baseline's."""
+def print_figure(name, unit, values, baselines, digits=None):
+    """One benchmark's JSON line: the medians of its rounds and of the baseline's, rounded
+    to `digits` decimals (None: whole numbers)."""
     value, baseline = statistics.median(values), statistics.median(baselines)
-    print(json.dumps({"name": name, "value": round(value), "unit": unit,
-                      "baseline": round(baseline), "ratio": round(value / baseline, 3)}),
+    print(json.dumps({"name": name, "value": round(value, digits), "unit": unit,
+                      "baseline": round(baseline, digits), "ratio": round(value / baseline, 3)}),
           flush=True)
 
 

@@ -355,23 +355,15 @@ class DirectoryService(service.MultiService):
             d = self.call(replica, request, NodeInfoRecord)
             return d.addCallback(valid)
 
+        checked = {}  # replicas mostly return the same records: check each pair once
+
         def valid(answer):
             if answer.node is None:
                 return None
-            try:
-                node_record = self._rpc.trust.verify(answer.node, self._rpc.now_ms())
-                if (not isinstance(node_record, records.Node)
-                        or node_record.domain != self._rpc.domain
-                        or (node_record.name if isinstance(node, str)
-                            else node_record.node_id) != node):
-                    return None
-                info = self._rpc.trust.verify(answer.info, self._rpc.now_ms(),
-                                              subject_node=node_record)
-            except records.RecordError:
-                return None  # forged or stale: never wins
-            if not isinstance(info, records.NodeInfo):
-                return None  # another operator-signed record in the NodeInfo's place
-            return _Found(info, answer.node)
+            key = (answer.node.signature, answer.info.signature)
+            if key not in checked:
+                checked[key] = self._check_found(answer, node)
+            return checked[key]
 
         for attempt in range(2):
             best, answered = yield self._fan_out.query((yield self.replicas()), ask)
@@ -384,8 +376,36 @@ class DirectoryService(service.MultiService):
                 break
         if best is None:
             raise DirectoryError(f"no replica holds a NodeInfo of {what}")
-        self._rpc.learn(best.node)
+        known = self._rpc.peers.get(best.info.node_id)
+        if known is None or known.signed.signature != best.node.signature:
+            self._rpc.learn(best.node)
         return best.info, [replica.node_id for replica in answered]
+
+    def _check_found(self, answer, node):
+        """A replica's (Node, NodeInfo) pair as _Found if both hold and the Node record is
+        the one asked for (by name or id) in this domain; else None."""
+        now, trust = self._rpc.now_ms(), self._rpc.trust
+        try:
+            known = self._rpc.peers.get(answer.node.record.subject)
+            if known is not None and known.signed.signature == answer.node.signature:
+                # The very record this node verified when it learned the peer.
+                node_record = known.node
+                node_record.check(now)
+                if trust.is_revoked(node_record.node_id):
+                    return None
+            else:
+                node_record = trust.verify(answer.node, now)
+            if (not isinstance(node_record, records.Node)
+                    or node_record.domain != self._rpc.domain
+                    or (node_record.name if isinstance(node, str)
+                        else node_record.node_id) != node):
+                return None
+            info = trust.verify(answer.info, now, subject_node=node_record)
+        except records.RecordError:
+            return None  # forged or stale: never wins
+        if not isinstance(info, records.NodeInfo):
+            return None  # another operator-signed record in the NodeInfo's place
+        return _Found(info, answer.node)
 
 
 @attrs.frozen
