@@ -27,7 +27,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from meshnode import records
-from meshnode.rpc.messages import (Command, NodeInfoRecord, PartitionDigests, PartitionRecords,
+from meshnode.rpc.messages import (Command, Encoded, NodeInfoRecord, PartitionDigests, PartitionRecords,
                                    Stored, TransferPartition, DIGESTS_PER_PAGE)
 from meshnode.rpc.service import RPCError, any_domain
 from meshnode.schema import dht_records
@@ -52,6 +52,11 @@ class Entry:
 
     node: records.Signed
     info: records.Signed
+    answer: Encoded = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self):
+        # GetNodeInfo is the replica's hot path: its answer is encoded once, when kept.
+        object.__setattr__(self, "answer", Encoded(NodeInfoRecord(self.node, self.info)))
 
     @property
     def key(self):
@@ -334,7 +339,7 @@ class PartitionService(service.MultiService):
             entry = self.records.get_named(domain, message.name, now)
         if entry is None:
             return NodeInfoRecord()
-        return NodeInfoRecord(entry.node, entry.info)
+        return entry.answer
 
     def _transfer(self, incoming):
         """Pages for another replica of the range: only for one the operator placed there."""

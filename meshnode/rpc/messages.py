@@ -343,6 +343,8 @@ class GetNodeInfo:
 
     @classmethod
     def decode(cls, payload):
+        if len(payload) == 33 and payload[0] == cls._BY_ID:  # the common case, kept quick
+            return cls(node_id=bytes(payload[1:]))
         r = Reader(payload)
         kind = r.u8()
         if kind == cls._BY_ID:
@@ -395,6 +397,19 @@ class NodeInfoRecord:
         node, info = _read_entry(r)
         r.end()
         return cls(node, info)
+
+
+class Encoded:
+    """An answer encoded once and sent many times (a DHT replica's hot reads)."""
+
+    __slots__ = ("COMMAND", "payload")
+
+    def __init__(self, message):
+        self.COMMAND = message.COMMAND
+        self.payload = message.encode()
+
+    def encode(self):
+        return self.payload
 
 
 @attrs.frozen
