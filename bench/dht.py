@@ -379,7 +379,7 @@ class Network:
 
     def start_super_nodes(self, names, operator_port):
         """Super-nodes offering 0000-ffff → [(process, port)], once each serves 0000-ffff."""
-        started = [self.start(self.enroll(name), "--super", "--operator-rpc",
+        started = [self.start(self.enroll(name), "--super", "--relay-port", "0", "--operator-rpc",
                               f"127.0.0.1:{operator_port}") for name in names]
         deadline = time.monotonic() + PLACE_TIMEOUT
         waiting = list(names)

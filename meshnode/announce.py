@@ -45,6 +45,7 @@ class AnnouncerService(service.MultiService):
         self._directory = directory
         self._listen_address = listen_address
         self.last_result = None
+        self.locations = tuple  # the tunnel role sets its location ids here
         timer = internet.TimerService(ANNOUNCE_SECONDS, self._guarded)
         timer.clock = clock
         timer.setServiceParent(self)
@@ -74,7 +75,8 @@ class AnnouncerService(service.MultiService):
             address = outbound_address(self._directory.operator_address)
         addresses = [Endpoint(address, self._rpc.port)] if address else []
         return records.NodeInfo(self._rpc.domain, self._rpc.node_id, addresses, self._rpc.port,
-                                observed, NatBehaviour.UNKNOWN, (), self._rpc.roles,
+                                observed, NatBehaviour.UNKNOWN, self.locations(),
+                                self._rpc.roles,
                                 self._rpc.now_ms())
 
     @defer.inlineCallbacks

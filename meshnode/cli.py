@@ -12,7 +12,7 @@ import sys
 
 from twisted.python import usage
 
-from meshnode import config, control, identity, store
+from meshnode import config, control, identity, location, store
 from meshnode.clibase import Command, CommandError, print_result, table
 from meshnode.roles.operator import admin
 
@@ -75,6 +75,12 @@ class LookupOptions(Command):
         self["node"] = node
 
 
+class LocationOptions(Command):
+    synopsis = "[--json]"
+    longdesc = ("Print this machine's location ids, one per interface with an IPv4 default "
+                "route whose gateway is in the neighbour table (/proc/net/route, /proc/net/arp).")
+
+
 class Options(usage.Options):
     synopsis = "[--config FILE] [--state-dir DIR] COMMAND [options]"
     optParameters = [
@@ -88,6 +94,7 @@ class Options(usage.Options):
         ["status", None, StatusOptions, "show the running node's status"],
         ["ping", None, PingOptions, "ping a node at HOST:PORT"],
         ["lookup", None, LookupOptions, "find a node's NodeInfo through the directory"],
+        ["location", None, LocationOptions, "show this machine's location ids"],
         ["operator", None, admin.OperatorOptions, "operator administration"],
     ]
 
@@ -235,8 +242,17 @@ def cmd_lookup(options, global_options):
     print_result(options, data, "\n".join(_lines(data)))
 
 
+def cmd_location(options, global_options):
+    found = [place.public_json() for place in location.read_locations()]
+    if not found:
+        raise CommandError("no location: no IPv4 default route whose gateway has a complete "
+                           "entry in /proc/net/arp")
+    print_result(options, {"locations": found},
+                 table(found, ["interface", "gateway", "gateway_mac", "network", "location_id"]))
+
+
 COMMANDS = {"identity": cmd_identity, "status": cmd_status, "ping": cmd_ping,
-            "lookup": cmd_lookup,
+            "lookup": cmd_lookup, "location": cmd_location,
             "operator": admin.run}
 
 

@@ -129,6 +129,30 @@ def parse_server_endpoint(text):
     return text
 
 
+def parse_listen_endpoint(text):
+    """A local TCP listener: tcp:PORT or tcp:PORT:interface=ADDRESS."""
+    parts = text.split(":")
+    if parts[0] != "tcp" or len(parts) < 2:
+        raise ValueError(f"{text!r} is not a listener like tcp:9100 or "
+                         f"tcp:9100:interface=127.0.0.1")
+    try:
+        int(parts[1])
+    except ValueError:
+        raise ValueError(f"{text!r}: {parts[1]!r} is not a port number") from None
+    return text
+
+
+def parse_location(text):
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        value = b""
+    if len(value) != 32:
+        raise ValueError(f"{text!r} is not a 64-hex-digit location id "
+                         f"(`meshnode location` prints them)")
+    return value
+
+
 def parse_host_port(text):
     """'HOST:PORT' or '[V6]:PORT' → (host, port)."""
     host, colon, port = text.rpartition(":")
@@ -172,6 +196,14 @@ SETTINGS = {
     ("node", "operator-ca"): parse_existing_file,
     ("node", "operator-rpc"): parse_host_port,
     ("node", "enroll-token"): str,
+    ("node", "tunnel-port"): parse_port,
+    ("node", "relay-port"): parse_port,
+    ("node", "location"): parse_location,
+    ("tunnel", "tunnels-per-node"): parse_positive_int,
+    ("tunnel", "tunnels-per-domain"): parse_positive_int,
+    ("tunnel", "tunnels-total"): parse_positive_int,
+    ("tunnel", "idle-timeout"): parse_positive_float,
+    ("tunnel", "direct"): parse_bool,
     ("operator", "enroll-listen"): parse_server_endpoint,
     ("operator", "replicas"): parse_replicas,
     ("dht", "quota"): parse_positive_int,
@@ -188,6 +220,14 @@ DEFAULTS = {
     "rate-burst": 4000,
     "enroll-listen": "ssl:8443",
     "replicas": 3,
+    "tunnel-port": 7401,
+    "relay-port": 7402,
+    "tunnels-per-node": 16,
+    "tunnels-per-domain": 256,
+    "tunnels-total": 1024,
+    "idle-timeout": 600.0,
+    "direct": True,
+    "listeners": (),
     "quota": 10_000,
 }
 
@@ -215,7 +255,11 @@ def read_config(path):
         raise ConfigError(f"{path}: {e.message.splitlines()[0]}") from None
     known_sections = {section for section, _ in SETTINGS}
     values = {}
+    listeners = []
     for section in parser.sections():
+        if section.startswith(LISTENER_SECTION):
+            listeners.append(_read_listener(path, section, dict(parser.items(section))))
+            continue
         if section not in known_sections:
             raise ConfigError(f"{path}: unknown section [{section}]")
         for key, text in parser.items(section):
@@ -226,4 +270,31 @@ def read_config(path):
                 values[key] = parser_for(text)
             except ValueError as e:
                 raise ConfigError(f"{path}: [{section}] {key}: {e}") from None
+    if listeners:
+        values["listeners"] = tuple(listeners)
     return values
+
+
+LISTENER_SECTION = "tunnel:"
+_LISTENER_KEYS = {"device": str, "port": parse_port, "listen": parse_listen_endpoint}
+
+
+def _read_listener(path, section, items):
+    """A `[tunnel:NAME]` section: a local listener for one device → its settings."""
+    name = section[len(LISTENER_SECTION):]
+    try:
+        parse_node_name(name)
+    except ValueError as e:
+        raise ConfigError(f"{path}: [{section}]: {e}") from None
+    spec = {"name": name, "port": None}
+    for key, text in items.items():
+        if key not in _LISTENER_KEYS:
+            raise ConfigError(f"{path}: unknown key {key!r} in [{section}]")
+        try:
+            spec[key] = _LISTENER_KEYS[key](text)
+        except ValueError as e:
+            raise ConfigError(f"{path}: [{section}] {key}: {e}") from None
+    for key in ("device", "listen"):
+        if key not in spec:
+            raise ConfigError(f"{path}: [{section}] needs {key}")
+    return spec

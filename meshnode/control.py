@@ -231,6 +231,7 @@ class ControlService(service.Service):
         self._reactor = reactor
         self._port = None
         self.status_sections = []  # roles add (name, callable) for `meshnode status`
+        self.resources = {}  # roles add their own /v1/NAME resources
 
     def startService(self):
         root = _Routes()
@@ -240,6 +241,8 @@ class ControlService(service.Service):
                                               self.status_sections))
         v1.putChild(b"ping", PingResource(self._rpc, self._directory))
         v1.putChild(b"lookup", LookupResource(self._directory))
+        for name, child in self.resources.items():
+            v1.putChild(name, child)
         site = server.Site(root)
         site.displayTracebacks = False
         site.noisy = False

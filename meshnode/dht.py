@@ -28,7 +28,7 @@ from twisted.logger import Logger
 
 from meshnode import records
 from meshnode.rpc.messages import (Command, Encoded, NodeInfoRecord, PartitionDigests, PartitionRecords,
-                                   Stored, TransferPartition, DIGESTS_PER_PAGE)
+                                   Stored, TransferPartition, TunnelNodes, DIGESTS_PER_PAGE)
 from meshnode.rpc.service import RPCError, any_domain
 from meshnode.schema import dht_records
 
@@ -266,13 +266,15 @@ class PartitionService(service.MultiService):
         self._rpc.register(Command.PUT_RECORD, self._put, any_domain)
         self._rpc.register(Command.GET_NODE_INFO, self._get_node_info, any_domain)
         self._rpc.register(Command.TRANSFER_PARTITION, self._transfer, any_domain)
+        self._rpc.register(Command.GET_TUNNEL_NODES, self._get_tunnel_nodes, any_domain)
         d = self._store.run(thd_load, self._rpc.now_ms())
         d.addCallback(self._restore)
         d.addErrback(lambda f: _log.failure("could not load the DHT records", f))
         super().startService()
 
     def stopService(self):
-        for command in (Command.PUT_RECORD, Command.GET_NODE_INFO, Command.TRANSFER_PARTITION):
+        for command in (Command.PUT_RECORD, Command.GET_NODE_INFO, Command.TRANSFER_PARTITION,
+                        Command.GET_TUNNEL_NODES):
             self._rpc.unregister(command)
         return super().stopService()
 
@@ -340,6 +342,18 @@ class PartitionService(service.MultiService):
         if entry is None:
             return NodeInfoRecord()
         return entry.answer
+
+    def _get_tunnel_nodes(self, incoming):
+        """The tunnel-nodes of the requester's domain that announce a location."""
+        domain = incoming.node.domain
+        if not served(self.ranges, records.partition_of(domain)):
+            self._rpc.drops["not_served"] += 1
+            return None
+        message, now = incoming.message, self._rpc.now_ms()
+        entries = [(entry.node, entry.info) for entry in self.records.entries_of(domain)
+                   if entry.expires > now and entry.info.record.roles & records.Role.TUNNEL
+                   and message.location in entry.info.record.locations]
+        return TunnelNodes.fill(entries, message.offset)
 
     def _transfer(self, incoming):
         """Pages for another replica of the range: only for one the operator placed there."""

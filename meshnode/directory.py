@@ -19,8 +19,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from meshnode import records, store
-from meshnode.rpc.messages import (GetNode, GetNodeInfo, GetSuperNodes, NodeInfoRecord,
-                                   NodeRecord, SuperNodes)
+from meshnode.rpc.messages import (EndDevices, GetEndDevices, GetNode, GetNodeInfo,
+                                   GetSuperNodes, GetTunnelNodes, NodeInfoRecord, NodeRecord,
+                                   SuperNodes, TunnelNodes)
 from meshnode.rpc.service import RPCError
 from meshnode.schema import kept_lists
 from meshnode.wire import Writer
@@ -406,6 +407,71 @@ class DirectoryService(service.MultiService):
         if not isinstance(info, records.NodeInfo):
             return None  # another operator-signed record in the NodeInfo's place
         return _Found(info, answer.node)
+
+
+    # -- end-devices and tunnel-nodes -------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def end_devices(self):
+        """The operator-signed EndDevice records of this node's domain (checked), by id."""
+        operator = yield self.operator_replica()
+        signed = []
+        for _ in range(SUPER_NODE_PAGE_LIMIT):
+            page = yield self.call(operator, GetEndDevices(len(signed)), EndDevices)
+            signed.extend(page.signed)
+            if not page.signed or len(signed) >= page.total:
+                break
+        now, devices = self._rpc.now_ms(), {}
+        for one in signed:
+            try:
+                device = self._rpc.trust.verify(one, now)
+            except records.RecordError:
+                continue
+            if isinstance(device, records.EndDevice) and device.domain == self._rpc.domain:
+                devices[device.device_id] = device
+        return devices
+
+    @defer.inlineCallbacks
+    def tunnel_nodes(self, location):
+        """The tunnel-nodes of this domain announcing `location`, from the DHT replicas →
+        [(Node record, NodeInfo)] checked, newest NodeInfo per node, in random order."""
+        found = {}
+        for replica in self._fan_out._order((yield self.replicas())):
+            entries = []
+            try:
+                for _ in range(SUPER_NODE_PAGE_LIMIT):
+                    page = yield self.call(replica, GetTunnelNodes(location, len(entries)),
+                                           TunnelNodes)
+                    entries.extend(page.entries)
+                    if not page.entries or len(entries) >= page.total:
+                        break
+            except RPCError:
+                continue
+            for node_signed, info_signed in entries:
+                entry = self._check_tunnel_node(node_signed, info_signed, location)
+                if entry is not None and (entry[1].node_id not in found or found[
+                        entry[1].node_id][1].created < entry[1].created):
+                    found[entry[1].node_id] = entry
+            if found:
+                break  # one replica that knows some is enough; the rest agree or lag
+        nodes = list(found.values())
+        self._rng.shuffle(nodes)
+        return nodes
+
+    def _check_tunnel_node(self, node_signed, info_signed, location):
+        now, trust = self._rpc.now_ms(), self._rpc.trust
+        try:
+            node = trust.verify(node_signed, now)
+            if not isinstance(node, records.Node) or node.domain != self._rpc.domain:
+                return None
+            info = trust.verify(info_signed, now, subject_node=node)
+        except records.RecordError:
+            return None
+        if (not isinstance(info, records.NodeInfo) or location not in info.locations
+                or not info.roles & records.Role.TUNNEL):
+            return None
+        self._rpc.learn(node_signed, announce=False)
+        return node, info
 
 
 @attrs.frozen

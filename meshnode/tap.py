@@ -16,7 +16,7 @@ from meshnode.node import MeshNode
 from meshnode.records import Role
 from meshnode.roles.operator import OperatorService
 from meshnode.roles.super import SuperService
-from meshnode.roles.tunnel import TunnelService
+from meshnode.roles.tunnel import Limits, TunnelService
 from meshnode.roles.user import UserService
 from meshnode.rpc.service import RPCService
 from meshnode.store import StoreService, sqlite_url
@@ -34,6 +34,7 @@ class Options(usage.Options):
         ["super", None, "serve a DHT partition, introduce and relay (needs open inbound access)"],
         ["tunnel", None, "open authorized tunnels to end-devices on this LAN"],
         ["user", None, "offer local listeners for end-devices (always on)"],
+        ["no-direct", None, "(tunnel) accept no direct connections: every tunnel is relayed"],
     ]
     optParameters = [
         ["partition", None, None, "DHT partition range offered, hex A-B within 0000-ffff "
@@ -57,6 +58,11 @@ class Options(usage.Options):
         ["enroll-listen", None, None, "(operator) endpoint of the HTTPS enrollment API "
                                       "(default ssl:8443)"],
         ["replicas", None, None, "(operator) super-nodes per DHT partition range (default 3)"],
+        ["tunnel-port", None, None, "(tunnel) TCP port tunnels are accepted on (default 7401; "
+                                    "0 picks a free one)"],
+        ["relay-port", None, None, "(super) TCP port of the tunnel relay (default 7402)"],
+        ["location", None, None, "(tunnel) this LAN's location id, instead of the one found "
+                                 "from the default route (`meshnode location`)"],
     ]
 
     def postOptions(self):
@@ -73,11 +79,14 @@ class Options(usage.Options):
             settings.update(config.read_config(self["config"]))
         for key in ("partition", "state-dir", "rpc-port", "listen-address", "database",
                     "operator-url", "operator-fingerprint", "operator-ca", "operator-rpc",
-                    "enroll-token", "name", "enroll-listen", "replicas"):
+                    "enroll-token", "name", "enroll-listen", "replicas", "tunnel-port",
+                    "relay-port", "location"):
             if self[key] is not None:
                 settings[key] = config.parse_setting(key, self[key])
         for role in ROLE_FLAGS:
             settings[role] = bool(self[role]) or settings.get(role, False)
+        if self["no-direct"]:
+            settings["direct"] = False
         if "partition" in settings and not settings["super"]:
             raise config.ConfigError("partition: only a super-node (--super) serves a partition")
         if settings["super"]:
@@ -91,6 +100,10 @@ class Options(usage.Options):
         if self["enroll-listen"] is not None and not settings["operator"]:
             raise config.ConfigError("enroll-listen: only an operator (--operator) serves "
                                      "enrollment")
+        for key, role in (("tunnel-port", "tunnel"), ("location", "tunnel"),
+                          ("relay-port", "super")):
+            if self[key] is not None and not settings[role]:
+                raise config.ConfigError(f"{key}: only with --{role}")
         if self["replicas"] is not None and not settings["operator"]:
             raise config.ConfigError("replicas: only an operator (--operator) places "
                                      "super-nodes")
@@ -148,10 +161,17 @@ def build_node(settings, reactor):
                         settings["quota"]).setServiceParent(node)
     if settings["super"]:
         SuperService(settings["partition"], identity, rpc, store, directory, reactor, control,
-                     settings["listen-address"], settings["quota"]).setServiceParent(node)
+                     settings["listen-address"], settings["quota"],
+                     settings["relay-port"]).setServiceParent(node)
     if settings["tunnel"]:
-        TunnelService().setServiceParent(node)
-    UserService().setServiceParent(node)
+        limits = Limits(settings["tunnels-per-node"], settings["tunnels-per-domain"],
+                        settings["tunnels-total"], settings["idle-timeout"])
+        TunnelService(identity, rpc, directory, announcer, reactor, control,
+                      settings["listen-address"], settings["tunnel-port"],
+                      settings.get("location"), limits,
+                      settings["direct"]).setServiceParent(node)
+    UserService(identity, rpc, directory, reactor, control,
+                settings["listeners"]).setServiceParent(node)
     return node
 
 

@@ -149,6 +149,7 @@ class Network:
         control socket answers, or fails after `timeout` seconds with the node's log."""
         port = port or free_udp_port()
         os.makedirs(state_dir, mode=0o700, exist_ok=True)  # for the log file
+        flags = _free_role_ports(flags)
         args = [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=",
                 "--logfile", os.path.join(state_dir, "twistd.log"), "meshnode",
                 "--state-dir", state_dir, "--listen-address", "127.0.0.1",
@@ -166,13 +167,23 @@ class Network:
             os.makedirs(state_dir, mode=0o700, exist_ok=True)
         log = os.path.join(self.base, f"swarm-{len(os.listdir(self.base))}.log")
         args = [sys.executable, "-m", "tests.swarm", log, *state_dirs, "--",
-                "--listen-address", "127.0.0.1", "--rpc-port", "0", *flags]
+                "--listen-address", "127.0.0.1", "--rpc-port", "0", *_free_role_ports(flags)]
         exit_watch = _Exit()
         transport = reactor.spawnProcess(exit_watch, args[0], args, env=environment(), path=ROOT)
         nodes = [Node(state_dir, None, transport, exit_watch) for state_dir in state_dirs]
         nodes[0].log = lambda: open(log, errors="replace").read()
         self._testcase.addCleanup(nodes[0].stop)
         return _started(nodes, timeout)
+
+
+def _free_role_ports(flags):
+    """Super-nodes' relay and tunnel-nodes' tunnel ports on free ports unless a test set them,
+    so several run on one host."""
+    flags = list(flags)
+    for role, option in (("--super", "--relay-port"), ("--tunnel", "--tunnel-port")):
+        if role in flags and option not in flags:
+            flags += [option, "0"]
+    return flags
 
 
 @defer.inlineCallbacks

@@ -5,8 +5,8 @@ endpoint the operator sees it on (WhoAmI) unless `listen-address` names one. It 
 the ranges of its own SuperNode records in the directory's list — re-read every 10 seconds so
 a range that moves stops being answered soon, and kept in the local store, so a restarted
 super-node serves again before the operator answers — and converges with the other replicas
-of its ranges by anti-entropy. Rendezvous and relaying come with the tunnel and
-NAT traversal issues.
+of its ranges by anti-entropy. It relays tunnels that cannot go direct (roles/relay.py);
+rendezvous for hole punching comes with the NAT traversal issue.
 """
 
 from twisted.application import internet, service
@@ -14,6 +14,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from meshnode.dht import DEFAULT_QUOTA, PartitionService, format_ranges
+from meshnode.roles.relay import RelayService
 from meshnode.rpc.messages import (Command, SubmitState, SubmitSuperNode, SuperNodes,
                                    SuperNodeStatus, WhoAmI, YouAre)
 from meshnode.rpc.service import RPCError, any_domain
@@ -31,7 +32,7 @@ class SuperService(service.MultiService):
     name = "super"
 
     def __init__(self, offer, identity_service, rpc, store, directory, clock, control,
-                 listen_address="", quota=DEFAULT_QUOTA):
+                 listen_address="", quota=DEFAULT_QUOTA, relay_port=7402):
         super().__init__()
         self.offer = offer
         self._identity_service = identity_service
@@ -45,6 +46,9 @@ class SuperService(service.MultiService):
                                           may_transfer=self._may_transfer,
                                           co_replicas=self._co_replicas, call=directory.call)
         self.partition.setServiceParent(self)
+        self.relay = RelayService(rpc, self.partition, clock, listen_address, relay_port,
+                                  advertised=lambda: self.endpoint and self.endpoint.host)
+        self.relay.setServiceParent(self)
         for interval, work in ((SUBMIT_SECONDS, self.submit),
                                (LIST_REFRESH_SECONDS, self._refresh_list)):
             timer = internet.TimerService(interval, self._guarded, work)
@@ -161,4 +165,5 @@ class SuperService(service.MultiService):
             "last_sync": {f"{low:04x}-{high:04x}": {"at": at, "with": who, "pulled": pulled}
                           for (low, high), (at, who, pulled)
                           in sorted(self.partition.last_sync.items())},
+            "relay": self.relay.status(),
         }

@@ -1,11 +1,423 @@
-"""The tunnel role: finds its location, announces itself, opens authorized TCP tunnels.
+"""The tunnel role: a node on the end-devices' LAN opens authorized tunnels to them.
 
-Built so far: its place in the service tree only; locations, device presence and tunnel
-acceptance come with the tunnel issue.
+It announces its location ids (meshnode/location.py) in its NodeInfo, keeps the operator's
+EndDevice records of its domain, and answers two requests:
+
+* TunnelRequest (direct path): authorize, then hand out the tunnel port's endpoint and a
+  one-time token that works once within TOKEN_SECONDS;
+* RelayedTunnelRequest from a super-node (relayed path): authorize, dial the relay the
+  super-node named with its token, and tell the super-node the outcome, which it passes on.
+
+Either way the stream then carries TLS with the requester, checked against the requester's
+Node record, and is spliced to the device. Authorization (seed appendix C.5): same domain;
+the device has an operator-signed EndDevice record at one of this node's locations; the port
+is one of its allowed ports; neither side revoked; limits per requesting node, per domain and
+in total. The device's address is the one the operator pinned in its record or the one its
+MAC has in the neighbour table — never an address named in a request. Every refusal is logged
+with its reason and counted.
 """
 
-from twisted.application import service
+import collections
+import os
+
+import attrs
+from twisted.application import internet, service
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+from meshnode import location, records, tunnel_tls
+from meshnode.announce import outbound_address
+from meshnode.errors import StartupError
+from meshnode.rpc.messages import (Command, ForwardedTunnelOpened, TunnelOpened, TunnelResult)
+from meshnode.rpc.service import RPCError, same_domain
+from meshnode.splice import Leg
+from meshnode.wire import Endpoint
+
+_log = Logger()
+
+TOKEN_SECONDS = 10.0
+DEVICE_REFRESH_SECONDS = 60.0
+KEEPALIVE_SECONDS = 25.0  # under the shortest common NAT UDP timeout
+DIAL_TIMEOUT_SECONDS = 5.0
+
+
+@attrs.define
+class Limits:
+    per_node: int = 16
+    per_domain: int = 256
+    total: int = 1024
+    idle_timeout: float = 600.0
+
+
+class Refused(Exception):
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@attrs.frozen
+class _Grant:
+    requester: records.Node
+    address: str
+    port: int
+    expires: float
+
+
+class TunnelCounts:
+    """Open tunnels per requesting node, per domain and in total, against Limits."""
+
+    def __init__(self, limits):
+        self.limits = limits
+        self.per_node = collections.Counter()
+        self.per_domain = collections.Counter()
+        self.total = 0
+
+    def check(self, node):
+        if self.total >= self.limits.total:
+            raise Refused("limit_total")
+        if self.per_domain[node.domain] >= self.limits.per_domain:
+            raise Refused("limit_domain")
+        if self.per_node[node.node_id] >= self.limits.per_node:
+            raise Refused("limit_node")
+
+    def opened(self, node):
+        self.total += 1
+        self.per_domain[node.domain] += 1
+        self.per_node[node.node_id] += 1
+
+    def closed(self, node):
+        self.total -= 1
+        for counter, key in ((self.per_domain, node.domain), (self.per_node, node.node_id)):
+            counter[key] -= 1
+            if not counter[key]:
+                del counter[key]
 
 
 class TunnelService(service.MultiService):
     name = "tunnel"
+
+    def __init__(self, identity_service, rpc, directory, announcer, clock, control,
+                 listen_address="", tunnel_port=7401, location_override=None, limits=None,
+                 direct=True, neighbours=location.read_neighbours,
+                 locations=location.read_locations):
+        super().__init__()
+        self._identity_service = identity_service
+        self._rpc = rpc
+        self._directory = directory
+        self._clock = clock
+        self._listen_address = listen_address
+        self._requested_port = tunnel_port
+        self.direct = direct  # False: no tunnel port, every tunnel goes through a relay
+        self._location_override = location_override
+        self._read_neighbours = neighbours
+        self._read_locations = locations
+        self.limits = limits or Limits()
+        self.counts = TunnelCounts(self.limits)
+        self.refusals = collections.Counter()
+        self.opened = collections.Counter()  # by path
+        self.devices = {}
+        self._grants = {}
+        self._port = None
+        self._tls = None
+        announcer.locations = self.locations
+        for interval, work in ((DEVICE_REFRESH_SECONDS, self.refresh_devices),
+                               (KEEPALIVE_SECONDS, self._keep_alive)):
+            timer = internet.TimerService(interval, self._guarded, work)
+            timer.clock = clock
+            timer.setServiceParent(self)
+        control.status_sections.append(("tunnel", self.status))
+
+    # -- wiring --------------------------------------------------------------------------------
+
+    def startService(self):
+        self._tls = tunnel_tls.TunnelContext(self._identity_service.identity,
+                                             _datetime(self._clock))
+        if self.direct:
+            factory = protocol.Factory.forProtocol(lambda: _Gate(self))
+            try:
+                self._port = self._clock.listenTCP(self._requested_port, factory,
+                                                   interface=self._listen_address)
+            except CannotListenError as e:
+                raise StartupError(f"cannot listen on tunnel port {self._requested_port}: "
+                                   f"{e.socketError}") from None
+        self._rpc.register(Command.TUNNEL_REQUEST, self._tunnel_request, same_domain)
+        self._rpc.register(Command.RELAYED_TUNNEL_REQUEST, self._forwarded_request,
+                           self._from_super_node)
+        _log.info("tunnel port {port}; locations {locations}", port=self.port,
+                  locations=[i.hex()[:16] for i in self.locations()])
+        super().startService()
+
+    def stopService(self):
+        for command in (Command.TUNNEL_REQUEST, Command.RELAYED_TUNNEL_REQUEST):
+            self._rpc.unregister(command)
+        stopping = super().stopService()
+        if self._port is not None:
+            return defer.gatherResults([defer.maybeDeferred(self._port.stopListening),
+                                        defer.maybeDeferred(lambda: stopping)])
+        return stopping
+
+    @property
+    def port(self):
+        return self._port.getHost().port if self._port is not None else None
+
+    def _guarded(self, work):
+        d = defer.maybeDeferred(work)
+        d.addErrback(lambda f: _log.info("tunnel periodic work failed: {reason}",
+                                         reason=f.getErrorMessage()))
+        return d
+
+    def locations(self):
+        if self._location_override is not None:
+            return (self._location_override,)
+        return tuple(sorted({found.location_id for found in self._read_locations()}))[:8]
+
+    @defer.inlineCallbacks
+    def refresh_devices(self):
+        if not self._rpc.enrolled or self._directory.operator_address is None:
+            return
+        self.devices = yield self._directory.end_devices()
+
+    @defer.inlineCallbacks
+    def _keep_alive(self):
+        """Ping the replicas, whose NodeInfo of us names our endpoint: keeps NAT mappings."""
+        if not self._rpc.enrolled or self._directory.operator_address is None:
+            return
+        for replica in (yield self._directory.replicas()):
+            try:
+                peer = yield self._directory.peer_for(replica)
+                yield self._rpc.ping(peer, replica.address)
+            except RPCError:
+                continue
+
+    def _from_super_node(self, rpc, node):
+        """Forwarded requests come from the super-nodes the operator placed."""
+        return any(node.node_id == replica.node_id for replica, _
+                   in self._directory.super_node_list.super_nodes().values())
+
+    # -- authorization -------------------------------------------------------------------------
+
+    def authorize(self, requester, device_id, port):
+        """(device address, port) for `requester`, or Refused with the reason."""
+        trust = self._rpc.trust
+        if requester.domain != self._rpc.domain:
+            raise Refused("other_domain")
+        if trust.is_revoked(requester.node_id) or trust.is_revoked(self._rpc.node_id):
+            raise Refused("revoked")
+        device = self.devices.get(device_id)
+        if device is None:
+            raise Refused("unregistered_device")
+        if trust.is_revoked(device.device_id):
+            raise Refused("revoked")
+        if device.location_id not in self.locations():
+            raise Refused("wrong_location")
+        if port not in device.ports:
+            raise Refused("port_not_allowed")
+        address = device.address
+        if address is None:
+            address = location.mac_to_address(self._read_neighbours(), device.mac)
+            if address is None:
+                raise Refused("device_not_found")
+        self.counts.check(requester)
+        return address, port
+
+    def _refuse(self, requester, reason):
+        self.refusals[reason] += 1
+        _log.info("tunnel refused to {node}: {reason}", node=requester.node_id.hex()[:16],
+                  reason=reason)
+
+    # -- the direct path ---------------------------------------------------------------------
+
+    def _tunnel_request(self, incoming):
+        message, requester = incoming.message, incoming.node
+        if not self.direct:
+            self.refusals["direct_disabled"] += 1
+            return TunnelOpened(TunnelResult.REFUSED, "direct_disabled")
+        try:
+            address, port = self.authorize(requester, message.device_id, message.port)
+        except Refused as e:
+            self._refuse(requester, e.reason)
+            return TunnelOpened(TunnelResult.REFUSED, e.reason)
+        token = os.urandom(tunnel_tls.TOKEN_SIZE)
+        self._expire_grants()
+        self._grants[token] = _Grant(requester, address, port,
+                                     self._clock.seconds() + TOKEN_SECONDS)
+        host = self._listen_address or outbound_address(incoming.source)
+        return TunnelOpened(TunnelResult.OPENED, "", Endpoint(host, self.port), token)
+
+    def _expire_grants(self):
+        now = self._clock.seconds()
+        for token in [t for t, grant in self._grants.items() if grant.expires <= now]:
+            del self._grants[token]
+
+    def redeem(self, token):
+        """The grant of a one-time token, or None (unknown, used or expired)."""
+        grant = self._grants.pop(token, None)
+        if grant is None or grant.expires <= self._clock.seconds():
+            self.refusals["bad_token"] += 1
+            return None
+        return grant
+
+    # -- the relayed path --------------------------------------------------------------------
+
+    def _forwarded_request(self, incoming):
+        message = incoming.message
+        forwarding = message.forwarding
+        if forwarding is None or message.tunnel_node != self._rpc.node_id:
+            self._rpc.drops["malformed_forwarding"] += 1
+            return None
+        super_node, super_address = incoming.peer, incoming.source
+        back = (forwarding.requester.record.node_id, forwarding.requester_endpoint,
+                forwarding.request_id)
+
+        def answer(result, reason="", endpoint=None, token=None):
+            self._rpc.send(super_node, super_address,
+                           ForwardedTunnelOpened(result, reason, endpoint, token, back))
+
+        try:
+            requester = self._rpc.trust.verify(forwarding.requester, self._rpc.now_ms())
+            if not isinstance(requester, records.Node):
+                raise Refused("bad_requester")
+            address, port = self.authorize(requester, message.device_id, message.port)
+        except records.RecordError as e:
+            self._refuse(forwarding.requester.record, e.reason)
+            answer(TunnelResult.REFUSED, e.reason)
+            return None
+        except Refused as e:
+            self._refuse(forwarding.requester.record, e.reason)
+            answer(TunnelResult.REFUSED, e.reason)
+            return None
+        grant = _Grant(requester, address, port, self._clock.seconds() + TOKEN_SECONDS)
+        relay = forwarding.relay
+        dialing = protocol.ClientCreator(self._clock, _RelayLeg, self, grant, forwarding.token)
+        d = dialing.connectTCP(relay.host, relay.port, timeout=DIAL_TIMEOUT_SECONDS)
+
+        def dialled(leg):
+            answer(TunnelResult.OPENED, "", relay, forwarding.token)
+
+        def failed(failure):
+            self._refuse(requester, "relay_unreachable")
+            answer(TunnelResult.REFUSED, "relay_unreachable")
+
+        d.addCallbacks(dialled, failed)
+        return None
+
+    # -- streams -------------------------------------------------------------------------------
+
+    def start_tls(self, leg, grant, normal=True, received=b""):
+        leg.expected_key = grant.requester.signing_key
+        tunnel_tls.start_tls(leg, self._tls, normal, received)
+
+    def connect_device(self, leg, grant, path):
+        """The requester proved its key: dial the device and splice the two."""
+        self.counts.opened(grant.requester)
+        leg.counted = True
+        dialing = protocol.ClientCreator(self._clock, _DeviceLeg)
+        d = dialing.connectTCP(grant.address, grant.port, timeout=DIAL_TIMEOUT_SECONDS)
+
+        def connected(device_leg):
+            device_leg.idle_timeout = leg.idle_timeout = self.limits.idle_timeout
+            leg.join(device_leg)
+            self.opened[path] += 1
+
+        def failed(failure):
+            self.refusals["device_unreachable"] += 1
+            _log.info("device {address}:{port} unreachable: {reason}", address=grant.address,
+                      port=grant.port, reason=failure.getErrorMessage())
+            leg.transport.loseConnection()
+
+        d.addCallbacks(connected, failed)
+
+    def closed(self, leg):
+        if getattr(leg, "counted", False):
+            self.counts.closed(leg.grant.requester)
+
+    def status(self):
+        return {"port": self.port, "locations": [i.hex() for i in self.locations()],
+                "devices": len(self.devices), "open": self.counts.total,
+                "opened": dict(self.opened), "refused": dict(self.refusals)}
+
+
+def _datetime(clock):
+    import datetime
+    return datetime.datetime.fromtimestamp(clock.seconds(), datetime.timezone.utc)
+
+
+class _TLSLeg(Leg, tunnel_tls.HandshakeWatch):
+    """The requester's side of a tunnel at the tunnel-node: TLS, then the device."""
+
+    grant = None
+    path = "direct"
+
+    def dataReceived(self, data):
+        self.forward(data)
+
+    def tls_verified(self):
+        self.service.connect_device(self, self.grant, self.path)
+
+    def tls_refused(self, reason):
+        self.service._refuse(self.grant.requester, "wrong_peer_key")
+
+    def left(self):
+        self.service.closed(self)
+
+
+class _Gate(_TLSLeg):
+    """A connection to the tunnel port: a one-time token, then TLS (as the server)."""
+
+    def __init__(self, service):
+        self.service = service
+        self._buffer = b""
+
+    def connectionMade(self):
+        self.setTimeout(TOKEN_SECONDS)
+
+    def dataReceived(self, data):
+        if self.grant is not None:
+            return self.forward(data)
+        self._buffer += data
+        if len(self._buffer) < tunnel_tls.TOKEN_SIZE:
+            return None
+        if len(self._buffer) > tunnel_tls.TOKEN_SIZE:
+            return self.transport.abortConnection()  # nothing may follow before the answer
+        grant = self.service.redeem(self._buffer)
+        if grant is None:
+            return self.transport.abortConnection()
+        self.grant = grant
+        self.transport.write(tunnel_tls.GATE_OPEN)
+        self.service.start_tls(self, grant)
+
+    def timeoutConnection(self):
+        if self.grant is None:
+            self.service.refusals["gate_timeout"] += 1
+        super().timeoutConnection()
+
+
+class _RelayLeg(_TLSLeg):
+    """The tunnel-node's connection to a relay: the token, the relay's go-ahead, then TLS
+    as the server (the tunnel-node dialled, but the requester is the TLS client)."""
+
+    path = "relayed"
+
+    def __init__(self, service, grant, token):
+        self.service = service
+        self.grant = grant
+        self._token = token
+        self._open = False
+
+    def connectionMade(self):
+        self.setTimeout(TOKEN_SECONDS)
+        self.transport.write(self._token)
+
+    def dataReceived(self, data):
+        if self._open:
+            return self.forward(data)
+        if data[:1] != tunnel_tls.GATE_OPEN:
+            return self.transport.abortConnection()
+        self._open = True
+        self.service.start_tls(self, self.grant, normal=False, received=data[1:])
+
+
+class _DeviceLeg(Leg):
+    def dataReceived(self, data):
+        self.forward(data)

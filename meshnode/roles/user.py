@@ -1,11 +1,290 @@
-"""The user role: a local TCP listener per end-device, backed by a tunnel.
+"""The user role: local listeners that third-party applications connect to, one per device.
 
-Built so far: its place in the service tree only; listeners and tunnel establishment come
-with the tunnel issue.
+Listeners come from the config file (`[tunnel:NAME]` sections: device, port, listen) and on
+demand (`meshnode tunnel DEVICE --listen tcp:PORT`, through the control socket). Each accepted
+connection finds the device's EndDevice record (operator-signed, this node's domain), the
+tunnel-nodes announcing its location (GetTunnelNodes), and tries them in random order: first
+direct (TunnelRequest, then the tunnel-node's tunnel port), then relayed through a super-node
+of this domain (ForwardedTunnelRequest, then its relay port). The stream then carries TLS with
+the tunnel-node, checked against its Node record, and is spliced to the application's
+connection. The path that won is counted and shown in `meshnode status`.
 """
 
+import collections
+import json
+
+import attrs
 from twisted.application import service
+from twisted.internet import defer, endpoints, protocol
+from twisted.logger import Logger
+
+from meshnode import config, records, tunnel_tls
+from meshnode.control import ControlError, _JSONResource
+from meshnode.errors import StartupError
+from meshnode.rpc.messages import (ForwardedTunnelOpened, ForwardedTunnelRequest,
+                                   TunnelOpened, TunnelRequest, TunnelResult)
+from meshnode.rpc.service import RPCError
+from meshnode.splice import Leg
+
+_log = Logger()
+
+CONNECT_TIMEOUT_SECONDS = 5.0
+RELAY_REQUEST_TIMEOUT_SECONDS = 5.0
 
 
-class UserService(service.MultiService):
+class TunnelFailed(Exception):
+    """No path to the device worked; the message says why."""
+
+
+@attrs.define
+class Listener:
+    name: str
+    device: str  # a device name of this domain, or its 64-hex-digit id
+    port: int | None
+    listen: str
+    address: str = ""
+    connections: int = 0
+    failures: int = 0
+    last_path: str = ""
+    last_error: str = ""
+    listening: object = None
+
+
+class UserService(service.Service):
     name = "user"
+
+    def __init__(self, identity_service, rpc, directory, clock, control, listeners=()):
+        self._identity_service = identity_service
+        self._rpc = rpc
+        self._directory = directory
+        self._clock = clock
+        self.listeners = {}
+        self._configured = [Listener(**spec) for spec in listeners]
+        self.paths = collections.Counter()
+        self._devices = {}
+        self._tls = None
+        control.status_sections.append(("user", self.status))
+        control.resources[b"tunnels"] = TunnelsResource(self)
+
+    @defer.inlineCallbacks
+    def startService(self):
+        service.Service.startService(self)
+        import datetime
+        self._tls = tunnel_tls.TunnelContext(self._identity_service.identity,
+                                             datetime.datetime.fromtimestamp(
+                                                 self._clock.seconds(), datetime.timezone.utc))
+        for listener in self._configured:
+            try:
+                yield self.open_listener(listener)
+            except ValueError as e:
+                raise StartupError(f"[tunnel:{listener.name}]: {e}") from None
+
+    def stopService(self):
+        service.Service.stopService(self)
+        return defer.gatherResults([defer.maybeDeferred(listener.listening.stopListening)
+                                    for listener in self.listeners.values()
+                                    if listener.listening is not None])
+
+    @defer.inlineCallbacks
+    def open_listener(self, listener):
+        """Listen for `listener` → its address; ValueError when the endpoint is unusable."""
+        if listener.name in self.listeners:
+            raise ValueError(f"a listener named {listener.name!r} exists already")
+        factory = protocol.Factory.forProtocol(lambda: _LocalLeg(self, listener))
+        try:
+            where = endpoints.serverFromString(self._clock, listener.listen)
+            listener.listening = yield where.listen(factory)
+        except Exception as e:  # a bad description, a taken port: both the user's to fix
+            raise ValueError(f"cannot listen on {listener.listen}: {e}") from None
+        host = listener.listening.getHost()
+        listener.address = f"{host.host}:{host.port}"
+        self.listeners[listener.name] = listener
+        _log.info("tunnel listener {name} for {device} on {address}", name=listener.name,
+                  device=listener.device, address=listener.address)
+        return listener
+
+    # -- one connection --------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def device(self, spec):
+        """The EndDevice record named `spec` (name or id hex) in this domain."""
+        for attempt in range(2):
+            for device in self._devices.values():
+                if device.name == spec or device.device_id.hex() == spec:
+                    return device
+            if attempt == 0:
+                self._devices = yield self._directory.end_devices()
+        raise TunnelFailed(f"no device {spec!r} in this domain")
+
+    @defer.inlineCallbacks
+    def open_tunnel(self, listener):
+        """A verified TLS leg to the device of `listener` → (leg, path)."""
+        device = yield self.device(listener.device)
+        port = listener.port or device.ports[0]
+        nodes = yield self._directory.tunnel_nodes(device.location_id)
+        if not nodes:
+            raise TunnelFailed(f"no tunnel-node announces the location of {device.name}")
+        errors = []
+        for node, info in nodes:
+            try:
+                return (yield self._direct(node, info, device, port)), "direct"
+            except (RPCError, TunnelFailed) as e:
+                errors.append(f"direct via {node.name}: {e}")
+        for node, info in nodes:
+            try:
+                return (yield self._relayed(node, device, port)), "relayed"
+            except (RPCError, TunnelFailed) as e:
+                errors.append(f"relayed to {node.name}: {e}")
+        raise TunnelFailed("; ".join(errors))
+
+    @defer.inlineCallbacks
+    def _direct(self, node, info, device, port):
+        endpoint = (info.addresses or info.observed or (None,))[0]
+        if endpoint is None:
+            raise TunnelFailed("it announced no address")
+        peer = self._rpc.peers.get(node.node_id)
+        opened = yield self._rpc.call(peer, (endpoint.host, endpoint.port),
+                                      TunnelRequest(device.device_id, port), TunnelOpened)
+        if opened.result != TunnelResult.OPENED:
+            raise TunnelFailed(f"refused: {opened.reason}")
+        return (yield self._dial(opened.endpoint, opened.token, node))
+
+    @defer.inlineCallbacks
+    def _relayed(self, node, device, port):
+        errors = []
+        for replica in (yield self._directory.replicas()):
+            if self._rpc.trust.is_operator(replica.node_id):
+                continue  # operators do not relay
+            try:
+                opened = yield self._directory.call(
+                    replica, ForwardedTunnelRequest(node.node_id, device.device_id, port),
+                    ForwardedTunnelOpened, timeout=RELAY_REQUEST_TIMEOUT_SECONDS)
+            except RPCError as e:
+                errors.append(str(e))
+                continue
+            if opened.result != TunnelResult.OPENED:
+                errors.append(f"refused: {opened.reason}")
+                continue
+            return (yield self._dial(opened.endpoint, opened.token, node))
+        raise TunnelFailed(", ".join(errors) or "no super-node to relay through")
+
+    def _dial(self, endpoint, token, node):
+        """Connect, pass the gate with `token`, run TLS → Deferred[the verified leg]."""
+        ready = defer.Deferred()
+        dialing = protocol.ClientCreator(self._clock, _TunnelLeg, self._tls, token,
+                                         node.signing_key, ready)
+        d = dialing.connectTCP(endpoint.host, endpoint.port, timeout=CONNECT_TIMEOUT_SECONDS)
+        d.addErrback(lambda f: ready.called or ready.errback(
+            TunnelFailed(f"cannot connect to {endpoint}: {f.getErrorMessage()}")))
+        return ready
+
+    def connected(self, local, listener):
+        listener.connections += 1
+        d = self.open_tunnel(listener)
+
+        def ready(result):
+            leg, path = result
+            listener.last_path = path
+            self.paths[path] += 1
+            if local.transport.disconnected:
+                leg.transport.loseConnection()
+                return
+            local.join(leg)
+            local.transport.resumeProducing()
+
+        def failed(failure):
+            listener.failures += 1
+            listener.last_error = failure.getErrorMessage()
+            _log.info("tunnel for {name} failed: {reason}", name=listener.name,
+                      reason=listener.last_error)
+            local.transport.loseConnection()
+
+        d.addCallbacks(ready, failed)
+
+    def status(self):
+        return {"paths": dict(self.paths), "listeners": [
+            {"name": one.name, "device": one.device, "port": one.port, "address": one.address,
+             "connections": one.connections, "failures": one.failures,
+             "last_path": one.last_path or None, "last_error": one.last_error or None}
+            for one in self.listeners.values()]}
+
+
+class _LocalLeg(Leg):
+    """An application's connection to a listener; held paused until its tunnel is up."""
+
+    def __init__(self, user, listener):
+        self.user = user
+        self.listener = listener
+
+    def connectionMade(self):
+        self.transport.pauseProducing()
+        self.user.connected(self, self.listener)
+
+    def dataReceived(self, data):
+        self.forward(data)
+
+
+class _TunnelLeg(Leg, tunnel_tls.HandshakeWatch):
+    """The user-node's end of a tunnel: token, the gate's go-ahead, TLS as the client."""
+
+    def __init__(self, context, token, expected_key, ready):
+        self._context = context
+        self._token = token
+        self.expected_key = expected_key
+        self._ready = ready
+        self._open = False
+
+    def connectionMade(self):
+        self.setTimeout(CONNECT_TIMEOUT_SECONDS * 2)
+        self.transport.write(self._token)
+
+    def dataReceived(self, data):
+        if self._open:
+            return self.forward(data)
+        if data[:1] != tunnel_tls.GATE_OPEN:
+            return self.transport.abortConnection()
+        self._open = True
+        tunnel_tls.start_tls(self, self._context, True, data[1:])
+
+    def tls_verified(self):
+        if not self._ready.called:
+            self._ready.callback(self)
+
+    def tls_refused(self, reason):
+        if not self._ready.called:
+            self._ready.errback(TunnelFailed(reason))
+
+    def left(self):
+        if not self._ready.called:
+            self._ready.errback(TunnelFailed("the tunnel closed before TLS was up"))
+
+
+class TunnelsResource(_JSONResource):
+    """GET: the listeners; POST {"device", "listen", "port"?, "name"?}: open one."""
+
+    def __init__(self, user):
+        super().__init__()
+        self._user = user
+
+    def render_GET(self, request):
+        return self._serve(request, lambda r: self._user.status())
+
+    def render_POST(self, request):
+        return self._serve(request, self._open)
+
+    @defer.inlineCallbacks
+    def _open(self, request):
+        try:
+            body = json.loads(request.content.read(65536) or b"{}")
+            device = str(body["device"])
+            listen = config.parse_listen_endpoint(body["listen"])
+            port = config.parse_port(str(body["port"])) if body.get("port") else None
+            name = str(body.get("name") or f"{device}-{len(self._user.listeners) + 1}")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ControlError(400, f"bad tunnel request: {e}") from None
+        try:
+            listener = yield self._user.open_listener(Listener(name, device, port, listen))
+        except ValueError as e:
+            raise ControlError(409, str(e)) from None
+        return {"name": listener.name, "device": device, "port": port,
+                "address": listener.address}

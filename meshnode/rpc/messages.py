@@ -45,6 +45,7 @@ class Command(enum.IntEnum):
     SUPER_NODE_STATUS = 27
     PARTITION_DIGESTS = 28
     PARTITION_RECORDS = 29
+    RELAYED_TUNNEL_REQUEST = 30
 
 
 PING_DATA_LIMIT = 1000
@@ -589,11 +590,193 @@ class PartitionRecords:
         return cls(total, entries)
 
 
+# -- tunnels --------------------------------------------------------------------------------
+
+@attrs.frozen
+class GetTunnelNodes:
+    """Asks a DHT replica for the tunnel-nodes of the requester's domain at a location."""
+
+    COMMAND = Command.GET_TUNNEL_NODES
+    location: bytes
+    offset: int = 0
+
+    def encode(self):
+        return Writer().fixed(self.location, 32).u32(self.offset).bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        message = cls(r.fixed(32), r.u32())
+        r.end()
+        return message
+
+
+class TunnelNodes(PartitionRecords):
+    """One page of (Node, NodeInfo) entries of tunnel-nodes, and how many there are."""
+
+    COMMAND = Command.TUNNEL_NODES
+
+
+class TunnelResult(enum.IntEnum):
+    OPENED = 0
+    REFUSED = 1
+
+
+_TOKEN_SIZE = 32
+
+
+@attrs.frozen
+class TunnelRequest:
+    """Asks a tunnel-node for a tunnel to port `port` of end-device `device_id`."""
+
+    COMMAND = Command.TUNNEL_REQUEST
+    device_id: bytes
+    port: int
+
+    def encode(self):
+        return Writer().fixed(self.device_id, 32).u16(self.port).bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        message = cls(r.fixed(32), r.u16())
+        r.end()
+        return message
+
+
+def _write_opening(w, result, reason, endpoint, token):
+    w.u8(result).text(reason, 200)
+    if result == TunnelResult.OPENED:
+        w.endpoint(endpoint).fixed(token, _TOKEN_SIZE)
+
+
+def _read_opening(r):
+    try:
+        result = TunnelResult(r.u8())
+    except ValueError as e:
+        raise DecodeError(str(e)) from None
+    reason = r.text(200)
+    if result == TunnelResult.OPENED:
+        return result, reason, r.endpoint(), r.fixed(_TOKEN_SIZE)
+    return result, reason, None, None
+
+
+@attrs.frozen
+class TunnelOpened:
+    """A tunnel-node's answer: where to connect and the one-time token to send first, or
+    why not."""
+
+    COMMAND = Command.TUNNEL_OPENED
+    result: TunnelResult
+    reason: str = ""
+    endpoint: Endpoint | None = None
+    token: bytes | None = None
+
+    def encode(self):
+        w = Writer()
+        _write_opening(w, self.result, self.reason, self.endpoint, self.token)
+        return w.bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        message = cls(*_read_opening(r))
+        r.end()
+        return message
+
+
+@attrs.frozen
+class Forwarding:
+    """What a super-node adds when it forwards a request to a tunnel-node, so the answer can
+    be sent on without the super-node remembering anything: who asked (its Node record), from
+    where, which request; and the relay the tunnel-node is to dial with the token."""
+
+    requester: records.Signed
+    requester_endpoint: Endpoint
+    request_id: bytes
+    relay: Endpoint
+    token: bytes
+
+    def write(self, w):
+        w.blob(self.requester.encode(), 1024).endpoint(self.requester_endpoint)
+        w.fixed(self.request_id, 12).endpoint(self.relay).fixed(self.token, _TOKEN_SIZE)
+
+    @classmethod
+    def read(cls, r):
+        return cls(records.decode_signed(r.blob(1024)), r.endpoint(), r.fixed(12),
+                   r.endpoint(), r.fixed(_TOKEN_SIZE))
+
+
+@attrs.frozen
+class ForwardedTunnelRequest:
+    """A user-node asks a super-node for a relayed tunnel to a tunnel-node's device; the
+    super-node passes it on with `forwarding` filled in."""
+
+    COMMAND = Command.FORWARDED_TUNNEL_REQUEST
+    tunnel_node: bytes
+    device_id: bytes
+    port: int
+    forwarding: Forwarding | None = None
+
+    def encode(self):
+        w = Writer().fixed(self.tunnel_node, 32).fixed(self.device_id, 32).u16(self.port)
+        if self.forwarding is not None:
+            self.forwarding.write(w)
+        return w.bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        tunnel_node, device_id, port = r.fixed(32), r.fixed(32), r.u16()
+        forwarding = Forwarding.read(r) if r.offset < len(payload) else None
+        r.end()
+        return cls(tunnel_node, device_id, port, forwarding)
+
+
+class RelayedTunnelRequest(ForwardedTunnelRequest):
+    """A ForwardedTunnelRequest as the super-node passes it on to the tunnel-node, with
+    `forwarding` filled in (its own command, so a node that is both a super-node and a
+    tunnel-node tells the two apart)."""
+
+    COMMAND = Command.RELAYED_TUNNEL_REQUEST
+
+
+@attrs.frozen
+class ForwardedTunnelOpened:
+    """The tunnel-node's answer to a forwarded request: sent to the super-node as a request
+    naming the requester (`back`: its node id, endpoint and request id), which the super-node
+    sends on as the answer to the requester's ForwardedTunnelRequest (without `back`)."""
+
+    COMMAND = Command.FORWARDED_TUNNEL_OPENED
+    result: TunnelResult
+    reason: str = ""
+    endpoint: Endpoint | None = None
+    token: bytes | None = None
+    back: tuple | None = None  # (requester node id, requester Endpoint, request id)
+
+    def encode(self):
+        w = Writer()
+        _write_opening(w, self.result, self.reason, self.endpoint, self.token)
+        if self.back is not None:
+            node_id, endpoint, request_id = self.back
+            w.fixed(node_id, 32).endpoint(endpoint).fixed(request_id, 12)
+        return w.bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        opening = _read_opening(r)
+        back = (r.fixed(32), r.endpoint(), r.fixed(12)) if r.offset < len(payload) else None
+        r.end()
+        return cls(*opening, back)
+
+
 MESSAGES = {cls.COMMAND: cls for cls in (
     Ping, Pong, GetNode, NodeRecord, GetOperatorNodes, OperatorNodes, GetSuperNodes,
     SuperNodes, GetEndDevices, EndDevices, PutRecord, Stored, GetNodeInfo, NodeInfoRecord,
     WhoAmI, YouAre, SubmitSuperNode, SuperNodeStatus, TransferPartition, PartitionDigests,
-    PartitionRecords)}
+    PartitionRecords, GetTunnelNodes, TunnelNodes, TunnelRequest, TunnelOpened,
+    ForwardedTunnelRequest, RelayedTunnelRequest, ForwardedTunnelOpened)}
 
 # A Node answer is at most: header, plain length, request id, blob length, largest Node record.
 NODE_ANSWER_SIZE = 96 + 2 + 12 + 2 + (2 + 4 + 32 * 3 + 2 + records.NAME_LIMIT + 16 + 32 + 64)

@@ -72,12 +72,13 @@ def infrastructure_or_same_domain(rpc, node):
 class Incoming:
     """An authenticated request as a handler sees it."""
 
-    __slots__ = ("peer", "source", "message")
+    __slots__ = ("peer", "source", "message", "message_id")
 
-    def __init__(self, peer, source, message):
+    def __init__(self, peer, source, message, message_id=None):
         self.peer = peer
         self.source = source
         self.message = message
+        self.message_id = message_id
 
     @property
     def node(self):
@@ -309,7 +310,7 @@ class RPCService(service.Service):
             drops["malformed_payload"] += 1
             return
         try:
-            result = handler(Incoming(peer, source, message))
+            result = handler(Incoming(peer, source, message, message_id))
         except Exception:
             _log.failure("handler for {command} failed", command=Command(command).name)
             drops["handler_error"] += 1
@@ -468,6 +469,18 @@ class RPCService(service.Service):
         d = self._track(message_id, peer.node.node_id, answer, address, datagram, timeout)
         self._send(datagram, address)
         return d
+
+    def send(self, peer, address, message):
+        """Send a request that expects no answer (a forwarded request: its answer comes back
+        to whoever asked first by another way)."""
+        if self.running and self.enrolled:
+            self._send(self._seal(peer, message.COMMAND, 0, message.encode())[1], address)
+
+    def respond(self, peer, address, request_id, message):
+        """Answer request `request_id` of `peer` later, from outside its handler (a
+        super-node passing a tunnel-node's answer on)."""
+        if self.running and self.enrolled:
+            self._respond(message, request_id, peer, address, self._send)
 
     def fetch_node(self, address, timeout=None):
         """First contact: ask whoever listens at `address` for its Node record → Peer."""

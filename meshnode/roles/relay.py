@@ -1,0 +1,228 @@
+"""The relay of a super-node: splices a user-node's and a tunnel-node's outbound connections.
+
+A user-node that cannot reach a tunnel-node directly sends ForwardedTunnelRequest to a
+super-node that holds the tunnel-node's NodeInfo (a replica of their domain: the tunnel-node
+keeps its NAT mapping to it alive). The super-node makes a one-time token, passes the request
+on as RelayedTunnelRequest — with the requester's Node record, endpoint and request id, the
+relay endpoint and the token — and keeps nothing about it but the token. The tunnel-node
+answers with ForwardedTunnelOpened, which the super-node sends on as the answer to the
+requester's request. Both ends then dial the relay port and send the token; the relay pairs
+them, answers each with GATE_OPEN and splices the two streams. They run TLS end to end, so the
+relay sees only ciphertext. A token works once and expires after TOKEN_SECONDS; past a limit
+(per domain, in total, or near the process's open-file limit) a request is refused at once.
+"""
+
+import collections
+import os
+import resource
+
+from twisted.application import service
+from twisted.internet import defer, protocol
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+from meshnode import records, tunnel_tls
+from meshnode.errors import StartupError
+from meshnode.rpc.messages import (Command, Forwarding, ForwardedTunnelOpened,
+                                   RelayedTunnelRequest, TunnelResult)
+from meshnode.rpc.service import any_domain
+from meshnode.splice import Leg
+from meshnode.wire import Endpoint
+
+_log = Logger()
+
+TOKEN_SECONDS = 10.0
+FILES_PER_TUNNEL = 2
+FILE_MARGIN = 64  # descriptors kept free for the node's own sockets, database and logs
+
+
+class _Token:
+    __slots__ = ("domain", "expires", "waiting")
+
+    def __init__(self, domain, expires):
+        self.domain = domain
+        self.expires = expires
+        self.waiting = None  # the first leg to arrive
+
+
+class RelayService(service.Service):
+    name = "relay"
+
+    def __init__(self, rpc, partition, clock, listen_address="", relay_port=7402,
+                 per_domain=256, total=4096, advertised=None):
+        self._rpc = rpc
+        self._partition = partition
+        self._clock = clock
+        self._listen_address = listen_address
+        self._requested_port = relay_port
+        self.per_domain = per_domain
+        self.total = total
+        self._advertised = advertised  # → the host others reach this node on, or None
+        self._tokens = {}
+        self._port = None
+        self.open_per_domain = collections.Counter()
+        self.open = 0
+        self.relayed = 0
+        self.refusals = collections.Counter()
+        self.bytes_relayed = 0
+
+    def startService(self):
+        factory = protocol.Factory.forProtocol(lambda: _RelayGate(self))
+        try:
+            self._port = self._clock.listenTCP(self._requested_port, factory,
+                                               interface=self._listen_address, backlog=1024)
+        except CannotListenError as e:
+            raise StartupError(f"cannot listen on relay port {self._requested_port}: "
+                               f"{e.socketError}") from None
+        self._rpc.register(Command.FORWARDED_TUNNEL_REQUEST, self._request, any_domain)
+        self._rpc.register(Command.FORWARDED_TUNNEL_OPENED, self._opened, any_domain)
+        _log.info("relay port {port}", port=self.port)
+        service.Service.startService(self)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        for command in (Command.FORWARDED_TUNNEL_REQUEST, Command.FORWARDED_TUNNEL_OPENED):
+            self._rpc.unregister(command)
+        if self._port is not None:
+            return defer.maybeDeferred(self._port.stopListening)
+        return None
+
+    @property
+    def port(self):
+        return self._port.getHost().port if self._port is not None else None
+
+    def _files_left(self):
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            used = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            used = FILES_PER_TUNNEL * self.open
+        return soft - used - FILE_MARGIN
+
+    def _refuse(self, incoming, reason):
+        self.refusals[reason] += 1
+        _log.info("relay refused for {node}: {reason}", node=incoming.node.node_id.hex()[:16],
+                  reason=reason)
+        return ForwardedTunnelOpened(TunnelResult.REFUSED, reason)
+
+    def _request(self, incoming):
+        """A user-node's request: pass it on to the tunnel-node, answer only with refusals."""
+        message, requester = incoming.message, incoming.node
+        if message.forwarding is not None:
+            return self._refuse(incoming, "malformed_request")
+        now = self._rpc.now_ms()
+        entry = self._partition.records.get(requester.domain, message.tunnel_node, now)
+        if entry is None or not entry.info.record.roles & records.Role.TUNNEL:
+            return self._refuse(incoming, "unknown_tunnel_node")
+        self._expire()
+        if self.open + len(self._tokens) >= self.total:
+            return self._refuse(incoming, "limit_total")
+        if self.open_per_domain[requester.domain] >= self.per_domain:
+            return self._refuse(incoming, "limit_domain")
+        if self._files_left() < FILES_PER_TUNNEL * (len(self._tokens) + 1):
+            return self._refuse(incoming, "limit_files")
+        info = entry.info.record
+        target = (info.observed or info.addresses or (None,))[0]
+        peer = self._rpc.peers.get(message.tunnel_node)
+        if target is None or peer is None:
+            return self._refuse(incoming, "tunnel_node_unreachable")
+        host = (self._advertised() if self._advertised else None) or self._listen_address
+        if not host:
+            return self._refuse(incoming, "relay_address_unknown")
+        token = os.urandom(tunnel_tls.TOKEN_SIZE)
+        self._tokens[token] = _Token(requester.domain, self._clock.seconds() + TOKEN_SECONDS)
+        forwarding = Forwarding(incoming.peer.signed, Endpoint(*incoming.source[:2]),
+                                incoming.message_id, Endpoint(host, self.port), token)
+        self._rpc.send(peer, (target.host, target.port),
+                       RelayedTunnelRequest(message.tunnel_node, message.device_id,
+                                            message.port, forwarding))
+        return None  # the tunnel-node's ForwardedTunnelOpened is the answer
+
+    def _opened(self, incoming):
+        """A tunnel-node's outcome: send it on to the requester as its answer."""
+        message = incoming.message
+        if message.back is None:
+            self.refusals["malformed_opened"] += 1
+            return None
+        node_id, endpoint, request_id = message.back
+        peer = self._rpc.peers.get(node_id)
+        if peer is None:
+            self.refusals["unknown_requester"] += 1
+            return None
+        if message.result != TunnelResult.OPENED and message.token in self._tokens:
+            del self._tokens[message.token]
+        self._rpc.respond(peer, (endpoint.host, endpoint.port), request_id,
+                          ForwardedTunnelOpened(message.result, message.reason,
+                                                message.endpoint, message.token))
+        return None
+
+    def _expire(self):
+        now = self._clock.seconds()
+        for token in [t for t, held in self._tokens.items() if held.expires <= now]:
+            held = self._tokens.pop(token)
+            if held.waiting is not None:
+                held.waiting.transport.abortConnection()
+
+    def arrive(self, leg, token):
+        """A leg sent its token: park it, or pair it with the one waiting."""
+        self._expire()
+        held = self._tokens.get(token)
+        if held is None:
+            self.refusals["bad_token"] += 1
+            return leg.transport.abortConnection()
+        if held.waiting is None:
+            held.waiting = leg
+            leg.token = token
+            return None
+        del self._tokens[token]  # one use
+        first, held.waiting = held.waiting, None
+        for one in (first, leg):
+            one.domain = held.domain
+            one.transport.write(tunnel_tls.GATE_OPEN)
+        self.open += 1
+        self.open_per_domain[held.domain] += 1
+        self.relayed += 1
+        first.join(leg)
+
+    def left(self, leg):
+        held = self._tokens.get(leg.token) if leg.token is not None else None
+        if held is not None and held.waiting is leg:
+            held.waiting = None  # gave up waiting: the token still works until it expires
+        if leg.domain is not None and leg.other is not None and not leg.other._closed:
+            self.open -= 1
+            self.open_per_domain[leg.domain] -= 1
+            if not self.open_per_domain[leg.domain]:
+                del self.open_per_domain[leg.domain]
+        self.bytes_relayed += leg.bytes_forwarded
+
+    def status(self):
+        return {"port": self.port, "open": self.open, "relayed": self.relayed,
+                "waiting": len(self._tokens), "bytes": self.bytes_relayed,
+                "refused": dict(self.refusals)}
+
+
+class _RelayGate(Leg):
+    domain = None
+    token = None
+
+    def __init__(self, relay):
+        self.relay = relay
+        self._buffer = b""
+        self._arrived = False
+
+    def connectionMade(self):
+        self.setTimeout(TOKEN_SECONDS)
+
+    def dataReceived(self, data):
+        if self._arrived:
+            return self.forward(data)
+        self._buffer += data
+        if len(self._buffer) < tunnel_tls.TOKEN_SIZE:
+            return None
+        if len(self._buffer) > tunnel_tls.TOKEN_SIZE:
+            return self.transport.abortConnection()  # nothing may follow before the answer
+        self._arrived = True
+        self.relay.arrive(self, self._buffer)
+
+    def left(self):
+        self.relay.left(self)
