@@ -413,7 +413,8 @@ class DirectoryService(service.MultiService):
 
     @defer.inlineCallbacks
     def end_devices(self):
-        """The operator-signed EndDevice records of this node's domain (checked), by id."""
+        """The operator-signed EndDevice records of this node's domain (checked), by id; the
+        domain's Revocation record that comes with them is applied."""
         operator = yield self.operator_replica()
         signed = []
         for _ in range(SUPER_NODE_PAGE_LIMIT):
@@ -424,6 +425,9 @@ class DirectoryService(service.MultiService):
         now, devices = self._rpc.now_ms(), {}
         for one in signed:
             try:
+                if isinstance(one.record, records.Revocation):
+                    self._rpc.trust.add_revocation(one, now)  # the domain's, sent along
+                    continue
                 device = self._rpc.trust.verify(one, now)
             except records.RecordError:
                 continue

@@ -299,10 +299,16 @@ def thd_list_devices(engine, domain_name=None):
 
 
 def thd_end_device_records(engine, domain):
+    """The domain's EndDevice records, then its newest Revocation record if it has one: the
+    nodes that act on devices (tunnel-nodes) learn revocations with them."""
     with engine.connect() as connection:
-        return [row.record for row in connection.execute(
+        found = [row.record for row in connection.execute(
             sa.select(end_devices.c.record).where(end_devices.c.domain == domain)
             .order_by(end_devices.c.name))]
+        revocation = connection.execute(
+            sa.select(revocations.c.record).where(revocations.c.domain == domain)
+            .order_by(revocations.c.id.desc()).limit(1)).first()
+    return found + ([revocation.record] if revocation is not None else [])
 
 
 def thd_remove_device(engine, domain_name, name):
