@@ -81,6 +81,33 @@ class LocationOptions(Command):
                 "route whose gateway is in the neighbour table (/proc/net/route, /proc/net/arp).")
 
 
+class TunnelOptions(Command):
+    synopsis = "DEVICE --listen tcp:PORT[:interface=IP] [--port N] [--name NAME] [--json]"
+    longdesc = ("Open a local listener on the running node for an end-device of its domain "
+                "(by name or 64-hex-digit id): each connection to it is tunneled to the "
+                "device's port (--port, default the device's first allowed port).")
+    optParameters = [
+        ["listen", None, None, "where to listen: tcp:PORT or tcp:PORT:interface=IP"],
+        ["port", None, None, "the device's TCP port"],
+        ["name", None, None, "a name for the listener (default DEVICE-N)"],
+    ]
+
+    def parseArgs(self, device):
+        self["device"] = device
+
+    def postOptions(self):
+        if self["listen"] is None:
+            raise usage.UsageError("--listen is needed, e.g. --listen tcp:9100")
+        try:
+            config.parse_listen_endpoint(self["listen"])
+            if self["port"] is not None:
+                self["port"] = config.parse_port(self["port"])
+            if self["name"] is not None:
+                config.parse_node_name(self["name"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
+
 class Options(usage.Options):
     synopsis = "[--config FILE] [--state-dir DIR] COMMAND [options]"
     optParameters = [
@@ -95,6 +122,7 @@ class Options(usage.Options):
         ["ping", None, PingOptions, "ping a node at HOST:PORT"],
         ["lookup", None, LookupOptions, "find a node's NodeInfo through the directory"],
         ["location", None, LocationOptions, "show this machine's location ids"],
+        ["tunnel", None, TunnelOptions, "open a local listener tunneled to an end-device"],
         ["operator", None, admin.OperatorOptions, "operator administration"],
     ]
 
@@ -251,8 +279,20 @@ def cmd_location(options, global_options):
                  table(found, ["interface", "gateway", "gateway_mac", "network", "location_id"]))
 
 
+def cmd_tunnel(options, global_options):
+    state_dir = global_options["state-dir"]
+    request = {"device": options["device"], "listen": options["listen"]}
+    for key in ("port", "name"):
+        if options[key] is not None:
+            request[key] = options[key]
+    data = control_request(state_dir, "POST", "/v1/tunnels", request)
+    if data is None:
+        raise CommandError(f"no node is running with state directory {state_dir}")
+    print_result(options, data, f"{data['name']}: {data['device']} on {data['address']}")
+
+
 COMMANDS = {"identity": cmd_identity, "status": cmd_status, "ping": cmd_ping,
-            "lookup": cmd_lookup, "location": cmd_location,
+            "lookup": cmd_lookup, "location": cmd_location, "tunnel": cmd_tunnel,
             "operator": admin.run}
 
 

@@ -126,9 +126,14 @@ class TunnelNetwork:
 
     @defer.inlineCallbacks
     def listener(self, **extra):
-        opened = yield self.user.control("POST", "/v1/tunnels", {
-            "device": "printer", "listen": "tcp:0:interface=127.0.0.1", **extra})
-        host, port = opened["address"].rsplit(":", 1)
+        """`meshnode tunnel printer --listen …` on the user-node → the listener's address."""
+        options = [f"--{key}={value}" for key, value in extra.items()]
+        code, output = yield run_command(meshnode_command(
+            "--state-dir", self.user.state_dir, "tunnel", "printer", "--listen",
+            "tcp:0:interface=127.0.0.1", *options, "--json"))
+        if code != 0:
+            raise AssertionError(output)
+        host, port = json.loads(output)["address"].rsplit(":", 1)
         return host, int(port)
 
     @defer.inlineCallbacks
@@ -137,7 +142,11 @@ class TunnelNetwork:
         client = _Client(self.client_data, self.device_factory.expect and len(
             b"".join(self.device_factory.reply)))
         yield protocol.ClientCreator(reactor, lambda: client).connectTCP(*address)
-        answer = yield client.done
+        try:
+            answer = yield client.done
+        except AssertionError as e:
+            listeners = (yield self.user.status())["user"]["listeners"]
+            raise AssertionError(f"{e}; the user-node's listeners: {listeners}") from None
         return answer, client
 
 
@@ -203,6 +212,7 @@ class RefusalTests(TestCase):
         self.assertEqual(status["open"], 1)
         user = (yield net.user.status())["user"]
         self.assertEqual([one["failures"] for one in user["listeners"]], [1, 1])
+        first.done.addErrback(lambda failure: None)  # it is closed unanswered, on purpose
         first.transport.loseConnection()
 
     @staticmethod
