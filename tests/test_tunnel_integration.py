@@ -241,10 +241,12 @@ class Capture:
         self._thread.start()
 
     def _run(self):
-        while not self._stop.is_set():
+        while True:
             try:
                 frame, (_, _, packet_type, _, _) = self._socket.recvfrom(65536)
             except socket.timeout:
+                if self._stop.is_set():
+                    return  # stopped, and what was queued has been read
                 continue
             if packet_type == socket.PACKET_OUTGOING or frame[12:14] != b"\x08\x00":
                 continue  # each loopback packet is seen twice; keep the incoming copy
@@ -259,7 +261,7 @@ class Capture:
 
     def stop(self):
         self._stop.set()
-        self._thread.join(5)
+        self._thread.join(30)
         self._socket.close()
 
 
