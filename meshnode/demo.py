@@ -1,13 +1,16 @@
 """`make run`: a local demo network on loopback, as far as meshnode is built.
 
-An operator issues an enrollment token with its admin command line; a super-node and two
-user-nodes enroll with it over HTTPS (pinning the operator's certificate). The operator places
-the super-node on the whole DHT (one replica per range in the demo), the user-nodes announce
-their NodeInfo to it, find each other through it and ping each other over the sealed RPC — all
-real `twistd meshnode` processes.
+An operator issues an enrollment token with its admin command line; a super-node, a
+tunnel-node and two user-nodes enroll with it over HTTPS (pinning the operator's certificate).
+The operator places the super-node on the whole DHT (one replica per range in the demo); the
+nodes announce their NodeInfo to it, find each other through it and ping each other over the
+sealed RPC. A demo device — a small web page standing in for a printer on the tunnel-node's
+LAN — is registered with the operator, and alice opens a local listener tunneled to it: the
+address to open is printed. All real `twistd meshnode` processes.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -16,8 +19,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 from meshnode import cli
+
+# The demo LAN's location id: a real tunnel-node finds its own (`meshnode location`).
+DEMO_LOCATION = hashlib.sha256(b"meshnode demo LAN").hexdigest()
+DEMO_PAGE = "<html><body><h1>Demo printer</h1><p>Reached through a meshnode tunnel.</p>" \
+            "</body></html>\n"
 
 
 def free_port():
@@ -63,6 +72,19 @@ def wait_for(state_dir, process, ready, what, timeout=30):
     raise SystemExit(f"demo: the node in {state_dir} did not {what} within {timeout} s")
 
 
+def fetch_through_tunnel(url, timeout=30):
+    """The page at `url`, retried until the tunnel-node has announced its location."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.read().decode()
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"demo: no answer through the tunnel at {url}: {e}")
+            time.sleep(0.5)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", default="demo", help="where the nodes keep their state")
@@ -79,7 +101,20 @@ def main():
         meshnode("--state-dir", operator_dir, "operator", "init", "--domain", "0x10000")
         meshnode("--state-dir", operator_dir, "operator", "domain", "create", "acme")
         token = meshnode("--state-dir", operator_dir, "operator", "token", "create",
-                         "--domain", "acme", "--uses", "3").strip()
+                         "--domain", "acme", "--uses", "4").strip()
+        device_dir = os.path.join(base, "printer")
+        os.makedirs(device_dir)
+        with open(os.path.join(device_dir, "index.html"), "w") as f:
+            f.write(DEMO_PAGE)
+        device_port = free_port()
+        processes["printer"] = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(device_port), "--bind", "127.0.0.1",
+             "--directory", device_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        print("\nA demo device on the tunnel-node's LAN (a web page on 127.0.0.1:"
+              f"{device_port}), registered with the operator:")
+        meshnode("--state-dir", operator_dir, "operator", "device", "add", "--domain", "acme",
+                 "--name", "printer", "--mac", "02:00:00:00:00:01", "--address", "127.0.0.1",
+                 "--location", DEMO_LOCATION, "--port", str(device_port))
         fingerprint = json.loads(meshnode("--state-dir", operator_dir, "operator", "info",
                                           "--json", show=False))["tls_fingerprint"]
         rpc_port, enroll_port = free_port(), free_port()
@@ -101,12 +136,14 @@ def main():
               f"on {', '.join(status['super']['ranges'])} by the operator")
 
         nodes = {}
-        for name in ("alice", "bob"):
+        for name, flags in (("lan1", ("--tunnel", "--tunnel-port", "0", "--location",
+                                      DEMO_LOCATION)), ("alice", ()), ("bob", ())):
             state_dir = os.path.join(base, name)
             port = free_port()
-            processes[name] = start(state_dir, port, *joining, "--name", name)
+            processes[name] = start(state_dir, port, *joining, "--name", name, *flags)
             nodes[name] = (state_dir, port)
-        print("\nalice and bob start with the token and enroll over HTTPS:")
+        print("\nlan1 (a tunnel-node on the printer's LAN), alice and bob start with the token "
+              "and enroll over HTTPS:")
         for name, (state_dir, port) in nodes.items():
             status = wait_for(state_dir, processes[name], lambda s: s["enrolled"], "enroll")
             nodes[name] += (status["node_id"],)
@@ -134,6 +171,16 @@ def main():
         meshnode("--state-dir", nodes["alice"][0], "lookup", "bob")
         print()
         meshnode("--state-dir", super_dir, "status")
+
+        print("\nalice opens a local listener tunneled to the printer:")
+        listener = json.loads(meshnode(
+            "--state-dir", nodes["alice"][0], "tunnel", "printer", "--listen",
+            "tcp:0:interface=127.0.0.1", "--json"))
+        url = f"http://{listener['address']}/"
+        page = fetch_through_tunnel(url)
+        path = cli.control_request(nodes["alice"][0], "GET", "/v1/status")["user"]["paths"]
+        print(f"  GET {url} → {page.strip()[:60]}…  (path: {', '.join(path)})")
+        print(f"\nOpen {url} — the demo printer, through a meshnode tunnel.")
         print(f"\nTry: PYTHONPATH=. .venv/bin/meshnode --state-dir {nodes['alice'][0]} ping "
               f"127.0.0.1:{nodes['bob'][1]}")
         print(f"     PYTHONPATH=. .venv/bin/meshnode --state-dir {operator_dir} operator "

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLContextFactory
 from zope.interface import implementer
 
 TOKEN_SIZE = 32
@@ -35,6 +35,7 @@ def certificate_for(identity, now):
             .sign(key, None))
 
 
+@implementer(IOpenSSLContextFactory)
 class TunnelContext:
     """The TLS context of one node for its tunnels (both client and server side)."""
 

@@ -117,7 +117,9 @@ class RelayService(service.Service):
         self._expire()
         if self.open + len(self._tokens) >= self.total:
             return self._refuse(incoming, "limit_total")
-        if self.open_per_domain[requester.domain] >= self.per_domain:
+        # Outstanding tokens count, as for the total: each may become an open tunnel.
+        waiting = sum(1 for held in self._tokens.values() if held.domain == requester.domain)
+        if self.open_per_domain[requester.domain] + waiting >= self.per_domain:
             return self._refuse(incoming, "limit_domain")
         if self._files_left() < FILES_PER_TUNNEL * (len(self._tokens) + 1):
             return self._refuse(incoming, "limit_files")
@@ -127,7 +129,7 @@ class RelayService(service.Service):
         if target is None or peer is None:
             return self._refuse(incoming, "tunnel_node_unreachable")
         host = (self._advertised() if self._advertised else None) or self._listen_address
-        if not host:
+        if host in ("", "0.0.0.0", "::"):
             return self._refuse(incoming, "relay_address_unknown")
         token = os.urandom(tunnel_tls.TOKEN_SIZE)
         self._tokens[token] = _Token(requester.domain, self._clock.seconds() + TOKEN_SECONDS)
@@ -146,11 +148,10 @@ class RelayService(service.Service):
             return None
         node_id, endpoint, request_id = message.back
         peer = self._rpc.peers.get(node_id)
-        if peer is None:
+        if peer is None or peer.node.domain != incoming.node.domain:
+            # Only a node of the requester's domain (its tunnel-node) answers for it.
             self.refusals["unknown_requester"] += 1
             return None
-        if message.result != TunnelResult.OPENED and message.token in self._tokens:
-            del self._tokens[message.token]
         self._rpc.respond(peer, (endpoint.host, endpoint.port), request_id,
                           ForwardedTunnelOpened(message.result, message.reason,
                                                 message.endpoint, message.token))

@@ -22,7 +22,7 @@ import os
 
 import attrs
 from twisted.application import internet, service
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, protocol
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
@@ -38,6 +38,7 @@ _log = Logger()
 
 TOKEN_SECONDS = 10.0
 DEVICE_REFRESH_SECONDS = 60.0
+MISS_REFRESH_SECONDS = 5.0
 KEEPALIVE_SECONDS = 25.0  # under the shortest common NAT UDP timeout
 DIAL_TIMEOUT_SECONDS = 5.0
 
@@ -118,6 +119,7 @@ class TunnelService(service.MultiService):
         self.opened = collections.Counter()  # by path
         self.devices = {}
         self._grants = {}
+        self._last_miss_refresh = float("-inf")
         self._port = None
         self._tls = None
         announcer.locations = self.locations
@@ -141,6 +143,7 @@ class TunnelService(service.MultiService):
             except CannotListenError as e:
                 raise StartupError(f"cannot listen on tunnel port {self._requested_port}: "
                                    f"{e.socketError}") from None
+        self._identity_service.observers.append(self._enrollment_changed)
         self._rpc.register(Command.TUNNEL_REQUEST, self._tunnel_request, same_domain)
         self._rpc.register(Command.RELAYED_TUNNEL_REQUEST, self._forwarded_request,
                            self._from_super_node)
@@ -151,6 +154,8 @@ class TunnelService(service.MultiService):
     def stopService(self):
         for command in (Command.TUNNEL_REQUEST, Command.RELAYED_TUNNEL_REQUEST):
             self._rpc.unregister(command)
+        if self._enrollment_changed in self._identity_service.observers:
+            self._identity_service.observers.remove(self._enrollment_changed)
         stopping = super().stopService()
         if self._port is not None:
             return defer.gatherResults([defer.maybeDeferred(self._port.stopListening),
@@ -171,6 +176,9 @@ class TunnelService(service.MultiService):
         if self._location_override is not None:
             return (self._location_override,)
         return tuple(sorted({found.location_id for found in self._read_locations()}))[:8]
+
+    def _enrollment_changed(self, enrollment):
+        self._guarded(self.refresh_devices)  # just enrolled: learn the devices at once
 
     @defer.inlineCallbacks
     def refresh_devices(self):
@@ -206,6 +214,11 @@ class TunnelService(service.MultiService):
             raise Refused("revoked")
         device = self.devices.get(device_id)
         if device is None:
+            # Perhaps registered since the last refresh: look again (at most every few
+            # seconds) so that the requester's next attempt finds it.
+            if self._clock.seconds() - self._last_miss_refresh > MISS_REFRESH_SECONDS:
+                self._last_miss_refresh = self._clock.seconds()
+                self._guarded(self.refresh_devices)
             raise Refused("unregistered_device")
         if trust.is_revoked(device.device_id):
             raise Refused("revoked")
@@ -238,11 +251,16 @@ class TunnelService(service.MultiService):
         except Refused as e:
             self._refuse(requester, e.reason)
             return TunnelOpened(TunnelResult.REFUSED, e.reason)
+        host = self._listen_address
+        if host in ("", "0.0.0.0", "::"):
+            host = outbound_address(incoming.source)  # the address the requester reached
+        if host is None:
+            self._refuse(requester, "no_address")
+            return TunnelOpened(TunnelResult.REFUSED, "no_address")
         token = os.urandom(tunnel_tls.TOKEN_SIZE)
         self._expire_grants()
         self._grants[token] = _Grant(requester, address, port,
                                      self._clock.seconds() + TOKEN_SECONDS)
-        host = self._listen_address or outbound_address(incoming.source)
         return TunnelOpened(TunnelResult.OPENED, "", Endpoint(host, self.port), token)
 
     def _expire_grants(self):
@@ -310,6 +328,13 @@ class TunnelService(service.MultiService):
 
     def connect_device(self, leg, grant, path):
         """The requester proved its key: dial the device and splice the two."""
+        try:
+            # Again: tokens handed out together all passed authorize before any opened.
+            self.counts.check(grant.requester)
+        except Refused as e:
+            self._refuse(grant.requester, e.reason)
+            leg.transport.loseConnection()
+            return
         self.counts.opened(grant.requester)
         leg.counted = True
         dialing = protocol.ClientCreator(self._clock, _DeviceLeg)
