@@ -17,7 +17,7 @@ class DemoTests(TestCase):
     @defer.inlineCallbacks
     def test_demo_network_works_and_stops(self):
         """The demo's nodes enroll, the super-node is placed, the users find each other
-        through it, ping, and stop."""
+        through it and ping, the demo printer's page comes through a tunnel, and all stop."""
         base = tempfile.mkdtemp(prefix="mn-demo-", dir="/tmp")
         self.addCleanup(shutil.rmtree, base, ignore_errors=True)
         state = os.path.join(base, "demo")
@@ -25,6 +25,7 @@ class DemoTests(TestCase):
                                           "--seconds", "0"], timeout=90)
         self.assertEqual(code, 0, output)
         for line in ("super1 enrolled, was reached back", "placed on 0000-ffff",
-                     "alice → bob:", "bob → alice:", "answered by:", "demo network stopped"):
+                     "alice → bob:", "bob → alice:", "answered by:", "Demo printer",
+                     "(path: direct)", "through a meshnode tunnel.", "demo network stopped"):
             self.assertIn(line, output)
         self.assertNotIn("Traceback", output)
