@@ -114,6 +114,40 @@ class ConfigFileTests(SynchronousTestCase):
         self.assertEqual(settings["partition"], (0x8000, 0xFFFF))
         self.assertEqual(settings["call-timeout"], 1.5)
 
+    def test_tunnel_listener_sections(self):
+        """[tunnel:NAME] sections become the user-node's listeners; --no-direct and the
+        [tunnel] limits reach the settings."""
+        path = self.write("[tunnel:printer]\ndevice = printer\nport = 9100\n"
+                          "listen = tcp:9100:interface=127.0.0.1\n"
+                          "[tunnel:camera]\ndevice = camera\nlisten = tcp:8554\n"
+                          "[tunnel]\ntunnels-per-node = 2\nidle-timeout = 30\n")
+        settings = parse("--config", path, "--tunnel", "--no-direct").settings
+        self.assertEqual(settings["listeners"], (
+            {"name": "printer", "device": "printer", "port": 9100,
+             "listen": "tcp:9100:interface=127.0.0.1"},
+            {"name": "camera", "device": "camera", "port": None, "listen": "tcp:8554"}))
+        self.assertEqual((settings["tunnels-per-node"], settings["idle-timeout"],
+                          settings["direct"]), (2, 30.0, False))
+
+    def test_bad_tunnel_listener_sections_named(self):
+        """A listener section with an unknown key, a bad listen endpoint or no device is an
+        error naming the section."""
+        for text, expected in (
+                ("[tunnel:p]\ndevice = p\nlisten = tcp:1\ncolour = red\n",
+                 "unknown key 'colour' in [tunnel:p]"),
+                ("[tunnel:p]\ndevice = p\nlisten = udp:1\n", "[tunnel:p] listen:"),
+                ("[tunnel:p]\nlisten = tcp:1\n", "[tunnel:p] needs device")):
+            with self.assertRaises(SystemExit) as caught:
+                parse("--config", self.write(text))
+            self.assertIn(expected, str(caught.exception.code))
+
+    def test_role_ports_need_their_role(self):
+        """--tunnel-port and --location need --tunnel; --relay-port needs --super."""
+        for flags in (("--tunnel-port", "0"), ("--location", "ab" * 32),
+                      ("--relay-port", "0")):
+            with self.assertRaises(SystemExit):
+                parse(*flags)
+
     def test_unknown_key_named(self):
         """An unknown key is an error naming the key and its section."""
         with self.assertRaises(SystemExit) as caught:
