@@ -96,6 +96,18 @@ end_devices = sa.Table(
     sa.UniqueConstraint("domain", "name", name="end_devices_domain_name"),
 )
 
+# Devices tunnel-nodes saw on their LAN without an EndDevice record, for the admin to approve.
+pending_devices = sa.Table(
+    "pending_devices", metadata,
+    sa.Column("domain", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("mac", sa.LargeBinary(6), primary_key=True),
+    sa.Column("location_id", _ID, nullable=False),
+    sa.Column("address", sa.String(45), nullable=False),
+    sa.Column("seen_by", _ID, nullable=False),
+    sa.Column("first_seen", sa.BigInteger, nullable=False),
+    sa.Column("last_seen", sa.BigInteger, nullable=False),
+)
+
 revocations = sa.Table(
     "revocations", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),

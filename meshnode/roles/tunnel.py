@@ -29,7 +29,8 @@ from twisted.logger import Logger
 from meshnode import location, records, tunnel_tls
 from meshnode.announce import outbound_address
 from meshnode.errors import StartupError
-from meshnode.rpc.messages import (Command, ForwardedTunnelOpened, TunnelOpened, TunnelResult)
+from meshnode.rpc.messages import (DEVICES_SEEN_LIMIT, Command, DevicesSeen,
+                                   ForwardedTunnelOpened, Stored, TunnelOpened, TunnelResult)
 from meshnode.rpc.service import RPCError, same_domain
 from meshnode.splice import Leg
 from meshnode.wire import Endpoint
@@ -39,6 +40,7 @@ _log = Logger()
 TOKEN_SECONDS = 10.0
 DEVICE_REFRESH_SECONDS = 60.0
 MISS_REFRESH_SECONDS = 5.0
+DEVICE_REPORT_SECONDS = 300.0
 KEEPALIVE_SECONDS = 25.0  # under the shortest common NAT UDP timeout
 DIAL_TIMEOUT_SECONDS = 5.0
 
@@ -124,7 +126,8 @@ class TunnelService(service.MultiService):
         self._tls = None
         announcer.locations = self.locations
         for interval, work in ((DEVICE_REFRESH_SECONDS, self.refresh_devices),
-                               (KEEPALIVE_SECONDS, self._keep_alive)):
+                               (KEEPALIVE_SECONDS, self._keep_alive),
+                               (DEVICE_REPORT_SECONDS, self.report_devices)):
             timer = internet.TimerService(interval, self._guarded, work)
             timer.clock = clock
             timer.setServiceParent(self)
@@ -197,6 +200,34 @@ class TunnelService(service.MultiService):
                 yield self._rpc.ping(peer, replica.address)
             except RPCError:
                 continue
+
+    def unregistered_devices(self):
+        """{location id: [(MAC, IPv4 address)]} of the neighbours on each location's interface
+        that are neither its router nor a registered device (with --location given, none:
+        which interface is that LAN is not known)."""
+        if self._location_override is not None:
+            return {}
+        known = {device.mac for device in self.devices.values()}
+        table = location.neighbours(self._read_neighbours())
+        found = {}
+        for place in self._read_locations():
+            seen = [(mac, ip) for ip, mac in sorted(table.get(place.interface, {}).items())
+                    if mac not in known and mac != place.gateway_mac]
+            if seen:
+                found[place.location_id] = seen[:DEVICES_SEEN_LIMIT]
+        return found
+
+    @defer.inlineCallbacks
+    def report_devices(self):
+        """Tell the operator of unregistered devices on our LANs (`device pending`)."""
+        if not self._rpc.enrolled or self._directory.operator_address is None:
+            return
+        found = self.unregistered_devices()
+        if not found:
+            return
+        operator = yield self._directory.operator_replica()
+        for location_id, seen in found.items():
+            yield self._directory.call(operator, DevicesSeen(location_id, seen), Stored)
 
     def _from_super_node(self, rpc, node):
         """Forwarded requests come from the super-nodes the operator placed."""

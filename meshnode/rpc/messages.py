@@ -46,6 +46,7 @@ class Command(enum.IntEnum):
     PARTITION_DIGESTS = 28
     PARTITION_RECORDS = 29
     RELAYED_TUNNEL_REQUEST = 30
+    DEVICES_SEEN = 31
 
 
 PING_DATA_LIMIT = 1000
@@ -771,12 +772,39 @@ class ForwardedTunnelOpened:
         return cls(*opening, back)
 
 
+DEVICES_SEEN_LIMIT = 40
+
+
+@attrs.frozen
+class DevicesSeen:
+    """A tunnel-node tells the operator of devices it sees at a location that have no
+    EndDevice record: (MAC, IPv4 address) pairs, for `meshnode operator device pending`."""
+
+    COMMAND = Command.DEVICES_SEEN
+    location: bytes
+    devices: tuple = attrs.field(converter=tuple)
+
+    def encode(self):
+        w = Writer().fixed(self.location, 32)
+        w.items(self.devices, DEVICES_SEEN_LIMIT,
+                lambda w, d: w.fixed(d[0], 6).text(d[1], 45))
+        return w.bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        location = r.fixed(32)
+        devices = r.items(DEVICES_SEEN_LIMIT, lambda r: (r.fixed(6), r.text(45)))
+        r.end()
+        return cls(location, devices)
+
+
 MESSAGES = {cls.COMMAND: cls for cls in (
     Ping, Pong, GetNode, NodeRecord, GetOperatorNodes, OperatorNodes, GetSuperNodes,
     SuperNodes, GetEndDevices, EndDevices, PutRecord, Stored, GetNodeInfo, NodeInfoRecord,
     WhoAmI, YouAre, SubmitSuperNode, SuperNodeStatus, TransferPartition, PartitionDigests,
     PartitionRecords, GetTunnelNodes, TunnelNodes, TunnelRequest, TunnelOpened,
-    ForwardedTunnelRequest, RelayedTunnelRequest, ForwardedTunnelOpened)}
+    ForwardedTunnelRequest, RelayedTunnelRequest, ForwardedTunnelOpened, DevicesSeen)}
 
 # A Node answer is at most: header, plain length, request id, blob length, largest Node record.
 NODE_ANSWER_SIZE = 96 + 2 + 12 + 2 + (2 + 4 + 32 * 3 + 2 + records.NAME_LIMIT + 16 + 32 + 64)

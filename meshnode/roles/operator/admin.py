@@ -217,17 +217,37 @@ class DeviceRemoveOptions(Command):
                 raise usage.UsageError(f"--{key} is required")
 
 
+class DevicePendingOptions(Command):
+    synopsis = "[--domain NAME] [--json]"
+    longdesc = "Devices tunnel-nodes see on their LAN that have no EndDevice record yet."
+    optParameters = [["domain", None, None, "only this domain's"]]
+
+
+class DeviceApproveOptions(DeviceAddOptions):
+    synopsis = ("--domain NAME --mac MAC --name NAME --port P [--port P …] [--address IP] "
+                "[--certificate-sha256 HEX] [--json]")
+    longdesc = "Register a pending device, at the location where it was seen, in one step."
+
+    def postOptions(self):
+        self["location"] = "00" * 32  # taken from where the device was seen
+        super().postOptions()
+
+
 class DeviceOptions(usage.Options):
-    synopsis = "add … | list [--domain NAME] | remove --domain NAME NAME"
+    synopsis = ("add … | list [--domain NAME] | remove --domain NAME NAME | pending | "
+                "approve …")
     subCommands = [
         ["add", None, DeviceAddOptions, "register an end-device"],
         ["list", None, DeviceListOptions, "list end-devices"],
         ["remove", None, DeviceRemoveOptions, "remove an end-device"],
+        ["pending", None, DevicePendingOptions, "devices seen by tunnel-nodes, unregistered"],
+        ["approve", None, DeviceApproveOptions, "register a pending device"],
     ]
 
     def postOptions(self):
         if self.subCommand is None:
-            raise usage.UsageError("device: name a command (add, list, remove)")
+            raise usage.UsageError("device: name a command (add, list, remove, pending, "
+                                   "approve)")
 
 
 class OperatorOptions(usage.Options):
@@ -342,6 +362,16 @@ def _device(sub, global_options, clock):
             command["certificate-sha256"], command["location"], command["ports"],
             _now_ms(clock))
         print_result(command, data, f"added {data['name']} ({data['device_id']})")
+    elif sub.subCommand == "approve":
+        data = registry.thd_approve_device(
+            engine, me, command["domain"], command["mac"], command["name"], command["ports"],
+            _now_ms(clock), command["address"], command["certificate-sha256"])
+        print_result(command, data, f"added {data['name']} ({data['device_id']}) at "
+                                    f"location {data['location_id'][:16]}…")
+    elif sub.subCommand == "pending":
+        rows = registry.thd_pending_devices(engine, command["domain"])
+        print_result(command, rows, table(rows, ["domain_name", "mac", "address",
+                                                 "location_id", "seen_by"]))
     elif sub.subCommand == "list":
         rows = registry.thd_list_devices(engine, command["domain"])
         shown = [dict(row, ports=",".join(map(str, row["ports"]))) for row in rows]

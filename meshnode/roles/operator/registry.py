@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from meshnode import records
 from meshnode.enrollment import renew_message
 from meshnode.schema import domains, end_devices, enrollment_tokens, nodes, operator_nodes
-from meshnode.schema import revocations, super_nodes
+from meshnode.schema import pending_devices, revocations, super_nodes
 
 DAY_MS = 86_400_000
 NODE_LIFETIME_MS = 30 * DAY_MS
@@ -265,19 +265,83 @@ def thd_add_device(engine, operator, domain_name, name, mac, address, certificat
                    location_id, ports, now):
     with engine.begin() as connection:
         domain = _domain_id(connection, domain_name)
-        if connection.execute(sa.select(end_devices.c.device_id).where(
-                end_devices.c.domain == domain, end_devices.c.name == name)).first():
-            raise RegistryError(409, f"a device named {name!r} exists in {domain_name!r}")
-        device_id = records.device_id_for(mac, certificate_sha256)
-        if connection.execute(sa.select(end_devices.c.name).where(
-                end_devices.c.domain == domain, end_devices.c.device_id == device_id)).first():
-            raise RegistryError(409, "that MAC (and certificate) is registered already")
-        signed = operator.sign(records.EndDevice(domain, device_id, name, mac, address,
-                                                 certificate_sha256, location_id, ports, now))
-        connection.execute(end_devices.insert().values(
-            domain=domain, device_id=device_id, name=name, location_id=location_id,
-            record=signed.encode(), created=now))
-        return _device_row(signed.record, domain_name)
+        return _add_device(connection, operator, domain, domain_name, name, mac, address,
+                           certificate_sha256, location_id, ports, now)
+
+
+def _add_device(connection, operator, domain, domain_name, name, mac, address,
+                certificate_sha256, location_id, ports, now):
+    if connection.execute(sa.select(end_devices.c.device_id).where(
+            end_devices.c.domain == domain, end_devices.c.name == name)).first():
+        raise RegistryError(409, f"a device named {name!r} exists in {domain_name!r}")
+    device_id = records.device_id_for(mac, certificate_sha256)
+    if connection.execute(sa.select(end_devices.c.name).where(
+            end_devices.c.domain == domain, end_devices.c.device_id == device_id)).first():
+        raise RegistryError(409, "that MAC (and certificate) is registered already")
+    signed = operator.sign(records.EndDevice(domain, device_id, name, mac, address,
+                                             certificate_sha256, location_id, ports, now))
+    connection.execute(end_devices.insert().values(
+        domain=domain, device_id=device_id, name=name, location_id=location_id,
+        record=signed.encode(), created=now))
+    connection.execute(pending_devices.delete().where(
+        pending_devices.c.domain == domain, pending_devices.c.mac == mac))
+    return _device_row(signed.record, domain_name)
+
+
+PENDING_LIMIT = 1000  # devices kept waiting for approval per domain
+
+
+def thd_devices_seen(engine, domain, location_id, seen_by, devices, now):
+    """Keep the (MAC, address) pairs a tunnel-node of `domain` saw at `location_id` that have
+    no EndDevice record, for approval → how many were new."""
+    new = 0
+    with engine.begin() as connection:
+        registered = {records.decode_signed(row.record).record.mac for row in
+                      connection.execute(sa.select(end_devices.c.record).where(
+                          end_devices.c.domain == domain))}
+        pending = {row.mac for row in connection.execute(sa.select(pending_devices.c.mac).where(
+            pending_devices.c.domain == domain))}
+        for mac, address in devices:
+            if mac in registered:
+                continue
+            values = dict(location_id=location_id, address=address, seen_by=seen_by,
+                          last_seen=now)
+            if mac in pending:
+                connection.execute(pending_devices.update().where(
+                    pending_devices.c.domain == domain, pending_devices.c.mac == mac
+                ).values(**values))
+            elif len(pending) < PENDING_LIMIT:
+                connection.execute(pending_devices.insert().values(
+                    domain=domain, mac=mac, first_seen=now, **values))
+                pending.add(mac)
+                new += 1
+    return new
+
+
+def thd_pending_devices(engine, domain_name=None):
+    with engine.connect() as connection:
+        query = sa.select(pending_devices, domains.c.name).join(
+            domains, domains.c.domain == pending_devices.c.domain).order_by(
+            domains.c.name, pending_devices.c.mac)
+        if domain_name is not None:
+            query = query.where(pending_devices.c.domain == _domain_id(connection, domain_name))
+        return [{"domain_name": row.name, "mac": row.mac.hex(":"), "address": row.address,
+                 "location_id": row.location_id.hex(), "seen_by": row.seen_by.hex(),
+                 "first_seen": row.first_seen, "last_seen": row.last_seen}
+                for row in connection.execute(query)]
+
+
+def thd_approve_device(engine, operator, domain_name, mac, name, ports, now, address=None,
+                       certificate_sha256=None):
+    """Register a pending device in one step, at the location where it was seen."""
+    with engine.begin() as connection:
+        domain = _domain_id(connection, domain_name)
+        row = connection.execute(sa.select(pending_devices).where(
+            pending_devices.c.domain == domain, pending_devices.c.mac == mac)).first()
+        if row is None:
+            raise RegistryError(404, f"no pending device {mac.hex(':')} in {domain_name!r}")
+        return _add_device(connection, operator, domain, domain_name, name, mac, address,
+                           certificate_sha256, row.location_id, ports, now)
 
 
 def _device_row(device, domain_name):
