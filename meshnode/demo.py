@@ -128,8 +128,8 @@ def main():
                    "--operator-rpc", f"127.0.0.1:{rpc_port}")
 
         super_dir, super_port = os.path.join(base, "super1"), free_port()
-        processes["super1"] = start(super_dir, super_port, "--super", "--relay-port", "0", *joining,
-                                    "--name", "super1")
+        processes["super1"] = start(super_dir, super_port, "--super", "--relay-port", "0",
+                                    *joining, "--name", "super1")
         status = wait_for(super_dir, processes["super1"],
                           lambda s: s.get("super", {}).get("ranges"), "get a DHT range")
         print(f"\nsuper1 enrolled, was reached back on udp 127.0.0.1:{super_port} and placed "

@@ -27,8 +27,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from meshnode import records
-from meshnode.rpc.messages import (Command, Encoded, NodeInfoRecord, PartitionDigests, PartitionRecords,
-                                   Stored, TransferPartition, TunnelNodes, DIGESTS_PER_PAGE)
+from meshnode.rpc.messages import (DIGESTS_PER_PAGE, Command, Encoded, NodeInfoRecord,
+                                   PartitionDigests, PartitionRecords, Stored,
+                                   TransferPartition, TunnelNodes)
 from meshnode.rpc.service import RPCError, any_domain
 from meshnode.schema import dht_records
 

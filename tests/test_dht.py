@@ -228,6 +228,10 @@ class PartitionStoreTests(SynchronousTestCase):
         self.assertEqual(self.store.entries_of(ACME), [entries[1], entries[2], entries[3]])
         self.assertEqual(self.store.entries_of(0x9ABC0001), [])
 
+
+class NameIndexTests(SynchronousTestCase):
+    """Lookups by overlay name: the newest Node record of a name holds it."""
+
     def setUp(self):
         self.store = PartitionStore(quota=3)
 

@@ -489,7 +489,8 @@ class TrustVerifyTests(SynchronousTestCase):
         return [
             (OPERATOR, _node_record(NODES[0], issued=created, expires=created + DAY_MS)),
             (NODES[0], _node_info(NODES[0], created)),
-            (OPERATOR, SuperNode(DOMAIN, NODES[0].node_id, 0, 10, Endpoint("192.0.2.7", 7400), created)),
+            (OPERATOR, SuperNode(DOMAIN, NODES[0].node_id, 0, 10, Endpoint("192.0.2.7", 7400),
+                                 created)),
             (OPERATOR, OperatorNode(DOMAIN, SECOND_OPERATOR.node_id,
                                     SECOND_OPERATOR.signing_public,
                                     SECOND_OPERATOR.agreement_public, created)),

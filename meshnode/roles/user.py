@@ -18,7 +18,7 @@ from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 
-from meshnode import config, records, tunnel_tls
+from meshnode import config, tunnel_tls
 from meshnode.control import ControlError, _JSONResource
 from meshnode.errors import StartupError
 from meshnode.rpc.messages import (ForwardedTunnelOpened, ForwardedTunnelRequest,
