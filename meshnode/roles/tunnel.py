@@ -213,8 +213,8 @@ class TunnelService(service.MultiService):
         for place in self._read_locations():
             seen = [(mac, ip) for ip, mac in sorted(table.get(place.interface, {}).items())
                     if mac not in known and mac != place.gateway_mac]
-            if seen:
-                found[place.location_id] = seen[:DEVICES_SEEN_LIMIT]
+            if seen:  # two interfaces on one LAN share its location id
+                found.setdefault(place.location_id, []).extend(seen)
         return found
 
     @defer.inlineCallbacks
@@ -227,7 +227,11 @@ class TunnelService(service.MultiService):
             return
         operator = yield self._directory.operator_replica()
         for location_id, seen in found.items():
-            yield self._directory.call(operator, DevicesSeen(location_id, seen), Stored)
+            # In parts: the same first DEVICES_SEEN_LIMIT each time would hide the rest.
+            for start in range(0, len(seen), DEVICES_SEEN_LIMIT):
+                yield self._directory.call(
+                    operator, DevicesSeen(location_id, seen[start:start + DEVICES_SEEN_LIMIT]),
+                    Stored)
 
     def _from_super_node(self, rpc, node):
         """Forwarded requests come from the super-nodes the operator placed."""

@@ -5,6 +5,7 @@ request it answers followed by its message.
 """
 
 import enum
+import ipaddress
 import struct
 
 import attrs
@@ -794,9 +795,19 @@ class DevicesSeen:
     def decode(cls, payload):
         r = Reader(payload)
         location = r.fixed(32)
-        devices = r.items(DEVICES_SEEN_LIMIT, lambda r: (r.fixed(6), r.text(45)))
+        devices = r.items(DEVICES_SEEN_LIMIT, lambda r: (r.fixed(6), _ipv4_text(r.text(45))))
         r.end()
         return cls(location, devices)
+
+
+def _ipv4_text(text):
+    """Only an IPv4 address, as `str(IPv4Address)` spells it, reaches the admin's table."""
+    try:
+        if str(ipaddress.IPv4Address(text)) == text:
+            return text
+    except ValueError:
+        pass
+    raise DecodeError("a seen device's address is not IPv4 text")
 
 
 MESSAGES = {cls.COMMAND: cls for cls in (

@@ -229,6 +229,9 @@ class DeviceApproveOptions(DeviceAddOptions):
     longdesc = "Register a pending device, at the location where it was seen, in one step."
 
     def postOptions(self):
+        if self["location"] is not None:
+            raise usage.UsageError("--location: approve registers the device where it was "
+                                   "seen (use `device add` to name another)")
         self["location"] = "00" * 32  # taken from where the device was seen
         super().postOptions()
 

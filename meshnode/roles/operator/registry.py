@@ -294,6 +294,15 @@ PENDING_LIMIT = 1000  # devices kept waiting for approval per domain
 def thd_devices_seen(engine, domain, location_id, seen_by, devices, now):
     """Keep the (MAC, address) pairs a tunnel-node of `domain` saw at `location_id` that have
     no EndDevice record, for approval → how many were new."""
+    try:
+        return _devices_seen(engine, domain, location_id, seen_by, devices, now)
+    except sa.exc.IntegrityError:
+        # Another report of the same new device won the insert (PostgreSQL runs several
+        # at once): this time it is known, and updated.
+        return _devices_seen(engine, domain, location_id, seen_by, devices, now)
+
+
+def _devices_seen(engine, domain, location_id, seen_by, devices, now):
     new = 0
     with engine.begin() as connection:
         registered = {records.decode_signed(row.record).record.mac for row in

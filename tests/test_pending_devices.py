@@ -1,0 +1,624 @@
+"""Devices a tunnel-node sees on its LAN without an EndDevice record: DevicesSeen to the
+operator, its pending table, and `meshnode operator device pending` / `approve`.
+
+The registry tests run on SQLite and on PostgreSQL; the RPC and tunnel tests on tests.mesh;
+the admin tests through meshnode.cli.main on an operator made by signing.init_operator.
+"""
+
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from meshnode import cli, records, store
+from meshnode.identity import Identity
+from meshnode.location import Location, location_id_for
+from meshnode.roles.operator import registry, signing
+from meshnode.roles.operator.registry import RegistryError
+from meshnode.roles.tunnel import TunnelService
+from meshnode.rpc.messages import DEVICES_SEEN_LIMIT, DevicesSeen, Stored
+from meshnode.wire import DecodeError
+from tests import postgres
+from tests.mesh import Mesh
+
+NOW = 1_800_000_000_000
+HERE = hashlib.sha256(b"the office LAN").digest()
+THERE = hashlib.sha256(b"the lab LAN").digest()
+SEEN_BY = hashlib.sha256(b"tunnel-node 1").digest()
+SEEN_BY_2 = hashlib.sha256(b"tunnel-node 2").digest()
+PRINTER = bytes.fromhex("02000000a001")
+CAMERA = bytes.fromhex("02000000a002")
+PHONE = bytes.fromhex("02000000a003")
+
+
+def mac(n):
+    return bytes([2, 0, 0, 1, n >> 8, n & 0xFF])
+
+
+# -- the registry --------------------------------------------------------------------------
+
+
+class PendingRegistryTestsMixin:
+    """thd_devices_seen, thd_pending_devices, thd_approve_device and thd_add_device on the
+    database `make_url()` names."""
+
+    def make_url(self):
+        raise NotImplementedError
+
+    def setUp(self):
+        self.engine = store.open_engine(self.make_url())
+        self.addCleanup(self.engine.dispose)
+        self.operator = Identity.generate()
+        self.acme = registry.thd_create_domain(self.engine, "acme", NOW)
+        self.globex = registry.thd_create_domain(self.engine, "globex", NOW)
+
+    def seen(self, devices, domain=None, location_id=HERE, seen_by=SEEN_BY, now=NOW):
+        return registry.thd_devices_seen(self.engine, domain or self.acme, location_id, seen_by,
+                                         devices, now)
+
+    def pending(self, domain_name=None):
+        """The pending rows as (domain name, MAC, address, location, seen by, first, last)."""
+        return [(row["domain_name"], row["mac"], row["address"], row["location_id"],
+                 row["seen_by"], row["first_seen"], row["last_seen"])
+                for row in registry.thd_pending_devices(self.engine, domain_name)]
+
+    def row(self, device, address, domain_name="acme", location_id=HERE, seen_by=SEEN_BY,
+            first=NOW, last=NOW):
+        return (domain_name, device.hex(":"), address, location_id.hex(), seen_by.hex(),
+                first, last)
+
+    def refused(self, status, function, *args, **kwargs):
+        error = self.assertRaises(RegistryError, function, *args, **kwargs)
+        self.assertEqual(error.status, status, error.reason)
+        return error.reason
+
+    def approve(self, device, name="printer", ports=(631,), domain_name="acme", **kwargs):
+        return registry.thd_approve_device(self.engine, self.operator, domain_name, device,
+                                           name, list(ports), NOW + 5, **kwargs)
+
+    # -- thd_devices_seen ----------------------------------------------------------------
+
+    def test_new_devices_kept(self):
+        """Unknown MACs become pending rows of the sender's domain; the count of new ones."""
+        self.assertEqual(self.seen([(PRINTER, "192.168.1.20"), (CAMERA, "192.168.1.21")]), 2)
+        self.assertEqual(self.pending(), [self.row(PRINTER, "192.168.1.20"),
+                                          self.row(CAMERA, "192.168.1.21")])
+        self.assertEqual(self.pending("globex"), [])
+
+    def test_nothing_seen(self):
+        """An empty report stores nothing."""
+        self.assertEqual(self.seen([]), 0)
+        self.assertEqual(self.pending(), [])
+
+    def test_registered_macs_skipped(self):
+        """MACs with an EndDevice record in the domain, with or without a certificate, are
+        never pending; another domain's registration does not count."""
+        registry.thd_add_device(self.engine, self.operator, "acme", "printer", PRINTER, None,
+                                None, HERE, [631], NOW)
+        registry.thd_add_device(self.engine, self.operator, "acme", "camera", CAMERA, None,
+                                bytes(range(32)), THERE, [554], NOW)
+        registry.thd_add_device(self.engine, self.operator, "globex", "phone", PHONE, None,
+                                None, HERE, [80], NOW)
+        self.assertEqual(self.seen([(PRINTER, "192.168.1.20"), (CAMERA, "192.168.1.21"),
+                                    (PHONE, "192.168.1.22")]), 1)
+        self.assertEqual(self.pending(), [self.row(PHONE, "192.168.1.22")])
+
+    def test_known_pending_updated(self):
+        """A MAC reported again is not new: its address, location, reporter and last_seen
+        follow the newest report, first_seen stays."""
+        self.seen([(PRINTER, "192.168.1.20")])
+        self.assertEqual(self.seen([(PRINTER, "10.0.5.7")], location_id=THERE,
+                                   seen_by=SEEN_BY_2, now=NOW + 300_000), 0)
+        self.assertEqual(self.pending(), [self.row(PRINTER, "10.0.5.7", location_id=THERE,
+                                                   seen_by=SEEN_BY_2, last=NOW + 300_000)])
+
+    def test_same_mac_twice_in_one_report(self):
+        """A MAC twice in one report is one new row holding the later address."""
+        self.assertEqual(self.seen([(PRINTER, "192.168.1.20"), (PRINTER, "192.168.1.99")]), 1)
+        self.assertEqual(self.pending(), [self.row(PRINTER, "192.168.1.99")])
+
+    def test_same_mac_in_two_domains(self):
+        """Each domain keeps its own pending row of a MAC."""
+        self.seen([(PRINTER, "192.168.1.20")])
+        self.assertEqual(self.seen([(PRINTER, "172.16.0.9")], domain=self.globex), 1)
+        self.assertEqual(self.pending(), [self.row(PRINTER, "192.168.1.20"),
+                                          self.row(PRINTER, "172.16.0.9", "globex")])
+        self.assertEqual(self.pending("globex"), [self.row(PRINTER, "172.16.0.9", "globex")])
+
+    def test_pending_limit_per_domain(self):
+        """Past PENDING_LIMIT rows a domain takes no new MACs, still updates the ones it has,
+        and other domains are not affected."""
+        self.patch(registry, "PENDING_LIMIT", 3)
+        self.assertEqual(self.seen([(mac(i), f"192.168.1.{i}") for i in range(1, 6)]), 3)
+        self.assertEqual(self.seen([(mac(9), "192.168.1.9"), (mac(1), "192.168.1.101")],
+                                   now=NOW + 1), 0)
+        self.assertEqual([(row[1], row[2]) for row in self.pending("acme")],
+                         [(mac(1).hex(":"), "192.168.1.101"), (mac(2).hex(":"), "192.168.1.2"),
+                          (mac(3).hex(":"), "192.168.1.3")])
+        self.assertEqual(self.seen([(mac(9), "172.16.0.9")], domain=self.globex), 1)
+
+    # -- thd_pending_devices -------------------------------------------------------------
+
+    def test_pending_of_unknown_domain_refused(self):
+        """Listing the pending devices of a domain that does not exist is refused with 404."""
+        self.assertIn("nope", self.refused(404, registry.thd_pending_devices, self.engine,
+                                           "nope"))
+
+    # -- thd_approve_device --------------------------------------------------------------
+
+    def test_approve_registers_where_seen(self):
+        """Approval signs an EndDevice record at the location of the pending row and removes
+        the row; the device is then listed and no longer reported as new."""
+        self.seen([(PRINTER, "192.168.1.20"), (CAMERA, "192.168.1.21")], location_id=THERE)
+        added = self.approve(PRINTER, ports=(631, 9100))
+        self.assertEqual((added["name"], added["mac"], added["location_id"], added["address"],
+                          added["ports"], added["domain"]),
+                         ("printer", PRINTER.hex(":"), THERE.hex(), None, [631, 9100],
+                          self.acme))
+        self.assertEqual(registry.thd_list_devices(self.engine, "acme"), [added])
+        self.assertEqual(self.pending(), [self.row(CAMERA, "192.168.1.21", location_id=THERE)])
+        self.assertEqual(self.seen([(PRINTER, "192.168.1.20")], now=NOW + 10), 0)
+        self.assertEqual(len(self.pending()), 1)
+
+    def test_approved_record_is_signed_by_the_operator(self):
+        """The stored EndDevice record verifies under the operator's trust."""
+        self.seen([(PRINTER, "192.168.1.20")])
+        added = self.approve(PRINTER)
+        trust = records.Trust()
+        trust.anchor(self.operator.sign(records.OperatorNode(
+            0, self.operator.node_id, self.operator.signing_public,
+            self.operator.agreement_public, NOW)), NOW)
+        [signed] = [records.decode_signed(raw) for raw in
+                    registry.thd_end_device_records(self.engine, self.acme)]
+        device = trust.verify(signed, NOW + 5)
+        self.assertEqual((device.device_id.hex(), device.mac, device.location_id,
+                          device.ports), (added["device_id"], PRINTER, HERE, (631,)))
+
+    def test_approve_with_address_and_certificate(self):
+        """--address pins an address; a certificate makes the device id of MAC and cert."""
+        self.seen([(PRINTER, "192.168.1.20")])
+        certificate = hashlib.sha256(b"printer cert").digest()
+        added = self.approve(PRINTER, address="192.168.1.20", certificate_sha256=certificate)
+        self.assertEqual((added["address"], added["device_id"]),
+                         ("192.168.1.20", records.device_id_for(PRINTER, certificate).hex()))
+        self.assertEqual(self.pending(), [])
+
+    def test_approve_unknown_mac_refused(self):
+        """Approving a MAC nobody reported is refused with 404 and registers nothing."""
+        self.seen([(CAMERA, "192.168.1.21")])
+        self.assertIn(PRINTER.hex(":"), self.refused(404, self.approve, PRINTER))
+        self.assertEqual(registry.thd_list_devices(self.engine), [])
+        self.assertEqual(len(self.pending()), 1)
+
+    def test_approve_in_the_wrong_domain_refused(self):
+        """A MAC pending in globex cannot be approved into acme."""
+        self.seen([(PRINTER, "172.16.0.9")], domain=self.globex)
+        self.refused(404, self.approve, PRINTER, domain_name="acme")
+        self.refused(404, self.approve, PRINTER, domain_name="nope")
+        self.assertEqual(registry.thd_list_devices(self.engine), [])
+        self.assertEqual(self.pending(), [self.row(PRINTER, "172.16.0.9", "globex")])
+
+    def test_approve_taken_name_keeps_pending(self):
+        """Approval under a name in use is refused with 409 and leaves the row pending."""
+        registry.thd_add_device(self.engine, self.operator, "acme", "printer", CAMERA, None,
+                                None, HERE, [631], NOW)
+        self.seen([(PRINTER, "192.168.1.20")])
+        self.refused(409, self.approve, PRINTER, name="printer")
+        self.assertEqual(self.pending(), [self.row(PRINTER, "192.168.1.20")])
+
+    def test_add_device_removes_pending(self):
+        """Registering a pending MAC with `device add` (anywhere) removes its pending row in
+        that domain only."""
+        self.seen([(PRINTER, "192.168.1.20"), (CAMERA, "192.168.1.21")])
+        self.seen([(PRINTER, "172.16.0.9")], domain=self.globex)
+        registry.thd_add_device(self.engine, self.operator, "acme", "printer", PRINTER, None,
+                                None, THERE, [631], NOW)
+        self.assertEqual(self.pending(), [self.row(CAMERA, "192.168.1.21"),
+                                          self.row(PRINTER, "172.16.0.9", "globex")])
+
+
+class SQLitePendingRegistryTests(PendingRegistryTestsMixin, SynchronousTestCase):
+    """The pending devices on a SQLite file of their own."""
+
+    def make_url(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        return store.sqlite_url(directory)
+
+
+class PostgresPendingRegistryTests(PendingRegistryTestsMixin, SynchronousTestCase):
+    """The pending devices on a fresh database of the throwaway PostgreSQL cluster."""
+
+    skip = postgres.skip_reason()
+
+    def make_url(self):
+        return postgres.fresh_database()
+
+
+# -- the message and the operator's handler ------------------------------------------------
+
+
+class DevicesSeenCodecTests(SynchronousTestCase):
+    """DevicesSeen on the wire."""
+
+    def test_round_trip(self):
+        """A full message decodes to what was encoded."""
+        message = DevicesSeen(HERE, [(mac(i), f"192.168.1.{i}")
+                                     for i in range(DEVICES_SEEN_LIMIT)])
+        self.assertEqual(DevicesSeen.decode(message.encode()), message)
+
+    def test_over_limit_refused(self):
+        """More than DEVICES_SEEN_LIMIT devices cannot be encoded."""
+        message = DevicesSeen(HERE, [(mac(i), "192.168.1.1")
+                                     for i in range(DEVICES_SEEN_LIMIT + 1)])
+        self.assertRaises(ValueError, message.encode)
+
+    def test_address_not_ipv4_refused(self):
+        """An address that is not IPv4 text in its usual spelling does not decode: nothing
+        but an address reaches the admin's `device pending` table."""
+        for address in ("printer", "192.168.1.20\n\x1b[2Jgotcha", "::1", "192.168.001.020",
+                        ""):
+            payload = DevicesSeen(HERE, [(PRINTER, address)]).encode()
+            self.assertRaises(DecodeError, DevicesSeen.decode, payload)
+
+
+class DevicesSeenHandlerTests(SynchronousTestCase):
+    """The operator's DEVICES_SEEN handler on tests.mesh."""
+
+    def setUp(self):
+        self.mesh = Mesh(self)
+        self.tunnel = self.mesh.user("tunnel1", "acme")
+
+    def pending(self, domain_name=None):
+        return [(row["domain_name"], row["mac"], row["address"], row["location_id"],
+                 row["seen_by"])
+                for row in registry.thd_pending_devices(self.mesh.engine, domain_name)]
+
+    def test_kept_under_the_senders_domain(self):
+        """The rows are the sender's domain's, with its node id and the location it named."""
+        stranger = self.mesh.user("carol", "globex")
+        answer = self.mesh.ask(self.tunnel, DevicesSeen(HERE, [(PRINTER, "192.168.1.20"),
+                                                               (CAMERA, "192.168.1.21")]),
+                               Stored)
+        self.assertEqual(answer, Stored(0, "2 new"))
+        self.assertEqual(self.mesh.ask(stranger, DevicesSeen(THERE, [(PHONE, "10.0.0.9")]),
+                                       Stored), Stored(0, "1 new"))
+        tunnel, carol = self.tunnel.node_id.hex(), stranger.node_id.hex()
+        self.assertEqual(self.pending(), [
+            ("acme", PRINTER.hex(":"), "192.168.1.20", HERE.hex(), tunnel),
+            ("acme", CAMERA.hex(":"), "192.168.1.21", HERE.hex(), tunnel),
+            ("globex", PHONE.hex(":"), "10.0.0.9", THERE.hex(), carol)])
+
+    def test_registered_and_known_are_not_new(self):
+        """A registered MAC is skipped and one reported before is not new."""
+        self.mesh.ask(self.tunnel, DevicesSeen(HERE, [(CAMERA, "192.168.1.21")]), Stored)
+        registry.thd_add_device(self.mesh.engine, self.mesh.me, "acme", "printer", PRINTER,
+                                None, None, HERE, [631], self.tunnel.rpc.now_ms())
+        answer = self.mesh.ask(self.tunnel, DevicesSeen(HERE, [(PRINTER, "192.168.1.20"),
+                                                               (CAMERA, "192.168.1.22")]),
+                               Stored)
+        self.assertEqual(answer, Stored(0, "0 new"))
+        self.assertEqual([row[1:3] for row in self.pending()],
+                         [(CAMERA.hex(":"), "192.168.1.22")])
+
+    def test_report_with_a_bad_address_dropped(self):
+        """A report whose address is not IPv4 text is dropped unanswered; nothing is kept."""
+        peer = self.tunnel.rpc.learn(self.mesh.operator.rpc.own_node)
+        d = self.tunnel.rpc.call(peer, self.mesh.operator.address,
+                                 DevicesSeen(HERE, [(PRINTER, "\x1b[2J192.168.1.20")]), Stored)
+        self.mesh.network.flush()
+        self.assertNoResult(d)
+        self.assertEqual(self.mesh.operator.rpc.drops["malformed_payload"], 1)
+        self.assertEqual(self.pending(), [])
+        d.cancel()
+        self.failureResultOf(d)
+
+    def test_a_full_report_fits_a_datagram(self):
+        """DEVICES_SEEN_LIMIT devices at the longest IPv4 addresses go in one request."""
+        devices = [(mac(i), f"255.255.255.{200 + i}") for i in range(DEVICES_SEEN_LIMIT)]
+        self.assertEqual(self.mesh.ask(self.tunnel, DevicesSeen(HERE, devices), Stored),
+                         Stored(0, f"{DEVICES_SEEN_LIMIT} new"))
+        self.assertEqual(len(self.pending("acme")), DEVICES_SEEN_LIMIT)
+
+
+# -- the tunnel-node ---------------------------------------------------------------------
+
+ROUTER = bytes.fromhex("0200000000f1")
+WIFI_ROUTER = bytes.fromhex("0200000000f2")
+SCANNER = bytes.fromhex("020000000901")
+OFFICE = Location("eth0", "192.168.1.1", ROUTER, "192.168.1.0", 24,
+                  location_id_for(ROUTER, "192.168.1.0", 24))
+WIFI = Location("wlan0", "10.9.0.1", WIFI_ROUTER, "10.9.0.0", 24,
+                location_id_for(WIFI_ROUTER, "10.9.0.0", 24))
+
+
+def arp(*entries):
+    """/proc/net/arp text of (ip, MAC, device[, flags]) entries."""
+    lines = ["IP address       HW type     Flags       HW address            Mask     Device"]
+    for ip, address, device, *flags in entries:
+        lines.append(f"{ip:<16} 0x1         {(flags or ['0x2'])[0]:<11} {address.hex(':')}     "
+                     f"*        {device}")
+    return "\n".join(lines) + "\n"
+
+
+class _Announcer:
+    locations = None
+
+
+class _Control:
+    def __init__(self):
+        self.status_sections = []
+
+
+class TunnelTestCase(SynchronousTestCase):
+    """A tunnel-node of domain acme on a host at two locations (eth0, wlan0), with one
+    registered device, `scanner`, on the office LAN."""
+
+    location_override = None
+
+    def setUp(self):
+        self.mesh = mesh = Mesh(self)
+        self.node = mesh.user("tunnel1")
+        registry.thd_add_device(mesh.engine, mesh.me, "acme", "scanner", SCANNER, None, None,
+                                OFFICE.location_id, [80], self.node.rpc.now_ms())
+        self.neighbours = ""  # nothing seen while starting: report_devices is what we test
+        self.service = self.tunnel_service(self.location_override)
+        self.neighbours = arp(
+            ("192.168.1.1", ROUTER, "eth0"),
+            ("192.168.1.20", SCANNER, "eth0"),
+            ("192.168.1.31", PRINTER, "eth0"),
+            ("192.168.1.32", CAMERA, "eth0"),
+            ("192.168.1.33", PHONE, "eth0", "0x0"),  # incomplete: not seen
+            ("10.9.0.1", WIFI_ROUTER, "wlan0"),
+            ("10.9.0.7", PHONE, "wlan0"),
+            ("172.17.0.2", mac(1), "docker0"))  # no location: not reported
+
+    def tunnel_service(self, location_override):
+        service = TunnelService(
+            self.node.identity_service, self.node.rpc, self.mesh.directory_of(self.node),
+            _Announcer(), self.node.reactor, _Control(), listen_address="192.0.2.7",
+            tunnel_port=7401, location_override=location_override,
+            neighbours=lambda: self.neighbours, locations=lambda: [OFFICE, WIFI])
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        self.mesh.network.flush()  # the first device refresh, answered by the operator
+        return service
+
+    def pending(self):
+        return [(row["domain_name"], row["mac"], row["address"], row["location_id"],
+                 row["seen_by"])
+                        for row in registry.thd_pending_devices(self.mesh.engine)]
+
+    def report(self):
+        d = self.service.report_devices()
+        self.mesh.network.flush()
+        self.successResultOf(d)
+
+
+class TunnelReportTests(TunnelTestCase):
+    """What the tunnel-node reports, end to end to the operator's pending table."""
+
+    def test_unregistered_devices(self):
+        """Complete neighbours on each location's interface, minus its router and the
+        registered scanner, by location id."""
+        self.assertEqual(self.service.unregistered_devices(), {
+            OFFICE.location_id: [(PRINTER, "192.168.1.31"), (CAMERA, "192.168.1.32")],
+            WIFI.location_id: [(PHONE, "10.9.0.7")]})
+
+    def test_report_reaches_the_pending_table(self):
+        """After report_devices the operator holds each device under acme, at the location
+        it was seen, reported by this tunnel-node."""
+        self.assertEqual(self.pending(), [])
+        self.report()
+        me = self.node.node_id.hex()
+        self.assertEqual(sorted(self.pending()), sorted([
+            ("acme", PRINTER.hex(":"), "192.168.1.31", OFFICE.location_id.hex(), me),
+            ("acme", CAMERA.hex(":"), "192.168.1.32", OFFICE.location_id.hex(), me),
+            ("acme", PHONE.hex(":"), "10.9.0.7", WIFI.location_id.hex(), me)]))
+
+    def test_report_on_the_timer(self):
+        """The periodic report runs without being called."""
+        self.mesh.advance(300)
+        self.mesh.network.flush()
+        self.assertEqual(len(self.pending()), 3)
+
+    def test_every_neighbour_reported_in_time(self):
+        """A LAN with more unregistered neighbours than one DevicesSeen holds has them all
+        pending after a report."""
+        count = DEVICES_SEEN_LIMIT + 5
+        self.neighbours = arp(*[(f"192.168.1.{100 + i}", mac(i), "eth0") for i in range(count)])
+        self.report()
+        self.assertEqual(sorted(row[1] for row in self.pending()),
+                         sorted(mac(i).hex(":") for i in range(count)))
+
+    def test_approved_device_is_tunnelled_and_no_longer_reported(self):
+        """Once approved, the device is granted at its neighbour-table address and is not
+        pending again after the next report."""
+        self.report()
+        registry.thd_approve_device(self.mesh.engine, self.mesh.me, "acme", PRINTER, "printer",
+                                    [631], self.node.rpc.now_ms())
+        d = self.service.refresh_devices()
+        self.mesh.network.flush()
+        self.successResultOf(d)
+        self.assertNotIn(PRINTER, [mac for mac, _ in
+                                   self.service.unregistered_devices()[OFFICE.location_id]])
+        device_id = records.device_id_for(PRINTER, None)
+        requester = self.mesh.user("alice").rpc.own_node.record
+        self.assertEqual(self.service.authorize(requester, device_id, 631),
+                         ("192.168.1.31", 631))
+        self.report()
+        self.assertNotIn(PRINTER.hex(":"), [row[1] for row in self.pending()])
+        self.assertEqual(len(self.pending()), 2)
+
+
+class OverriddenTunnelReportTests(TunnelTestCase):
+    """With --location given, which interface is that LAN is not known: nothing reported."""
+
+    location_override = OFFICE.location_id
+
+    def test_nothing_reported(self):
+        """unregistered_devices is empty and report_devices sends nothing."""
+        self.assertEqual(self.service.unregistered_devices(), {})
+        delivered = self.mesh.network.delivered
+        self.report()
+        self.assertEqual(self.mesh.network.delivered, delivered)
+        self.assertEqual(self.pending(), [])
+
+
+# -- the admin command line -----------------------------------------------------------------
+
+
+class PendingAdminTests(SynchronousTestCase):
+    """`meshnode operator device pending|approve` on the store of an operator's state
+    directory, with devices reported by two tunnel-nodes."""
+
+    def setUp(self):
+        base = self.mktemp()
+        os.makedirs(base)
+        self.state_dir = os.path.join(base, "operator")
+        clock = Clock()
+        clock.advance(time.time())  # the command line checks the records at the real time
+        signing.init_operator(self.state_dir, 0, "operator", clock)
+        self.engine = store.open_engine(self.url())
+        self.addCleanup(self.engine.dispose)
+        self.acme = registry.thd_create_domain(self.engine, "acme", NOW)
+        self.globex = registry.thd_create_domain(self.engine, "globex", NOW)
+        registry.thd_devices_seen(self.engine, self.acme, HERE, SEEN_BY,
+                                  [(PRINTER, "192.168.1.20"), (CAMERA, "192.168.1.21")], NOW)
+        registry.thd_devices_seen(self.engine, self.globex, THERE, SEEN_BY_2,
+                                  [(PHONE, "172.16.0.9")], NOW)
+
+    def url(self):
+        return store.sqlite_url(self.state_dir)
+
+    def database_options(self):
+        return ()
+
+    def run_cli(self, *args):
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        status = cli.main(["--state-dir", self.state_dir, *self.database_options(), *args])
+        return status, out.getvalue(), err.getvalue()
+
+    def ok(self, *args):
+        status, out, err = self.run_cli("operator", "device", *args)
+        self.assertEqual((status, err), (0, ""), args)
+        return out
+
+    def ok_json(self, *args):
+        return json.loads(self.ok(*args, "--json"))
+
+    def refused(self, *args, status):
+        """A command refused with one line on stderr and nothing written → that line."""
+        before = (registry.thd_pending_devices(self.engine),
+                  registry.thd_list_devices(self.engine))
+        code, out, err = self.run_cli("operator", "device", *args)
+        self.assertEqual((code, out), (status, ""), err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertTrue(err.startswith("meshnode: "), err)
+        self.assertEqual((registry.thd_pending_devices(self.engine),
+                          registry.thd_list_devices(self.engine)), before)
+        return err
+
+    def approve(self, *more):
+        return ("approve", "--domain", "acme", "--mac", "02:00:00:00:A0:01", "--name",
+                "printer", "--port", "631", "--port", "9100", *more)
+
+    def test_pending_text(self):
+        """The table names each device's domain, MAC, address, location and reporter."""
+        lines = self.ok("pending").splitlines()
+        self.assertEqual(lines[0].split(), ["DOMAIN_NAME", "MAC", "ADDRESS", "LOCATION_ID",
+                                            "SEEN_BY"])
+        self.assertEqual([line.split() for line in lines[1:]], [
+            ["acme", PRINTER.hex(":"), "192.168.1.20", HERE.hex(), SEEN_BY.hex()],
+            ["acme", CAMERA.hex(":"), "192.168.1.21", HERE.hex(), SEEN_BY.hex()],
+            ["globex", PHONE.hex(":"), "172.16.0.9", THERE.hex(), SEEN_BY_2.hex()]])
+        self.assertEqual([line.split()[1] for line in
+                          self.ok("pending", "--domain", "globex").splitlines()[1:]],
+                         [PHONE.hex(":")])
+
+    def test_pending_json(self):
+        """--json gives every field, first and last seen included."""
+        self.assertEqual(self.ok_json("pending", "--domain", "globex"), [
+            {"domain_name": "globex", "mac": PHONE.hex(":"), "address": "172.16.0.9",
+             "location_id": THERE.hex(), "seen_by": SEEN_BY_2.hex(), "first_seen": NOW,
+             "last_seen": NOW}])
+        self.assertEqual([row["mac"] for row in self.ok_json("pending")],
+                         [PRINTER.hex(":"), CAMERA.hex(":"), PHONE.hex(":")])
+
+    def test_pending_none(self):
+        """With nothing pending the listing says so."""
+        registry.thd_create_domain(self.engine, "initech", NOW)
+        self.assertEqual(self.ok("pending", "--domain", "initech").strip(), "(none)")
+        self.assertEqual(self.ok_json("pending", "--domain", "initech"), [])
+
+    def test_pending_unknown_domain_refused(self):
+        """Listing an unknown domain's pending devices is refused with one line, status 1."""
+        self.assertIn("nope", self.refused("pending", "--domain", "nope", status=1))
+
+    def test_approve_json(self):
+        """Approval registers the device where it was seen and takes it off the pending list."""
+        added = self.ok_json(*self.approve())
+        self.assertEqual((added["name"], added["mac"], added["location_id"], added["ports"]),
+                         ("printer", PRINTER.hex(":"), HERE.hex(), [631, 9100]))
+        self.assertEqual([(d["name"], d["domain_name"], d["mac"], d["location_id"])
+                          for d in self.ok_json("list")],
+                         [("printer", "acme", PRINTER.hex(":"), HERE.hex())])
+        self.assertEqual([row["mac"] for row in self.ok_json("pending")],
+                         [CAMERA.hex(":"), PHONE.hex(":")])
+
+    def test_approve_text(self):
+        """The text answer names the device, its id and the start of its location id."""
+        out = self.ok(*self.approve("--address", "192.168.1.20"))
+        [device] = registry.thd_list_devices(self.engine, "acme")
+        self.assertEqual(out.strip(), f"added printer ({device['device_id']}) at location "
+                                      f"{HERE.hex()[:16]}…")
+        self.assertEqual(device["address"], "192.168.1.20")
+
+    def test_approve_unknown_mac_refused(self):
+        """Approving a MAC that is not pending fails with one line and status 1."""
+        err = self.refused("approve", "--domain", "acme", "--mac", "02:00:00:00:00:99",
+                           "--name", "printer", "--port", "631", status=1)
+        self.assertIn("02:00:00:00:00:99", err)
+        self.assertIn("globex", self.refused("approve", "--domain", "globex", "--mac",
+                                             PRINTER.hex(":"), "--name", "printer",
+                                             "--port", "631", status=1))
+
+    def test_approve_another_domains_device_refused(self):
+        """A MAC pending in globex is not approved into acme."""
+        self.refused("approve", "--domain", "acme", "--mac", PHONE.hex(":"), "--name", "phone",
+                     "--port", "80", status=1)
+
+    def test_approve_bad_input_refused(self):
+        """Each bad approve command line is refused with one line, status 2, nothing written;
+        --location is refused, not ignored: the location is where the device was seen."""
+        cases = [
+            (self.approve()[:-4], "--port"),
+            (("approve", "--mac", "02:00:00:00:a0:01", "--name", "p", "--port", "1"),
+             "--domain"),
+            (("approve", "--domain", "acme", "--name", "p", "--port", "1"), "--mac"),
+            (self.approve("--address", "nowhere"), "--address"),
+            (self.approve("--location", THERE.hex()), "--location"),
+        ]
+        for args, named in cases:
+            self.assertIn(named, self.refused(*args, status=2), args)
+
+
+class PostgresPendingAdminTests(PendingAdminTests):
+    """The same command lines with --database naming a PostgreSQL database."""
+
+    skip = postgres.skip_reason()
+
+    def url(self):
+        if not hasattr(self, "_url"):
+            self._url = postgres.fresh_database()
+        return self._url
+
+    def database_options(self):
+        return ("--database", self.url())
