@@ -22,6 +22,7 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python bench/rpc.py
 	$(BIN)/python bench/dht.py
+	$(BIN)/python bench/tunnel.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp* demo twisted/plugins/dropin.cache

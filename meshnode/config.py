@@ -204,6 +204,8 @@ SETTINGS = {
     ("tunnel", "tunnels-total"): parse_positive_int,
     ("tunnel", "idle-timeout"): parse_positive_float,
     ("tunnel", "direct"): parse_bool,
+    ("relay", "relayed-per-domain"): parse_positive_int,
+    ("relay", "relayed-total"): parse_positive_int,
     ("operator", "enroll-listen"): parse_server_endpoint,
     ("operator", "replicas"): parse_replicas,
     ("dht", "quota"): parse_positive_int,
@@ -227,6 +229,8 @@ DEFAULTS = {
     "tunnels-total": 1024,
     "idle-timeout": 600.0,
     "direct": True,
+    "relayed-per-domain": 256,
+    "relayed-total": 4096,
     "listeners": (),
     "quota": 10_000,
 }

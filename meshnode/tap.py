@@ -161,8 +161,9 @@ def build_node(settings, reactor):
                         settings["quota"]).setServiceParent(node)
     if settings["super"]:
         SuperService(settings["partition"], identity, rpc, store, directory, reactor, control,
-                     settings["listen-address"], settings["quota"],
-                     settings["relay-port"]).setServiceParent(node)
+                     settings["listen-address"], settings["quota"], settings["relay-port"],
+                     settings["relayed-per-domain"],
+                     settings["relayed-total"]).setServiceParent(node)
     if settings["tunnel"]:
         limits = Limits(settings["tunnels-per-node"], settings["tunnels-per-domain"],
                         settings["tunnels-total"], settings["idle-timeout"])

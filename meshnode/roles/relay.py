@@ -65,6 +65,9 @@ class RelayService(service.Service):
         self.relayed = 0
         self.refusals = collections.Counter()
         self.bytes_relayed = 0
+        self._files_counted_at = float("-inf")
+        self._files_left_then = 0
+        self._tokens_then = 0
 
     def startService(self):
         factory = protocol.Factory.forProtocol(lambda: _RelayGate(self))
@@ -92,12 +95,21 @@ class RelayService(service.Service):
         return self._port.getHost().port if self._port is not None else None
 
     def _files_left(self):
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        try:
-            used = len(os.listdir("/proc/self/fd"))
-        except OSError:
-            used = FILES_PER_TUNNEL * self.open
-        return soft - used - FILE_MARGIN
+        """Descriptors left under the soft limit; counted at most once a second (listing
+        /proc/self/fd costs milliseconds with thousands open)."""
+        now = self._clock.seconds()
+        if now - self._files_counted_at >= 1.0:
+            self._files_counted_at = now
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            try:
+                used = len(os.listdir("/proc/self/fd"))
+            except OSError:
+                used = FILES_PER_TUNNEL * self.open
+            self._files_left_then = soft - used - FILE_MARGIN
+            self._tokens_then = len(self._tokens) + self.open
+        # Tunnels (and tokens) since the count each take FILES_PER_TUNNEL more.
+        since = len(self._tokens) + self.open - self._tokens_then
+        return self._files_left_then - FILES_PER_TUNNEL * since
 
     def _refuse(self, incoming, reason):
         self.refusals[reason] += 1

@@ -32,7 +32,8 @@ class SuperService(service.MultiService):
     name = "super"
 
     def __init__(self, offer, identity_service, rpc, store, directory, clock, control,
-                 listen_address="", quota=DEFAULT_QUOTA, relay_port=7402):
+                 listen_address="", quota=DEFAULT_QUOTA, relay_port=7402,
+                 relayed_per_domain=256, relayed_total=4096):
         super().__init__()
         self.offer = offer
         self._identity_service = identity_service
@@ -47,6 +48,7 @@ class SuperService(service.MultiService):
                                           co_replicas=self._co_replicas, call=directory.call)
         self.partition.setServiceParent(self)
         self.relay = RelayService(rpc, self.partition, clock, listen_address, relay_port,
+                                  relayed_per_domain, relayed_total,
                                   advertised=lambda: self.endpoint and self.endpoint.host)
         self.relay.setServiceParent(self)
         for interval, work in ((SUBMIT_SECONDS, self.submit),

@@ -30,6 +30,7 @@ _log = Logger()
 
 CONNECT_TIMEOUT_SECONDS = 5.0
 RELAY_REQUEST_TIMEOUT_SECONDS = 5.0
+RELAY_ONLY_SECONDS = 60.0
 
 
 class TunnelFailed(Exception):
@@ -62,6 +63,7 @@ class UserService(service.Service):
         self._configured = [Listener(**spec) for spec in listeners]
         self.paths = collections.Counter()
         self._devices = {}
+        self._relay_only = {}  # tunnel-node id → until when its direct path is not tried
         self._tls = None
         control.status_sections.append(("user", self.status))
         control.resources[b"tunnels"] = TunnelsResource(self)
@@ -125,11 +127,15 @@ class UserService(service.Service):
         if not nodes:
             raise TunnelFailed(f"no tunnel-node announces the location of {device.name}")
         errors = []
+        now = self._clock.seconds()
         for node, info in nodes:
+            if self._relay_only.get(node.node_id, 0) > now:
+                continue  # its direct path failed a moment ago: straight to the relay
             try:
                 return (yield self._direct(node, info, device, port)), "direct"
             except (RPCError, TunnelFailed) as e:
                 errors.append(f"direct via {node.name}: {e}")
+                self._relay_only[node.node_id] = self._clock.seconds() + RELAY_ONLY_SECONDS
         for node, info in nodes:
             try:
                 return (yield self._relayed(node, device, port)), "relayed"
