@@ -31,6 +31,9 @@ TIMESTAMP_WINDOW_MS = 60_000
 _ANONYMOUS_COMMANDS = frozenset({Command.GET_NODE})
 
 
+PORT_ATTEMPTS = 20
+
+
 class RPCError(Exception):
     """A call that could not be completed."""
 
@@ -209,21 +212,27 @@ class RPCService(service.Service):
         self.domain = enrollment.node.record.domain if enrollment.enrolled else 0
 
     def _listen(self):
-        udp = RPCDatagramProtocol(self.receive, self.drops)
+        """UDP and TCP on one port; with port 0, the first free UDP port whose TCP twin is
+        free too (another process's TCP connection may hold the number)."""
         where = f"{self._interface or '*'}:{self._requested_port}"
-        try:
-            self._udp_port = self._reactor.listenUDP(self._requested_port, udp,
-                                                     interface=self._interface)
-        except CannotListenError as e:
-            raise StartupError(f"cannot listen on UDP {where}: {e.socketError}") from None
+        for attempt in range(1 if self._requested_port else PORT_ATTEMPTS):
+            udp = RPCDatagramProtocol(self.receive, self.drops)  # a stopped port's is spent
+            try:
+                self._udp_port = self._reactor.listenUDP(self._requested_port, udp,
+                                                         interface=self._interface)
+            except CannotListenError as e:
+                raise StartupError(f"cannot listen on UDP {where}: {e.socketError}") from None
+            self.port = self._udp_port.getHost().port
+            try:
+                self._tcp_port = self._reactor.listenTCP(
+                    self.port, RPCStreamFactory(self.receive), interface=self._interface)
+                break
+            except CannotListenError as e:
+                self._udp_port.stopListening()
+                error = e
+        else:
+            raise StartupError(f"cannot listen on TCP {where}: {error.socketError}")
         self._send = udp.send
-        self.port = self._udp_port.getHost().port
-        try:
-            self._tcp_port = self._reactor.listenTCP(self.port, RPCStreamFactory(self.receive),
-                                                     interface=self._interface)
-        except CannotListenError as e:
-            self._udp_port.stopListening()
-            raise StartupError(f"cannot listen on TCP {where}: {e.socketError}") from None
 
     def stopService(self):
         # Not running first: a call started from one of the errbacks below must fail too.
