@@ -11,7 +11,8 @@ from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode.splice import DEFAULT_IDLE_SECONDS, EARLY_BUFFER, Leg
+from meshnode.splice import (DEFAULT_IDLE_SECONDS, EARLY_BUFFER, FRAME_HEADER, FRAME_LIMIT,
+                             FramedLeg, Leg)
 
 
 class _Leg(Leg):
@@ -233,3 +234,64 @@ class ChainTests(SynchronousTestCase):
         app.transport.loseConnection()
         pump()
         self.assertTrue(device.lost)
+
+
+class _HalfClosingTransport(StringTransport):
+    write_closed = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+
+class HalfCloseTests(SynchronousTestCase):
+    """A stream's end passes through: over TCP as a FIN, inside TLS as a zero-length frame."""
+
+    def pair(self):
+        plain, framed = Leg(), FramedLeg()
+        plain_transport, framed_transport = _HalfClosingTransport(), StringTransport()
+        plain.makeConnection(plain_transport)
+        framed.makeConnection(framed_transport)
+        framed.dataReceived = framed.deframe
+        plain.dataReceived = plain.forward
+        plain.join(framed)
+        return plain, plain_transport, framed, framed_transport
+
+    def test_frames_carry_data_split_anywhere(self):
+        """Frames cut at any byte are put together before they are forwarded."""
+        plain, plain_transport, framed, framed_transport = self.pair()
+        stream = FRAME_HEADER.pack(5) + b"hello" + FRAME_HEADER.pack(6) + b" world"
+        for i in range(len(stream)):
+            framed.dataReceived(stream[i:i + 1])
+        self.assertEqual(plain_transport.value(), b"hello world")
+        plain.dataReceived(b"answer")
+        self.assertEqual(framed_transport.value(), FRAME_HEADER.pack(6) + b"answer")
+
+    def test_tcp_end_becomes_an_end_frame_and_the_answer_still_flows(self):
+        """A FIN on the plain side sends the end frame; the answer still comes back, and the
+        pair closes once both directions ended."""
+        plain, plain_transport, framed, framed_transport = self.pair()
+        plain.readConnectionLost()
+        self.assertEqual(framed_transport.value(), FRAME_HEADER.pack(0))
+        self.assertFalse(framed_transport.disconnecting)
+        framed.dataReceived(FRAME_HEADER.pack(5) + b"reply")
+        self.assertEqual(plain_transport.value(), b"reply")
+        framed.dataReceived(FRAME_HEADER.pack(0))
+        self.assertTrue(plain_transport.disconnecting)
+        self.assertTrue(framed_transport.disconnecting)
+
+    def test_end_frame_half_closes_tcp(self):
+        """An end frame from TLS half-closes the plain side's TCP (write side only)."""
+        plain, plain_transport, framed, framed_transport = self.pair()
+        framed.dataReceived(FRAME_HEADER.pack(0))
+        self.assertTrue(plain_transport.write_closed)
+        self.assertFalse(plain_transport.disconnecting)
+        plain.dataReceived(b"late answer")
+        self.assertEqual(framed_transport.value(), FRAME_HEADER.pack(len(b"late answer"))
+                         + b"late answer")
+
+    def test_oversized_frame_aborts(self):
+        """A frame header over FRAME_LIMIT aborts the connection."""
+        plain, plain_transport, framed, framed_transport = self.pair()
+        framed.transport.abortConnection = lambda: setattr(framed, "aborted", True)
+        framed.dataReceived(FRAME_HEADER.pack(FRAME_LIMIT + 1))
+        self.assertTrue(getattr(framed, "aborted", False))

@@ -18,6 +18,7 @@ from meshnode.rpc.messages import (Command, ForwardedTunnelOpened, Forwarding,
                                    RelayedTunnelRequest, TunnelOpened, TunnelRequest,
                                    TunnelResult)
 from meshnode.rpc.service import CallTimeout, Incoming, any_domain
+from meshnode.splice import FRAME_HEADER
 from meshnode.wire import Endpoint
 from tests.mesh import LOCATION, Mesh
 
@@ -562,7 +563,7 @@ class ConnectDeviceTests(TunnelTestCase):
         self.node.reactor.advance(0)  # ClientCreator fires on the next turn
         self.assertIs(leg.other, device)
         self.assertEqual(self.service.opened["direct"], 1)
-        leg.dataReceived(b"print this")
+        leg.dataReceived(FRAME_HEADER.pack(10) + b"print this")  # framed inside TLS
         self.assertEqual(device_transport.value(), b"print this")
 
     def test_close_uncounts(self):

@@ -11,7 +11,9 @@ import tempfile
 import threading
 
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.trial.unittest import SkipTest, TestCase
+from zope.interface import implementer
 
 from tests.nodes import Network, meshnode_command, run_command
 from tests.test_super_integration import wait_for
@@ -176,6 +178,69 @@ class TunnelTests(TestCase):
         """With the tunnel-node refusing direct connections, the tunnel goes through the
         super-node's relay and carries 200 MB each way unchanged."""
         return self.check_path(False, 200 * 1024 * 1024)
+
+
+@implementer(IHalfCloseableProtocol)
+class _AnswerAtEnd(protocol.Protocol):
+    """A device that answers once its client ended its stream: how many bytes it got."""
+
+    def connectionMade(self):
+        self.received = 0
+
+    def dataReceived(self, data):
+        self.received += len(data)
+
+    def readConnectionLost(self):
+        self.transport.write(b"got %d" % self.received)
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+
+class _EndingClient(protocol.Protocol):
+    """Sends, ends its stream (half-close), then reads the answer until the close."""
+
+    def __init__(self, data):
+        self.data = data
+        self.answer = b""
+        self.done = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.data)
+        self.transport.loseWriteConnection()
+
+    def dataReceived(self, data):
+        self.answer += data
+
+    def connectionLost(self, reason):
+        self.done.callback(self.answer)
+
+
+class HalfCloseTests(TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def check(self, direct):
+        net = TunnelNetwork()
+        yield net.build(self, direct=direct)
+        net.device_factory.protocol = _AnswerAtEnd
+        address = yield net.listener()
+        client = _EndingClient(b"x" * 100_000)
+        yield protocol.ClientCreator(reactor, lambda: client).connectTCP(*address)
+        answer = yield client.done
+        self.assertEqual(answer, b"got 100000")
+        status = yield net.user.status()
+        self.assertEqual(status["user"]["listeners"][0]["last_path"],
+                         "direct" if direct else "relayed")
+
+    def test_half_close_direct(self):
+        """An application that ends its stream still gets the device's answer (direct)."""
+        return self.check(True)
+
+    def test_half_close_relayed(self):
+        """The same through the relay: the end travels inside TLS, the answer comes back."""
+        return self.check(False)
 
 
 class RefusalTests(TestCase):

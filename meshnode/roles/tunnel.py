@@ -32,7 +32,7 @@ from meshnode.errors import StartupError
 from meshnode.rpc.messages import (DEVICES_SEEN_LIMIT, Command, DevicesSeen,
                                    ForwardedTunnelOpened, Stored, TunnelOpened, TunnelResult)
 from meshnode.rpc.service import RPCError, same_domain
-from meshnode.splice import Leg
+from meshnode.splice import FramedLeg, Leg
 from meshnode.wire import Endpoint
 
 _log = Logger()
@@ -403,14 +403,14 @@ def _datetime(clock):
     return datetime.datetime.fromtimestamp(clock.seconds(), datetime.timezone.utc)
 
 
-class _TLSLeg(Leg, tunnel_tls.HandshakeWatch):
+class _TLSLeg(FramedLeg, tunnel_tls.HandshakeWatch):
     """The requester's side of a tunnel at the tunnel-node: TLS, then the device."""
 
     grant = None
     path = "direct"
 
     def dataReceived(self, data):
-        self.forward(data)
+        self.deframe(data)
 
     def tls_verified(self):
         self.service.connect_device(self, self.grant, self.path)
@@ -434,7 +434,7 @@ class _Gate(_TLSLeg):
 
     def dataReceived(self, data):
         if self.grant is not None:
-            return self.forward(data)
+            return self.deframe(data)
         self._buffer += data
         if len(self._buffer) < tunnel_tls.TOKEN_SIZE:
             return None
@@ -471,7 +471,7 @@ class _RelayLeg(_TLSLeg):
 
     def dataReceived(self, data):
         if self._open:
-            return self.forward(data)
+            return self.deframe(data)
         if data[:1] != tunnel_tls.GATE_OPEN:
             return self.transport.abortConnection()
         self._open = True

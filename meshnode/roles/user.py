@@ -24,7 +24,7 @@ from meshnode.errors import StartupError
 from meshnode.rpc.messages import (ForwardedTunnelOpened, ForwardedTunnelRequest,
                                    TunnelOpened, TunnelRequest, TunnelResult)
 from meshnode.rpc.service import RPCError
-from meshnode.splice import Leg
+from meshnode.splice import FramedLeg, Leg
 
 _log = Logger()
 
@@ -230,7 +230,7 @@ class _LocalLeg(Leg):
         self.forward(data)
 
 
-class _TunnelLeg(Leg, tunnel_tls.HandshakeWatch):
+class _TunnelLeg(FramedLeg, tunnel_tls.HandshakeWatch):
     """The user-node's end of a tunnel: token, the gate's go-ahead, TLS as the client."""
 
     def __init__(self, context, token, expected_key, ready):
@@ -246,7 +246,7 @@ class _TunnelLeg(Leg, tunnel_tls.HandshakeWatch):
 
     def dataReceived(self, data):
         if self._open:
-            return self.forward(data)
+            return self.deframe(data)
         if data[:1] != tunnel_tls.GATE_OPEN:
             return self.transport.abortConnection()
         self._open = True
