@@ -414,14 +414,20 @@ class DirectoryService(service.MultiService):
     @defer.inlineCallbacks
     def end_devices(self):
         """The operator-signed EndDevice records of this node's domain (checked), by id; the
-        domain's Revocation record that comes with them is applied."""
-        operator = yield self.operator_replica()
+        domain's Revocation record that comes with them is applied. They are read from a
+        super-node of the domain's partition, else from the operator."""
+        super_nodes = self.super_node_list.holders(records.partition_of(self._rpc.domain))
+        self._rng.shuffle(super_nodes)
         signed = []
-        for _ in range(SUPER_NODE_PAGE_LIMIT):
-            page = yield self.call(operator, GetEndDevices(len(signed)), EndDevices)
-            signed.extend(page.signed)
-            if not page.signed or len(signed) >= page.total:
-                break
+        for source in super_nodes[:2] + [None]:
+            try:
+                if source is None:
+                    source = yield self.operator_replica()
+                signed = yield self._read_end_devices(source)
+            except RPCError:
+                continue
+            if signed:
+                break  # a super-node without any may not have fetched them yet
         now, devices = self._rpc.now_ms(), {}
         for one in signed:
             try:
@@ -434,6 +440,16 @@ class DirectoryService(service.MultiService):
             if isinstance(device, records.EndDevice) and device.domain == self._rpc.domain:
                 devices[device.device_id] = device
         return devices
+
+    @defer.inlineCallbacks
+    def _read_end_devices(self, source):
+        signed = []
+        for _ in range(SUPER_NODE_PAGE_LIMIT):
+            page = yield self.call(source, GetEndDevices(len(signed)), EndDevices)
+            signed.extend(page.signed)
+            if not page.signed or len(signed) >= page.total:
+                break
+        return signed
 
     @defer.inlineCallbacks
     def tunnel_nodes(self, location):

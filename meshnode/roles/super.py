@@ -13,10 +13,11 @@ from twisted.application import internet, service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from meshnode.dht import DEFAULT_QUOTA, PartitionService, format_ranges
+from meshnode import records
+from meshnode.dht import DEFAULT_QUOTA, PartitionService, format_ranges, served
 from meshnode.roles.relay import RelayService
-from meshnode.rpc.messages import (Command, SubmitState, SubmitSuperNode, SuperNodes,
-                                   SuperNodeStatus, WhoAmI, YouAre)
+from meshnode.rpc.messages import (Command, EndDevices, GetEndDevices, SubmitState,
+                                   SubmitSuperNode, SuperNodes, SuperNodeStatus, WhoAmI, YouAre)
 from meshnode.rpc.service import RPCError, any_domain
 from meshnode.wire import Endpoint
 
@@ -24,6 +25,9 @@ _log = Logger()
 
 SUBMIT_SECONDS = 60.0
 LIST_REFRESH_SECONDS = 10.0
+END_DEVICE_REFRESH_SECONDS = 60.0
+MISS_REFRESH_SECONDS = 5.0
+PAGE_LIMIT = 256
 CHECK_POLL_SECONDS = 0.5
 CHECK_POLLS = 20
 
@@ -51,8 +55,11 @@ class SuperService(service.MultiService):
                                   relayed_per_domain, relayed_total,
                                   advertised=lambda: self.endpoint and self.endpoint.host)
         self.relay.setServiceParent(self)
+        self.end_devices = {}  # domain → its EndDevice (and Revocation) records, as bytes
+        self._end_devices_missed = float("-inf")
         for interval, work in ((SUBMIT_SECONDS, self.submit),
-                               (LIST_REFRESH_SECONDS, self._refresh_list)):
+                               (LIST_REFRESH_SECONDS, self._refresh_list),
+                               (END_DEVICE_REFRESH_SECONDS, self.refresh_end_devices)):
             timer = internet.TimerService(interval, self._guarded, work)
             timer.clock = clock
             timer.setServiceParent(self)
@@ -61,11 +68,16 @@ class SuperService(service.MultiService):
 
     def startService(self):
         self._rpc.register(Command.GET_SUPER_NODES, self._super_nodes, any_domain)
+        self._serves_end_devices = not self._rpc.handles(Command.GET_END_DEVICES)
+        if self._serves_end_devices:  # (an operator on this node answers them itself)
+            self._rpc.register(Command.GET_END_DEVICES, self._end_devices, any_domain)
         self._identity_service.observers.append(self._enrollment_changed)
         super().startService()
 
     def stopService(self):
         self._rpc.unregister(Command.GET_SUPER_NODES)
+        if self._serves_end_devices:
+            self._rpc.unregister(Command.GET_END_DEVICES)
         if self._enrollment_changed in self._identity_service.observers:
             self._identity_service.observers.remove(self._enrollment_changed)
         return super().stopService()
@@ -142,6 +154,40 @@ class SuperService(service.MultiService):
             except RPCError:
                 pass  # the operator is away: the super-nodes converge among themselves
         return others
+
+    @defer.inlineCallbacks
+    def refresh_end_devices(self):
+        """Fetch from the operator the end-devices of every domain we hold entries of, so
+        their nodes read them here rather than from the operator (its load stays flat)."""
+        if not self._rpc.enrolled or not self.partition.ranges:
+            return
+        operator = yield self._directory.operator_replica()
+        kept = {}
+        for domain in self.partition.records.counts():
+            blobs = []
+            for _ in range(PAGE_LIMIT):
+                page = yield self._directory.call(operator, GetEndDevices(len(blobs), domain),
+                                                  EndDevices)
+                blobs.extend(signed.encode() for signed in page.signed)
+                if not page.signed or len(blobs) >= page.total:
+                    break
+            kept[domain] = blobs
+        self.end_devices = kept
+
+    def _end_devices(self, incoming):
+        """The requester's domain's end-devices, as last fetched; none for a domain not
+        fetched yet (the requester then asks the operator), silence for one not served."""
+        domain = incoming.node.domain
+        if not served(self.partition.ranges, records.partition_of(domain)):
+            return None
+        blobs = self.end_devices.get(domain)
+        if blobs is None:
+            now = self._clock.seconds()
+            if now - self._end_devices_missed > MISS_REFRESH_SECONDS:
+                self._end_devices_missed = now
+                self._guarded(self.refresh_end_devices)  # ready for the next request
+            return EndDevices(0, ())  # empty: the requester asks the operator instead
+        return EndDevices.fill(blobs, incoming.message.offset)
 
     def _super_nodes(self, incoming):
         """Super-nodes hand out the list too, so nodes refresh it without the operator."""

@@ -275,10 +275,30 @@ class SuperNodes(_RecordPage):
 
 
 class GetEndDevices(_PageRequest):
-    """The requester's domain's end-devices (a page of them)."""
+    """The requester's domain's end-devices (a page of them); a super-node names `domain`
+    to fetch, from the operator, those of a domain in its ranges that it serves."""
 
-    __slots__ = ()
+    __slots__ = ("domain",)
     COMMAND = Command.GET_END_DEVICES
+
+    def __init__(self, offset=0, domain=None):
+        super().__init__(offset)
+        self.domain = domain
+
+    def __eq__(self, other):
+        return super().__eq__(other) and self.domain == other.domain
+
+    def encode(self):
+        head = super().encode()
+        return head if self.domain is None else head + struct.pack(">I", self.domain)
+
+    @classmethod
+    def decode(cls, payload):
+        if len(payload) == 6:
+            return cls(struct.unpack_from(">H", payload)[0],
+                       struct.unpack_from(">I", payload, 2)[0])
+        page = super().decode(payload)
+        return cls(page.offset)
 
 
 class EndDevices(_RecordPage):

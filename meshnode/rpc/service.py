@@ -188,6 +188,10 @@ class RPCService(service.Service):
             raise ValueError(f"no message codec for {Command(command).name}")
         self._handlers[Command(command)] = (handler, policy)
 
+    def handles(self, command):
+        """Whether a handler answers `command` already."""
+        return Command(command) in self._handlers
+
     def unregister(self, command):
         """Stop answering `command` (its requests are dropped as unknown from now on)."""
         self._handlers.pop(Command(command), None)

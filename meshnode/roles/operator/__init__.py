@@ -82,7 +82,8 @@ class OperatorService(service.MultiService):
                                f"{failures[0].getErrorMessage()}")
         _log.info("operator TLS certificate SHA-256 fingerprint: {fingerprint}",
                   fingerprint=self.fingerprint)
-        directory.register(self._rpc, self._store, self.placement.replicas)
+        directory.register(self._rpc, self._store, self.placement.replicas,
+                           lambda node_id, key: self.placement.may_transfer(node_id, key, key))
         super().startService()
 
     def _may_transfer(self, node_id, low, high):

@@ -12,9 +12,10 @@ from meshnode.rpc.service import any_domain
 from meshnode import records
 
 
-def register(rpc, store, replicas):
+def register(rpc, store, replicas, places=lambda node_id, partition_key: False):
     """Answer the directory commands on `rpc` from `store`; `replicas` is K, the holders each
-    range should have."""
+    range should have; `places(node_id, partition_key)`: a super-node placed on that key,
+    which may fetch the end-devices of domains there to serve them."""
 
     def operator_nodes(incoming):
         d = store.run(registry.thd_operator_records)
@@ -25,7 +26,14 @@ def register(rpc, store, replicas):
         return d.addCallback(SuperNodes.fill, incoming.message.offset, replicas)
 
     def end_devices(incoming):
-        d = store.run(registry.thd_end_device_records, incoming.node.domain)
+        domain = incoming.message.domain
+        if domain is None:
+            domain = incoming.node.domain
+        elif domain != incoming.node.domain and not places(incoming.node.node_id,
+                                                            records.partition_of(domain)):
+            rpc.drops["not_replica"] += 1
+            return None
+        d = store.run(registry.thd_end_device_records, domain)
         return d.addCallback(EndDevices.fill, incoming.message.offset)
 
     def node(incoming):
