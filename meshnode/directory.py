@@ -418,16 +418,20 @@ class DirectoryService(service.MultiService):
         super-node of the domain's partition, else from the operator."""
         super_nodes = self.super_node_list.holders(records.partition_of(self._rpc.domain))
         self._rng.shuffle(super_nodes)
-        signed = []
+        signed, failure = [], None
         for source in super_nodes[:2] + [None]:
             try:
                 if source is None:
                     source = yield self.operator_replica()
                 signed = yield self._read_end_devices(source)
-            except RPCError:
+            except RPCError as e:
+                failure = e
                 continue
+            failure = None
             if signed:
                 break  # a super-node without any may not have fetched them yet
+        if failure is not None:
+            raise failure  # the operator did not answer either: not "no devices"
         now, devices = self._rpc.now_ms(), {}
         for one in signed:
             try:

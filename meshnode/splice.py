@@ -115,7 +115,9 @@ class FramedLeg(Leg):
     """A leg over TLS: the stream is carried in length-prefixed frames, and a zero-length
     frame ends it (half-close). Subclasses call `deframe(data)` with the TLS plaintext."""
 
-    _frames = None
+    _pending = ()  # the start of a frame not complete yet, in chunks
+    _pending_size = 0
+    _needed = 0  # bytes that frame needs in all
 
     def send(self, data):
         if data:
@@ -125,22 +127,34 @@ class FramedLeg(Leg):
         self.transport.write(FRAME_HEADER.pack(0))
 
     def deframe(self, data):
-        buffer = self._frames
-        if buffer is None:
-            buffer = self._frames = bytearray()
-        buffer += data
-        offset = 0
-        while len(buffer) - offset >= FRAME_HEADER.size:
-            size = FRAME_HEADER.unpack_from(buffer, offset)[0]
+        """Forward the frames in `data`; a frame cut across reads is joined once, when
+        complete (each byte is copied once on the way)."""
+        if self._pending:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size < self._needed:
+                return
+            data = b"".join(self._pending)
+            self._pending, self._pending_size = (), 0
+        offset, end = 0, len(data)
+        while True:
+            if end - offset < FRAME_HEADER.size:
+                needed = FRAME_HEADER.size
+                break
+            size = FRAME_HEADER.unpack_from(data, offset)[0]
             if size > FRAME_LIMIT:
                 self.transport.abortConnection()
                 return
-            if len(buffer) - offset - FRAME_HEADER.size < size:
+            if end - offset - FRAME_HEADER.size < size:
+                needed = FRAME_HEADER.size + size
                 break
             start = offset + FRAME_HEADER.size
             offset = start + size
             if size:
-                self.forward(bytes(buffer[start:offset]))
+                self.forward(data[start:offset])
             elif not self._ended_in:
                 self.ended()
-        del buffer[:offset]
+        if offset < end:
+            self._pending = [data[offset:]]
+            self._pending_size = end - offset
+            self._needed = needed

@@ -248,6 +248,8 @@ class HalfCloseTests(SynchronousTestCase):
 
     def pair(self):
         plain, framed = Leg(), FramedLeg()
+        clock = Clock()  # their idle timeouts run on it, never on the global reactor
+        plain.callLater = framed.callLater = clock.callLater
         plain_transport, framed_transport = _HalfClosingTransport(), StringTransport()
         plain.makeConnection(plain_transport)
         framed.makeConnection(framed_transport)

@@ -164,13 +164,20 @@ class SuperService(service.MultiService):
         operator = yield self._directory.operator_replica()
         kept = {}
         for domain in self.partition.records.counts():
+            if not served(self.partition.ranges, records.partition_of(domain)):
+                continue  # entries kept from a range given up, until they expire
             blobs = []
-            for _ in range(PAGE_LIMIT):
-                page = yield self._directory.call(operator, GetEndDevices(len(blobs), domain),
-                                                  EndDevices)
-                blobs.extend(signed.encode() for signed in page.signed)
-                if not page.signed or len(blobs) >= page.total:
-                    break
+            try:
+                for _ in range(PAGE_LIMIT):
+                    page = yield self._directory.call(
+                        operator, GetEndDevices(len(blobs), domain), EndDevices)
+                    blobs.extend(signed.encode() for signed in page.signed)
+                    if not page.signed or len(blobs) >= page.total:
+                        break
+            except RPCError:
+                if domain in self.end_devices:
+                    kept[domain] = self.end_devices[domain]  # keep what we had
+                continue
             kept[domain] = blobs
         self.end_devices = kept
 
