@@ -10,7 +10,6 @@ import types
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode import records
 from meshnode.directory import DirectoryService
 from meshnode.roles import super as super_role
 from meshnode.roles.operator import directory as operator_directory
