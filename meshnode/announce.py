@@ -2,8 +2,8 @@
 
 A NodeInfo (addresses, RPC port, observed endpoints, NAT behaviour, locations, roles) is
 signed by the node itself and put to every replica of its domain's partition every 5 minutes
-and whenever it changes. The observed endpoint is what one replica answers to WhoAmI; NAT
-behaviour and locations come with the NAT traversal and tunnel issues.
+and whenever it changes. The observed endpoints are what two replicas answer to WhoAmI, and
+give the NAT behaviour (equal mapped endpoints: endpoint-independent; different: symmetric).
 """
 
 import socket
@@ -35,6 +35,19 @@ def outbound_address(towards):
         return probe.getsockname()[0]
 
 
+def classify(addresses, seen):
+    """NAT behaviour from the endpoints replicas saw (DESIGN.md §7): one of our own addresses
+    → public; the same mapped endpoint from two replicas → endpoint-independent mapping;
+    different ones → symmetric; fewer than two answers → unknown."""
+    if any(endpoint in addresses for endpoint in seen):
+        return NatBehaviour.PUBLIC
+    if len(seen) < 2:
+        return NatBehaviour.UNKNOWN
+    if len(set(seen)) == 1:
+        return NatBehaviour.ENDPOINT_INDEPENDENT
+    return NatBehaviour.SYMMETRIC
+
+
 class AnnouncerService(service.MultiService):
     name = "announcer"
 
@@ -45,6 +58,7 @@ class AnnouncerService(service.MultiService):
         self._directory = directory
         self._listen_address = listen_address
         self.last_result = None
+        self.seen = []
         self.locations = tuple  # the tunnel role sets its location ids here
         timer = internet.TimerService(ANNOUNCE_SECONDS, self._guarded)
         timer.clock = clock
@@ -68,27 +82,38 @@ class AnnouncerService(service.MultiService):
                                          reason=f.getErrorMessage()))
         return d
 
-    def node_info(self, observed=()):
-        """This node's NodeInfo as it is now (unsigned)."""
+    def addresses(self):
         address = self._listen_address
-        if not address and self._directory.operator_address is not None:
+        if address in ("", "0.0.0.0", "::") and self._directory.operator_address is not None:
             address = outbound_address(self._directory.operator_address)
-        addresses = [Endpoint(address, self._rpc.port)] if address else []
+        return [Endpoint(address, self._rpc.port)] if address else []
+
+    def node_info(self, seen=()):
+        """This node's NodeInfo as it is now (unsigned); `seen`: the endpoints replicas
+        answered to WhoAmI."""
+        addresses = self.addresses()
+        observed = list(dict.fromkeys(seen))[:records.NodeInfo.ENDPOINT_LIMIT]
         return records.NodeInfo(self._rpc.domain, self._rpc.node_id, addresses, self._rpc.port,
-                                observed, NatBehaviour.UNKNOWN, self.locations(),
-                                self._rpc.roles,
-                                self._rpc.now_ms())
+                                observed, classify(addresses, seen), self.locations(),
+                                self._rpc.roles, self._rpc.now_ms())
 
     @defer.inlineCallbacks
     def _observe(self, replicas):
-        """The endpoint a replica sees our datagrams come from, if one answers."""
-        for replica in replicas[:2]:
-            try:
-                seen = yield self._directory.call(replica, WhoAmI(), YouAre)
-            except RPCError:
-                continue
-            return (seen.endpoint,)
-        return ()
+        """The endpoints two replicas (on different hosts when there are such) see our
+        datagrams come from, as many as answer."""
+        ordered = sorted(replicas, key=lambda r: r.address[0])
+        chosen = list({replica.address[0]: replica for replica in ordered}.values())[:2]
+        chosen += [r for r in ordered if r not in chosen][:2 - len(chosen)]
+        answers = yield defer.DeferredList(
+            [self._directory.call(replica, WhoAmI(), YouAre) for replica in chosen],
+            consumeErrors=True)
+        self.seen = [answer.endpoint for ok, answer in answers if ok]
+        return self.seen
+
+    def status(self):
+        """The announcer's part of `meshnode status`: what replicas see of this node."""
+        return {"observed": [str(e) for e in dict.fromkeys(self.seen)],
+                "nat": classify(self.addresses(), self.seen).name.lower()}
 
     @defer.inlineCallbacks
     def announce(self):

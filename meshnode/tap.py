@@ -153,6 +153,7 @@ def build_node(settings, reactor):
     announcer = AnnouncerService(identity, rpc, directory, reactor, settings["listen-address"])
     control = ControlService(state_dir, identity, rpc, directory, reactor)
     control.status_sections.append(("directory", directory.status))
+    control.status_sections.append(("reachability", announcer.status))
     for child in (identity, store, rpc, directory, announcer, control):
         child.setServiceParent(node)
     if settings["operator"]:

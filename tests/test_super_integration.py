@@ -60,6 +60,9 @@ class SuperNodeJoinTests(TestCase):
 
         answer = yield wait_for(found, 30, "bob's NodeInfo through the super-node")
         self.assertEqual(answer["node_id"], bob_id)
+        # On loopback the replicas see bob's own address: no NAT.
+        self.assertEqual(answer["nat"], "public")
+        self.assertEqual(answer["observed"], answer["addresses"])
         self.assertEqual(answer["answered_by"], [status["node_id"]])
         alice_status = yield alice.status()
         self.assertEqual([s["node_id"] for s in alice_status["directory"]["super_nodes"]],
