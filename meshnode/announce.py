@@ -16,7 +16,6 @@ from meshnode import records
 from meshnode.dht import PutResult
 from meshnode.records import NatBehaviour
 from meshnode.rpc.messages import PutRecord, Stored, WhoAmI, YouAre
-from meshnode.rpc.service import RPCError
 from meshnode.wire import Endpoint
 
 _log = Logger()
