@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 import rpc as rpc_bench  # noqa: E402  (the echo baseline, enrollment and the figure printer)
 
-sys.path.insert(0, rpc_bench.ROOT)  # this checkout's meshnode, as the child processes use
+from rpc import free_port  # noqa: E402
 
 WINDOW = rpc_bench.WINDOW
 DOMAIN = 0x00010001  # the domain rpc_bench.enroll() puts its nodes in
@@ -50,21 +49,6 @@ START_TIMEOUT = 20.0
 PLACE_TIMEOUT = 60.0
 READY_TIMEOUT = 30.0
 PAYLOAD = bytes(114)  # bench/rpc.py's echo payload: the size of a sealed Ping datagram
-
-
-def free_port():
-    """A port free on 127.0.0.1 for UDP and TCP both (the RPC listens on both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def percentile(samples, q):

@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,21 +17,8 @@ import time
 
 WINDOW = 64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    """A port free on 127.0.0.1 a moment ago for both UDP and TCP (the RPC uses both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
+sys.path.insert(0, ROOT)  # this checkout's meshnode, as the child processes use
+from meshnode.demo import free_port  # noqa: E402  (UDP and TCP both free)
 
 
 def wait_for_udp_node(port, state_dir, deadline):

@@ -3,32 +3,17 @@
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 
 from twisted.internet import defer, protocol, reactor, task, threads
 
 from meshnode import cli, identity
+from meshnode.demo import free_port as free_udp_port  # UDP and TCP both free
 from meshnode.roles.operator import signing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPERATOR_DOMAIN = 0x00010000
-
-
-def free_udp_port():
-    """A UDP port that was free a moment ago on 127.0.0.1 (its TCP twin is checked too)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def environment():
