@@ -58,6 +58,45 @@ class TunnelContext:
         return self._context
 
 
+class GateListener:
+    """The listening side of a gate (tunnel port, relay port): gathers the dialler's token."""
+
+    _gathered = b""
+
+    def read_token(self, data):
+        """The token once it is whole, None until then; anything after it before our answer
+        breaks the protocol and aborts the connection."""
+        self._gathered += data
+        if len(self._gathered) < TOKEN_SIZE:
+            return None
+        if len(self._gathered) > TOKEN_SIZE:
+            self.transport.abortConnection()
+            return None
+        return self._gathered
+
+
+class GateDialer:
+    """The dialling side of a gate: sends `gate_token` once connected, and after the one-byte
+    go-ahead calls `gate_opened(rest)` (rest: TLS bytes that came with it); what comes after
+    that is TLS plaintext, deframed."""
+
+    gate_token = None
+    gate_seconds = 10.0
+    _through = False
+
+    def connectionMade(self):
+        self.setTimeout(self.gate_seconds)
+        self.transport.write(self.gate_token)
+
+    def dataReceived(self, data):
+        if self._through:
+            return self.deframe(data)
+        if data[:1] != GATE_OPEN:
+            return self.transport.abortConnection()
+        self._through = True
+        self.gate_opened(data[1:])
+
+
 def start_tls(protocol, context, normal=True, received=b""):
     """Start TLS on `protocol`'s transport; `received`: TLS bytes that came in the same read
     as the gate's last clear byte, handed to the new TLS layer."""

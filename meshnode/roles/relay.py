@@ -214,14 +214,13 @@ class RelayService(service.Service):
                 "refused": dict(self.refusals)}
 
 
-class _RelayGate(Leg):
+class _RelayGate(tunnel_tls.GateListener, Leg):
     domain = None
     token = None
+    _arrived = False
 
     def __init__(self, relay):
         self.relay = relay
-        self._buffer = b""
-        self._arrived = False
 
     def connectionMade(self):
         self.setTimeout(TOKEN_SECONDS)
@@ -229,13 +228,10 @@ class _RelayGate(Leg):
     def dataReceived(self, data):
         if self._arrived:
             return self.forward(data)
-        self._buffer += data
-        if len(self._buffer) < tunnel_tls.TOKEN_SIZE:
-            return None
-        if len(self._buffer) > tunnel_tls.TOKEN_SIZE:
-            return self.transport.abortConnection()  # nothing may follow before the answer
-        self._arrived = True
-        self.relay.arrive(self, self._buffer)
+        token = self.read_token(data)
+        if token is not None:
+            self._arrived = True
+            self.relay.arrive(self, token)
 
     def left(self):
         self.relay.left(self)

@@ -422,12 +422,11 @@ class _TLSLeg(FramedLeg, tunnel_tls.HandshakeWatch):
         self.service.closed(self)
 
 
-class _Gate(_TLSLeg):
+class _Gate(tunnel_tls.GateListener, _TLSLeg):
     """A connection to the tunnel port: a one-time token, then TLS (as the server)."""
 
     def __init__(self, service):
         self.service = service
-        self._buffer = b""
 
     def connectionMade(self):
         self.setTimeout(TOKEN_SECONDS)
@@ -435,12 +434,10 @@ class _Gate(_TLSLeg):
     def dataReceived(self, data):
         if self.grant is not None:
             return self.deframe(data)
-        self._buffer += data
-        if len(self._buffer) < tunnel_tls.TOKEN_SIZE:
+        token = self.read_token(data)
+        if token is None:
             return None
-        if len(self._buffer) > tunnel_tls.TOKEN_SIZE:
-            return self.transport.abortConnection()  # nothing may follow before the answer
-        grant = self.service.redeem(self._buffer)
+        grant = self.service.redeem(token)
         if grant is None:
             return self.transport.abortConnection()
         self.grant = grant
@@ -453,29 +450,20 @@ class _Gate(_TLSLeg):
         super().timeoutConnection()
 
 
-class _RelayLeg(_TLSLeg):
+class _RelayLeg(tunnel_tls.GateDialer, _TLSLeg):
     """The tunnel-node's connection to a relay: the token, the relay's go-ahead, then TLS
     as the server (the tunnel-node dialled, but the requester is the TLS client)."""
 
     path = "relayed"
+    gate_seconds = TOKEN_SECONDS
 
     def __init__(self, service, grant, token):
         self.service = service
         self.grant = grant
-        self._token = token
-        self._open = False
+        self.gate_token = token
 
-    def connectionMade(self):
-        self.setTimeout(TOKEN_SECONDS)
-        self.transport.write(self._token)
-
-    def dataReceived(self, data):
-        if self._open:
-            return self.deframe(data)
-        if data[:1] != tunnel_tls.GATE_OPEN:
-            return self.transport.abortConnection()
-        self._open = True
-        self.service.start_tls(self, self.grant, normal=False, received=data[1:])
+    def gate_opened(self, received):
+        self.service.start_tls(self, self.grant, normal=False, received=received)
 
 
 class _DeviceLeg(Leg):

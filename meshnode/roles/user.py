@@ -230,27 +230,19 @@ class _LocalLeg(Leg):
         self.forward(data)
 
 
-class _TunnelLeg(FramedLeg, tunnel_tls.HandshakeWatch):
+class _TunnelLeg(tunnel_tls.GateDialer, FramedLeg, tunnel_tls.HandshakeWatch):
     """The user-node's end of a tunnel: token, the gate's go-ahead, TLS as the client."""
+
+    gate_seconds = CONNECT_TIMEOUT_SECONDS * 2
 
     def __init__(self, context, token, expected_key, ready):
         self._context = context
-        self._token = token
+        self.gate_token = token
         self.expected_key = expected_key
         self._ready = ready
-        self._open = False
 
-    def connectionMade(self):
-        self.setTimeout(CONNECT_TIMEOUT_SECONDS * 2)
-        self.transport.write(self._token)
-
-    def dataReceived(self, data):
-        if self._open:
-            return self.deframe(data)
-        if data[:1] != tunnel_tls.GATE_OPEN:
-            return self.transport.abortConnection()
-        self._open = True
-        tunnel_tls.start_tls(self, self._context, True, data[1:])
+    def gate_opened(self, received):
+        tunnel_tls.start_tls(self, self._context, True, received)
 
     def tls_verified(self):
         if not self._ready.called:
