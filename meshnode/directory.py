@@ -460,7 +460,7 @@ class DirectoryService(service.MultiService):
         """The tunnel-nodes of this domain announcing `location`, from the DHT replicas →
         [(Node record, NodeInfo)] checked, newest NodeInfo per node, in random order."""
         found = {}
-        for replica in self._fan_out._order((yield self.replicas())):
+        for replica in self._fan_out.order((yield self.replicas())):
             entries = []
             try:
                 for _ in range(SUPER_NODE_PAGE_LIMIT):
@@ -527,7 +527,8 @@ class FanOut:
         self.grace = grace
         self._failed = set()
 
-    def _order(self, replicas):
+    def order(self, replicas):
+        """Replicas in random order, those that failed to answer last."""
         replicas = list(replicas)
         self._rng.shuffle(replicas)
         return sorted(replicas, key=lambda r: _key(r) in self._failed)
@@ -535,7 +536,7 @@ class FanOut:
     @defer.inlineCallbacks
     def query(self, replicas, ask):
         """`ask(replica)` → Deferred[record or None] → (newest record or None, who answered)."""
-        waiting = self._order(replicas)
+        waiting = self.order(replicas)
         wave = self.k
         while waiting:
             batch, waiting = waiting[:wave], waiting[wave:]
