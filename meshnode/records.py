@@ -45,8 +45,9 @@ class Role(enum.IntFlag):
 class NatBehaviour(enum.IntEnum):
     UNKNOWN = 0
     PUBLIC = 1
-    ENDPOINT_INDEPENDENT = 2
+    ENDPOINT_INDEPENDENT = 2  # mapping; filtering depends on the far endpoint
     SYMMETRIC = 3
+    FULL_CONE = 4  # endpoint-independent mapping and filtering (RFC 5780, from STUN)
 
 
 class RecordError(Exception):

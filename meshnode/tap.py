@@ -172,7 +172,7 @@ def build_node(settings, reactor):
                       settings["listen-address"], settings["tunnel-port"],
                       settings.get("location"), limits,
                       settings["direct"]).setServiceParent(node)
-    UserService(identity, rpc, directory, reactor, control,
+    UserService(identity, rpc, directory, announcer, reactor, control,
                 settings["listeners"]).setServiceParent(node)
     return node
 

@@ -477,16 +477,16 @@ class AcceptanceTests(SynchronousTestCase):
 
     def test_command_without_handler_is_dropped(self):
         """A sealed request for a command nobody registered, or no command at all."""
-        for command in (200, Command.INTRODUCE, Command.PONG):
+        for command in (200, Command.ERROR, Command.PONG):
             self.assertDropped("unknown_command", _sealed(self.a, self.b, command,
                                                           Ping().encode()))
 
     def test_refused_registration_leaves_command_unhandled(self):
         """register() refusing a command without codec leaves no handler: requests are dropped."""
         called = []
-        self.assertRaises(ValueError, self.b.rpc.register, Command.INTRODUCE,
+        self.assertRaises(ValueError, self.b.rpc.register, Command.ERROR,
                           called.append)
-        request = _sealed(self.a, self.b, Command.INTRODUCE, b"")
+        request = _sealed(self.a, self.b, Command.ERROR, b"")
         try:
             self.assertDropped("unknown_command", request)
         except Exception as e:

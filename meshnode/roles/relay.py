@@ -10,6 +10,7 @@ requester's request. Both ends then dial the relay port and send the token; the 
 them, answers each with GATE_OPEN and splices the two streams. They run TLS end to end, so the
 relay sees only ciphertext. A token works once and expires after TOKEN_SECONDS; past a limit
 (per domain, in total, or near the process's open-file limit) a request is refused at once.
+Introductions for punched tunnels (Introduce → Introduction) pass through the same way.
 """
 
 import collections
@@ -24,7 +25,7 @@ from twisted.logger import Logger
 from meshnode import records, tunnel_tls
 from meshnode.errors import StartupError
 from meshnode.rpc.messages import (Command, Forwarding, ForwardedTunnelOpened,
-                                   RelayedTunnelRequest, TunnelResult)
+                                   Introduction, RelayedTunnelRequest, TunnelResult)
 from meshnode.rpc.service import any_domain
 from meshnode.splice import Leg
 from meshnode.wire import Endpoint
@@ -63,6 +64,7 @@ class RelayService(service.Service):
         self.open_per_domain = collections.Counter()
         self.open = 0
         self.relayed = 0
+        self.introduced = 0
         self.refusals = collections.Counter()
         self.bytes_relayed = 0
         self._files_counted_at = float("-inf")
@@ -79,12 +81,14 @@ class RelayService(service.Service):
                                f"{e.socketError}") from None
         self._rpc.register(Command.FORWARDED_TUNNEL_REQUEST, self._request, any_domain)
         self._rpc.register(Command.FORWARDED_TUNNEL_OPENED, self._opened, any_domain)
+        self._rpc.register(Command.INTRODUCE, self._introduce, any_domain)
         _log.info("relay port {port}", port=self.port)
         service.Service.startService(self)
 
     def stopService(self):
         service.Service.stopService(self)
-        for command in (Command.FORWARDED_TUNNEL_REQUEST, Command.FORWARDED_TUNNEL_OPENED):
+        for command in (Command.FORWARDED_TUNNEL_REQUEST, Command.FORWARDED_TUNNEL_OPENED,
+                        Command.INTRODUCE):
             self._rpc.unregister(command)
         if self._port is not None:
             return defer.maybeDeferred(self._port.stopListening)
@@ -135,10 +139,8 @@ class RelayService(service.Service):
             return self._refuse(incoming, "limit_domain")
         if self._files_left() < FILES_PER_TUNNEL * (len(self._tokens) + 1):
             return self._refuse(incoming, "limit_files")
-        info = entry.info.record
-        target = (info.observed or info.addresses or (None,))[0]
-        peer = self._rpc.peers.get(message.tunnel_node)
-        if target is None or peer is None:
+        peer, target = self._tunnel_node(entry)
+        if target is None:
             return self._refuse(incoming, "tunnel_node_unreachable")
         host = (self._advertised() if self._advertised else None) or self._listen_address
         if host in ("", "0.0.0.0", "::"):
@@ -147,10 +149,43 @@ class RelayService(service.Service):
         self._tokens[token] = _Token(requester.domain, self._clock.seconds() + TOKEN_SECONDS)
         forwarding = Forwarding(incoming.peer.signed, Endpoint(*incoming.source[:2]),
                                 incoming.message_id, Endpoint(host, self.port), token)
-        self._rpc.send(peer, (target.host, target.port),
+        self._rpc.send(peer, target,
                        RelayedTunnelRequest(message.tunnel_node, message.device_id,
                                             message.port, forwarding))
         return None  # the tunnel-node's ForwardedTunnelOpened is the answer
+
+    def _tunnel_node(self, entry):
+        """(peer, address) to send a tunnel-node's requests to: where its datagrams last came
+        from (its keepalives keep that mapping open, even through a symmetric NAT), else the
+        endpoint its NodeInfo reports; (None, None) when it is not known here."""
+        info = entry.info.record
+        peer = self._rpc.peers.get(info.node_id)
+        if peer is None:
+            return None, None
+        if peer.address is not None:
+            return peer, peer.address
+        target = (info.observed or info.addresses or (None,))[0]
+        return (peer, (target.host, target.port)) if target is not None else (None, None)
+
+    def _introduce(self, incoming):
+        """A user-node asks to be introduced to a tunnel-node for a punched tunnel: pass it
+        on with the requester's Node record and RPC endpoint; the tunnel-node's answer comes
+        back as a ForwardedTunnelOpened (`_opened`). Nothing is kept here."""
+        message, requester = incoming.message, incoming.node
+        if message.back is not None:
+            return self._refuse(incoming, "malformed_request")
+        entry = self._partition.records.get(requester.domain, message.tunnel_node,
+                                            self._rpc.now_ms())
+        if entry is None or not entry.info.record.roles & records.Role.TUNNEL:
+            return self._refuse(incoming, "unknown_tunnel_node")
+        peer, target = self._tunnel_node(entry)
+        if target is None:
+            return self._refuse(incoming, "tunnel_node_unreachable")
+        back = (incoming.peer.signed, Endpoint(*incoming.source[:2]), incoming.message_id)
+        self.introduced += 1
+        self._rpc.send(peer, target, Introduction(message.tunnel_node, message.device_id,
+                                                  message.port, message.endpoint, back))
+        return None
 
     def _opened(self, incoming):
         """A tunnel-node's outcome: send it on to the requester as its answer."""
@@ -210,6 +245,7 @@ class RelayService(service.Service):
 
     def status(self):
         return {"port": self.port, "open": self.open, "relayed": self.relayed,
+                "introduced": self.introduced,
                 "waiting": len(self._tokens), "bytes": self.bytes_relayed,
                 "refused": dict(self.refusals)}
 

@@ -6,7 +6,10 @@ EndDevice records of its domain, and answers two requests:
 * TunnelRequest (direct path): authorize, then hand out the tunnel port's endpoint and a
   one-time token that works once within TOKEN_SECONDS;
 * RelayedTunnelRequest from a super-node (relayed path): authorize, dial the relay the
-  super-node named with its token, and tell the super-node the outcome, which it passes on.
+  super-node named with its token, and tell the super-node the outcome, which it passes on;
+* Introduction from a super-node (punched path): authorize, connect from the tunnel port to
+  the requester's public endpoint while it connects to ours (meshnode/punch.py), and answer
+  with our public endpoint and a token as for the relayed path.
 
 Either way the stream then carries TLS with the requester, checked against the requester's
 Node record, and is spliced to the device. Authorization (seed appendix C.5): same domain;
@@ -26,7 +29,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from meshnode import location, records, tunnel_tls
+from meshnode import location, punch, records, tunnel_tls
 from meshnode.announce import outbound_address
 from meshnode.errors import StartupError
 from meshnode.rpc.messages import (DEVICES_SEEN_LIMIT, Command, DevicesSeen,
@@ -65,6 +68,8 @@ class _Grant:
     address: str
     port: int
     expires: float
+    path: str = "direct"
+    puncher: object = None  # the punched path's own connection attempts, stopped once used
 
 
 class TunnelCounts:
@@ -124,6 +129,7 @@ class TunnelService(service.MultiService):
         self._last_miss_refresh = float("-inf")
         self._port = None
         self._tls = None
+        self._announcer = announcer
         announcer.locations = self.locations
         for interval, work in ((DEVICE_REFRESH_SECONDS, self.refresh_devices),
                                (KEEPALIVE_SECONDS, self._keep_alive),
@@ -140,9 +146,9 @@ class TunnelService(service.MultiService):
                                              _datetime(self._clock))
         if self.direct:
             factory = protocol.Factory.forProtocol(lambda: _Gate(self))
-            try:
-                self._port = self._clock.listenTCP(self._requested_port, factory,
-                                                   interface=self._listen_address)
+            try:  # punch connections leave from this port too
+                self._port = punch.listen_reusable(self._clock, self._requested_port, factory,
+                                                   self._listen_address)
             except CannotListenError as e:
                 raise StartupError(f"cannot listen on tunnel port {self._requested_port}: "
                                    f"{e.socketError}") from None
@@ -150,12 +156,14 @@ class TunnelService(service.MultiService):
         self._rpc.register(Command.TUNNEL_REQUEST, self._tunnel_request, same_domain)
         self._rpc.register(Command.RELAYED_TUNNEL_REQUEST, self._forwarded_request,
                            self._from_super_node)
+        self._rpc.register(Command.INTRODUCTION, self._introduction, self._from_super_node)
         _log.info("tunnel port {port}; locations {locations}", port=self.port,
                   locations=[i.hex()[:16] for i in self.locations()])
         super().startService()
 
     def stopService(self):
-        for command in (Command.TUNNEL_REQUEST, Command.RELAYED_TUNNEL_REQUEST):
+        for command in (Command.TUNNEL_REQUEST, Command.RELAYED_TUNNEL_REQUEST,
+                        Command.INTRODUCTION):
             self._rpc.unregister(command)
         if self._enrollment_changed in self._identity_service.observers:
             self._identity_service.observers.remove(self._enrollment_changed)
@@ -309,9 +317,34 @@ class TunnelService(service.MultiService):
         if grant is None or grant.expires <= self._clock.seconds():
             self.refusals["bad_token"] += 1
             return None
+        if grant.puncher is not None:
+            grant.puncher.stop()  # this connection won; the other attempt is not needed
         return grant
 
     # -- the relayed path --------------------------------------------------------------------
+
+    def _forwarded(self, incoming, requester, request_id, device_id, port):
+        """The common part of the relayed and punched paths: (requester Node, device address,
+        port, answer) when `requester` (a Signed Node a super-node forwarded) may have the
+        device, else None after the refusal was answered. `answer(result, reason, endpoint,
+        token)` sends the outcome to the super-node, which passes it on."""
+        super_node, super_address = incoming.peer, incoming.source
+        back = (requester.record.node_id, request_id[0], request_id[1])
+
+        def answer(result, reason="", endpoint=None, token=None):
+            self._rpc.send(super_node, super_address,
+                           ForwardedTunnelOpened(result, reason, endpoint, token, back))
+
+        try:
+            node = self._rpc.trust.verify(requester, self._rpc.now_ms())
+            if not isinstance(node, records.Node):
+                raise Refused("bad_requester")
+            address, port = self.authorize(node, device_id, port)
+        except (records.RecordError, Refused) as e:
+            self._refuse(requester.record, e.reason)
+            answer(TunnelResult.REFUSED, e.reason)
+            return None
+        return node, address, port, answer
 
     def _forwarded_request(self, incoming):
         message = incoming.message
@@ -319,28 +352,14 @@ class TunnelService(service.MultiService):
         if forwarding is None or message.tunnel_node != self._rpc.node_id:
             self._rpc.drops["malformed_forwarding"] += 1
             return None
-        super_node, super_address = incoming.peer, incoming.source
-        back = (forwarding.requester.record.node_id, forwarding.requester_endpoint,
-                forwarding.request_id)
-
-        def answer(result, reason="", endpoint=None, token=None):
-            self._rpc.send(super_node, super_address,
-                           ForwardedTunnelOpened(result, reason, endpoint, token, back))
-
-        try:
-            requester = self._rpc.trust.verify(forwarding.requester, self._rpc.now_ms())
-            if not isinstance(requester, records.Node):
-                raise Refused("bad_requester")
-            address, port = self.authorize(requester, message.device_id, message.port)
-        except records.RecordError as e:
-            self._refuse(forwarding.requester.record, e.reason)
-            answer(TunnelResult.REFUSED, e.reason)
+        authorized = self._forwarded(incoming, forwarding.requester,
+                                     (forwarding.requester_endpoint, forwarding.request_id),
+                                     message.device_id, message.port)
+        if authorized is None:
             return None
-        except Refused as e:
-            self._refuse(forwarding.requester.record, e.reason)
-            answer(TunnelResult.REFUSED, e.reason)
-            return None
-        grant = _Grant(requester, address, port, self._clock.seconds() + TOKEN_SECONDS)
+        requester, address, port, answer = authorized
+        grant = _Grant(requester, address, port, self._clock.seconds() + TOKEN_SECONDS,
+                       "relayed")
         relay = forwarding.relay
         dialing = protocol.ClientCreator(self._clock, _RelayLeg, self, grant, forwarding.token)
         d = dialing.connectTCP(relay.host, relay.port, timeout=DIAL_TIMEOUT_SECONDS)
@@ -354,6 +373,45 @@ class TunnelService(service.MultiService):
 
         d.addCallbacks(dialled, failed)
         return None
+
+    # -- the punched path ---------------------------------------------------------------------
+
+    def _introduction(self, incoming):
+        message = incoming.message
+        if message.back is None or message.tunnel_node != self._rpc.node_id:
+            self._rpc.drops["malformed_forwarding"] += 1
+            return None
+        requester, requester_endpoint, request_id = message.back
+        authorized = self._forwarded(incoming, requester, (requester_endpoint, request_id),
+                                     message.device_id, message.port)
+        if authorized is None:
+            return None
+        requester, address, port, answer = authorized
+        host = self._public_host(incoming.source)
+        if not self.direct or host is None:
+            reason = "direct_disabled" if not self.direct else "no_address"
+            self._refuse(requester, reason)
+            answer(TunnelResult.REFUSED, reason)
+            return None
+        token = os.urandom(tunnel_tls.TOKEN_SIZE)
+        self._expire_grants()
+        grant = self._grants[token] = _Grant(requester, address, port,
+                                             self._clock.seconds() + TOKEN_SECONDS, "punched")
+        peer = message.endpoint
+        grant.puncher = punch.Puncher(self._clock, self.port, (peer.host, peer.port),
+                                      lambda: _PunchGate(self), interface=self._listen_address)
+        # Its failure is no error: the requester's connection may reach the tunnel port
+        # instead (an endpoint-independent filter), or the requester falls back to a relay.
+        grant.puncher.start().addErrback(lambda failure: None)
+        answer(TunnelResult.OPENED, "", Endpoint(host, self.port), token)
+        return None
+
+    def _public_host(self, source):
+        """The address the world sees us at: what replicas answered to WhoAmI (the NAT's
+        public address), else our own address towards `source`."""
+        for endpoint in self._announcer.seen:
+            return endpoint.host
+        return outbound_address(source)
 
     # -- streams -------------------------------------------------------------------------------
 
@@ -407,13 +465,12 @@ class _TLSLeg(FramedLeg, tunnel_tls.HandshakeWatch):
     """The requester's side of a tunnel at the tunnel-node: TLS, then the device."""
 
     grant = None
-    path = "direct"
 
     def dataReceived(self, data):
         self.deframe(data)
 
     def tls_verified(self):
-        self.service.connect_device(self, self.grant, self.path)
+        self.service.connect_device(self, self.grant, self.grant.path)
 
     def tls_refused(self, reason):
         self.service._refuse(self.grant.requester, "wrong_peer_key")
@@ -424,6 +481,8 @@ class _TLSLeg(FramedLeg, tunnel_tls.HandshakeWatch):
 
 class _Gate(tunnel_tls.GateListener, _TLSLeg):
     """A connection to the tunnel port: a one-time token, then TLS (as the server)."""
+
+    tls_normal = True  # an accepted connection's normal TLS side is the server
 
     def __init__(self, service):
         self.service = service
@@ -442,7 +501,7 @@ class _Gate(tunnel_tls.GateListener, _TLSLeg):
             return self.transport.abortConnection()
         self.grant = grant
         self.transport.write(tunnel_tls.GATE_OPEN)
-        self.service.start_tls(self, grant)
+        self.service.start_tls(self, grant, self.tls_normal)
 
     def timeoutConnection(self):
         if self.grant is None:
@@ -450,11 +509,17 @@ class _Gate(tunnel_tls.GateListener, _TLSLeg):
         super().timeoutConnection()
 
 
+class _PunchGate(_Gate):
+    """A punched connection from the tunnel port: the requester's token, then TLS as the
+    server although this side connected too."""
+
+    tls_normal = False
+
+
 class _RelayLeg(tunnel_tls.GateDialer, _TLSLeg):
     """The tunnel-node's connection to a relay: the token, the relay's go-ahead, then TLS
     as the server (the tunnel-node dialled, but the requester is the TLS client)."""
 
-    path = "relayed"
     gate_seconds = TOKEN_SECONDS
 
     def __init__(self, service, grant, token):

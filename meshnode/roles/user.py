@@ -3,11 +3,12 @@
 Listeners come from the config file (`[tunnel:NAME]` sections: device, port, listen) and on
 demand (`meshnode tunnel DEVICE --listen tcp:PORT`, through the control socket). Each accepted
 connection finds the device's EndDevice record (operator-signed, this node's domain), the
-tunnel-nodes announcing its location (GetTunnelNodes), and tries them in random order: first
-direct (TunnelRequest, then the tunnel-node's tunnel port), then relayed through a super-node
-of this domain (ForwardedTunnelRequest, then its relay port). The stream then carries TLS with
-the tunnel-node, checked against its Node record, and is spliced to the application's
-connection. The path that won is counted and shown in `meshnode status`.
+tunnel-nodes announcing its location (GetTunnelNodes), and tries the paths their NodeInfo and
+ours allow (`paths`): direct (TunnelRequest, then the tunnel-node's tunnel port), punched (a
+super-node introduces us, both sides connect at once) and relayed through a super-node of this
+domain (ForwardedTunnelRequest, then its relay port). The stream then carries TLS with the
+tunnel-node, checked against its Node record, and is spliced to the application's connection.
+The path that won is counted and shown in `meshnode status`.
 """
 
 import collections
@@ -18,13 +19,15 @@ from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 
-from meshnode import config, tunnel_tls
+from meshnode import config, punch, tunnel_tls
 from meshnode.control import ControlError, _JSONResource
 from meshnode.errors import StartupError
-from meshnode.rpc.messages import (ForwardedTunnelOpened, ForwardedTunnelRequest,
+from meshnode.records import NatBehaviour
+from meshnode.rpc.messages import (ForwardedTunnelOpened, ForwardedTunnelRequest, Introduce,
                                    TunnelOpened, TunnelRequest, TunnelResult)
 from meshnode.rpc.service import RPCError
 from meshnode.splice import FramedLeg, Leg
+from meshnode.wire import Endpoint
 
 _log = Logger()
 
@@ -35,6 +38,22 @@ RELAY_ONLY_SECONDS = 60.0
 
 class TunnelFailed(Exception):
     """No path to the device worked; the message says why."""
+
+
+def paths(mine, theirs):
+    """The paths worth trying to a tunnel-node, in order, from what our and its NodeInfo say
+    (DESIGN.md §6.3): direct when it is public or shares our public address (one LAN);
+    punched unless a symmetric NAT makes the far side's port unknowable (a full-cone
+    tunnel-node lets any port in); relayed always last."""
+    nat = theirs.nat
+    if nat == NatBehaviour.PUBLIC or (
+            {e.host for e in mine.observed} & {e.host for e in theirs.observed}):
+        return ("direct", "relayed")
+    if nat == NatBehaviour.SYMMETRIC or not mine.observed or not theirs.observed:
+        return ("relayed",)
+    if mine.nat == NatBehaviour.SYMMETRIC and nat != NatBehaviour.FULL_CONE:
+        return ("relayed",)
+    return ("punched", "relayed")
 
 
 @attrs.define
@@ -54,8 +73,10 @@ class Listener:
 class UserService(service.Service):
     name = "user"
 
-    def __init__(self, identity_service, rpc, directory, clock, control, listeners=()):
+    def __init__(self, identity_service, rpc, directory, announcer, clock, control,
+                 listeners=()):
         self._identity_service = identity_service
+        self._announcer = announcer
         self._rpc = rpc
         self._directory = directory
         self._clock = clock
@@ -127,20 +148,20 @@ class UserService(service.Service):
         if not nodes:
             raise TunnelFailed(f"no tunnel-node announces the location of {device.name}")
         errors = []
+        mine = self._announcer.node_info(self._announcer.seen)
+        plans = [(node, info, paths(mine, info)) for node, info in nodes]
         now = self._clock.seconds()
-        for node, info in nodes:
-            if self._relay_only.get(node.node_id, 0) > now:
-                continue  # its direct path failed a moment ago: straight to the relay
-            try:
-                return (yield self._direct(node, info, device, port)), "direct"
-            except (RPCError, TunnelFailed) as e:
-                errors.append(f"direct via {node.name}: {e}")
-                self._relay_only[node.node_id] = self._clock.seconds() + RELAY_ONLY_SECONDS
-        for node, info in nodes:
-            try:
-                return (yield self._relayed(node, device, port)), "relayed"
-            except (RPCError, TunnelFailed) as e:
-                errors.append(f"relayed to {node.name}: {e}")
+        for path in ("direct", "punched", "relayed"):
+            for node, info, allowed in plans:
+                if path not in allowed or (
+                        path != "relayed" and self._relay_only.get(node.node_id, 0) > now):
+                    continue  # its direct paths failed a moment ago: straight to the relay
+                try:
+                    return (yield self._try[path](self, node, info, device, port)), path
+                except (RPCError, TunnelFailed) as e:
+                    errors.append(f"{path} to {node.name}: {e}")
+                    if path != "relayed":
+                        self._relay_only[node.node_id] = now + RELAY_ONLY_SECONDS
         raise TunnelFailed("; ".join(errors))
 
     @defer.inlineCallbacks
@@ -156,23 +177,50 @@ class UserService(service.Service):
         return (yield self._dial(opened.endpoint, opened.token, node))
 
     @defer.inlineCallbacks
-    def _relayed(self, node, device, port):
+    def _punched(self, node, info, device, port):
+        """A super-node introduces us; both sides connect to each other's public endpoint
+        from their punch ports at once (TCP simultaneous open)."""
+        held = punch.reserve_port()
+        try:
+            public = Endpoint(self._announcer.seen[0].host, held.getsockname()[1])
+            opened = yield self._through_super_node(
+                Introduce(node.node_id, device.device_id, port, public))
+            ready = defer.Deferred()
+            puncher = punch.Puncher(
+                self._clock, public.port, (opened.endpoint.host, opened.endpoint.port),
+                lambda: _TunnelLeg(self._tls, opened.token, node.signing_key, ready))
+            puncher.start().addErrback(
+                lambda f: ready.called or ready.errback(TunnelFailed(f.getErrorMessage())))
+        finally:
+            held.close()  # the puncher's own socket holds the port now
+        return (yield ready)
+
+    @defer.inlineCallbacks
+    def _relayed(self, node, info, device, port):
+        opened = yield self._through_super_node(
+            ForwardedTunnelRequest(node.node_id, device.device_id, port))
+        return (yield self._dial(opened.endpoint, opened.token, node))
+
+    _try = {"direct": _direct, "punched": _punched, "relayed": _relayed}
+
+    @defer.inlineCallbacks
+    def _through_super_node(self, request):
+        """Send `request` to the super-nodes of our domain in turn → the first OPENED
+        ForwardedTunnelOpened (the tunnel-node's answer, passed on)."""
         errors = []
         for replica in (yield self._directory.replicas()):
             if self._rpc.trust.is_operator(replica.node_id):
-                continue  # operators do not relay
+                continue  # operators neither relay nor introduce
             try:
-                opened = yield self._directory.call(
-                    replica, ForwardedTunnelRequest(node.node_id, device.device_id, port),
-                    ForwardedTunnelOpened, timeout=RELAY_REQUEST_TIMEOUT_SECONDS)
+                opened = yield self._directory.call(replica, request, ForwardedTunnelOpened,
+                                                    timeout=RELAY_REQUEST_TIMEOUT_SECONDS)
             except RPCError as e:
                 errors.append(str(e))
                 continue
-            if opened.result != TunnelResult.OPENED:
-                errors.append(f"refused: {opened.reason}")
-                continue
-            return (yield self._dial(opened.endpoint, opened.token, node))
-        raise TunnelFailed(", ".join(errors) or "no super-node to relay through")
+            if opened.result == TunnelResult.OPENED:
+                return opened
+            errors.append(f"refused: {opened.reason}")
+        raise TunnelFailed(", ".join(errors) or "no super-node of this domain")
 
     def _dial(self, endpoint, token, node):
         """Connect, pass the gate with `token`, run TLS → Deferred[the verified leg]."""

@@ -48,6 +48,7 @@ class Command(enum.IntEnum):
     PARTITION_RECORDS = 29
     RELAYED_TUNNEL_REQUEST = 30
     DEVICES_SEEN = 31
+    INTRODUCTION = 32
 
 
 PING_DATA_LIMIT = 1000
@@ -793,6 +794,45 @@ class ForwardedTunnelOpened:
         return cls(*opening, back)
 
 
+@attrs.frozen
+class Introduce:
+    """A user-node asks a super-node to introduce it to a tunnel-node for a punched tunnel to
+    a device: `endpoint` is where the user-node will connect from (its public address and
+    punch port). The super-node passes it on as an Introduction naming the requester."""
+
+    COMMAND = Command.INTRODUCE
+    tunnel_node: bytes
+    device_id: bytes
+    port: int
+    endpoint: Endpoint
+    back: tuple | None = None  # (requester's Signed Node, its RPC Endpoint, request id)
+
+    def encode(self):
+        w = Writer().fixed(self.tunnel_node, 32).fixed(self.device_id, 32).u16(self.port)
+        w.endpoint(self.endpoint)
+        if self.back is not None:
+            requester, endpoint, request_id = self.back
+            w.blob(requester.encode(), 1024).endpoint(endpoint).fixed(request_id, 12)
+        return w.bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        tunnel_node, device_id, port, endpoint = r.fixed(32), r.fixed(32), r.u16(), r.endpoint()
+        back = None
+        if r.offset < len(payload):
+            back = (records.decode_signed(r.blob(1024)), r.endpoint(), r.fixed(12))
+        r.end()
+        return cls(tunnel_node, device_id, port, endpoint, back)
+
+
+class Introduction(Introduce):
+    """An Introduce as the super-node passes it on to the tunnel-node, with `back` filled in;
+    the tunnel-node answers with a ForwardedTunnelOpened through the super-node."""
+
+    COMMAND = Command.INTRODUCTION
+
+
 DEVICES_SEEN_LIMIT = 40
 
 
@@ -835,7 +875,8 @@ MESSAGES = {cls.COMMAND: cls for cls in (
     SuperNodes, GetEndDevices, EndDevices, PutRecord, Stored, GetNodeInfo, NodeInfoRecord,
     WhoAmI, YouAre, SubmitSuperNode, SuperNodeStatus, TransferPartition, PartitionDigests,
     PartitionRecords, GetTunnelNodes, TunnelNodes, TunnelRequest, TunnelOpened,
-    ForwardedTunnelRequest, RelayedTunnelRequest, ForwardedTunnelOpened, DevicesSeen)}
+    ForwardedTunnelRequest, RelayedTunnelRequest, ForwardedTunnelOpened, DevicesSeen, Introduce,
+    Introduction)}
 
 # A Node answer is at most: header, plain length, request id, blob length, largest Node record.
 NODE_ANSWER_SIZE = 96 + 2 + 12 + 2 + (2 + 4 + 32 * 3 + 2 + records.NAME_LIMIT + 16 + 32 + 64)

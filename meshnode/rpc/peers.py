@@ -58,9 +58,10 @@ class ReplayWindow:
 class Peer:
     """An authenticated peer: its verified Node record and the keys derived for it."""
 
-    __slots__ = ("signed", "node", "seal_key", "open_key", "window")
+    __slots__ = ("signed", "node", "seal_key", "open_key", "window", "address")
 
     def __init__(self, signed, seal_key, open_key):
+        self.address = None  # where its last authenticated datagram came from (peer-reflexive)
         self.signed = signed
         self.node = signed.record
         self.seal_key = seal_key

@@ -299,6 +299,8 @@ class RPCService(service.Service):
             drops["decrypt"] += 1
             return
         window.commit(counter)
+        if send == self._send:  # a datagram: answers and introductions go where it came from
+            peer.address = source
         node = peer.node
         if node.domain != sender_domain or now >= node.expires or sender_id in self.trust.revoked:
             drops["sender_invalid"] += 1

@@ -1,0 +1,102 @@
+"""TCP hole punching for tunnels (DESIGN.md §7): both sides connect to each other's public
+endpoint from a port they also listen or connected on, so their SYNs cross and each NAT lets
+the other's in (TCP simultaneous open, measured in NATLAB.md)."""
+
+import socket
+
+from twisted.internet import defer, error, protocol, tcp
+from twisted.logger import Logger
+
+_log = Logger()
+
+PUNCH_SECONDS = 5.0
+RETRY_SECONDS = 0.02  # a refused attempt is repeated at once: a gap lets conntrack spoil the port
+ATTEMPT_LIMIT = 50
+
+
+class PunchFailed(Exception):
+    """No connection within the punch budget."""
+
+
+def listen_reusable(reactor, port, factory, interface=""):
+    """listenTCP on a port that `Puncher`s may connect from as well (SO_REUSEPORT; Linux
+    checks it when the second socket binds, so setting it after listening suffices)."""
+    listening = reactor.listenTCP(port, factory, interface=interface)
+    sock = getattr(listening, "socket", None)  # a real port (not a test's memory reactor)
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return listening
+
+
+def reserve_port(interface=""):
+    """A TCP socket bound (both reuse options) to a free port: holds the number until a
+    Puncher binds it too; close it then."""
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    held.bind((interface, 0))
+    return held
+
+
+class Puncher(protocol.ClientFactory):
+    """Connects from local port `local_port` to `peer` (host, port) until a connection
+    stands, `budget` seconds pass, or `stop()`. One attempt is kept open (the kernel's own
+    SYN retransmissions carry it); a refused one is repeated at once, at most ATTEMPT_LIMIT
+    times. `build()` makes the connection's protocol. `done` fires with the protocol, or
+    fails with PunchFailed."""
+
+    def __init__(self, reactor, local_port, peer, build, budget=PUNCH_SECONDS, interface=""):
+        self._reactor = reactor
+        self._local_port = local_port
+        self._binding = tcp.makeBinding(interface, local_port, True, True)
+        self._peer = peer
+        self._build = build
+        self._deadline = reactor.seconds() + budget
+        self._connector = None
+        self._retry = None
+        self.attempts = 0
+        self.done = defer.Deferred()
+
+    def start(self):
+        self._attempt()
+        return self.done
+
+    def _attempt(self):
+        self._retry = None
+        left = self._deadline - self._reactor.seconds()
+        if left <= 0 or self.attempts >= ATTEMPT_LIMIT:
+            return self._fail(f"no connection to {self._peer[0]}:{self._peer[1]} after "
+                              f"{self.attempts} attempts")
+        self.attempts += 1
+        self._connector = tcp.Connector(self._peer[0], self._peer[1], self, left,
+                                        self._binding, self._reactor)
+        self._connector.connect()
+
+    def buildProtocol(self, address):
+        built = self._build()
+        built.factory = self
+        if not self.done.called:
+            self.done.callback(built)
+        return built
+
+    def clientConnectionFailed(self, connector, reason):
+        if self.done.called:
+            return
+        if reason.check(error.TimeoutError, error.UserError):  # budget spent, or stop()
+            return self._fail(f"no connection to {self._peer[0]}:{self._peer[1]}")
+        if reason.check(error.ConnectBindError):
+            return self._fail(f"cannot bind port {self._local_port}: "
+                              f"{reason.getErrorMessage()}")
+        self._retry = self._reactor.callLater(RETRY_SECONDS, self._attempt)
+
+    def stop(self):
+        """Give up (another connection won): the pending attempt is cancelled."""
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._fail("stopped")
+        if self._connector is not None and self._connector.state == "connecting":
+            self._connector.stopConnecting()
+
+    def _fail(self, reason):
+        if not self.done.called:
+            self.done.errback(PunchFailed(reason))
