@@ -3,16 +3,19 @@
 A NodeInfo (addresses, RPC port, observed endpoints, NAT behaviour, locations, roles) is
 signed by the node itself and put to every replica of its domain's partition every 5 minutes
 and whenever it changes. The observed endpoints are what two replicas answer to WhoAmI, and
-give the NAT behaviour (equal mapped endpoints: endpoint-independent; different: symmetric).
+give the NAT behaviour (equal mapped endpoints: endpoint-independent; different: symmetric);
+a STUN server, when configured, tells filtering too (RFC 5780); a UPnP mapping of the RPC port
+is announced as the first address.
 """
 
 import socket
 
 from twisted.application import internet, service
 from twisted.internet import defer
+from twisted.internet.error import DNSLookupError
 from twisted.logger import Logger
 
-from meshnode import records
+from meshnode import records, stun
 from meshnode.dht import PutResult
 from meshnode.records import NatBehaviour
 from meshnode.rpc.messages import PutRecord, Stored, WhoAmI, YouAre
@@ -21,6 +24,9 @@ from meshnode.wire import Endpoint
 _log = Logger()
 
 ANNOUNCE_SECONDS = 300.0
+# RFC 5780 discovery opens the NAT towards the server's other address for a while; run
+# closer together, a second discovery would take that for endpoint-independent filtering.
+STUN_SECONDS = 240.0
 
 
 def outbound_address(towards):
@@ -47,15 +53,37 @@ def classify(addresses, seen):
     return NatBehaviour.SYMMETRIC
 
 
+def from_stun(report):
+    """NatBehaviour from an RFC 5780 report; None when it could not tell."""
+    if report.mapping == stun.Behaviour.NO_NAT:
+        return NatBehaviour.PUBLIC
+    if report.mapping == stun.Behaviour.ENDPOINT_INDEPENDENT:
+        if report.filtering == stun.Behaviour.ENDPOINT_INDEPENDENT:
+            return NatBehaviour.FULL_CONE
+        return NatBehaviour.ENDPOINT_INDEPENDENT
+    if report.mapping == stun.Behaviour.UNKNOWN:
+        return None
+    return NatBehaviour.SYMMETRIC
+
+
 class AnnouncerService(service.MultiService):
     name = "announcer"
 
-    def __init__(self, identity_service, rpc, directory, clock, listen_address):
+    def __init__(self, identity_service, rpc, directory, clock, listen_address,
+                 stun_server=None, port_mapper=None):
         super().__init__()
         self._identity_service = identity_service
         self._rpc = rpc
         self._directory = directory
+        self._clock = clock
         self._listen_address = listen_address
+        self._stun_server = stun_server
+        self._stun_at = float("-inf")
+        self.stun_report = None
+        self.stun_error = None
+        self._port_mapper = port_mapper
+        if port_mapper is not None:
+            port_mapper.observers.append(self.reannounce)
         self.last_result = None
         self.seen = []
         self.locations = tuple  # the tunnel role sets its location ids here
@@ -75,6 +103,10 @@ class AnnouncerService(service.MultiService):
     def _enrollment_changed(self, enrollment):
         self._guarded()  # a new domain or Node record: announce at once
 
+    def reannounce(self):
+        """Something in our NodeInfo changed (a UPnP mapping came or went): announce now."""
+        self._guarded()
+
     def _guarded(self):
         d = defer.maybeDeferred(self.announce)
         d.addErrback(lambda f: _log.warn("NodeInfo announcement failed: {reason}",
@@ -82,10 +114,23 @@ class AnnouncerService(service.MultiService):
         return d
 
     def addresses(self):
+        """Where to reach our RPC port: its UPnP mapping first, then our own address."""
         address = self._listen_address
         if address in ("", "0.0.0.0", "::") and self._directory.operator_address is not None:
             address = outbound_address(self._directory.operator_address)
-        return [Endpoint(address, self._rpc.port)] if address else []
+        mapped = None
+        if self._port_mapper is not None:
+            mapped = self._port_mapper.mapped("UDP", self._rpc.port)
+        return ([Endpoint(*mapped)] if mapped else []) + (
+            [Endpoint(address, self._rpc.port)] if address else [])
+
+    def nat(self, seen):
+        """Our NAT behaviour: STUN's answer when it had one, else the replicas' WhoAmI."""
+        if self.stun_report is not None:
+            behaviour = from_stun(self.stun_report)
+            if behaviour is not None:
+                return behaviour
+        return classify(self.addresses(), seen)
 
     def node_info(self, seen=()):
         """This node's NodeInfo as it is now (unsigned); `seen`: the endpoints replicas
@@ -93,7 +138,7 @@ class AnnouncerService(service.MultiService):
         addresses = self.addresses()
         observed = list(dict.fromkeys(seen))[:records.NodeInfo.ENDPOINT_LIMIT]
         return records.NodeInfo(self._rpc.domain, self._rpc.node_id, addresses, self._rpc.port,
-                                observed, classify(addresses, seen), self.locations(),
+                                observed, self.nat(seen), self.locations(),
                                 self._rpc.roles, self._rpc.now_ms())
 
     @defer.inlineCallbacks
@@ -109,10 +154,35 @@ class AnnouncerService(service.MultiService):
         self.seen = [answer.endpoint for ok, answer in answers if ok]
         return self.seen
 
+    @defer.inlineCallbacks
+    def _discover(self):
+        """RFC 5780 behaviour discovery with the configured STUN server, from the RPC socket
+        (at most every STUN_SECONDS)."""
+        if self._stun_server is None or self._clock.seconds() - self._stun_at < STUN_SECONDS:
+            return
+        self._stun_at = self._clock.seconds()
+        try:
+            server = yield self._rpc.resolve(self._stun_server)
+            self.stun_report = yield stun.discover(self._rpc.stun, server,
+                                                   local=self.addresses())
+            self.stun_error = None
+        except (stun.StunError, DNSLookupError) as e:
+            self.stun_report, self.stun_error = None, str(e) or type(e).__name__
+            _log.info("STUN with {server} failed: {reason}", server=self._stun_server,
+                      reason=self.stun_error)
+
     def status(self):
         """The announcer's part of `meshnode status`: what replicas see of this node."""
-        return {"observed": [str(e) for e in dict.fromkeys(self.seen)],
-                "nat": classify(self.addresses(), self.seen).name.lower()}
+        status = {"observed": [str(e) for e in dict.fromkeys(self.seen)],
+                  "nat": self.nat(self.seen).name.lower(),
+                  "addresses": [str(e) for e in self.addresses()]}
+        if self._stun_server is not None:
+            report = self.stun_report
+            status["stun"] = {"server": "%s:%d" % self._stun_server, "error": self.stun_error,
+                              "mapped": report and str(report.mapped),
+                              "mapping": report and str(report.mapping),
+                              "filtering": report and str(report.filtering)}
+        return status
 
     @defer.inlineCallbacks
     def announce(self):
@@ -122,6 +192,7 @@ class AnnouncerService(service.MultiService):
             return None
         replicas = yield self._directory.replicas()
         observed = yield self._observe(replicas)
+        yield self._discover()
         signed = self._identity_service.identity.sign(self.node_info(observed))
         results = yield defer.DeferredList(
             [self._directory.call(replica, PutRecord(signed), Stored) for replica in replicas],

@@ -82,12 +82,12 @@ class LocationOptions(Command):
 
 
 class TunnelOptions(Command):
-    synopsis = "DEVICE --listen tcp:PORT[:interface=IP] [--port N] [--name NAME] [--json]"
+    synopsis = "DEVICE --listen tcp:PORT[:interface=IP]|unix:PATH [--port N] [--name NAME] [--json]"
     longdesc = ("Open a local listener on the running node for an end-device of its domain "
                 "(by name or 64-hex-digit id): each connection to it is tunneled to the "
                 "device's port (--port, default the device's first allowed port).")
     optParameters = [
-        ["listen", None, None, "where to listen: tcp:PORT or tcp:PORT:interface=IP"],
+        ["listen", None, None, "where to listen: tcp:PORT, tcp:PORT:interface=IP or unix:PATH"],
         ["port", None, None, "the device's TCP port"],
         ["name", None, None, "a name for the listener (default DEVICE-N)"],
     ]

@@ -130,11 +130,13 @@ def parse_server_endpoint(text):
 
 
 def parse_listen_endpoint(text):
-    """A local TCP listener: tcp:PORT or tcp:PORT:interface=ADDRESS."""
+    """A local listener: tcp:PORT, tcp:PORT:interface=ADDRESS or unix:PATH."""
     parts = text.split(":")
+    if parts[0] == "unix" and len(parts) > 1 and parts[1]:
+        return text
     if parts[0] != "tcp" or len(parts) < 2:
-        raise ValueError(f"{text!r} is not a listener like tcp:9100 or "
-                         f"tcp:9100:interface=127.0.0.1")
+        raise ValueError(f"{text!r} is not a listener like tcp:9100, "
+                         f"tcp:9100:interface=127.0.0.1 or unix:/run/printer.sock")
     try:
         int(parts[1])
     except ValueError:
@@ -163,6 +165,13 @@ def parse_host_port(text):
     if port_number == 0:
         raise ValueError(f"{text!r}: port must be 1-65535")
     return host, port_number
+
+
+def parse_upnp(text):
+    """auto (find the gateway by SSDP), off, or the gateway's root description URL."""
+    if text in ("auto", "off") or text.startswith(("http://", "https://")):
+        return text
+    raise ValueError(f"{text!r} is not auto, off or an http:// description URL")
 
 
 def parse_replicas(text):
@@ -199,6 +208,8 @@ SETTINGS = {
     ("node", "tunnel-port"): parse_port,
     ("node", "relay-port"): parse_port,
     ("node", "location"): parse_location,
+    ("node", "stun-server"): parse_host_port,
+    ("node", "upnp"): parse_upnp,
     ("tunnel", "tunnels-per-node"): parse_positive_int,
     ("tunnel", "tunnels-per-domain"): parse_positive_int,
     ("tunnel", "tunnels-total"): parse_positive_int,
@@ -233,6 +244,7 @@ DEFAULTS = {
     "relayed-total": 4096,
     "listeners": (),
     "quota": 10_000,
+    "upnp": "auto",
 }
 
 

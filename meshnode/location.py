@@ -193,6 +193,27 @@ def mac_to_address(arp_text, mac):
     return None
 
 
+def on_link(route_text, host, byteorder=sys.byteorder):
+    """Whether IPv4 `host` is reached without a router: the most specific route holding it
+    has no gateway (loopback and local addresses have no route here and count as on-link)."""
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    if address.is_loopback:
+        return True
+    holding = [route for route in _routes(route_text, byteorder)
+               if address in route.network and route.flags & _RTF_UP]
+    if not holding:
+        return True
+    best = max(holding, key=lambda route: (route.network.prefixlen, -route.metric))
+    return not best.flags & _RTF_GATEWAY
+
+
+def read_on_link(host, route_path=ROUTE_PATH):
+    return on_link(_read(route_path), host)
+
+
 def _read(path):
     try:
         with open(path, encoding="utf-8", errors="replace") as f:

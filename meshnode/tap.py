@@ -1,5 +1,6 @@
 """`twistd meshnode`: command-line options and the service tree they build (DESIGN.md §2)."""
 
+import ipaddress
 import os
 import socket
 import urllib.parse
@@ -20,6 +21,7 @@ from meshnode.roles.tunnel import Limits, TunnelService
 from meshnode.roles.user import UserService
 from meshnode.rpc.service import RPCService
 from meshnode.store import StoreService, sqlite_url
+from meshnode.upnp import PortMapper
 
 ROLE_FLAGS = ("operator", "super", "tunnel", "user")
 
@@ -63,6 +65,10 @@ class Options(usage.Options):
         ["relay-port", None, None, "(super) TCP port of the tunnel relay (default 7402)"],
         ["location", None, None, "(tunnel) this LAN's location id, instead of the one found "
                                  "from the default route (`meshnode location`)"],
+        ["stun-server", None, None, "a STUN server HOST:PORT (RFC 5389/5780) to learn the NAT's "
+                                    "behaviour from"],
+        ["upnp", None, None, "UPnP port mapping: auto (default; never on a loopback "
+                             "listen-address), off, or the gateway's description URL"],
     ]
 
     def postOptions(self):
@@ -80,7 +86,7 @@ class Options(usage.Options):
         for key in ("partition", "state-dir", "rpc-port", "listen-address", "database",
                     "operator-url", "operator-fingerprint", "operator-ca", "operator-rpc",
                     "enroll-token", "name", "enroll-listen", "replicas", "tunnel-port",
-                    "relay-port", "location"):
+                    "relay-port", "location", "stun-server", "upnp"):
             if self[key] is not None:
                 settings[key] = config.parse_setting(key, self[key])
         for role in ROLE_FLAGS:
@@ -150,7 +156,14 @@ def build_node(settings, reactor):
                      burst=settings["rate-burst"])
     directory = DirectoryService(identity, store, rpc, _operator_rpc_address(settings),
                                  clock=reactor)
-    announcer = AnnouncerService(identity, rpc, directory, reactor, settings["listen-address"])
+    ports = {}  # protocol → the listening service whose port UPnP maps
+    mapper = None
+    if _maps_ports(settings):
+        mapper = PortMapper(reactor, None, lambda: [(kind, ports[kind].port) for kind in ports
+                                                   if ports[kind].port],
+                            settings["upnp"])
+    announcer = AnnouncerService(identity, rpc, directory, reactor, settings["listen-address"],
+                                 settings.get("stun-server"), mapper)
     control = ControlService(state_dir, identity, rpc, directory, reactor)
     control.status_sections.append(("directory", directory.status))
     control.status_sections.append(("reachability", announcer.status))
@@ -168,13 +181,30 @@ def build_node(settings, reactor):
     if settings["tunnel"]:
         limits = Limits(settings["tunnels-per-node"], settings["tunnels-per-domain"],
                         settings["tunnels-total"], settings["idle-timeout"])
-        TunnelService(identity, rpc, directory, announcer, reactor, control,
-                      settings["listen-address"], settings["tunnel-port"],
-                      settings.get("location"), limits,
-                      settings["direct"]).setServiceParent(node)
+        tunnel = TunnelService(identity, rpc, directory, announcer, reactor, control,
+                               settings["listen-address"], settings["tunnel-port"],
+                               settings.get("location"), limits, settings["direct"], mapper)
+        tunnel.setServiceParent(node)
+        if settings["direct"]:
+            ports["TCP"] = tunnel
     UserService(identity, rpc, directory, announcer, reactor, control,
                 settings["listeners"]).setServiceParent(node)
+    if mapper is not None:
+        ports["UDP"] = rpc
+        control.status_sections.append(("upnp", mapper.status))
+        mapper.setServiceParent(node)  # last: it maps ports the others listen on
     return node
+
+
+def _maps_ports(settings):
+    """UPnP is on unless turned off or the node listens on loopback only (no gateway could
+    forward to it, and tests and the demo must not send SSDP to the host's LAN)."""
+    if settings["upnp"] == "off":
+        return False
+    try:
+        return not ipaddress.ip_address(settings["listen-address"] or "0.0.0.0").is_loopback
+    except ValueError:
+        return True
 
 
 def makeService(options):

@@ -56,15 +56,16 @@ def run_command(args, timeout=30):
 class Node:
     """One running node: its state directory, RPC port and process."""
 
-    def __init__(self, state_dir, port, transport, exit_watch):
+    def __init__(self, state_dir, port, transport, exit_watch, host="127.0.0.1"):
         self.state_dir = state_dir
         self.port = port
         self.transport = transport
         self.exit_watch = exit_watch
+        self.host = host
 
     @property
     def address(self):
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def running(self):
@@ -129,19 +130,25 @@ class Network:
         identity.write_private(os.path.join(state_dir, identity.ENROLLMENT_FILE), bundle)
         return state_dir
 
-    def start(self, state_dir, *flags, timeout=20, port=None):
-        """Start `twistd -n meshnode` on a free loopback port (or `port`); fires when its
-        control socket answers, or fails after `timeout` seconds with the node's log."""
+    def start(self, state_dir, *flags, timeout=20, port=None, host="127.0.0.1", lab=None,
+              role=None):
+        """Start `twistd -n meshnode` on a free port (or `port`) of `host` — in the NAT lab
+        `lab`'s namespace `role` when given; fires when its control socket answers, or fails
+        after `timeout` seconds with the node's log."""
         port = port or free_udp_port()
         os.makedirs(state_dir, mode=0o700, exist_ok=True)  # for the log file
         flags = _free_role_ports(flags)
         args = [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=",
                 "--logfile", os.path.join(state_dir, "twistd.log"), "meshnode",
-                "--state-dir", state_dir, "--listen-address", "127.0.0.1",
+                "--state-dir", state_dir, "--listen-address", host,
                 "--rpc-port", str(port), *flags]
         exit_watch = _Exit()
-        transport = reactor.spawnProcess(exit_watch, args[0], args, env=environment(), path=ROOT)
-        node = Node(state_dir, port, transport, exit_watch)
+        if lab is None:
+            transport = reactor.spawnProcess(exit_watch, args[0], args, env=environment(),
+                                             path=ROOT)
+        else:
+            transport = lab.spawn(role, args, exit_watch, env=environment(), path=ROOT)
+        node = Node(state_dir, port, transport, exit_watch, host)
         self._testcase.addCleanup(node.stop)
         return _started([node], timeout).addCallback(lambda nodes: nodes[0])
 

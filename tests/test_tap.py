@@ -188,16 +188,30 @@ class ServiceTreeTests(SynchronousTestCase):
         return [child.name for child in node]
 
     def test_core_children_and_user_role(self):
-        """The tree has the core services and a user role, nothing else by default."""
+        """The tree has the core services, a user role and UPnP port mapping by default."""
         self.assertEqual(self.names(self.build()),
                          ["identity", "store", "rpc", "directory", "announcer", "control",
-                          "user"])
+                          "user", "upnp"])
+
+    def test_no_upnp_when_off_or_on_loopback(self):
+        """`--upnp off`, or a loopback listen-address, leave port mapping out."""
+        for args in (("--upnp", "off"), ("--listen-address", "127.0.0.1")):
+            self.assertNotIn("upnp", self.names(self.build(*args)))
+
+    def test_upnp_gateway_url_and_bad_value(self):
+        """`--upnp URL` names the gateway; anything else is one error naming the key."""
+        node = self.build("--upnp", "http://10.1.0.1:5000/rootDesc.xml")
+        self.assertEqual(node.getServiceNamed("upnp").gateway,
+                         "http://10.1.0.1:5000/rootDesc.xml")
+        with self.assertRaises(SystemExit) as raised:
+            parse("--upnp", "sometimes")
+        self.assertIn("upnp:", str(raised.exception))
 
     def test_one_child_per_enabled_role(self):
         """Each role flag adds its named child."""
         node = self.build("--operator", "--super", "--partition", "0-7fff", "--tunnel",
                           "--operator-url", "https://op.example", "--operator-fingerprint",
-                          "ab" * 32)
+                          "ab" * 32, "--upnp", "off")
         self.assertEqual(self.names(node)[-4:], ["operator", "super", "tunnel", "user"])
         self.assertEqual(node.getServiceNamed("super").offer, (0, 0x7FFF))
 

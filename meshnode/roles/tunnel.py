@@ -107,8 +107,8 @@ class TunnelService(service.MultiService):
 
     def __init__(self, identity_service, rpc, directory, announcer, clock, control,
                  listen_address="", tunnel_port=7401, location_override=None, limits=None,
-                 direct=True, neighbours=location.read_neighbours,
-                 locations=location.read_locations):
+                 direct=True, port_mapper=None, neighbours=location.read_neighbours,
+                 locations=location.read_locations, on_link=location.read_on_link):
         super().__init__()
         self._identity_service = identity_service
         self._rpc = rpc
@@ -120,6 +120,8 @@ class TunnelService(service.MultiService):
         self._location_override = location_override
         self._read_neighbours = neighbours
         self._read_locations = locations
+        self._port_mapper = port_mapper
+        self._on_link = on_link
         self.limits = limits or Limits()
         self.counts = TunnelCounts(self.limits)
         self.refusals = collections.Counter()
@@ -294,17 +296,27 @@ class TunnelService(service.MultiService):
         except Refused as e:
             self._refuse(requester, e.reason)
             return TunnelOpened(TunnelResult.REFUSED, e.reason)
-        host = self._listen_address
-        if host in ("", "0.0.0.0", "::"):
-            host = outbound_address(incoming.source)  # the address the requester reached
-        if host is None:
+        endpoint = self._tunnel_endpoint(incoming.source[0])
+        if endpoint is None:
             self._refuse(requester, "no_address")
             return TunnelOpened(TunnelResult.REFUSED, "no_address")
         token = os.urandom(tunnel_tls.TOKEN_SIZE)
         self._expire_grants()
         self._grants[token] = _Grant(requester, address, port,
                                      self._clock.seconds() + TOKEN_SECONDS)
-        return TunnelOpened(TunnelResult.OPENED, "", Endpoint(host, self.port), token)
+        return TunnelOpened(TunnelResult.OPENED, "", endpoint, token)
+
+    def _tunnel_endpoint(self, requester_host):
+        """Where a requester at `requester_host` reaches the tunnel port: the gateway's UPnP
+        mapping when it is beyond our router, else our own address."""
+        if self._port_mapper is not None and not self._on_link(requester_host):
+            mapped = self._port_mapper.mapped("TCP", self.port)
+            if mapped is not None:
+                return Endpoint(*mapped)
+        host = self._listen_address
+        if host in ("", "0.0.0.0", "::"):
+            host = outbound_address((requester_host, 1))  # the address the requester reached
+        return Endpoint(host, self.port) if host is not None else None
 
     def _expire_grants(self):
         now = self._clock.seconds()

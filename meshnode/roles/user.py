@@ -40,14 +40,21 @@ class TunnelFailed(Exception):
     """No path to the device worked; the message says why."""
 
 
+def _same_lan(mine, theirs):
+    """Both behind one NAT: the replicas saw us both at one public address."""
+    return bool({e.host for e in mine.observed} & {e.host for e in theirs.observed})
+
+
 def paths(mine, theirs):
     """The paths worth trying to a tunnel-node, in order, from what our and its NodeInfo say
-    (DESIGN.md §6.3): direct when it is public or shares our public address (one LAN);
-    punched unless a symmetric NAT makes the far side's port unknowable (a full-cone
-    tunnel-node lets any port in); relayed always last."""
+    (DESIGN.md §6.3): direct when it is public, announces an address at its public IP (a UPnP
+    mapping) or shares our public address (one LAN); punched unless a symmetric NAT makes
+    the far side's port unknowable (a full-cone tunnel-node lets any port in); relayed always
+    last."""
     nat = theirs.nat
-    if nat == NatBehaviour.PUBLIC or (
-            {e.host for e in mine.observed} & {e.host for e in theirs.observed}):
+    public = {e.host for e in theirs.observed}
+    if (nat == NatBehaviour.PUBLIC or any(e.host in public for e in theirs.addresses)
+            or _same_lan(mine, theirs)):
         return ("direct", "relayed")
     if nat == NatBehaviour.SYMMETRIC or not mine.observed or not theirs.observed:
         return ("relayed",)
@@ -120,7 +127,8 @@ class UserService(service.Service):
         except Exception as e:  # a bad description, a taken port: both the user's to fix
             raise ValueError(f"cannot listen on {listener.listen}: {e}") from None
         host = listener.listening.getHost()
-        listener.address = f"{host.host}:{host.port}"
+        listener.address = (f"{host.host}:{host.port}" if hasattr(host, "port")
+                            else f"unix:{host.name}")
         self.listeners[listener.name] = listener
         _log.info("tunnel listener {name} for {device} on {address}", name=listener.name,
                   device=listener.device, address=listener.address)
@@ -157,7 +165,7 @@ class UserService(service.Service):
                         path != "relayed" and self._relay_only.get(node.node_id, 0) > now):
                     continue  # its direct paths failed a moment ago: straight to the relay
                 try:
-                    return (yield self._try[path](self, node, info, device, port)), path
+                    return (yield self._try[path](self, mine, node, info, device, port)), path
                 except (RPCError, TunnelFailed) as e:
                     errors.append(f"{path} to {node.name}: {e}")
                     if path != "relayed":
@@ -165,8 +173,11 @@ class UserService(service.Service):
         raise TunnelFailed("; ".join(errors))
 
     @defer.inlineCallbacks
-    def _direct(self, node, info, device, port):
-        endpoint = (info.addresses or info.observed or (None,))[0]
+    def _direct(self, mine, node, info, device, port):
+        # On its LAN its own address, elsewhere the one at its public IP (UPnP, or public).
+        public = {e.host for e in info.observed}
+        wanted = [e for e in info.addresses if (e.host in public) != _same_lan(mine, info)]
+        endpoint = (wanted or list(info.addresses) or list(info.observed) or [None])[0]
         if endpoint is None:
             raise TunnelFailed("it announced no address")
         peer = self._rpc.peers.get(node.node_id)
@@ -177,7 +188,7 @@ class UserService(service.Service):
         return (yield self._dial(opened.endpoint, opened.token, node))
 
     @defer.inlineCallbacks
-    def _punched(self, node, info, device, port):
+    def _punched(self, mine, node, info, device, port):
         """A super-node introduces us; both sides connect to each other's public endpoint
         from their punch ports at once (TCP simultaneous open)."""
         held = punch.reserve_port()
@@ -196,7 +207,7 @@ class UserService(service.Service):
         return (yield ready)
 
     @defer.inlineCallbacks
-    def _relayed(self, node, info, device, port):
+    def _relayed(self, mine, node, info, device, port):
         opened = yield self._through_super_node(
             ForwardedTunnelRequest(node.node_id, device.device_id, port))
         return (yield self._dial(opened.endpoint, opened.token, node))

@@ -12,7 +12,7 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from meshnode import records
+from meshnode import records, stun
 from meshnode.errors import StartupError
 from meshnode.records import Role
 from meshnode.rpc import frame
@@ -237,6 +237,8 @@ class RPCService(service.Service):
         else:
             raise StartupError(f"cannot listen on TCP {where}: {error.socketError}")
         self._send = udp.send
+        # STUN shares the socket, so what it learns is the RPC port's own NAT mapping.
+        self.stun = stun.StunClient(udp.send, self._clock, drops=self.drops)
 
     def stopService(self):
         # Not running first: a call started from one of the errbacks below must fail too.
@@ -245,6 +247,7 @@ class RPCService(service.Service):
             self._identity_service.observers.remove(self.use_enrollment)
         pending, self._pending = self._pending, {}
         self._deadlines.stop()
+        self.stun.stop()
         for call in pending.values():
             call.deferred.errback(Stopped("the RPC service stopped"))
         return defer.gatherResults([defer.maybeDeferred(self._udp_port.stopListening),
@@ -265,6 +268,8 @@ class RPCService(service.Service):
         The checks run in DESIGN.md §4's order; this is the hot path, written for speed.
         """
         drops = self.drops
+        if data[:1] < b"\x40" and send == self._send and self.stun.receive(data, source):
+            return  # a STUN answer (RPC frames start with 'M')
         try:
             fields = frame.parse(data)
         except FrameError as e:
