@@ -19,6 +19,7 @@ from meshnode import records, stun
 from meshnode.dht import PutResult
 from meshnode.records import NatBehaviour
 from meshnode.rpc.messages import PutRecord, Stored, WhoAmI, YouAre
+from meshnode.rpc.service import RPCError
 from meshnode.wire import Endpoint
 
 _log = Logger()
@@ -27,6 +28,7 @@ ANNOUNCE_SECONDS = 300.0
 # RFC 5780 discovery opens the NAT towards the server's other address for a while; run
 # closer together, a second discovery would take that for endpoint-independent filtering.
 STUN_SECONDS = 240.0
+UNKNOWN_RETRY_SECONDS = 15.0  # fewer than two WhoAmI answers: look again this soon
 
 
 def outbound_address(towards):
@@ -85,6 +87,7 @@ class AnnouncerService(service.MultiService):
         if port_mapper is not None:
             port_mapper.observers.append(self.reannounce)
         self.last_result = None
+        self._retry = None
         self.seen = []
         self.locations = tuple  # the tunnel role sets its location ids here
         timer = internet.TimerService(ANNOUNCE_SECONDS, self._guarded)
@@ -96,6 +99,8 @@ class AnnouncerService(service.MultiService):
         super().startService()
 
     def stopService(self):
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
         if self._enrollment_changed in self._identity_service.observers:
             self._identity_service.observers.remove(self._enrollment_changed)
         return super().stopService()
@@ -143,8 +148,15 @@ class AnnouncerService(service.MultiService):
 
     @defer.inlineCallbacks
     def _observe(self, replicas):
-        """The endpoints two replicas (on different hosts when there are such) see our
-        datagrams come from, as many as answer."""
+        """The endpoints two replicas (on different hosts when there are such; the operator
+        when there is one replica) see our datagrams come from, as many as answer."""
+        if len({replica.node_id for replica in replicas}) < 2:
+            try:
+                operator = yield self._directory.operator_replica()
+            except RPCError:
+                operator = None
+            if operator is not None and operator.node_id not in {r.node_id for r in replicas}:
+                replicas = list(replicas) + [operator]
         ordered = sorted(replicas, key=lambda r: r.address[0])
         chosen = list({replica.address[0]: replica for replica in ordered}.values())[:2]
         chosen += [r for r in ordered if r not in chosen][:2 - len(chosen)]
@@ -193,6 +205,8 @@ class AnnouncerService(service.MultiService):
         replicas = yield self._directory.replicas()
         observed = yield self._observe(replicas)
         yield self._discover()
+        if len(observed) < 2 and (self._retry is None or not self._retry.active()):
+            self._retry = self._clock.callLater(UNKNOWN_RETRY_SECONDS, self._guarded)
         signed = self._identity_service.identity.sign(self.node_info(observed))
         results = yield defer.DeferredList(
             [self._directory.call(replica, PutRecord(signed), Stored) for replica in replicas],

@@ -102,7 +102,8 @@ class Leg(protocol.Protocol, policies.TimeoutMixin):
     def connectionLost(self, reason):
         self._closed = True
         self.setTimeout(None)
-        if self.other is not None:
+        if self.other is not None and not self.other._closed:
+            # (A TLS transport already gone has no producer to unregister: it would raise.)
             self.other.transport.unregisterProducer()
             self.other.transport.loseConnection()
         self.left()

@@ -407,14 +407,14 @@ class TunnelService(service.MultiService):
             return None
         token = os.urandom(tunnel_tls.TOKEN_SIZE)
         self._expire_grants()
-        grant = self._grants[token] = _Grant(requester, address, port,
-                                             self._clock.seconds() + TOKEN_SECONDS, "punched")
         peer = message.endpoint
-        grant.puncher = punch.Puncher(self._clock, self.port, (peer.host, peer.port),
-                                      lambda: _PunchGate(self), interface=self._listen_address)
+        puncher = punch.Puncher(self._clock, self.port, (peer.host, peer.port),
+                                lambda: _PunchGate(self), interface=self._listen_address)
+        self._grants[token] = _Grant(requester, address, port,
+                                     self._clock.seconds() + TOKEN_SECONDS, "punched", puncher)
         # Its failure is no error: the requester's connection may reach the tunnel port
         # instead (an endpoint-independent filter), or the requester falls back to a relay.
-        grant.puncher.start().addErrback(lambda failure: None)
+        puncher.start().addErrback(lambda failure: None)
         answer(TunnelResult.OPENED, "", Endpoint(host, self.port), token)
         return None
 

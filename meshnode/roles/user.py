@@ -13,6 +13,7 @@ The path that won is counted and shown in `meshnode status`.
 
 import collections
 import json
+import os
 
 import attrs
 from twisted.application import service
@@ -128,7 +129,7 @@ class UserService(service.Service):
             raise ValueError(f"cannot listen on {listener.listen}: {e}") from None
         host = listener.listening.getHost()
         listener.address = (f"{host.host}:{host.port}" if hasattr(host, "port")
-                            else f"unix:{host.name}")
+                            else "unix:" + os.fsdecode(host.name))
         self.listeners[listener.name] = listener
         _log.info("tunnel listener {name} for {device} on {address}", name=listener.name,
                   device=listener.device, address=listener.address)
@@ -168,6 +169,8 @@ class UserService(service.Service):
                     return (yield self._try[path](self, mine, node, info, device, port)), path
                 except (RPCError, TunnelFailed) as e:
                     errors.append(f"{path} to {node.name}: {e}")
+                    _log.info("{path} tunnel to {node} failed: {reason}", path=path,
+                              node=node.name, reason=e)
                     if path != "relayed":
                         self._relay_only[node.node_id] = now + RELAY_ONLY_SECONDS
         raise TunnelFailed("; ".join(errors))

@@ -1,0 +1,235 @@
+"""Tunnels across real NATs (tests/natlab.py): operator and super-node on the public host, a
+tunnel-node behind router 1 with the device beside it, a user-node behind router 2; bytes go
+through the tunnel end to end and the path that won is the one the NAT types allow."""
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import shutil
+
+from twisted.internet import defer, protocol, reactor
+from twisted.trial.unittest import TestCase
+
+from tests.natlab import Lab
+from tests.nodes import ROOT, Network, environment, meshnode_command, run_command
+from tests.test_super_integration import wait_for
+
+LOCATION = "6b" * 32
+DEVICE_PORT = 9100
+OPERATOR_PORT = 7400
+SUPER_PORT = 7410
+EXCHANGE_BYTES = 4 * 1024 * 1024
+NAT_NAMES = {"eim": "endpoint_independent", "sym": "symmetric", "fullcone": "full_cone",
+             "public": "public"}
+
+
+class _Quiet(protocol.ProcessProtocol):
+    """A lab process whose output is kept for a failure message."""
+
+    def __init__(self):
+        self.output = b""
+
+    def childDataReceived(self, fd, data):
+        self.output = (self.output + data)[-4000:]
+
+
+class _Echoed(protocol.Protocol):
+    """Sends `data` through the tunnel to the device (an echo server) and hashes the echo."""
+
+    def __init__(self, data):
+        self.data = data
+        self.hash = hashlib.sha256()
+        self.received = 0
+        self.done = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.data)
+
+    def dataReceived(self, data):
+        self.hash.update(data)
+        self.received += len(data)
+        if self.received >= len(self.data) and not self.done.called:
+            self.done.callback(self.hash.hexdigest())
+
+    def connectionLost(self, reason):
+        if not self.done.called:
+            self.done.errback(AssertionError(f"closed after {self.received} bytes: "
+                                             f"{reason.getErrorMessage()}"))
+
+
+class LabNetwork:
+    """The four roles in a lab whose routers have the NAT types given."""
+
+    @defer.inlineCallbacks
+    def build(self, testcase, tunnel_side, user_side, upnp=False):
+        self.lab = lab = Lab(testcase, tunnel_side, user_side, upnp=1 if upnp else None,
+                             stun=True)
+        self.network = network = Network(testcase)
+        code, output = yield run_command(meshnode_command(
+            "--state-dir", network.operator_dir, "operator", "domain", "create", "acme",
+            "--json"))
+        testcase.assertEqual(code, 0, output)
+        domain = json.loads(output)["domain"]
+        code, output = yield run_command(meshnode_command(
+            "--state-dir", network.operator_dir, "operator", "device", "add", "--domain",
+            "acme", "--name", "printer", "--mac", "02:00:00:00:00:09", "--address",
+            lab.address("d1"), "--location", LOCATION, "--port", str(DEVICE_PORT)))
+        testcase.assertEqual(code, 0, output)
+        self.device = _Quiet()
+        lab.spawn("d1", [sys.executable, "-m", "tests.lab_device", lab.address("d1"),
+                         str(DEVICE_PORT)], self.device, env=environment(), path=ROOT)
+        stun = ("--stun-server", "%s:%d" % lab.stun_server)
+        public = dict(host=Lab.PUBLIC, lab=lab, role="pub")
+        self.operator = yield network.start(
+            network.operator_dir, "--operator", "--replicas", "1", "--upnp", "off",
+            "--enroll-listen", f"ssl:0:interface={Lab.PUBLIC}", port=OPERATOR_PORT, **public)
+        at_operator = ("--operator-rpc", self.operator.address)
+        self.super = yield network.start(network.enroll("super1", domain), "--super",
+                                         "--upnp", "off", *at_operator, port=SUPER_PORT,
+                                         **public)
+        yield wait_for(self._placed, 30, "super-node placed")
+        gateway = lab.upnp_url if upnp else "off"
+        self.tunnel = yield network.start(
+            network.enroll("tunnel1", domain), "--tunnel", "--location", LOCATION, "--upnp",
+            gateway, *stun, *at_operator, host=lab.address("h1"), lab=lab, role="h1")
+        self.user = yield network.start(
+            network.enroll("user1", domain), "--upnp", "off", *stun, *at_operator,
+            host=lab.address("h2"), lab=lab, role="h2")
+        self.expected = {"tunnel": NAT_NAMES[tunnel_side], "user": NAT_NAMES[user_side]}
+        self.upnp = upnp
+        self.classified = None
+        try:
+            yield wait_for(self._classified, 60, "both nodes classified their NAT")
+            yield wait_for(self._announced, 30, "the tunnel-node announced with its devices")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; reachability: {self.classified}") from None
+
+    @defer.inlineCallbacks
+    def _placed(self):
+        return (yield self.super.status())["super"]["ranges"] == ["0000-ffff"]
+
+    @defer.inlineCallbacks
+    def _classified(self):
+        tunnel = yield self.tunnel.status()
+        user = (yield self.user.status())["reachability"]
+        self.classified = {"tunnel": tunnel["reachability"], "user": user,
+                           "upnp": tunnel.get("upnp")}
+        if self.upnp:  # mapped: reachable at the gateway's public address, announced first
+            mapped = tunnel["upnp"]["mappings"]
+            tunnel_ok = (len(mapped) == 2 and tunnel["reachability"]["addresses"][0]
+                         .startswith(self.lab.wan(1) + ":"))
+        else:
+            tunnel_ok = tunnel["reachability"]["nat"] == self.expected["tunnel"]
+        return tunnel_ok and user["nat"] == self.expected["user"]
+
+    @defer.inlineCallbacks
+    def _announced(self):
+        code, output = yield run_command(meshnode_command(
+            "--state-dir", self.user.state_dir, "lookup", "tunnel1", "--json"))
+        if code != 0:
+            return False
+        info = json.loads(output)
+        announced = (yield self.tunnel.status())["reachability"]
+        devices = (yield self.tunnel.status())["tunnel"]["devices"]
+        return (devices == 1 and info["nat"] == announced["nat"]
+                and info["addresses"] == announced["addresses"])
+
+    @defer.inlineCallbacks
+    def listener(self):
+        """`meshnode tunnel printer --listen unix:…` on the user-node → the socket's path."""
+        directory = tempfile.mkdtemp(prefix="mn-sock-", dir="/tmp")
+        self.lab._testcase.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        path = os.path.join(directory, "printer.sock")
+        code, output = yield run_command(meshnode_command(
+            "--state-dir", self.user.state_dir, "tunnel", "printer", "--listen",
+            f"unix:{path}", "--json"))
+        if code != 0:
+            raise AssertionError(output)
+        return path
+
+    @defer.inlineCallbacks
+    def exchange(self, path, size=EXCHANGE_BYTES):
+        """`size` bytes to the device and back through the tunnel → the path that won."""
+        data = os.urandom(size)
+        client = _Echoed(data)
+        yield protocol.ClientCreator(reactor, lambda: client).connectUNIX(path)
+        try:
+            echoed = yield client.done
+        except AssertionError as e:
+            user = (yield self.user.status())["user"]
+            tunnel = (yield self.tunnel.status())["tunnel"]
+            raise AssertionError(f"{e}; user: {user}; tunnel: {tunnel}") from None
+        finally:
+            client.transport.loseConnection()
+        if echoed != hashlib.sha256(data).hexdigest():
+            raise AssertionError("the device's echo differs from what was sent")
+        listeners = (yield self.user.status())["user"]["listeners"]
+        return [one for one in listeners if one["address"] == f"unix:{path}"][0]["last_path"]
+
+
+    def logs(self):
+        """The end of the user- and tunnel-node's logs, for a failure's message."""
+        return "\n".join(f"--- {name}:\n{node.log()[-3000:]}"
+                         for name, node in (("user", self.user), ("tunnel", self.tunnel)))
+
+
+class NatMatrixTests(TestCase):
+    """DESIGN.md §7's matrix: each pair of NAT types gets the path it allows."""
+
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def check(self, tunnel_side, user_side, expected_path, upnp=False):
+        net = LabNetwork()
+        yield net.build(self, tunnel_side, user_side, upnp)
+        path = yield net.listener()
+        for attempt in range(2):
+            won = yield net.exchange(path)
+            self.assertEqual(won, expected_path, net.logs() if won != expected_path else "")
+        tunnel = (yield net.tunnel.status())["tunnel"]
+        self.assertEqual(tunnel["opened"].get(expected_path), 2)
+        return net
+
+    def test_eim_to_eim_punched(self):
+        """Both behind endpoint-independent NATs: a super-node introduces them, the tunnel
+        is punched (TCP simultaneous open)."""
+        return self.check("eim", "eim", "punched")
+
+    def test_full_cone_to_symmetric_punched(self):
+        """A full-cone tunnel-node (known from STUN) lets the symmetric user-node's
+        connection in on any port: punched."""
+        return self.check("fullcone", "sym", "punched")
+
+    def test_eim_to_symmetric_relayed(self):
+        """The symmetric side's port cannot be known and the tunnel side filters by port:
+        relayed (no TCP birthday probing)."""
+        return self.check("eim", "sym", "relayed")
+
+    def test_symmetric_to_symmetric_relayed(self):
+        """Symmetric NATs on both sides: relayed."""
+        return self.check("sym", "sym", "relayed")
+
+    def test_public_tunnel_node_direct(self):
+        """A tunnel-node on a public address is reached directly."""
+        return self.check("public", "eim", "direct")
+
+    def test_upnp_gateway_direct(self):
+        """An endpoint-independent NAT whose gateway maps the tunnel-node's ports (UPnP)
+        against a symmetric user-node: direct through the mapping."""
+        return self.check("eim", "sym", "direct", upnp=True)
+
+    @defer.inlineCallbacks
+    def test_gateway_lost_mid_run_falls_back(self):
+        """The UPnP gateway stops mid-run, its mappings gone: the next tunnel still works
+        (relayed), and the tunnel-node notices and stops announcing the mapping."""
+        net = yield self.check("eim", "sym", "direct", upnp=True)
+        net.lab.stop_upnp()
+        path = yield net.listener()
+        self.assertEqual((yield net.exchange(path)), "relayed")
+
+        @defer.inlineCallbacks
+        def unmapped():
+            return not (yield net.tunnel.status())["upnp"]["mappings"]
+        yield wait_for(unmapped, 90, "the tunnel-node noticed its mappings are gone")
