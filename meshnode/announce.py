@@ -28,7 +28,7 @@ ANNOUNCE_SECONDS = 300.0
 # RFC 5780 discovery opens the NAT towards the server's other address for a while; run
 # closer together, a second discovery would take that for endpoint-independent filtering.
 STUN_SECONDS = 240.0
-UNKNOWN_RETRY_SECONDS = 15.0  # fewer than two WhoAmI answers: look again this soon
+RETRY_SECONDS = 15.0  # a replica asked for WhoAmI did not answer: look again this soon
 
 
 def outbound_address(towards):
@@ -88,6 +88,7 @@ class AnnouncerService(service.MultiService):
             port_mapper.observers.append(self.reannounce)
         self.last_result = None
         self._retry = None
+        self._unanswered = 0
         self.seen = []
         self.locations = tuple  # the tunnel role sets its location ids here
         timer = internet.TimerService(ANNOUNCE_SECONDS, self._guarded)
@@ -164,6 +165,7 @@ class AnnouncerService(service.MultiService):
             [self._directory.call(replica, WhoAmI(), YouAre) for replica in chosen],
             consumeErrors=True)
         self.seen = [answer.endpoint for ok, answer in answers if ok]
+        self._unanswered = len(chosen) - len(self.seen)
         return self.seen
 
     @defer.inlineCallbacks
@@ -205,8 +207,8 @@ class AnnouncerService(service.MultiService):
         replicas = yield self._directory.replicas()
         observed = yield self._observe(replicas)
         yield self._discover()
-        if len(observed) < 2 and (self._retry is None or not self._retry.active()):
-            self._retry = self._clock.callLater(UNKNOWN_RETRY_SECONDS, self._guarded)
+        if self._unanswered and (self._retry is None or not self._retry.active()):
+            self._retry = self._clock.callLater(RETRY_SECONDS, self._guarded)
         signed = self._identity_service.identity.sign(self.node_info(observed))
         results = yield defer.DeferredList(
             [self._directory.call(replica, PutRecord(signed), Stored) for replica in replicas],

@@ -210,6 +210,7 @@ SETTINGS = {
     ("node", "location"): parse_location,
     ("node", "stun-server"): parse_host_port,
     ("node", "upnp"): parse_upnp,
+    ("node", "fallback-port"): parse_port,
     ("tunnel", "tunnels-per-node"): parse_positive_int,
     ("tunnel", "tunnels-per-domain"): parse_positive_int,
     ("tunnel", "tunnels-total"): parse_positive_int,
@@ -245,6 +246,7 @@ DEFAULTS = {
     "listeners": (),
     "quota": 10_000,
     "upnp": "auto",
+    "fallback-port": 443,
 }
 
 

@@ -192,6 +192,10 @@ class DirectoryService(service.MultiService):
             self._operator = peer
         return self._operator
 
+    def retry_operator(self):
+        """The way to the operator changed (meshnode/fallback.py): try it again at once."""
+        self._operator_retry_at = 0
+
     @defer.inlineCallbacks
     def operator_replica(self):
         peer = yield self.operator()

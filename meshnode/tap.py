@@ -12,6 +12,7 @@ from meshnode.announce import AnnouncerService
 from meshnode.control import ControlService
 from meshnode.directory import DirectoryService
 from meshnode.enrollment import EnrollmentClient
+from meshnode.fallback import FallbackService
 from meshnode.identity import IdentityService
 from meshnode.node import MeshNode
 from meshnode.records import Role
@@ -69,6 +70,9 @@ class Options(usage.Options):
                                     "behaviour from"],
         ["upnp", None, None, "UPnP port mapping: auto (default; never on a loopback "
                              "listen-address), off, or the gateway's description URL"],
+        ["fallback-port", None, None, "TLS port for nodes whose firewall passes nothing else: "
+                                      "super-nodes and operators listen on it, others use it "
+                                      "(default 443; 0: none)"],
     ]
 
     def postOptions(self):
@@ -86,7 +90,7 @@ class Options(usage.Options):
         for key in ("partition", "state-dir", "rpc-port", "listen-address", "database",
                     "operator-url", "operator-fingerprint", "operator-ca", "operator-rpc",
                     "enroll-token", "name", "enroll-listen", "replicas", "tunnel-port",
-                    "relay-port", "location", "stun-server", "upnp"):
+                    "relay-port", "location", "stun-server", "upnp", "fallback-port"):
             if self[key] is not None:
                 settings[key] = config.parse_setting(key, self[key])
         for role in ROLE_FLAGS:
@@ -153,7 +157,7 @@ def build_node(settings, reactor):
     rpc = RPCService(identity, reactor, interface=settings["listen-address"],
                      port=settings["rpc-port"], roles=roles_of(settings),
                      call_timeout=settings["call-timeout"], rate=settings["rate-limit"],
-                     burst=settings["rate-burst"])
+                     burst=settings["rate-burst"], fallback_port=settings["fallback-port"])
     directory = DirectoryService(identity, store, rpc, _operator_rpc_address(settings),
                                  clock=reactor)
     ports = {}  # protocol → the listening service whose port UPnP maps
@@ -169,6 +173,12 @@ def build_node(settings, reactor):
     control.status_sections.append(("reachability", announcer.status))
     for child in (identity, store, rpc, directory, announcer, control):
         child.setServiceParent(node)
+    fallback = None
+    if not settings["operator"] and settings["fallback-port"]:
+        fallback = FallbackService(rpc, directory, reactor)
+        fallback.observers.append(announcer.reannounce)
+        control.status_sections.append(("transport", fallback.status))
+        fallback.setServiceParent(node)
     if settings["operator"]:
         OperatorService(state_dir, identity, store, rpc, control, reactor,
                         settings["enroll-listen"], settings["replicas"],
@@ -185,6 +195,8 @@ def build_node(settings, reactor):
                                settings["listen-address"], settings["tunnel-port"],
                                settings.get("location"), limits, settings["direct"], mapper)
         tunnel.setServiceParent(node)
+        if fallback is not None:
+            fallback.observers.append(tunnel.refresh_soon)
         if settings["direct"]:
             ports["TCP"] = tunnel
     UserService(identity, rpc, directory, announcer, reactor, control,

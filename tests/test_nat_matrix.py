@@ -21,8 +21,10 @@ DEVICE_PORT = 9100
 OPERATOR_PORT = 7400
 SUPER_PORT = 7410
 EXCHANGE_BYTES = 4 * 1024 * 1024
+# What each router type is classified as: through the firewall only TCP streams reach the
+# replicas, each from its own port, so its mapping looks symmetric.
 NAT_NAMES = {"eim": "endpoint_independent", "sym": "symmetric", "fullcone": "full_cone",
-             "public": "public"}
+             "public": "public", "fw": "symmetric"}
 
 
 class _Quiet(protocol.ProcessProtocol):
@@ -82,9 +84,11 @@ class LabNetwork:
                          str(DEVICE_PORT)], self.device, env=environment(), path=ROOT)
         stun = ("--stun-server", "%s:%d" % lab.stun_server)
         public = dict(host=Lab.PUBLIC, lab=lab, role="pub")
+        # Its own address: the operator and the super-node both take the fallback port 443.
         self.operator = yield network.start(
             network.operator_dir, "--operator", "--replicas", "1", "--upnp", "off",
-            "--enroll-listen", f"ssl:0:interface={Lab.PUBLIC}", port=OPERATOR_PORT, **public)
+            "--enroll-listen", f"ssl:0:interface={Lab.PUBLIC_ALT}", port=OPERATOR_PORT,
+            **dict(public, host=Lab.PUBLIC_ALT))
         at_operator = ("--operator-rpc", self.operator.address)
         self.super = yield network.start(network.enroll("super1", domain), "--super",
                                          "--upnp", "off", *at_operator, port=SUPER_PORT,
@@ -104,7 +108,7 @@ class LabNetwork:
             yield wait_for(self._classified, 60, "both nodes classified their NAT")
             yield wait_for(self._announced, 30, "the tunnel-node announced with its devices")
         except AssertionError as e:
-            raise AssertionError(f"{e}; reachability: {self.classified}") from None
+            raise AssertionError(f"{e}; reachability: {self.classified}\n{self.logs()}") from None
 
     @defer.inlineCallbacks
     def _placed(self):
@@ -219,6 +223,15 @@ class NatMatrixTests(TestCase):
         """An endpoint-independent NAT whose gateway maps the tunnel-node's ports (UPnP)
         against a symmetric user-node: direct through the mapping."""
         return self.check("eim", "sym", "direct", upnp=True)
+
+    @defer.inlineCallbacks
+    def test_firewall_tls_443_relayed(self):
+        """A tunnel-node whose firewall passes only TCP 443: its RPC moves to TLS on 443 and
+        its tunnels go through the relay on that port."""
+        net = yield self.check("fw", "eim", "relayed")
+        transport = (yield net.tunnel.status())["transport"]
+        self.assertEqual(transport["mode"], "tls")
+        self.assertEqual((yield net.user.status())["transport"]["mode"], "udp")
 
     @defer.inlineCallbacks
     def test_gateway_lost_mid_run_falls_back(self):

@@ -467,7 +467,7 @@ class DecodeRejectionTests(SynchronousTestCase):
 
     def test_unknown_enum_values_rejected(self):
         """Unknown NAT behaviours, role bits and certificate flags are rejected."""
-        self.assertRaises(DecodeError, decode_signed, _node_info_bytes(nat=4))
+        self.assertRaises(DecodeError, decode_signed, _node_info_bytes(nat=5))
         self.assertRaises(DecodeError, decode_signed, _node_info_bytes(roles=16))
         self.assertRaises(DecodeError, decode_signed, _end_device_bytes(certificate_flag=2))
 

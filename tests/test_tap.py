@@ -188,10 +188,11 @@ class ServiceTreeTests(SynchronousTestCase):
         return [child.name for child in node]
 
     def test_core_children_and_user_role(self):
-        """The tree has the core services, a user role and UPnP port mapping by default."""
+        """The tree has the core services, the firewall fallback, a user role and UPnP port
+        mapping by default."""
         self.assertEqual(self.names(self.build()),
                          ["identity", "store", "rpc", "directory", "announcer", "control",
-                          "user", "upnp"])
+                          "fallback", "user", "upnp"])
 
     def test_no_upnp_when_off_or_on_loopback(self):
         """`--upnp off`, or a loopback listen-address, leave port mapping out."""

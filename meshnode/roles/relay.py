@@ -26,6 +26,7 @@ from meshnode import records, tunnel_tls
 from meshnode.errors import StartupError
 from meshnode.rpc.messages import (Command, Forwarding, ForwardedTunnelOpened,
                                    Introduction, RelayedTunnelRequest, TunnelResult)
+from meshnode.rpc import carrier
 from meshnode.rpc.service import any_domain
 from meshnode.splice import Leg
 from meshnode.wire import Endpoint
@@ -82,11 +83,13 @@ class RelayService(service.Service):
         self._rpc.register(Command.FORWARDED_TUNNEL_REQUEST, self._request, any_domain)
         self._rpc.register(Command.FORWARDED_TUNNEL_OPENED, self._opened, any_domain)
         self._rpc.register(Command.INTRODUCE, self._introduce, any_domain)
+        self._rpc.relay_gate = lambda: _RelayGate(self)  # legs through the fallback port
         _log.info("relay port {port}", port=self.port)
         service.Service.startService(self)
 
     def stopService(self):
         service.Service.stopService(self)
+        self._rpc.relay_gate = lambda: None
         for command in (Command.FORWARDED_TUNNEL_REQUEST, Command.FORWARDED_TUNNEL_OPENED,
                         Command.INTRODUCE):
             self._rpc.unregister(command)
@@ -146,6 +149,8 @@ class RelayService(service.Service):
         if host in ("", "0.0.0.0", "::"):
             return self._refuse(incoming, "relay_address_unknown")
         token = os.urandom(tunnel_tls.TOKEN_SIZE)
+        while not carrier.relay_token_allowed(token):
+            token = os.urandom(tunnel_tls.TOKEN_SIZE)
         self._tokens[token] = _Token(requester.domain, self._clock.seconds() + TOKEN_SECONDS)
         forwarding = Forwarding(incoming.peer.signed, Endpoint(*incoming.source[:2]),
                                 incoming.message_id, Endpoint(host, self.port), token)

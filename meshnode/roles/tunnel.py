@@ -191,7 +191,11 @@ class TunnelService(service.MultiService):
         return tuple(sorted({found.location_id for found in self._read_locations()}))[:8]
 
     def _enrollment_changed(self, enrollment):
-        self._guarded(self.refresh_devices)  # just enrolled: learn the devices at once
+        self.refresh_soon()  # just enrolled: learn the devices at once
+
+    def refresh_soon(self):
+        """Learn the devices now (enrolled, or the RPC found a way out again)."""
+        self._guarded(self.refresh_devices)
 
     @defer.inlineCallbacks
     def refresh_devices(self):
@@ -373,6 +377,8 @@ class TunnelService(service.MultiService):
         grant = _Grant(requester, address, port, self._clock.seconds() + TOKEN_SECONDS,
                        "relayed")
         relay = forwarding.relay
+        if self._rpc.mode == "tls":  # only TLS on the fallback port passes: the relay is there too
+            relay = Endpoint(relay.host, self._rpc.fallback_port)
         dialing = protocol.ClientCreator(self._clock, _RelayLeg, self, grant, forwarding.token)
         d = dialing.connectTCP(relay.host, relay.port, timeout=DIAL_TIMEOUT_SECONDS)
 

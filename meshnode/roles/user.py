@@ -213,7 +213,10 @@ class UserService(service.Service):
     def _relayed(self, mine, node, info, device, port):
         opened = yield self._through_super_node(
             ForwardedTunnelRequest(node.node_id, device.device_id, port))
-        return (yield self._dial(opened.endpoint, opened.token, node))
+        relay = opened.endpoint
+        if self._rpc.mode == "tls":  # only TLS on the fallback port passes: the relay is there too
+            relay = Endpoint(relay.host, self._rpc.fallback_port)
+        return (yield self._dial(relay, opened.token, node))
 
     _try = {"direct": _direct, "punched": _punched, "relayed": _relayed}
 

@@ -58,10 +58,12 @@ class ReplayWindow:
 class Peer:
     """An authenticated peer: its verified Node record and the keys derived for it."""
 
-    __slots__ = ("signed", "node", "seal_key", "open_key", "window", "address")
+    __slots__ = ("signed", "node", "seal_key", "open_key", "window", "address", "via")
 
     def __init__(self, signed, seal_key, open_key):
-        self.address = None  # where its last authenticated datagram came from (peer-reflexive)
+        # Where its last authenticated frame came from (peer-reflexive), and the send
+        # function of the transport it came by (UDP, or a stream it opened to us).
+        self.address = self.via = None
         self.signed = signed
         self.node = signed.record
         self.seal_key = seal_key
@@ -81,6 +83,9 @@ class PeerTable:
 
     def __len__(self):
         return len(self._peers)
+
+    def __iter__(self):
+        return iter(list(self._peers.values()))
 
     def learn(self, signed):
         """Add or refresh a peer from a verified Node record → (Peer, whether it changed)."""

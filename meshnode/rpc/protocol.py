@@ -36,16 +36,25 @@ class RPCDatagramProtocol(protocol.DatagramProtocol):
 
 
 class RPCStreamProtocol(Int16StringReceiver):
-    """One TCP (or TLS) connection carrying length-prefixed frames both ways."""
+    """One TCP (or TLS) connection carrying length-prefixed frames both ways. `address`: what
+    its frames count as coming from (a connection we made: the peer's RPC address; default:
+    the connection's far end); `lost`: called with it when the connection ends."""
 
     MAX_LENGTH = MAX_DATAGRAM
 
-    def __init__(self, receive):
+    def __init__(self, receive, address=None, lost=None):
         self._receive = receive
+        self._address = address
+        self._lost = lost
 
     def connectionMade(self):
-        peer = self.transport.getPeer()
-        self._address = (peer.host, peer.port)
+        if self._address is None:
+            peer = self.transport.getPeer()
+            self._address = (peer.host, peer.port)
+
+    def connectionLost(self, reason):
+        if self._lost is not None:
+            self._lost(self)
 
     def stringReceived(self, data):
         self._receive(data, self._address, self.send)

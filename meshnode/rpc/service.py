@@ -5,6 +5,7 @@ here, in the order of DESIGN.md §4, and every datagram that fails is counted by
 """
 
 import collections
+import datetime
 import ipaddress
 
 from twisted.application import service
@@ -12,10 +13,10 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from meshnode import records, stun
+from meshnode import records, stun, tunnel_tls
 from meshnode.errors import StartupError
 from meshnode.records import Role
-from meshnode.rpc import frame
+from meshnode.rpc import carrier, frame
 from meshnode.rpc.frame import PLAIN, RESPONSE, FrameError
 from meshnode.rpc.messages import (MESSAGES, NODE_ANSWER_SIZE, Command, GetNode, NodeRecord,
                                    Ping, Pong, YouAre)
@@ -160,7 +161,7 @@ class RPCService(service.Service):
     name = "rpc"
 
     def __init__(self, identity_service, reactor, interface="", port=0, roles=Role.USER,
-                 call_timeout=2.0, rate=2000, burst=4000):
+                 call_timeout=2.0, rate=2000, burst=4000, fallback_port=0):
         self._identity_service = identity_service
         self._reactor = reactor
         self._clock = reactor
@@ -177,6 +178,11 @@ class RPCService(service.Service):
         self.accepted = collections.Counter()
         self.learned = []
         self.peers = None
+        self.fallback_port = fallback_port
+        self.mode = "udp"  # or "tcp"/"tls" while UDP gets no answers (meshnode/fallback.py)
+        self.relay_gate = lambda: None  # the relay sets it: relay legs arriving on 443
+        self._fallback_listener = None
+        self._tls = None
         self.register(Command.PING, self._answer_ping, infrastructure_or_same_domain)
         self.register(Command.WHO_AM_I, self._answer_who_am_i, any_domain)
 
@@ -204,6 +210,10 @@ class RPCService(service.Service):
         self._identity_service.observers.append(self.use_enrollment)
         self._ids = frame.MessageIds(self._clock)
         self._listen()
+        self.carrier = carrier.StreamCarrier(self._reactor, self.receive, self.tls_context,
+                                             self.fallback_port, self.drops)
+        if self.fallback_port and self.roles & (Role.SUPER | Role.OPERATOR):
+            self._listen_fallback()
         service.Service.startService(self)
         if not self.enrolled:
             _log.warn("not enrolled: datagrams from peers cannot be authenticated and are dropped")
@@ -240,9 +250,33 @@ class RPCService(service.Service):
         # STUN shares the socket, so what it learns is the RPC port's own NAT mapping.
         self.stun = stun.StunClient(udp.send, self._clock, drops=self.drops)
 
+    def tls_context(self):
+        """The node's TLS context (a certificate of its key) for the fallback streams."""
+        if self._tls is None:
+            self._tls = tunnel_tls.TunnelContext(
+                self._identity_service.identity,
+                datetime.datetime.fromtimestamp(self._clock.seconds(), datetime.timezone.utc))
+        return self._tls
+
+    def _listen_fallback(self):
+        """The fallback port for nodes behind firewalls that pass only TLS on 443: a port we
+        may not bind (not root) only costs them that fallback."""
+        factory = carrier.FallbackFactory(self.receive, self.tls_context,
+                                          lambda: self.relay_gate())
+        try:
+            self._fallback_listener = self._reactor.listenTCP(
+                self.fallback_port, factory, interface=self._interface)
+        except CannotListenError as e:
+            _log.warn("no TLS fallback on port {port}: {reason}", port=self.fallback_port,
+                      reason=e.socketError)
+            return
+        _log.info("RPC over TLS and relay legs on fallback port {port}",
+                  port=self._fallback_listener.getHost().port)
+
     def stopService(self):
         # Not running first: a call started from one of the errbacks below must fail too.
         service.Service.stopService(self)
+        self.carrier.close()
         if self.use_enrollment in self._identity_service.observers:
             self._identity_service.observers.remove(self.use_enrollment)
         pending, self._pending = self._pending, {}
@@ -250,8 +284,9 @@ class RPCService(service.Service):
         self.stun.stop()
         for call in pending.values():
             call.deferred.errback(Stopped("the RPC service stopped"))
-        return defer.gatherResults([defer.maybeDeferred(self._udp_port.stopListening),
-                                    defer.maybeDeferred(self._tcp_port.stopListening)])
+        listeners = [self._udp_port, self._tcp_port, self._fallback_listener]
+        return defer.gatherResults([defer.maybeDeferred(listener.stopListening)
+                                    for listener in listeners if listener is not None])
 
     @property
     def enrolled(self):
@@ -304,14 +339,12 @@ class RPCService(service.Service):
             drops["decrypt"] += 1
             return
         window.commit(counter)
-        if send == self._send:  # a datagram: answers and introductions go where it came from
-            peer.address = source
         node = peer.node
         if node.domain != sender_domain or now >= node.expires or sender_id in self.trust.revoked:
             drops["sender_invalid"] += 1
             return
         if flags & RESPONSE:
-            self._receive_response(command, payload, peer)
+            self._receive_response(command, payload, peer, source, send)
             return
         entry = self._handlers.get(command)
         if entry is None:
@@ -329,6 +362,8 @@ class RPCService(service.Service):
         except DecodeError:
             drops["malformed_payload"] += 1
             return
+        # Requests to it (answers, introductions) go back the way it last came from.
+        peer.address, peer.via = source, send
         try:
             result = handler(Incoming(peer, source, message, message_id))
         except Exception:
@@ -352,7 +387,7 @@ class RPCService(service.Service):
         send(self._seal(peer, message.COMMAND, RESPONSE, request_id + message.encode())[1],
              source)
 
-    def _receive_response(self, command, payload, peer):
+    def _receive_response(self, command, payload, peer, source, send):
         request_id = payload[:frame.MESSAGE_ID_SIZE]
         call = self._pending.get(request_id)
         if call is None or call.peer_id != peer.node.node_id or call.answer.COMMAND != command:
@@ -365,6 +400,7 @@ class RPCService(service.Service):
             return
         del self._pending[request_id]
         self.accepted[command] += 1
+        peer.address, peer.via = source, send
         call.deferred.callback(message)
 
     # -- the plain bootstrap commands ---------------------------------------------------
@@ -479,30 +515,51 @@ class RPCService(service.Service):
         if call is not None:
             call.deferred.errback(CallTimeout(f"no answer from {call.source[0]}:{call.source[1]}"))
 
-    def call(self, peer, address, message, answer, timeout=None):
-        """Send `message` sealed to `peer` at `address`; a Deferred fires with the answer."""
+    def use_mode(self, mode):
+        """Carry our frames by `mode` from now on ("udp", or "tcp"/"tls" streams): the
+        streams of other modes close, and peers are reached the new way until they answer."""
+        self.mode = mode
+        self.carrier.close(keep=mode)
+        for peer in self.peers:
+            peer.address = peer.via = None
+
+    def _sender(self, peer, address, mode=None):
+        """How to reach `peer` at `address`: back the way its frames last came (UDP, or a
+        stream it opened to us), else by `mode` (default: the node's current one)."""
+        if mode is None:
+            if peer is not None and peer.via is not None and peer.address == address:
+                return peer.via
+            mode = self.mode
+        if mode == "udp":
+            return self._send
+        return lambda datagram, address: self.carrier.send(mode, datagram, address)
+
+    def call(self, peer, address, message, answer, timeout=None, mode=None):
+        """Send `message` sealed to `peer` at `address`; a Deferred fires with the answer.
+        `mode` ("udp", "tcp", "tls") forces a transport, for probes."""
         if not self.running:
             return defer.fail(Stopped("the RPC service is not running"))
         if not self.enrolled:
             return defer.fail(NotEnrolled("this node is not enrolled"))
         message_id, datagram = self._seal(peer, message.COMMAND, 0, message.encode())
         d = self._track(message_id, peer.node.node_id, answer, address, datagram, timeout)
-        self._send(datagram, address)
+        self._sender(peer, address, mode)(datagram, address)
         return d
 
     def send(self, peer, address, message):
         """Send a request that expects no answer (a forwarded request: its answer comes back
         to whoever asked first by another way)."""
         if self.running and self.enrolled:
-            self._send(self._seal(peer, message.COMMAND, 0, message.encode())[1], address)
+            datagram = self._seal(peer, message.COMMAND, 0, message.encode())[1]
+            self._sender(peer, address)(datagram, address)
 
     def respond(self, peer, address, request_id, message):
         """Answer request `request_id` of `peer` later, from outside its handler (a
         super-node passing a tunnel-node's answer on)."""
         if self.running and self.enrolled:
-            self._respond(message, request_id, peer, address, self._send)
+            self._respond(message, request_id, peer, address, self._sender(peer, address))
 
-    def fetch_node(self, address, timeout=None):
+    def fetch_node(self, address, timeout=None, mode=None):
         """First contact: ask whoever listens at `address` for its Node record → Peer."""
         if not self.running:
             return defer.fail(Stopped("the RPC service is not running"))
@@ -510,13 +567,13 @@ class RPCService(service.Service):
         # Padded to the largest possible answer, so the answer never amplifies.
         datagram = frame.plain(head, GetNode().encode(), pad_to=NODE_ANSWER_SIZE)
         d = self._track(head[84:96], None, NodeRecord, address, None, timeout)
-        self._send(datagram, address)
+        self._sender(None, address, mode)(datagram, address)
         return d
 
-    def ping(self, peer, address, data=b"", timeout=None):
+    def ping(self, peer, address, data=b"", timeout=None, mode=None):
         """Ping `peer`; fires with the round-trip time in seconds."""
         started = self._clock.seconds()
-        d = self.call(peer, address, Ping(data), Pong, timeout)
+        d = self.call(peer, address, Ping(data), Pong, timeout, mode)
         d.addCallback(lambda pong: self._clock.seconds() - started)
         return d
 

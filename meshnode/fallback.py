@@ -1,0 +1,82 @@
+"""The firewall fallback (seed 001 §5.5): when UDP to the operator gets no answers but TCP
+does, the RPC moves to TCP streams, and to TLS on the fallback port (443) when only that
+passes; UDP is tried again every CHECK_SECONDS and taken back as soon as it answers."""
+
+from twisted.application import internet, service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from meshnode.rpc.service import RPCError
+
+_log = Logger()
+
+CHECK_SECONDS = 30.0
+PROBE_TIMEOUT_SECONDS = 3.0
+MODES = ("udp", "tcp", "tls")
+
+
+class FallbackService(service.MultiService):
+    name = "fallback"
+
+    def __init__(self, rpc, directory, clock):
+        super().__init__()
+        self._rpc = rpc
+        self._directory = directory
+        self.observers = []  # called with the new mode when it changes
+        self.last_probe = {}
+        self._checking = False
+        timer = internet.TimerService(CHECK_SECONDS, self._guarded)
+        timer.clock = clock
+        timer.setServiceParent(self)
+
+    def _guarded(self):
+        if self._checking:
+            return None
+        self._checking = True
+        d = defer.maybeDeferred(self.check)
+        d.addErrback(lambda f: _log.failure("transport check failed", f))
+        d.addBoth(lambda _: setattr(self, "_checking", False))
+        return d
+
+    @defer.inlineCallbacks
+    def _answers(self, mode):
+        """Whether the operator answers a GetNode sent by `mode` (another node answering
+        there — another service on that host's port 443 — does not count)."""
+        address = self._directory.operator_address
+        try:
+            peer = yield self._rpc.fetch_node(address, PROBE_TIMEOUT_SECONDS, mode)
+        except RPCError as e:
+            self.last_probe[mode] = str(e)
+            return False
+        if not self._rpc.trust.is_operator(peer.node.node_id):
+            self.last_probe[mode] = f"a node other than the operator answered at {address}"
+            return False
+        self.last_probe[mode] = "answered"
+        return True
+
+    @defer.inlineCallbacks
+    def check(self):
+        """Keep the first mode, in MODES order, whose frames the operator answers."""
+        if not self._rpc.enrolled or self._directory.operator_address is None:
+            return self._rpc.mode
+        current = self._rpc.mode
+        for mode in MODES:
+            if mode == current and mode != "udp":
+                break  # a better mode did not answer: stay
+            if (yield self._answers(mode)):
+                if mode != current:
+                    self._switch(mode)
+                break
+        return self._rpc.mode
+
+    def _switch(self, mode):
+        _log.warn("RPC carried by {mode} from now on (was {old}; probes: {probes})",
+                  mode=mode, old=self._rpc.mode, probes=self.last_probe)
+        self._rpc.use_mode(mode)
+        self._directory.retry_operator()
+        for observer in self.observers:
+            observer()
+
+    def status(self):
+        return {"mode": self._rpc.mode, "probes": dict(self.last_probe),
+                "streams": self._rpc.carrier.streams()}

@@ -1,0 +1,137 @@
+"""RPC frames over TCP or TLS streams when UDP gets no answers (DESIGN.md §4, seed 001 §5.5):
+the client side (one stream per peer address, opened on demand) and the fallback port's
+listener, which tells TLS (RPC frames inside) from a relay leg by the first byte."""
+
+import collections
+
+from twisted.internet import endpoints, protocol
+from twisted.logger import Logger
+
+from meshnode import tunnel_tls
+from meshnode.rpc.protocol import RPCStreamProtocol
+
+_log = Logger()
+
+TLS_HANDSHAKE = 0x16  # the first byte of a TLS ClientHello record
+CONNECT_SECONDS = 3.0
+QUEUE_LIMIT = 64  # frames waiting for a stream to connect; more are dropped, as UDP would
+
+
+def relay_token_allowed(token):
+    """A relay token must not look like TLS, so the fallback port can carry both."""
+    return token[0] != TLS_HANDSHAKE
+
+
+class _Stream:
+    __slots__ = ("protocol", "queue")
+
+    def __init__(self):
+        self.protocol = None
+        self.queue = collections.deque(maxlen=QUEUE_LIMIT)
+
+
+class StreamCarrier:
+    """The client side: sends frames to a peer address over TCP to that address ("tcp") or
+    over TLS to its host's fallback port ("tls"); answers come back on the same stream."""
+
+    def __init__(self, reactor, receive, tls_context, fallback_port, drops):
+        self._reactor = reactor
+        self._receive = receive
+        self._tls_context = tls_context  # → a context factory (made when first needed)
+        self.fallback_port = fallback_port
+        self._drops = drops
+        self._streams = {}  # (mode, address) → _Stream
+
+    def send(self, mode, datagram, address):
+        key = (mode, address)
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = _Stream()
+            self._open(mode, address, stream)
+        if stream.protocol is not None:
+            stream.protocol.sendString(datagram)
+        else:
+            stream.queue.append(datagram)
+
+    def _open(self, mode, address, stream):
+        host, port = address
+        if mode == "tls":
+            where = endpoints.SSL4ClientEndpoint(self._reactor, host, self.fallback_port,
+                                                 self._tls_context(), timeout=CONNECT_SECONDS)
+        else:
+            where = endpoints.TCP4ClientEndpoint(self._reactor, host, port,
+                                                 timeout=CONNECT_SECONDS)
+        factory = protocol.Factory.forProtocol(
+            lambda: RPCStreamProtocol(self._receive, address, self._lost))
+        d = where.connect(factory)
+
+        def connected(built):
+            if self._streams.get((mode, address)) is not stream:
+                built.transport.loseConnection()  # closed meanwhile
+                return
+            stream.protocol = built
+            built.key = (mode, address)
+            while stream.queue:
+                built.sendString(stream.queue.popleft())
+
+        def failed(failure):
+            if self._streams.get((mode, address)) is stream:
+                del self._streams[(mode, address)]
+            self._drops[f"{mode}_connect_failed"] += len(stream.queue) or 1
+
+        d.addCallbacks(connected, failed)
+
+    def _lost(self, built):
+        key = getattr(built, "key", None)
+        stream = self._streams.get(key)
+        if stream is not None and stream.protocol is built:
+            del self._streams[key]
+
+    def close(self, keep=None):
+        """Close every stream (but those of mode `keep`)."""
+        for key, stream in list(self._streams.items()):
+            if key[0] != keep:
+                del self._streams[key]
+                if stream.protocol is not None:
+                    stream.protocol.transport.loseConnection()
+
+    def streams(self):
+        return sorted(f"{mode} {host}:{port}" for (mode, (host, port)), stream
+                      in self._streams.items() if stream.protocol is not None)
+
+
+class FallbackFactory(protocol.Factory):
+    """The fallback port's listener (443 by default, on super-nodes and operators): TLS
+    carries RPC frames; anything else is a relay leg, handed to `relay_gate()` (a protocol)
+    when this node relays, else closed."""
+
+    def __init__(self, receive, tls_context, relay_gate):
+        self.receive = receive
+        self.tls_context = tls_context
+        self.relay_gate = relay_gate  # → a new gate protocol, or None
+
+    def buildProtocol(self, address):
+        sniffer = _Sniffer()
+        sniffer.factory = self
+        return sniffer
+
+
+class _Sniffer(protocol.Protocol):
+    """Reads the first byte, then hands the connection to the protocol it belongs to."""
+
+    def dataReceived(self, data):
+        if data[0] == TLS_HANDSHAKE:
+            inner = RPCStreamProtocol(self.factory.receive)
+            self._become(inner)
+            tunnel_tls.start_tls(inner, self.factory.tls_context(), True, data)
+            return
+        gate = self.factory.relay_gate()
+        if gate is None:
+            self.transport.abortConnection()
+            return
+        self._become(gate)
+        gate.dataReceived(data)
+
+    def _become(self, inner):
+        self.transport.protocol = inner
+        inner.makeConnection(self.transport)
