@@ -192,7 +192,8 @@ class AnnouncerService(service.MultiService):
                   "addresses": [str(e) for e in self.addresses()]}
         if self._stun_server is not None:
             report = self.stun_report
-            status["stun"] = {"server": "%s:%d" % self._stun_server, "error": self.stun_error,
+            status["stun"] = {"server": str(Endpoint(*self._stun_server)),
+                              "error": self.stun_error,
                               "mapped": report and str(report.mapped),
                               "mapping": report and str(report.mapping),
                               "filtering": report and str(report.filtering)}

@@ -19,14 +19,16 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from meshnode import records, store
-from meshnode.rpc.messages import (EndDevices, GetEndDevices, GetNode, GetNodeInfo,
-                                   GetSuperNodes, GetTunnelNodes, NodeInfoRecord, NodeRecord,
-                                   SuperNodes, TunnelNodes)
+from meshnode.rpc.messages import (EndDevices, ForwardedTunnelOpened, GetEndDevices, GetNode,
+                                   GetNodeInfo, GetSuperNodes, GetTunnelNodes, NodeInfoRecord,
+                                   NodeRecord, SuperNodes, TunnelNodes, TunnelResult)
 from meshnode.rpc.service import RPCError
 from meshnode.schema import kept_lists
 from meshnode.wire import Writer
 
 _log = Logger()
+
+FORWARD_TIMEOUT_SECONDS = 5.0  # a super-node passing a request on, and the answer back
 
 SUPER_NODE_REFRESH_SECONDS = 300.0
 SUPER_NODE_PAGE_LIMIT = 256  # pages of SuperNode records one refresh may read
@@ -191,6 +193,32 @@ class DirectoryService(service.MultiService):
                                      f"not an operator this node trusts")
             self._operator = peer
         return self._operator
+
+    def from_super_node(self, rpc, node):
+        """An RPC policy: forwarded requests and introductions come from the super-nodes
+        the operator placed."""
+        return any(node.node_id == replica.node_id for replica, _
+                   in self.super_node_list.super_nodes().values())
+
+    @defer.inlineCallbacks
+    def through_super_nodes(self, request, timeout=FORWARD_TIMEOUT_SECONDS):
+        """Send `request` (to be passed on to another node of our domain) to the super-nodes
+        of our domain in turn → the first OPENED ForwardedTunnelOpened, the other node's
+        answer passed back; DirectoryError with every refusal when none."""
+        errors = []
+        for replica in (yield self.replicas()):
+            if self._rpc.trust.is_operator(replica.node_id):
+                continue  # operators neither relay nor introduce
+            try:
+                opened = yield self.call(replica, request, ForwardedTunnelOpened,
+                                         timeout=timeout)
+            except RPCError as e:
+                errors.append(str(e))
+                continue
+            if opened.result == TunnelResult.OPENED:
+                return opened
+            errors.append(f"refused: {opened.reason}")
+        raise DirectoryError(", ".join(errors) or "no super-node of this domain")
 
     def retry_operator(self):
         """The way to the operator changed (meshnode/fallback.py): try it again at once."""

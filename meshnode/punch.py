@@ -42,8 +42,8 @@ class Puncher(protocol.ClientFactory):
     """Connects from local port `local_port` to `peer` (host, port) until a connection
     stands, `budget` seconds pass, or `stop()`. One attempt is kept open (the kernel's own
     SYN retransmissions carry it); a refused one is repeated at once, at most ATTEMPT_LIMIT
-    times. `build()` makes the connection's protocol. `done` fires with the protocol, or
-    fails with PunchFailed."""
+    times. `build()` makes the connection's protocol. `done` fires with the protocol as it
+    is built (before its connectionMade), or fails with PunchFailed."""
 
     def __init__(self, reactor, local_port, peer, build, budget=PUNCH_SECONDS, interface=""):
         self._reactor = reactor

@@ -407,3 +407,68 @@ class LocationCommandTests(SynchronousTestCase):
         code, out, err = self.run_cli([], "location", "eth0")
         self.assertEqual((code, out), (2, ""))
         self.assertEqual(len(err.strip().splitlines()), 1, err)
+
+
+class OnLinkTests(SynchronousTestCase):
+    """on_link: whether a host is reached without a router, by the most specific route."""
+
+    # 10.0.0.0/8 on eth0, but 10.8.0.0/16 through the router 10.0.1.1 (a VPN concentrator);
+    # a /24 route that is not up; the default route through 10.0.0.1.
+    SPECIFIC_GATEWAY_ROUTE = """\
+Iface   Destination Gateway  Flags RefCnt Use Metric Mask     MTU Window IRTT
+eth0    00000000    0100000A 0003  0      0   100    00000000 0   0      0
+eth0    0000000A    00000000 0001  0      0   100    000000FF 0   0      0
+eth0    0000080A    0101000A 0003  0      0   100    0000FFFF 0   0      0
+eth0    0000090A    0101000A 0002  0      0   100    00FFFFFF 0   0      0
+"""
+
+    def on_link(self, route_text, host):
+        return location.on_link(route_text, host, byteorder="little")
+
+    def test_host_in_on_link_subnet(self):
+        """A host in the interface's own network is on the link."""
+        self.assertTrue(self.on_link(ONE_INTERFACE_ROUTE, "192.168.1.23"))
+        self.assertTrue(self.on_link(ONE_INTERFACE_ROUTE, "192.168.1.1"))
+
+    def test_host_beyond_default_route(self):
+        """A host only the default route holds is beyond the router."""
+        for host in ("8.8.8.8", "192.168.2.1", "203.0.113.9"):
+            self.assertFalse(self.on_link(ONE_INTERFACE_ROUTE, host), host)
+
+    def test_loopback(self):
+        """Loopback addresses are on the link (no route holds them here)."""
+        self.assertTrue(self.on_link(ONE_INTERFACE_ROUTE, "127.0.0.1"))
+        self.assertTrue(self.on_link(ONE_INTERFACE_ROUTE, "127.3.4.5"))
+
+    def test_more_specific_gateway_route_wins(self):
+        """A gateway route more specific than an on-link network holding the host wins."""
+        self.assertFalse(self.on_link(self.SPECIFIC_GATEWAY_ROUTE, "10.8.3.4"))
+        self.assertTrue(self.on_link(self.SPECIFIC_GATEWAY_ROUTE, "10.7.3.4"))
+
+    def test_route_not_up_ignored(self):
+        """A route without RTF_UP is not used: the broader up route decides."""
+        self.assertTrue(self.on_link(self.SPECIFIC_GATEWAY_ROUTE, "10.9.0.5"))
+
+    def test_other_networks_of_several_interfaces(self):
+        """Each interface's networks are on the link; a network through another router
+        is not."""
+        self.assertTrue(self.on_link(TWO_INTERFACES_ROUTE, "10.20.1.7"))
+        self.assertTrue(self.on_link(TWO_INTERFACES_ROUTE, "172.17.0.2"))
+        self.assertTrue(self.on_link(TWO_INTERFACES_ROUTE, "192.168.1.40"))
+        self.assertFalse(self.on_link(HOST_ROUTE_AND_16_ROUTE, "10.8.0.1"))
+        self.assertTrue(self.on_link(HOST_ROUTE_AND_16_ROUTE, "172.16.200.1"))
+
+    def test_not_an_ipv4_address(self):
+        """An IPv6 address or a name is not known to be on the link."""
+        for host in ("2001:db8::1", "printer.local", ""):
+            self.assertFalse(self.on_link(ONE_INTERFACE_ROUTE, host), host)
+
+    def test_read_on_link_reads_the_table(self):
+        """read_on_link reads the route table at the path it is given."""
+        if sys.byteorder != "little":
+            self.skipTest("the recorded table is little-endian")
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(ONE_INTERFACE_ROUTE)
+        self.assertTrue(location.read_on_link("192.168.1.23", path))
+        self.assertFalse(location.read_on_link("8.8.8.8", path))

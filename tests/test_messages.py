@@ -339,3 +339,94 @@ class MalformedPayloadTests(SynchronousTestCase):
         data = (messages.PING_DATA_LIMIT + 1).to_bytes(2, "big") + bytes(
             messages.PING_DATA_LIMIT + 1)
         self.assertRaises(DecodeError, Ping.decode, data)
+
+
+_SIGNED_NODES = [_node_record(f"user{i}") for i in range(3)]
+_IDS = st.binary(min_size=32, max_size=32)
+_BACKS = st.none() | st.tuples(st.sampled_from(_SIGNED_NODES), _ENDPOINTS,
+                               st.binary(min_size=12, max_size=12))
+_INTRODUCTIONS = st.builds(lambda kind, *fields: kind(*fields),
+                           st.sampled_from([messages.Introduce, messages.Introduction]), _IDS,
+                           _IDS, st.integers(0, 65535), _ENDPOINTS, _BACKS)
+
+
+class IntroduceCodecTests(SynchronousTestCase):
+    """Introduce (user-node → super-node) and Introduction (super-node → tunnel-node)."""
+
+    endpoint = Endpoint("203.0.113.7", 50123)
+    back = (_SIGNED_NODES[0], Endpoint("198.51.100.4", 7400), bytes(range(12)))
+
+    def test_round_trip_without_back(self):
+        """An Introduce as the user-node sends it (no `back`) round-trips."""
+        message = messages.Introduce(bytes([1]) * 32, bytes([2]) * 32, 631, self.endpoint)
+        self.assertIsNone(message.back)
+        self.assertEqual(messages.Introduce.decode(message.encode()), message)
+
+    def test_round_trip_with_back(self):
+        """An Introduction carries the requester's Signed Node, endpoint and request id."""
+        message = messages.Introduction(bytes([1]) * 32, bytes([2]) * 32, 631, self.endpoint,
+                                        self.back)
+        decoded = messages.Introduction.decode(message.encode())
+        self.assertEqual(decoded, message)
+        self.assertIsInstance(decoded, messages.Introduction)
+        self.assertEqual(decoded.back[0].record, _SIGNED_NODES[0].record)
+
+    def test_commands_and_codecs(self):
+        """Each has its own command, and MESSAGES decodes each as itself."""
+        self.assertNotEqual(messages.Introduce.COMMAND, messages.Introduction.COMMAND)
+        self.assertIs(MESSAGES[messages.Introduce.COMMAND], messages.Introduce)
+        self.assertIs(MESSAGES[messages.Introduction.COMMAND], messages.Introduction)
+        fields = (bytes(32), bytes(32), 1, self.endpoint)
+        self.assertNotEqual(messages.Introduce(*fields), messages.Introduction(*fields))
+
+    @given(_INTRODUCTIONS)
+    def test_any_introduction_round_trips(self, message):
+        """Any ids, port, IPv4 or IPv6 endpoint, with or without `back`, round-trip."""
+        self.assertEqual(type(message).decode(message.encode()), message)
+
+    @given(_INTRODUCTIONS, st.data())
+    def test_single_byte_change_never_decodes_to_the_same(self, message, data):
+        """A payload with any one byte changed is refused with DecodeError, or decodes to
+        another message that encodes to exactly those bytes (one encoding per message)."""
+        encoded = message.encode()
+        position = data.draw(st.integers(0, len(encoded) - 1))
+        mask = data.draw(st.integers(1, 255))
+        changed = bytearray(encoded)
+        changed[position] ^= mask
+        try:
+            decoded = type(message).decode(bytes(changed))
+        except DecodeError:
+            return
+        self.assertNotEqual(decoded, message)
+        self.assertEqual(decoded.encode(), bytes(changed))
+
+    def test_truncated_and_extended_refused(self):
+        """Every proper prefix and any extra byte is refused, but for the prefix that ends
+        where `back` begins: an Introduce without it."""
+        plain = messages.Introduce(bytes(32), bytes(32), 631, self.endpoint)
+        full = messages.Introduction(bytes(32), bytes(32), 631, self.endpoint, self.back)
+        base = len(plain.encode())
+        for message in (plain, full):
+            data = message.encode()
+            for length in range(len(data)):
+                if length == base:
+                    self.assertEqual(type(message).decode(data[:length]).back, None)
+                    continue
+                with self.subTest(message=type(message).__name__, length=length):
+                    self.assertRaises(DecodeError, type(message).decode, data[:length])
+            self.assertRaises(DecodeError, type(message).decode, data + b"\x00")
+
+    def test_structural_bytes_refused(self):
+        """An unknown endpoint family, or a `back` whose record is not a signed record, is
+        refused."""
+        data = bytearray(messages.Introduction(bytes(32), bytes(32), 631, self.endpoint,
+                                               self.back).encode())
+        family = 32 + 32 + 2
+        for bad in (0, 5, 255):
+            changed = bytearray(data)
+            changed[family] = bad
+            self.assertRaises(DecodeError, messages.Introduction.decode, bytes(changed))
+        record_type = family + 7 + 2  # after the endpoint and the blob's length
+        changed = bytearray(data)
+        changed[record_type] = 99
+        self.assertRaises(DecodeError, messages.Introduction.decode, bytes(changed))

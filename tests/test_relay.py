@@ -13,7 +13,8 @@ from meshnode.dht import Entry, PartitionStore
 from meshnode.records import NatBehaviour, Role
 from meshnode.roles.relay import TOKEN_SECONDS, RelayService
 from meshnode.rpc.messages import (Command, ForwardedTunnelOpened, ForwardedTunnelRequest,
-                                   Forwarding, TunnelResult)
+                                   Forwarding, Introduce, Introduction, TunnelResult,
+                                   WhoAmI, YouAre)
 from meshnode.rpc.service import any_domain
 from meshnode.wire import Endpoint
 from tests.mesh import Mesh
@@ -419,4 +420,156 @@ class PairingTests(RelayTestCase):
         d, _ = self.ask()
         self.assertNoResult(d)
         self.assertEqual(self.forwarded, [])
+        self.assertEqual(self.super.rpc.drops["unknown_command"], 1)
+
+
+class IntroduceTests(RelayTestCase):
+    """Introduce from a user-node → Introduction to the tunnel-node, where its datagrams come
+    from; its ForwardedTunnelOpened goes back to the user-node as the answer."""
+
+    PUBLIC = ("198.51.100.30", 41000)  # the tunnel-node's NAT mapping
+
+    def setUp(self):
+        super().setUp()
+        self.introductions = []
+        self.tunnel.rpc.register(Command.INTRODUCTION, self.introductions.append, any_domain)
+        # where the user-node will connect from: its own address, as the super-node sees it
+        self.PUNCH = Endpoint(self.user.address[0], 50001)
+
+    def behind_nat(self, node, public):
+        """`node`'s datagrams leave from `public`, and what is sent there reaches it."""
+        network, udp = self.mesh.network, node.udp
+
+        def write(data, destination):
+            udp.sent.append((data, destination))
+            network.queue.append((public, destination, data))
+
+        udp.protocol._sendto = write  # what the RPC's datagram protocol sends with
+        network.ports[public] = udp
+
+    def keep_alive(self):
+        """The tunnel-node asks the super-node WhoAmI, as its announcer does → the endpoint
+        the super-node saw it at."""
+        d = self.tunnel.rpc.call(self.tunnel.rpc.peers.get(self.super.node_id),
+                                 self.super.address, WhoAmI(), YouAre)
+        self.mesh.network.flush()
+        return self.successResultOf(d).endpoint
+
+    def introduce(self, tunnel_node=None, back=None, node=None, endpoint=None):
+        """`node` (the user) sends an Introduce to the super-node → (Deferred of the answer,
+        the request's message id)."""
+        node = node or self.user
+        peer = node.rpc.learn(self.super.rpc.own_node)
+        before = set(node.rpc._pending)
+        d = node.rpc.call(peer, self.super.address,
+                          Introduce(tunnel_node or self.tunnel.node_id, DEVICE, DEVICE_PORT,
+                                    endpoint or Endpoint(node.address[0], 50001), back),
+                          ForwardedTunnelOpened)
+        self.addCleanup(d.addErrback, lambda failure: None)
+        (request_id,) = set(node.rpc._pending) - before
+        self.mesh.network.flush()
+        return d, request_id
+
+    def assertRefused(self, reason, **kwargs):
+        """The Introduce is answered REFUSED with `reason` at once, counted, not passed on."""
+        d, _ = self.introduce(**kwargs)
+        self.check_refused(d, reason)
+
+    def check_refused(self, d, reason):
+        self.assertEqual(self.successResultOf(d),
+                         ForwardedTunnelOpened(TunnelResult.REFUSED, reason))
+        self.assertEqual(self.relay.refusals[reason], 1)
+        self.assertEqual(self.introductions, [])
+        self.assertEqual(self.relay.status()["introduced"], 0)
+
+    def test_passed_on_to_where_datagrams_come_from(self):
+        """Behind a NAT, the tunnel-node gets the Introduction at the address its datagrams
+        came from (not its NodeInfo's), with the requester's Node record, endpoint and
+        request id; the requester waits for the tunnel-node's answer."""
+        self.behind_nat(self.tunnel, self.PUBLIC)
+        self.assertEqual(self.keep_alive(), Endpoint(*self.PUBLIC))
+        d, request_id = self.introduce()
+        self.assertEqual(self.super.udp.sent[-1][1], self.PUBLIC)
+        (incoming,) = self.introductions
+        self.assertEqual(incoming.node.node_id, self.super.node_id)
+        self.assertEqual(incoming.message, Introduction(
+            self.tunnel.node_id, DEVICE, DEVICE_PORT, self.PUNCH,
+            (self.user.rpc.own_node, Endpoint(self.user.host, self.user.rpc.port),
+             request_id)))
+        self.assertNoResult(d)
+        self.assertEqual((self.relay.introduced, self.relay.status()["introduced"]), (1, 1))
+        self.assertEqual(self.relay.refusals, {})
+        self.assertEqual(self.relay.status()["waiting"], 0)  # nothing kept for it
+
+    def test_follows_the_latest_source(self):
+        """When the tunnel-node's mapping changes, the next Introduction goes to the new one."""
+        self.behind_nat(self.tunnel, self.PUBLIC)
+        self.keep_alive()
+        moved = ("198.51.100.30", 41999)
+        self.behind_nat(self.tunnel, moved)
+        self.keep_alive()
+        self.introduce()
+        self.assertEqual(self.super.udp.sent[-1][1], moved)
+        self.assertEqual(len(self.introductions), 1)
+
+    def test_node_info_endpoint_before_any_datagram(self):
+        """Before any datagram of the tunnel-node arrived, the endpoint its NodeInfo reports
+        is used."""
+        self.mesh.advance(1)
+        self.hold(self.tunnel, observed=[Endpoint("198.51.100.1", 40000)])
+        self.introduce()
+        self.assertEqual(self.super.udp.sent[-1][1], ("198.51.100.1", 40000))
+        self.assertEqual(self.relay.introduced, 1)
+
+    def test_answer_passed_back(self):
+        """The tunnel-node's ForwardedTunnelOpened (naming the requester) answers the
+        requester's Introduce, without `back`."""
+        d, request_id = self.introduce()
+        (incoming,) = self.introductions
+        requester, endpoint, request = incoming.message.back
+        answer_endpoint = Endpoint("198.51.100.30", 7401)
+        token = bytes([9]) * tunnel_tls.TOKEN_SIZE
+        peer = self.tunnel.rpc.peers.get(self.super.node_id)
+        self.tunnel.rpc.send(peer, self.super.address, ForwardedTunnelOpened(
+            TunnelResult.OPENED, "", answer_endpoint, token,
+            (requester.record.node_id, endpoint, request)))
+        self.mesh.network.flush()
+        self.assertEqual(self.successResultOf(d), ForwardedTunnelOpened(
+            TunnelResult.OPENED, "", answer_endpoint, token))
+
+    def test_endpoint_of_another_host_refused(self):
+        """An Introduce naming an endpoint on another host than the requester's is refused:
+        the tunnel-node's punch packets never go to a third party."""
+        self.assertRefused("endpoint_not_requester", endpoint=Endpoint("203.0.113.99", 80))
+
+    def test_unknown_tunnel_node(self):
+        """A tunnel-node the partition does not hold → unknown_tunnel_node."""
+        self.assertRefused("unknown_tunnel_node", tunnel_node=bytes(32))
+
+    def test_not_a_tunnel_node(self):
+        """A node whose NodeInfo does not announce the tunnel role → unknown_tunnel_node."""
+        self.hold(self.user, roles=Role.USER)
+        self.assertRefused("unknown_tunnel_node", tunnel_node=self.user.node_id)
+
+    def test_tunnel_node_of_another_domain(self):
+        """A requester of another domain is not introduced to this domain's tunnel-node."""
+        self.assertRefused("unknown_tunnel_node", node=self.mesh.user("carol", "globex"))
+
+    def test_back_from_requester_refused(self):
+        """An Introduce that already carries `back` → malformed_request."""
+        back = (self.user.rpc.own_node, Endpoint("192.0.2.1", 1), bytes(12))
+        self.assertRefused("malformed_request", back=back)
+
+    def test_tunnel_node_unreachable(self):
+        """A tunnel-node the super-node never heard from → tunnel_node_unreachable."""
+        other = self.mesh.user("tunnel2")
+        self.hold(other)
+        self.assertRefused("tunnel_node_unreachable", tunnel_node=other.node_id)
+
+    def test_stop(self):
+        """Stopped, the relay no longer handles Introduce."""
+        self.relay.stopService()
+        d, _ = self.introduce()
+        self.assertNoResult(d)
+        self.assertEqual(self.introductions, [])
         self.assertEqual(self.super.rpc.drops["unknown_command"], 1)

@@ -931,3 +931,116 @@ class NodePushTests(SynchronousTestCase):
         self.assertEqual(dict(self.b.rpc.drops), {"sender_expired": 1})
         self.assertIsNone(self.b.rpc.peers.get(stranger.node_id))
 
+
+
+# -- 9. where a peer's datagrams come from -----------------------------------------------------
+
+class PeerAddressTests(SynchronousTestCase):
+    """Peer.address: where the peer's last authenticated frame came from (a datagram's NAT
+    mapping, or a stream it opened), where introductions and relayed requests to it are
+    sent; forgeries do not move it."""
+
+    NAT = ("198.51.100.30", 41000)
+    MOVED = ("198.51.100.30", 41999)
+    ELSEWHERE = ("203.0.113.66", 5000)
+
+    def setUp(self):
+        self.mesh = _Mesh(self)
+        self.a = self.mesh.node("a")
+        self.b = self.mesh.node("b")
+        _introduce(self.a, self.b)
+        self.pings = _record_pings(self.b)
+
+    def arrive(self, datagram, source, node=None):
+        """`datagram` reaches `node` (b) by UDP from `source`, as through a NAT."""
+        node = node or self.b
+        self.mesh.network.queue.append((source, node.address, datagram))
+        self.mesh.network.flush()
+
+    def address(self):
+        return self.b.peer(self.a).address
+
+    def test_no_address_before_any_datagram(self):
+        """A peer learned from its Node record has no address of its own yet."""
+        self.assertIsNone(self.address())
+
+    def test_authenticated_datagram_sets_address(self):
+        """A peer's valid datagram from its NAT mapping: that is its address; the answer
+        goes there."""
+        self.arrive(_ping(self.a, self.b), self.NAT)
+        self.assertEqual(len(self.pings), 1)
+        self.assertEqual(self.address(), self.NAT)
+        self.assertEqual(self.b.udp.sent[-1][1], self.NAT)
+
+    def test_follows_the_latest_datagram(self):
+        """A new mapping (the NAT's, after a timeout) replaces the old one."""
+        self.arrive(_ping(self.a, self.b), self.NAT)
+        self.arrive(_ping(self.a, self.b), self.MOVED)
+        self.assertEqual(self.address(), self.MOVED)
+
+    def test_answer_sets_address(self):
+        """An answer to our call, from a new mapping of the peer, sets its address too."""
+        d = self.a.rpc.call(self.a.peer(self.b), self.b.address, Ping(b"x"), Pong)
+        self.mesh.network.queue.clear()
+        sent = _deliver(self.b, self.a.udp.sent[-1][0], self.a.address)
+        self.arrive(sent[0][0], self.NAT, node=self.a)
+        self.assertEqual(self.successResultOf(d), Pong(b"x"))
+        self.assertEqual(self.a.peer(self.b).address, self.NAT)
+
+    def test_undecryptable_datagram_leaves_address(self):
+        """A datagram in the peer's name that does not authenticate (any byte of its
+        sealed part changed) does not move its address."""
+        self.arrive(_ping(self.a, self.b), self.NAT)
+        forged = bytearray(_ping(self.a, self.b))
+        forged[-1] ^= 0x01
+        self.arrive(bytes(forged), self.ELSEWHERE)
+        self.assertEqual(self.b.rpc.drops["decrypt"], 1)
+        self.assertEqual(self.address(), self.NAT)
+
+    def test_other_key_leaves_address(self):
+        """A datagram sealed with another node's key in the peer's name does not move it."""
+        self.arrive(_ping(self.a, self.b), self.NAT)
+        c = self.mesh.node("c")
+        _introduce(c, self.b)
+        peer = c.peer(self.b)
+        head = frame.header(0, Command.PING, DOMAIN, self.b.rpc.node_id, DOMAIN,
+                            self.a.rpc.node_id, c.rpc.now_ms(), self.a.rpc._ids.next())
+        self.arrive(frame.seal(peer.seal_key, head, Ping().encode()), self.ELSEWHERE)
+        self.assertEqual(self.b.rpc.drops["decrypt"], 1)
+        self.assertEqual(self.address(), self.NAT)
+
+    def test_replayed_datagram_leaves_address(self):
+        """The peer's own datagram replayed from elsewhere is dropped and does not move it."""
+        ping = _ping(self.a, self.b)
+        self.arrive(ping, self.NAT)
+        self.arrive(ping, self.ELSEWHERE)
+        self.assertEqual(self.b.rpc.drops["replay"], 1)
+        self.assertEqual(len(self.pings), 1)
+        self.assertEqual(self.address(), self.NAT)
+
+    def stream(self):
+        """A TCP connection a opened to b's RPC port → its transport."""
+        factory = self.b.reactor.tcpServers[0][1]
+        client = IPv4Address("TCP", self.a.host, 50000)
+        protocol = factory.buildProtocol(client)
+        transport = StringTransport(peerAddress=client)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_stream_then_datagram(self):
+        """A request over a stream the peer opened: requests to it go back over that
+        stream; its next datagram takes them back to UDP, to where that came from."""
+        protocol, transport = self.stream()
+        ping = _ping(self.a, self.b)
+        protocol.dataReceived(struct.pack(">H", len(ping)) + ping)
+        self.assertEqual(self.address(), (self.a.host, 50000))
+        transport.clear()
+        sent = len(self.b.udp.sent)
+        self.b.rpc.send(self.b.peer(self.a), self.address(), Ping(b"back"))
+        self.assertNotEqual(transport.value(), b"")
+        self.assertEqual(len(self.b.udp.sent), sent)
+        self.arrive(_ping(self.a, self.b), self.NAT)
+        transport.clear()
+        self.b.rpc.send(self.b.peer(self.a), self.address(), Ping(b"again"))
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.b.udp.sent[-1][1], self.NAT)

@@ -297,3 +297,47 @@ class HalfCloseTests(SynchronousTestCase):
         framed.transport.abortConnection = lambda: setattr(framed, "aborted", True)
         framed.dataReceived(FRAME_HEADER.pack(FRAME_LIMIT + 1))
         self.assertTrue(getattr(framed, "aborted", False))
+
+
+class _GoneTransport(StringTransport):
+    """A transport that, once its connection is lost, raises on unregisterProducer (as a
+    TLS transport whose connection is gone does)."""
+
+    gone = False
+
+    def unregisterProducer(self):
+        if self.gone:
+            raise RuntimeError("the connection is gone")
+        super().unregisterProducer()
+
+
+class BothClosedTests(SynchronousTestCase):
+    """The second side of a pair to close leaves the first side's transport alone."""
+
+    def setUp(self):
+        clock = Clock()
+        self.a, self.b = _Leg(), _Leg()
+        self.a_transport, self.b_transport = _GoneTransport(), _GoneTransport()
+        for leg, transport in ((self.a, self.a_transport), (self.b, self.b_transport)):
+            leg.callLater = clock.callLater
+            leg.makeConnection(transport)
+        self.a.join(self.b)
+
+    def test_other_leg_already_closed(self):
+        """When the other leg's connection is already gone, closing this one neither
+        unregisters nor closes the other's transport again; both legs leave once."""
+        self.a.connectionLost(None)
+        self.assertTrue(self.b_transport.disconnecting)
+        self.assertIsNone(self.b_transport.producer)
+        self.a_transport.gone = True
+        self.a_transport.disconnecting = False
+        self.b.connectionLost(None)
+        self.assertFalse(self.a_transport.disconnecting)
+        self.assertEqual((self.a.gone, self.b.gone), (1, 1))
+
+    def test_other_leg_open(self):
+        """While the other leg is open, closing this one still unregisters its producer and
+        closes it."""
+        self.b.connectionLost(None)
+        self.assertIsNone(self.a_transport.producer)
+        self.assertTrue(self.a_transport.disconnecting)

@@ -5,22 +5,28 @@ The TunnelService runs on a mesh user node with a real DirectoryService (it fetc
 operator-signed EndDevice records of its domain) and an injected neighbour table.
 """
 
+from twisted.internet import tcp
+from twisted.internet.error import ConnectBindError as ConnectionBindError
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import UserError as ConnectionUserError
 from twisted.internet.testing import StringTransport
 from twisted.python import failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshnode import records, tunnel_tls
+from meshnode.directory import SuperNodeList
+from meshnode.punch import RETRY_SECONDS
 from meshnode.roles.operator import registry
 from meshnode.roles.tunnel import (TOKEN_SECONDS, Limits, Refused, TunnelCounts,
                                    TunnelService)
-from meshnode.rpc.messages import (Command, ForwardedTunnelOpened, Forwarding,
+from meshnode.rpc.messages import (Command, ForwardedTunnelOpened, Forwarding, Introduction,
                                    RelayedTunnelRequest, TunnelOpened, TunnelRequest,
                                    TunnelResult)
 from meshnode.rpc.service import CallTimeout, Incoming, any_domain
 from meshnode.splice import FRAME_HEADER
 from meshnode.wire import Endpoint
 from tests.mesh import LOCATION, Mesh
+from tests.test_punch import ConnectAttempts
 
 PINNED = "192.0.2.50"
 PRINTER_PORT = 631
@@ -714,5 +720,256 @@ class RelayedRequestTests(TunnelTestCase):
 
     def test_only_placed_super_nodes_may_forward(self):
         """The RPC policy admits RelayedTunnelRequest only from placed super-nodes."""
-        self.assertFalse(self.service._from_super_node(self.node.rpc,
+        self.assertFalse(self.service._directory.from_super_node(self.node.rpc,
                                                        self.super.rpc.own_node.record))
+
+
+# -- the punched path and the tunnel port's endpoint -----------------------------------------
+
+PUBLIC_HOST = "198.51.100.7"  # where the replicas see the tunnel-node (its NAT)
+PUNCH_FROM = Endpoint("203.0.113.9", 50001)  # the requester's public endpoint and punch port
+
+
+class IntroductionTestCase(TunnelTestCase):
+    """A placed super-node that sends the tunnel-node Introductions and collects its
+    answers; Puncher's connection attempts recorded, not made."""
+
+    REQUEST_ID = bytes(range(12))
+
+    def setUp(self):
+        super().setUp()
+        self.attempts = ConnectAttempts(self)
+        self.announcer.seen = [Endpoint(PUBLIC_HOST, 40001)]
+        self.super = self.mesh.user("super1", "infra")
+        self.place(self.super)
+        self.super.rpc.learn(self.node.rpc.own_node)
+        self.node.rpc.learn(self.super.rpc.own_node)
+        self.answers = []
+        self.super.rpc.register(Command.FORWARDED_TUNNEL_OPENED,
+                                lambda incoming: self.answers.append(incoming.message),
+                                any_domain)
+
+    def place(self, node):
+        """The operator placed `node` as a super-node, as the tunnel-node's list says."""
+        signed = self.mesh.me.sign(records.SuperNode(
+            node.rpc.domain, node.node_id, 0, 0xFFFF, Endpoint(*node.address),
+            self.node.rpc.now_ms()))
+        self.service._directory.super_node_list = SuperNodeList([signed])
+
+    def introduce(self, device_id, port, requester=None, tunnel_node=None, sender=None):
+        """`sender` (the super-node) sends the tunnel-node an Introduction of `requester`."""
+        requester, sender = requester or self.user, sender or self.super
+        message = Introduction(
+            tunnel_node or self.node.node_id, device_id, port, PUNCH_FROM,
+            (requester.rpc.own_node, Endpoint(requester.host, 4000), self.REQUEST_ID))
+        self.node.rpc.learn(sender.rpc.own_node)
+        sender.rpc.send(sender.rpc.learn(self.node.rpc.own_node), self.node.address, message)
+        self.mesh.network.flush()
+
+    def back(self, requester=None):
+        requester = requester or self.user
+        return (requester.node_id, Endpoint(requester.host, 4000), self.REQUEST_ID)
+
+    def opened(self):
+        """An authorized introduction → (its answer's token, the punch attempt)."""
+        self.introduce(self.printer, PRINTER_PORT)
+        (answer,) = self.answers
+        self.assertEqual(answer.result, TunnelResult.OPENED)
+        (attempt,) = self.attempts.made
+        return answer.token, attempt
+
+    def assertRefused(self, reason, *args, **kwargs):
+        """The introduction is answered REFUSED with `reason` through the super-node,
+        counted, and neither a token nor a connection attempt is made."""
+        self.introduce(*args, **kwargs)
+        requester = kwargs.get("requester")
+        self.assertEqual(self.answers, [ForwardedTunnelOpened(
+            TunnelResult.REFUSED, reason, back=self.back(requester))])
+        self.assertEqual(self.service.status()["refused"], {reason: 1})
+        self.assertEqual(self.service._grants, {})
+        self.assertEqual(self.attempts.made, [])
+
+
+class IntroductionTests(IntroductionTestCase):
+    """Introduction from a placed super-node: authorize, connect out from the tunnel port to
+    the requester's endpoint, and answer with our public endpoint and a token (path
+    "punched"); the answer goes back through the super-node."""
+
+    def test_opened_with_public_endpoint_and_token(self):
+        """An authorized introduction is answered OPENED with the replicas' view of our
+        address, the tunnel port and a fresh token, naming the requester (`back`)."""
+        self.introduce(self.printer, PRINTER_PORT)
+        (answer,) = self.answers
+        self.assertEqual(answer, ForwardedTunnelOpened(
+            TunnelResult.OPENED, "", Endpoint(PUBLIC_HOST, TUNNEL_PORT), answer.token,
+            self.back()))
+        self.assertEqual(len(answer.token), tunnel_tls.TOKEN_SIZE)
+        self.assertEqual(self.service.refusals, {})
+
+    def test_grant_is_punched(self):
+        """The token grants the device to the requester on the "punched" path."""
+        token, _ = self.opened()
+        grant = self.service._grants[token]
+        self.assertEqual((grant.requester, grant.address, grant.port, grant.path),
+                         (self.user.rpc.own_node.record, PINNED, PRINTER_PORT, "punched"))
+
+    def test_connects_from_tunnel_port_to_requester(self):
+        """A connection attempt towards the requester's endpoint leaves from the tunnel
+        port (on the listen address, with the port-sharing options)."""
+        _, attempt = self.opened()
+        self.assertEqual(attempt.peer, (PUNCH_FROM.host, PUNCH_FROM.port))
+        self.assertEqual(attempt.binding, tcp.makeBinding(LISTEN, TUNNEL_PORT,
+                                                          reuseAddress=True, reusePort=True))
+
+    def test_redeeming_token_stops_the_puncher(self):
+        """The requester's connection reached the tunnel port: redeeming its token stops
+        the punch attempt, and no more are made."""
+        token, attempt = self.opened()
+        self.assertIsNotNone(self.service.redeem(token))
+        self.assertIsInstance(attempt.failed_with, ConnectionUserError)
+        self.node.reactor.advance(RETRY_SECONDS)
+        self.assertEqual(len(self.attempts.made), 1)
+
+    def test_punched_connection_carries_the_tunnel(self):
+        """Over the punched connection the requester's token opens the gate, TLS runs with
+        this side as the server (though it connected), and the tunnel counts as punched."""
+        token, attempt = self.opened()
+        transport = _TLSTransport()
+        gate = attempt.succeed(transport)
+        gate.dataReceived(token)
+        self.assertEqual(transport.value(), tunnel_tls.GATE_OPEN)
+        self.assertEqual(transport.tls, (self.service._tls, False))
+        self.assertEqual(gate.expected_key, self.user.identity.signing_public)
+        gate.tls_verified()
+        host, port, factory = self.node.reactor.tcpClients[-1][:3]
+        self.assertEqual((host, port), (PINNED, PRINTER_PORT))
+        device = factory.buildProtocol(None)
+        device.callLater = self.node.reactor.callLater
+        device.makeConnection(StringTransport())
+        self.node.reactor.advance(0)
+        self.assertIs(gate.other, device)
+        self.assertEqual(self.service.status()["opened"], {"punched": 1})
+
+    def test_failed_punch_leaves_the_token(self):
+        """When the punch attempts fail, the token still works on the tunnel port (an
+        endpoint-independent filter lets the requester's connection in)."""
+        token, attempt = self.opened()
+        attempt.failIfNotConnected(ConnectionBindError(98, "in use"))
+        self.assertEqual(self.service.redeem(token).path, "punched")
+
+    def test_other_domain(self):
+        """A requester of another domain → other_domain, answered and counted."""
+        self.assertRefused("other_domain", self.printer, PRINTER_PORT,
+                           requester=self.stranger)
+
+    def test_unregistered_device(self):
+        """A device the operator never registered → unregistered_device."""
+        self.assertRefused("unregistered_device", bytes(32), PRINTER_PORT)
+
+    def test_port_not_allowed(self):
+        """A port that is not the device's → port_not_allowed."""
+        self.assertRefused("port_not_allowed", self.printer, 22)
+
+    def test_revoked_requester(self):
+        """A revoked requester → revoked."""
+        self.revoke(node_ids=[self.user.node_id])
+        self.assertRefused("revoked", self.printer, PRINTER_PORT)
+
+    def test_not_for_this_node_dropped(self):
+        """An introduction naming another tunnel-node is dropped as malformed, unanswered."""
+        self.introduce(self.printer, PRINTER_PORT, tunnel_node=bytes(32))
+        self.assertEqual(self.answers, [])
+        self.assertEqual(self.node.rpc.drops["malformed_forwarding"], 1)
+        self.assertEqual(self.attempts.made, [])
+
+    def test_only_placed_super_nodes(self):
+        """An Introduction from a node that is not a placed super-node never reaches the
+        handler; the placed one's does."""
+        other = self.mesh.user("super2", "infra")
+        self.introduce(self.printer, PRINTER_PORT, sender=other)
+        self.assertEqual(self.node.rpc.drops["not_allowed"], 1)
+        self.assertEqual((self.answers, self.attempts.made), ([], []))
+        self.introduce(self.printer, PRINTER_PORT)
+        self.assertEqual([answer.result for answer in self.answers], [TunnelResult.OPENED])
+        self.assertEqual(self.node.rpc.drops["not_allowed"], 1)
+
+    def test_stopped_service_does_not_handle(self):
+        """After stopService an Introduction is dropped unanswered."""
+        self.service.stopService()
+        self.introduce(self.printer, PRINTER_PORT)
+        self.assertEqual(self.answers, [])
+        self.assertEqual(self.node.rpc.drops["unknown_command"], 1)
+
+
+class IntroductionDirectDisabledTests(IntroductionTestCase):
+    """--no-direct: no tunnel port to punch from."""
+
+    direct = False
+
+    def test_direct_disabled(self):
+        """An authorized introduction → direct_disabled, counted, no attempt."""
+        self.assertRefused("direct_disabled", self.printer, PRINTER_PORT)
+
+    def test_refusals_on_merit_come_first(self):
+        """An unauthorized one is refused for its own reason."""
+        self.assertRefused("port_not_allowed", self.printer, 22)
+
+
+class _PortMapper:
+    """What TunnelService needs of upnp's port mapper: the mapping of a local port."""
+
+    def __init__(self, mapped):
+        self._mapped = mapped
+        self.asked = []
+
+    def mapped(self, protocol, port):
+        self.asked.append((protocol, port))
+        return self._mapped
+
+
+class TunnelEndpointTests(TunnelTestCase):
+    """The endpoint a TunnelRequest is answered with: the gateway's UPnP mapping of the
+    tunnel port for requesters beyond our router, our own address for those on our link."""
+
+    MAPPED = ("203.0.113.50", 61000)
+
+    def restart(self, mapped, on_link):
+        """The service again, with a port mapper holding `mapped` and `on_link`."""
+        self.service.stopService()
+        self.mapper = _PortMapper(mapped)
+        self.asked_on_link = []
+
+        def link(host):
+            self.asked_on_link.append(host)
+            return on_link
+
+        self.service = TunnelService(
+            self.node.identity_service, self.node.rpc, self.mesh.directory_of(self.node),
+            self.announcer, self.node.reactor, self.control, listen_address=LISTEN,
+            tunnel_port=TUNNEL_PORT, location_override=LOCATION, direct=self.direct,
+            port_mapper=self.mapper, neighbours=lambda: self.neighbours, on_link=link)
+        self.service.startService()
+        self.addCleanup(lambda: self.service.running and self.service.stopService())
+        self.mesh.network.flush()
+
+    def test_beyond_the_router_gets_the_mapping(self):
+        """A requester that is not on our link is told the tunnel port's mapping."""
+        self.restart(self.MAPPED, on_link=False)
+        answer = self.request(self.printer, PRINTER_PORT)
+        self.assertEqual(answer.endpoint, Endpoint(*self.MAPPED))
+        self.assertEqual(self.asked_on_link, [self.user.host])
+        self.assertEqual(self.mapper.asked, [("TCP", TUNNEL_PORT)])
+        self.assertIsNotNone(self.service.redeem(answer.token))
+
+    def test_on_link_gets_own_address(self):
+        """A requester on our link is told our own address, mapping or not."""
+        self.restart(self.MAPPED, on_link=True)
+        answer = self.request(self.printer, PRINTER_PORT)
+        self.assertEqual(answer.endpoint, Endpoint(LISTEN, TUNNEL_PORT))
+
+    def test_no_mapping_gets_own_address(self):
+        """Beyond the router but without a mapping (none made, or lost): our own address."""
+        self.restart(None, on_link=False)
+        answer = self.request(self.printer, PRINTER_PORT)
+        self.assertEqual(answer.endpoint, Endpoint(LISTEN, TUNNEL_PORT))
+        self.assertEqual(self.mapper.asked, [("TCP", TUNNEL_PORT)])

@@ -24,8 +24,9 @@ from twisted.logger import Logger
 
 from meshnode import records, tunnel_tls
 from meshnode.errors import StartupError
-from meshnode.rpc.messages import (Command, Forwarding, ForwardedTunnelOpened,
-                                   Introduction, RelayedTunnelRequest, TunnelResult)
+from meshnode.rpc.messages import (Command, Forwarding, ForwardedTunnelOpened, Introduce,
+                                   Introduction, PunchIntroduction, RelayedTunnelRequest,
+                                   TunnelResult)
 from meshnode.rpc import carrier
 from meshnode.rpc.service import any_domain
 from meshnode.splice import Leg
@@ -83,6 +84,7 @@ class RelayService(service.Service):
         self._rpc.register(Command.FORWARDED_TUNNEL_REQUEST, self._request, any_domain)
         self._rpc.register(Command.FORWARDED_TUNNEL_OPENED, self._opened, any_domain)
         self._rpc.register(Command.INTRODUCE, self._introduce, any_domain)
+        self._rpc.register(Command.PUNCH_REQUEST, self._introduce, any_domain)
         self._rpc.relay_gate = lambda: _RelayGate(self)  # legs through the fallback port
         _log.info("relay port {port}", port=self.port)
         service.Service.startService(self)
@@ -91,7 +93,7 @@ class RelayService(service.Service):
         service.Service.stopService(self)
         self._rpc.relay_gate = lambda: None
         for command in (Command.FORWARDED_TUNNEL_REQUEST, Command.FORWARDED_TUNNEL_OPENED,
-                        Command.INTRODUCE):
+                        Command.INTRODUCE, Command.PUNCH_REQUEST):
             self._rpc.unregister(command)
         if self._port is not None:
             return defer.maybeDeferred(self._port.stopListening)
@@ -142,7 +144,7 @@ class RelayService(service.Service):
             return self._refuse(incoming, "limit_domain")
         if self._files_left() < FILES_PER_TUNNEL * (len(self._tokens) + 1):
             return self._refuse(incoming, "limit_files")
-        peer, target = self._tunnel_node(entry)
+        peer, target = self._reach(entry)
         if target is None:
             return self._refuse(incoming, "tunnel_node_unreachable")
         host = (self._advertised() if self._advertised else None) or self._listen_address
@@ -159,8 +161,8 @@ class RelayService(service.Service):
                                             message.port, forwarding))
         return None  # the tunnel-node's ForwardedTunnelOpened is the answer
 
-    def _tunnel_node(self, entry):
-        """(peer, address) to send a tunnel-node's requests to: where its datagrams last came
+    def _reach(self, entry):
+        """(peer, address) to reach the node of a DHT entry: where its datagrams last came
         from (its keepalives keep that mapping open, even through a symmetric NAT), else the
         endpoint its NodeInfo reports; (None, None) when it is not known here."""
         info = entry.info.record
@@ -173,23 +175,34 @@ class RelayService(service.Service):
         return (peer, (target.host, target.port)) if target is not None else (None, None)
 
     def _introduce(self, incoming):
-        """A user-node asks to be introduced to a tunnel-node for a punched tunnel: pass it
-        on with the requester's Node record and RPC endpoint; the tunnel-node's answer comes
-        back as a ForwardedTunnelOpened (`_opened`). Nothing is kept here."""
+        """A node asks to be introduced to another of its domain — a tunnel-node for a
+        punched tunnel (Introduce), or any node for `meshnode punch` (PunchRequest): pass it
+        on with the requester's Node record and RPC endpoint; the other's answer comes back
+        as a ForwardedTunnelOpened (`_opened`). Nothing is kept here."""
         message, requester = incoming.message, incoming.node
         if message.back is not None:
             return self._refuse(incoming, "malformed_request")
-        entry = self._partition.records.get(requester.domain, message.tunnel_node,
-                                            self._rpc.now_ms())
-        if entry is None or not entry.info.record.roles & records.Role.TUNNEL:
-            return self._refuse(incoming, "unknown_tunnel_node")
-        peer, target = self._tunnel_node(entry)
+        if message.endpoint.host != incoming.source[0]:
+            # Its public address is where its request came from: an introduction never
+            # makes the other node send its punch packets to a third party.
+            return self._refuse(incoming, "endpoint_not_requester")
+        tunnel = isinstance(message, Introduce)
+        target_id = message.tunnel_node if tunnel else message.peer
+        entry = self._partition.records.get(requester.domain, target_id, self._rpc.now_ms())
+        if entry is None or (tunnel and not entry.info.record.roles & records.Role.TUNNEL):
+            return self._refuse(incoming, "unknown_tunnel_node" if tunnel else "unknown_peer")
+        peer, target = self._reach(entry)
         if target is None:
-            return self._refuse(incoming, "tunnel_node_unreachable")
+            return self._refuse(incoming,
+                                "tunnel_node_unreachable" if tunnel else "peer_unreachable")
         back = (incoming.peer.signed, Endpoint(*incoming.source[:2]), incoming.message_id)
         self.introduced += 1
-        self._rpc.send(peer, target, Introduction(message.tunnel_node, message.device_id,
-                                                  message.port, message.endpoint, back))
+        if tunnel:
+            passed = Introduction(message.tunnel_node, message.device_id, message.port,
+                                  message.endpoint, back)
+        else:
+            passed = PunchIntroduction(message.peer, message.endpoint, message.nonce, back)
+        self._rpc.send(peer, target, passed)
         return None
 
     def _opened(self, incoming):

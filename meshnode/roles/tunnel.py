@@ -157,8 +157,8 @@ class TunnelService(service.MultiService):
         self._identity_service.observers.append(self._enrollment_changed)
         self._rpc.register(Command.TUNNEL_REQUEST, self._tunnel_request, same_domain)
         self._rpc.register(Command.RELAYED_TUNNEL_REQUEST, self._forwarded_request,
-                           self._from_super_node)
-        self._rpc.register(Command.INTRODUCTION, self._introduction, self._from_super_node)
+                           self._directory.from_super_node)
+        self._rpc.register(Command.INTRODUCTION, self._introduction, self._directory.from_super_node)
         _log.info("tunnel port {port}; locations {locations}", port=self.port,
                   locations=[i.hex()[:16] for i in self.locations()])
         super().startService()
@@ -246,11 +246,6 @@ class TunnelService(service.MultiService):
                 yield self._directory.call(
                     operator, DevicesSeen(location_id, seen[start:start + DEVICES_SEEN_LIMIT]),
                     Stored)
-
-    def _from_super_node(self, rpc, node):
-        """Forwarded requests come from the super-nodes the operator placed."""
-        return any(node.node_id == replica.node_id for replica, _
-                   in self._directory.super_node_list.super_nodes().values())
 
     # -- authorization -------------------------------------------------------------------------
 

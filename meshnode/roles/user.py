@@ -24,7 +24,7 @@ from meshnode import config, punch, tunnel_tls
 from meshnode.control import ControlError, _JSONResource
 from meshnode.errors import StartupError
 from meshnode.records import NatBehaviour
-from meshnode.rpc.messages import (ForwardedTunnelOpened, ForwardedTunnelRequest, Introduce,
+from meshnode.rpc.messages import (ForwardedTunnelRequest, Introduce,
                                    TunnelOpened, TunnelRequest, TunnelResult)
 from meshnode.rpc.service import RPCError
 from meshnode.splice import FramedLeg, Leg
@@ -33,7 +33,6 @@ from meshnode.wire import Endpoint
 _log = Logger()
 
 CONNECT_TIMEOUT_SECONDS = 5.0
-RELAY_REQUEST_TIMEOUT_SECONDS = 5.0
 RELAY_ONLY_SECONDS = 60.0
 
 
@@ -196,8 +195,8 @@ class UserService(service.Service):
         from their punch ports at once (TCP simultaneous open)."""
         held = punch.reserve_port()
         try:
-            public = Endpoint(self._announcer.seen[0].host, held.getsockname()[1])
-            opened = yield self._through_super_node(
+            public = Endpoint(mine.observed[0].host, held.getsockname()[1])
+            opened = yield self._directory.through_super_nodes(
                 Introduce(node.node_id, device.device_id, port, public))
             ready = defer.Deferred()
             puncher = punch.Puncher(
@@ -211,7 +210,7 @@ class UserService(service.Service):
 
     @defer.inlineCallbacks
     def _relayed(self, mine, node, info, device, port):
-        opened = yield self._through_super_node(
+        opened = yield self._directory.through_super_nodes(
             ForwardedTunnelRequest(node.node_id, device.device_id, port))
         relay = opened.endpoint
         if self._rpc.mode == "tls":  # only TLS on the fallback port passes: the relay is there too
@@ -219,25 +218,6 @@ class UserService(service.Service):
         return (yield self._dial(relay, opened.token, node))
 
     _try = {"direct": _direct, "punched": _punched, "relayed": _relayed}
-
-    @defer.inlineCallbacks
-    def _through_super_node(self, request):
-        """Send `request` to the super-nodes of our domain in turn → the first OPENED
-        ForwardedTunnelOpened (the tunnel-node's answer, passed on)."""
-        errors = []
-        for replica in (yield self._directory.replicas()):
-            if self._rpc.trust.is_operator(replica.node_id):
-                continue  # operators neither relay nor introduce
-            try:
-                opened = yield self._directory.call(replica, request, ForwardedTunnelOpened,
-                                                    timeout=RELAY_REQUEST_TIMEOUT_SECONDS)
-            except RPCError as e:
-                errors.append(str(e))
-                continue
-            if opened.result == TunnelResult.OPENED:
-                return opened
-            errors.append(f"refused: {opened.reason}")
-        raise TunnelFailed(", ".join(errors) or "no super-node of this domain")
 
     def _dial(self, endpoint, token, node):
         """Connect, pass the gate with `token`, run TLS → Deferred[the verified leg]."""

@@ -49,6 +49,8 @@ class Command(enum.IntEnum):
     RELAYED_TUNNEL_REQUEST = 30
     DEVICES_SEEN = 31
     INTRODUCTION = 32
+    PUNCH_REQUEST = 33
+    PUNCH_INTRODUCTION = 34
 
 
 PING_DATA_LIMIT = 1000
@@ -794,6 +796,17 @@ class ForwardedTunnelOpened:
         return cls(*opening, back)
 
 
+def _write_back(w, back):
+    requester, endpoint, request_id = back
+    w.blob(requester.encode(), 1024).endpoint(endpoint).fixed(request_id, 12)
+
+
+def _read_back(r, payload):
+    if r.offset < len(payload):
+        return records.decode_signed(r.blob(1024)), r.endpoint(), r.fixed(12)
+    return None
+
+
 @attrs.frozen
 class Introduce:
     """A user-node asks a super-node to introduce it to a tunnel-node for a punched tunnel to
@@ -811,17 +824,14 @@ class Introduce:
         w = Writer().fixed(self.tunnel_node, 32).fixed(self.device_id, 32).u16(self.port)
         w.endpoint(self.endpoint)
         if self.back is not None:
-            requester, endpoint, request_id = self.back
-            w.blob(requester.encode(), 1024).endpoint(endpoint).fixed(request_id, 12)
+            _write_back(w, self.back)
         return w.bytes()
 
     @classmethod
     def decode(cls, payload):
         r = Reader(payload)
         tunnel_node, device_id, port, endpoint = r.fixed(32), r.fixed(32), r.u16(), r.endpoint()
-        back = None
-        if r.offset < len(payload):
-            back = (records.decode_signed(r.blob(1024)), r.endpoint(), r.fixed(12))
+        back = _read_back(r, payload)
         r.end()
         return cls(tunnel_node, device_id, port, endpoint, back)
 
@@ -831,6 +841,40 @@ class Introduction(Introduce):
     the tunnel-node answers with a ForwardedTunnelOpened through the super-node."""
 
     COMMAND = Command.INTRODUCTION
+
+
+@attrs.frozen
+class PunchRequest:
+    """`meshnode punch`: a node asks a super-node to introduce it to `peer` of its domain
+    for a punched UDP path: `endpoint` is its punch socket's public endpoint, `nonce` its
+    half of the path's secret. Passed on as a PunchIntroduction naming the requester."""
+
+    COMMAND = Command.PUNCH_REQUEST
+    peer: bytes
+    endpoint: Endpoint
+    nonce: bytes
+    back: tuple | None = None  # (requester's Signed Node, its RPC Endpoint, request id)
+
+    def encode(self):
+        w = Writer().fixed(self.peer, 32).endpoint(self.endpoint).fixed(self.nonce, 32)
+        if self.back is not None:
+            _write_back(w, self.back)
+        return w.bytes()
+
+    @classmethod
+    def decode(cls, payload):
+        r = Reader(payload)
+        peer, endpoint, nonce = r.fixed(32), r.endpoint(), r.fixed(32)
+        back = _read_back(r, payload)
+        r.end()
+        return cls(peer, endpoint, nonce, back)
+
+
+class PunchIntroduction(PunchRequest):
+    """A PunchRequest as the super-node passes it on to the peer, with `back` filled in; the
+    peer answers with a ForwardedTunnelOpened (its endpoint, and its nonce as the token)."""
+
+    COMMAND = Command.PUNCH_INTRODUCTION
 
 
 DEVICES_SEEN_LIMIT = 40
@@ -876,7 +920,7 @@ MESSAGES = {cls.COMMAND: cls for cls in (
     WhoAmI, YouAre, SubmitSuperNode, SuperNodeStatus, TransferPartition, PartitionDigests,
     PartitionRecords, GetTunnelNodes, TunnelNodes, TunnelRequest, TunnelOpened,
     ForwardedTunnelRequest, RelayedTunnelRequest, ForwardedTunnelOpened, DevicesSeen, Introduce,
-    Introduction)}
+    Introduction, PunchRequest, PunchIntroduction)}
 
 # A Node answer is at most: header, plain length, request id, blob length, largest Node record.
 NODE_ANSWER_SIZE = 96 + 2 + 12 + 2 + (2 + 4 + 32 * 3 + 2 + records.NAME_LIMIT + 16 + 32 + 64)
