@@ -7,6 +7,7 @@ A bad command line prints one line naming the problem and exits 2, before anythi
 import http.client
 import json
 import os
+import shlex
 import socket
 import sys
 
@@ -108,6 +109,40 @@ class TunnelOptions(Command):
             raise usage.UsageError(str(e)) from None
 
 
+class PunchOptions(Command):
+    synopsis = "PEER (--exec CMD | --json) [--accept] [--wait SECONDS]"
+    longdesc = ("Punch a UDP path through both NATs to node PEER of this domain (name or id) "
+                "and start CMD with it: CMD gets the arguments LOCAL_HOST LOCAL_PORT "
+                "PUBLIC_HOST PUBLIC_PORT PEER_HOST PEER_PORT SECRET, also in its environment "
+                "as MESHNODE_LOCAL_HOST … MESHNODE_SECRET; it binds LOCAL_PORT and talks to "
+                "PEER_HOST:PEER_PORT. One side runs with --accept and waits for the other.")
+    optFlags = [["accept", None, "wait for PEER's own `meshnode punch` to ask for us"]]
+    optParameters = [
+        ["exec", None, None, "the command to start with the path (split as a shell would)"],
+        ["wait", None, "60", "seconds to wait for the other side to start (at most 600)"],
+    ]
+
+    def parseArgs(self, peer):
+        self["peer"] = peer
+
+    def postOptions(self):
+        if self["exec"] is None and not self["json"]:
+            raise usage.UsageError("--exec CMD is needed (or --json to print the path)")
+        try:
+            self["wait"] = float(self["wait"])
+        except ValueError:
+            raise usage.UsageError(f"--wait: {self['wait']!r} is not a number") from None
+        if not 0 < self["wait"] <= 600:
+            raise usage.UsageError("--wait must be more than 0 and at most 600 seconds")
+        if self["exec"] is not None:
+            try:
+                self["command"] = shlex.split(self["exec"])
+            except ValueError as e:
+                raise usage.UsageError(f"--exec: {e}") from None
+            if not self["command"]:
+                raise usage.UsageError("--exec: the command is empty")
+
+
 class Options(usage.Options):
     synopsis = "[--config FILE] [--state-dir DIR] COMMAND [options]"
     optParameters = [
@@ -123,6 +158,8 @@ class Options(usage.Options):
         ["lookup", None, LookupOptions, "find a node's NodeInfo through the directory"],
         ["location", None, LocationOptions, "show this machine's location ids"],
         ["tunnel", None, TunnelOptions, "open a local listener tunneled to an end-device"],
+        ["punch", None, PunchOptions, "punch a UDP path to a peer node and hand it to a "
+                                      "command"],
         ["operator", None, admin.OperatorOptions, "operator administration"],
     ]
 
@@ -291,9 +328,38 @@ def cmd_tunnel(options, global_options):
     print_result(options, data, f"{data['name']}: {data['device']} on {data['address']}")
 
 
+PUNCH_FIELDS = ("local", "public", "peer")
+
+
+def cmd_punch(options, global_options):
+    state_dir = global_options["state-dir"]
+    data = control_request(state_dir, "POST", "/v1/punch",
+                           {"peer": options["peer"], "accept": options["accept"],
+                            "wait": options["wait"]}, timeout=options["wait"] + 60)
+    if data is None:
+        raise CommandError(f"no node is running with state directory {state_dir}")
+    if options["exec"] is None:
+        print_result(options, data, json.dumps(data))
+        return
+    arguments, environment = [], dict(os.environ)
+    for field in PUNCH_FIELDS:
+        host, _, port = data[field].rpartition(":")
+        arguments += [host, port]
+        environment[f"MESHNODE_{field.upper()}_HOST"] = host
+        environment[f"MESHNODE_{field.upper()}_PORT"] = port
+    arguments.append(data["secret"])
+    environment["MESHNODE_SECRET"] = data["secret"]
+    command = options["command"] + arguments
+    sys.stdout.flush()
+    try:
+        os.execvpe(command[0], command, environment)  # the command's exit status is ours
+    except OSError as e:
+        raise CommandError(f"cannot start {command[0]}: {e.strerror}") from None
+
+
 COMMANDS = {"identity": cmd_identity, "status": cmd_status, "ping": cmd_ping,
             "lookup": cmd_lookup, "location": cmd_location, "tunnel": cmd_tunnel,
-            "operator": admin.run}
+            "punch": cmd_punch, "operator": admin.run}
 
 
 def main(argv=None):

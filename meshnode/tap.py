@@ -13,6 +13,7 @@ from meshnode.control import ControlService
 from meshnode.directory import DirectoryService
 from meshnode.enrollment import EnrollmentClient
 from meshnode.fallback import FallbackService
+from meshnode.handover import PunchService
 from meshnode.identity import IdentityService
 from meshnode.node import MeshNode
 from meshnode.records import Role
@@ -201,6 +202,8 @@ def build_node(settings, reactor):
             ports["TCP"] = tunnel
     UserService(identity, rpc, directory, announcer, reactor, control,
                 settings["listeners"]).setServiceParent(node)
+    PunchService(identity, rpc, directory, announcer, reactor, control,
+                 settings["listen-address"], settings.get("stun-server")).setServiceParent(node)
     if mapper is not None:
         ports["UDP"] = rpc
         control.status_sections.append(("upnp", mapper.status))

@@ -246,3 +246,60 @@ class NatMatrixTests(TestCase):
         def unmapped():
             return not (yield net.tunnel.status())["upnp"]["mappings"]
         yield wait_for(unmapped, 90, "the tunnel-node noticed its mappings are gone")
+
+
+class _Ended(protocol.ProcessProtocol):
+    """A lab process whose end (and output) a test waits for."""
+
+    def __init__(self):
+        self.output = b""
+        self.ended = defer.Deferred()
+
+    def childDataReceived(self, fd, data):
+        self.output += data
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value.exitCode)
+
+
+class PunchHandoverTests(TestCase):
+    """`meshnode punch PEER --exec CMD` (seed 002): a UDP path between two NATed hosts."""
+
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def test_exec_gets_a_working_udp_path(self):
+        """Both sides behind endpoint-independent NATs run `meshnode punch` (one with
+        --accept); each command gets the endpoints and the same secret, binds the local
+        port and exchanges datagrams with the peer over the punched path."""
+        net = LabNetwork()
+        yield net.build(self, "eim", "eim")
+        directory = tempfile.mkdtemp(prefix="mn-punch-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        runs = {}
+        for role, node, peer, extra in (("h1", net.tunnel, "user1", ["--accept"]),
+                                         ("h2", net.user, "tunnel1", [])):
+            output = os.path.join(directory, f"{role}.json")
+            command = f"{sys.executable} -m tests.lab_udp_peer {output}"
+            ended = _Ended()
+            net.lab.spawn(role, meshnode_command("--state-dir", node.state_dir, "punch", peer,
+                                                 "--exec", command, "--wait", "30", *extra),
+                          ended, env=environment(), path=ROOT)
+            runs[role] = (ended, output)
+        results = {}
+        for role, (ended, output) in runs.items():
+            code = yield ended.ended
+            self.assertEqual(code, 0, ended.output.decode(errors="replace") + net.logs())
+            with open(output) as f:
+                results[role] = json.load(f)
+        h1, h2 = results["h1"], results["h2"]
+        self.assertIsNotNone(h1["heard"], h1)
+        self.assertIsNotNone(h2["heard"], h2)
+        # Each heard the other from its NAT's public address, as the arguments said.
+        self.assertEqual(h1["heard"][0], net.lab.wan(2))
+        self.assertEqual(h2["heard"][0], net.lab.wan(1))
+        self.assertEqual(h1["arguments"][4:6], [net.lab.wan(2), str(h1["heard"][1])])
+        self.assertEqual(h1["arguments"][2], net.lab.wan(1))  # its own public address
+        self.assertEqual(h1["arguments"][6], h2["arguments"][6])  # one secret
+        self.assertEqual(h1["environment"]["MESHNODE_SECRET"], h1["arguments"][6])
+        self.assertEqual(h2["environment"]["MESHNODE_PEER_HOST"], net.lab.wan(1))

@@ -192,7 +192,7 @@ class ServiceTreeTests(SynchronousTestCase):
         mapping by default."""
         self.assertEqual(self.names(self.build()),
                          ["identity", "store", "rpc", "directory", "announcer", "control",
-                          "fallback", "user", "upnp"])
+                          "fallback", "user", "punch", "upnp"])
 
     def test_no_upnp_when_off_or_on_loopback(self):
         """`--upnp off`, or a loopback listen-address, leave port mapping out."""
@@ -213,7 +213,8 @@ class ServiceTreeTests(SynchronousTestCase):
         node = self.build("--operator", "--super", "--partition", "0-7fff", "--tunnel",
                           "--operator-url", "https://op.example", "--operator-fingerprint",
                           "ab" * 32, "--upnp", "off")
-        self.assertEqual(self.names(node)[-4:], ["operator", "super", "tunnel", "user"])
+        self.assertEqual(self.names(node)[-5:],
+                         ["operator", "super", "tunnel", "user", "punch"])
         self.assertEqual(node.getServiceNamed("super").offer, (0, 0x7FFF))
 
     def test_building_opens_nothing(self):
