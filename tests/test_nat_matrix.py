@@ -248,6 +248,50 @@ class NatMatrixTests(TestCase):
         yield wait_for(unmapped, 90, "the tunnel-node noticed its mappings are gone")
 
 
+class ClassificationTests(TestCase):
+    """Each node's NAT behaviour, in `meshnode status` and in its announced NodeInfo, is the
+    type its router was built with (STUN on the RPC socket, WhoAmI from two replicas)."""
+
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def check(self, tunnel_side, user_side, mapping, filtering):
+        net = LabNetwork()
+        yield net.build(self, tunnel_side, user_side)
+        nodes = {"tunnel": net.tunnel, "user": net.user}
+        found = {}
+
+        @defer.inlineCallbacks
+        def discovered():  # STUN's RFC 5780 tests take seconds behind filtering NATs
+            for role, node in nodes.items():
+                found[role] = (yield node.status())["reachability"]
+            return all(one["stun"]["filtering"] is not None for one in found.values())
+        yield wait_for(discovered, 30, "STUN discovery done on both nodes")
+        for role, side in (("tunnel", tunnel_side), ("user", user_side)):
+            reachability = found[role]
+            self.assertEqual(reachability["nat"], NAT_NAMES[side])
+            stun = reachability["stun"]
+            self.assertEqual((stun["mapping"], stun["filtering"]), (mapping[role],
+                                                                    filtering[role]))
+            host = net.lab.address("h1" if role == "tunnel" else "h2")
+            public = host if side == "public" else net.lab.wan(1 if role == "tunnel" else 2)
+            self.assertEqual(stun["mapped"].rsplit(":", 1)[0], public)
+            self.assertEqual({e.rsplit(":", 1)[0] for e in reachability["observed"]}, {public})
+
+    def test_endpoint_independent_and_symmetric(self):
+        """eim: endpoint-independent mapping, port-dependent filtering; sym: symmetric."""
+        return self.check("eim", "sym",
+                          {"tunnel": "endpoint-independent", "user": "address-and-port-dependent"},
+                          {"tunnel": "address-and-port-dependent",
+                           "user": "address-and-port-dependent"})
+
+    def test_full_cone_and_public(self):
+        """fullcone: endpoint-independent mapping and filtering; public: no NAT."""
+        return self.check("fullcone", "public",
+                          {"tunnel": "endpoint-independent", "user": "no-nat"},
+                          {"tunnel": "endpoint-independent", "user": "endpoint-independent"})
+
+
 class _Ended(protocol.ProcessProtocol):
     """A lab process whose end (and output) a test waits for."""
 
