@@ -312,12 +312,11 @@ class PunchHandoverTests(TestCase):
     timeout = 180
 
     @defer.inlineCallbacks
-    def test_exec_gets_a_working_udp_path(self):
-        """Both sides behind endpoint-independent NATs run `meshnode punch` (one with
-        --accept); each command gets the endpoints and the same secret, binds the local
-        port and exchanges datagrams with the peer over the punched path."""
+    def check(self, accepting_side, initiating_side, how):
+        """`meshnode punch --accept` on h1, `meshnode punch` on h2, each with a command that
+        exchanges datagrams over the path it gets → both commands' reports."""
         net = LabNetwork()
-        yield net.build(self, "eim", "eim")
+        yield net.build(self, accepting_side, initiating_side)
         directory = tempfile.mkdtemp(prefix="mn-punch-", dir="/tmp")
         self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
         runs = {}
@@ -343,7 +342,24 @@ class PunchHandoverTests(TestCase):
         self.assertEqual(h1["heard"][0], net.lab.wan(2))
         self.assertEqual(h2["heard"][0], net.lab.wan(1))
         self.assertEqual(h1["arguments"][4:6], [net.lab.wan(2), str(h1["heard"][1])])
+        self.assertEqual(h2["arguments"][4:6], [net.lab.wan(1), str(h2["heard"][1])])
         self.assertEqual(h1["arguments"][2], net.lab.wan(1))  # its own public address
         self.assertEqual(h1["arguments"][6], h2["arguments"][6])  # one secret
         self.assertEqual(h1["environment"]["MESHNODE_SECRET"], h1["arguments"][6])
         self.assertEqual(h2["environment"]["MESHNODE_PEER_HOST"], net.lab.wan(1))
+        punched = []
+        for node in (net.tunnel, net.user):
+            punched.append((yield node.status())["punch"]["punched"])
+        self.assertEqual(punched, how)
+
+    def test_exec_gets_a_working_udp_path(self):
+        """Both sides behind endpoint-independent NATs run `meshnode punch` (one with
+        --accept); each command gets the endpoints and the same secret, binds the local
+        port and exchanges datagrams with the peer over the punched path."""
+        return self.check("eim", "eim", [{"plain": 1}, {"plain": 1}])
+
+    def test_birthday_probing_through_a_symmetric_nat(self):
+        """An endpoint-independent side against a symmetric one: the symmetric side opens
+        many mappings, the other probes many ports until one is hit; the commands then talk
+        over that pair of sockets."""
+        return self.check("eim", "sym", [{"spray": 1}, {"open": 1}])
