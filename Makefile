@@ -23,6 +23,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/rpc.py
 	$(BIN)/python bench/dht.py
 	$(BIN)/python bench/tunnel.py
+	$(BIN)/python bench/nat.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp* demo twisted/plugins/dropin.cache

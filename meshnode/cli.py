@@ -334,7 +334,7 @@ PUNCH_FIELDS = ("local", "public", "peer")
 def cmd_punch(options, global_options):
     state_dir = global_options["state-dir"]
     data = control_request(state_dir, "POST", "/v1/punch",
-                           {"peer": options["peer"], "accept": options["accept"],
+                           {"peer": options["peer"], "accept": bool(options["accept"]),
                             "wait": options["wait"]}, timeout=options["wait"] + 60)
     if data is None:
         raise CommandError(f"no node is running with state directory {state_dir}")

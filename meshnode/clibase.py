@@ -3,7 +3,7 @@
 import getopt
 import json
 
-from twisted.python import usage
+from twisted.python import reflect, usage
 
 from meshnode import records
 
@@ -34,7 +34,9 @@ class Command(usage.Options):
         super().parseOptions(options)
 
     def _flag_names(self):
-        return {name for flag in self.optFlags for name in flag[:2] if name}
+        flags = []
+        reflect.accumulateClassList(self.__class__, "optFlags", flags)  # subclasses' too
+        return {name for flag in flags for name in flag[:2] if name}
 
 
 def print_result(options, data, text):

@@ -22,7 +22,7 @@ class FallbackService(service.MultiService):
         super().__init__()
         self._rpc = rpc
         self._directory = directory
-        self.observers = []  # called with the new mode when it changes
+        self.observers = []  # called (no arguments) when the mode changed
         self.last_probe = {}
         self._checking = False
         timer = internet.TimerService(CHECK_SECONDS, self._guarded)
@@ -59,14 +59,11 @@ class FallbackService(service.MultiService):
         """Keep the first mode, in MODES order, whose frames the operator answers."""
         if not self._rpc.enrolled or self._directory.operator_address is None:
             return self._rpc.mode
-        current = self._rpc.mode
         for mode in MODES:
-            if mode == current and mode != "udp":
-                break  # a better mode did not answer: stay
             if (yield self._answers(mode)):
-                if mode != current:
+                if mode != self._rpc.mode:
                     self._switch(mode)
-                break
+                break  # when none answers (the operator is away), nothing changes
         return self._rpc.mode
 
     def _switch(self, mode):

@@ -222,10 +222,8 @@ class PunchService(service.Service):
     def stopService(self):
         service.Service.stopService(self)
         self._rpc.unregister(Command.PUNCH_INTRODUCTION)
-        for prepared, waiting in self._accepting.values():
-            prepared.port.stopListening()
-            waiting.cancel()
-        self._accepting.clear()
+        for prepared, waiting in list(self._accepting.values()):
+            waiting.cancel()  # punch() closes the socket
 
     def status(self):
         return {"accepting": [peer.hex() for peer in self._accepting],
@@ -341,20 +339,26 @@ class PunchService(service.Service):
         self._accepting[peer_id] = (prepared, waiting)
         keepalive = task.LoopingCall(self._keep_alive)
         keepalive.clock = self._clock
-        keepalive.start(KEEPALIVE_SECONDS).addErrback(lambda f: None)
+        keepalive.start(KEEPALIVE_SECONDS)
         waiting.addTimeout(min(wait, ACCEPT_SECONDS_LIMIT), self._clock)
         try:
             return (yield waiting)
         except defer.TimeoutError:
             raise PunchFailed(f"the peer did not ask within {wait:g} s")
         finally:
-            keepalive.stop()
+            if keepalive.running:
+                keepalive.stop()
             self._accepting.pop(peer_id, None)
 
     @defer.inlineCallbacks
     def _keep_alive(self):
         """Ping our super-nodes, so their introduction can reach us through our NAT."""
-        for replica in (yield self._directory.replicas()):
+        try:
+            replicas = yield self._directory.replicas()
+        except RPCError as e:
+            _log.info("no super-node to keep a mapping to: {reason}", reason=e)
+            return
+        for replica in replicas:
             try:
                 peer = yield self._directory.peer_for(replica)
                 yield self._rpc.ping(peer, replica.address)
@@ -404,7 +408,9 @@ class PunchResource(_JSONResource):
         try:
             body = json.loads(request.content.read())
             peer = body["peer"]
-            accept = bool(body.get("accept", False))
+            accept = body.get("accept", False)
+            if not isinstance(accept, bool):
+                raise ValueError("accept must be true or false")
             wait = float(body.get("wait", 60.0))
             if not isinstance(peer, str) or not 0 < wait <= ACCEPT_SECONDS_LIMIT:
                 raise ValueError("peer must be a name or id, wait 0-600 seconds")

@@ -122,3 +122,93 @@ class CommandLineTests(SynchronousTestCase):
         with open(path, "w") as f:
             f.write("[node]\nbogus = 1\n")
         self.assertIn("unknown key 'bogus'", self.refused("--config", path, "identity"))
+
+
+class PunchCommandLineTests(SynchronousTestCase):
+    """`meshnode punch PEER (--exec CMD | --json)`: its options, and the command it starts."""
+
+    run_cli = CommandLineTests.run_cli
+    refused = CommandLineTests.refused
+
+    PATH = {"local": "192.168.1.5:40001", "public": "198.51.100.7:40001",
+            "peer": "203.0.113.9:50001", "secret": "ab" * 32}
+
+    def setUp(self):
+        self.node_dir = os.path.join(self.mktemp(), "node")
+        self.requests = []
+        self.started = []
+
+    def punch(self, *args):
+        return self.refused("--state-dir", self.node_dir, "punch", *args)
+
+    def answered(self, data):
+        """The running node answers the punch request with `data`; the command is recorded
+        instead of started."""
+        def control_request(state_dir, method, path, body=None, timeout=30):
+            self.requests.append((method, path, body, timeout))
+            return data
+        self.patch(cli, "control_request", control_request)
+        self.patch(os, "execvpe", lambda *args: self.started.append(args))
+
+    def test_exec_or_json_needed(self):
+        """Without --exec or --json the command says what it needs."""
+        self.assertIn("--exec CMD is needed", self.punch("bob"))
+
+    def test_peer_needed(self):
+        """Without PEER the command is refused."""
+        self.assertIn("arguments", self.punch("--exec", "udp-peer"))
+
+    def test_wait_bounds(self):
+        """--wait must be above 0 and at most 600 seconds."""
+        for wait in ("0", "-5", "600.5", "nan", "inf"):
+            self.assertIn("--wait must be more than 0 and at most 600",
+                          self.punch("bob", "--exec", "udp-peer", "--wait", wait))
+
+    def test_wait_not_a_number(self):
+        """A --wait that is not a number is named."""
+        self.assertIn("--wait: 'soon' is not a number",
+                      self.punch("bob", "--exec", "udp-peer", "--wait", "soon"))
+
+    def test_exec_empty_refused(self):
+        """An empty --exec is refused."""
+        self.assertIn("--exec: the command is empty", self.punch("bob", "--exec", ""))
+        self.assertIn("--exec: the command is empty", self.punch("bob", "--exec", "  "))
+
+    def test_exec_unbalanced_quote_refused(self):
+        """An --exec a shell could not split is refused with the reason."""
+        self.assertIn("--exec: No closing quotation", self.punch("bob", "--exec", "cmd 'a"))
+
+    def test_no_node_running(self):
+        """With good options but no node running, exit status 1 says so."""
+        err = self.refused("--state-dir", self.node_dir, "punch", "bob", "--exec", "udp-peer",
+                           status=1)
+        self.assertIn("no node is running", err)
+
+    def test_exec_split_like_a_shell(self):
+        """--exec is split as a shell would; the command gets the path's endpoints and the
+        secret as arguments and MESHNODE_* variables."""
+        self.answered(self.PATH)
+        code, _, err = self.run_cli("--state-dir", self.node_dir, "punch", "bob", "--accept",
+                                    "--wait", "30", "--exec", "udp-peer --name 'my path' -v")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.requests, [("POST", "/v1/punch",
+                                          {"peer": "bob", "accept": True, "wait": 30.0}, 90.0)])
+        ((program, argv, environment),) = self.started
+        self.assertEqual(program, "udp-peer")
+        self.assertEqual(argv, ["udp-peer", "--name", "my path", "-v", "192.168.1.5", "40001",
+                                "198.51.100.7", "40001", "203.0.113.9", "50001", "ab" * 32])
+        self.assertEqual(
+            {key: value for key, value in environment.items() if key.startswith("MESHNODE_")},
+            {"MESHNODE_LOCAL_HOST": "192.168.1.5", "MESHNODE_LOCAL_PORT": "40001",
+             "MESHNODE_PUBLIC_HOST": "198.51.100.7", "MESHNODE_PUBLIC_PORT": "40001",
+             "MESHNODE_PEER_HOST": "203.0.113.9", "MESHNODE_PEER_PORT": "50001",
+             "MESHNODE_SECRET": "ab" * 32})
+
+    def test_json_prints_the_path(self):
+        """With --json the path is printed instead of starting a command."""
+        self.answered(self.PATH)
+        code, out, err = self.run_cli("--state-dir", self.node_dir, "punch", "bob", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out), self.PATH)
+        self.assertEqual(self.started, [])
+

@@ -51,6 +51,8 @@ class StreamCarrier:
         if stream.protocol is not None:
             stream.protocol.sendString(datagram)
         else:
+            if len(stream.queue) == QUEUE_LIMIT:
+                self._drops[f"{mode}_queue_full"] += 1  # the oldest goes, as UDP would lose it
             stream.queue.append(datagram)
 
     def _open(self, mode, address, stream):
