@@ -8,7 +8,6 @@ import hmac
 import itertools
 import json
 import os
-import random
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
@@ -18,6 +17,7 @@ from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 
 from meshnode import stun
+from meshnode.punch import spray_ports
 from meshnode.announce import outbound_address
 from meshnode.control import ControlError, _JSONResource
 from meshnode.records import NatBehaviour
@@ -87,15 +87,6 @@ def birthday_role(mine, theirs):
     if mine in eim and theirs == NatBehaviour.SYMMETRIC:
         return "spray"
     return "plain"
-
-
-def spray_ports(rng, limit=SPRAY_LIMIT):
-    """The ports to probe on a symmetric NAT: Linux picks 1024-2047 about twice as often
-    (NATLAB.md), so those first, each part shuffled."""
-    low, high = list(range(1024, 2048)), list(range(2048, 65536))
-    rng.shuffle(low)
-    rng.shuffle(high)
-    return (low + high)[:limit]
 
 
 class _PunchSocket(protocol.DatagramProtocol):
@@ -281,7 +272,7 @@ class PunchService(service.Service):
             run = (secret, self._rpc.node_id, info.node_id, (target.host, target.port))
             if role == "spray":
                 reached = yield prepared.socket.run(*run, BIRTHDAY_SECONDS,
-                                                    spray=spray_ports(random.Random()))
+                                                    spray=spray_ports(limit=SPRAY_LIMIT))
             elif role == "open":
                 sockets += [self._opener() for _ in range(BIRTHDAY_SOCKETS - 1)]
                 reached, prepared = yield self._first_through(sockets, run)

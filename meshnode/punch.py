@@ -1,10 +1,14 @@
 """TCP hole punching for tunnels (DESIGN.md §7): both sides connect to each other's public
 endpoint from a port they also listen or connected on, so their SYNs cross and each NAT lets
-the other's in (TCP simultaneous open, measured in NATLAB.md)."""
+the other's in (TCP simultaneous open, measured in NATLAB.md). Against a symmetric NAT, whose
+ports cannot be known, birthday probing: its side opens many connections (many mappings),
+the other side's SYNs go to many ports of its address until one meets a mapping."""
 
+import itertools
+import random
 import socket
 
-from twisted.internet import defer, error, protocol, tcp
+from twisted.internet import defer, error, protocol, task, tcp
 from twisted.logger import Logger
 
 _log = Logger()
@@ -12,6 +16,12 @@ _log = Logger()
 PUNCH_SECONDS = 5.0
 RETRY_SECONDS = 0.02  # a refused attempt is repeated at once: a gap lets conntrack spoil the port
 ATTEMPT_LIMIT = 50
+BIRTHDAY_SECONDS = 8.0
+BIRTHDAY_OPENERS = 256
+SPRAY_TICK_SECONDS = 0.05
+SPRAY_PER_TICK = 25  # 500 SYNs a second,
+SPRAY_ATTEMPT_SECONDS = 0.5  # each kept this long: about 250 sockets open at once
+SPRAY_LIMIT = 4000
 
 
 class PunchFailed(Exception):
@@ -100,3 +110,70 @@ class Puncher(protocol.ClientFactory):
     def _fail(self, reason):
         if not self.done.called:
             self.done.errback(PunchFailed(reason))
+
+
+def spray_ports(rng=None, limit=SPRAY_LIMIT):
+    """The ports to probe on a symmetric NAT: Linux picks 1024-2047 about twice as often
+    (NATLAB.md), so those first, each part shuffled."""
+    rng = rng or random.Random()
+    low, high = list(range(1024, 2048)), list(range(2048, 65536))
+    rng.shuffle(low)
+    rng.shuffle(high)
+    return (low + high)[:limit]
+
+
+class Sprayer(protocol.ClientFactory):
+    """Birthday probing's other side: from `local_port`, connects to many `ports` of `host`
+    (SPRAY_PER_TICK each SPRAY_TICK_SECONDS, each attempt kept SPRAY_ATTEMPT_SECONDS) until
+    one meets a connection the far side opened, or `budget` seconds pass. `done` as for
+    Puncher. Attempts under way when one connects are left to end by themselves: cancelling
+    one the kernel has just connected would reset the far side's end of it, which the far
+    side may have taken for the winner."""
+
+    def __init__(self, reactor, local_port, host, ports, build, budget=BIRTHDAY_SECONDS,
+                 interface=""):
+        self._reactor = reactor
+        self._binding = tcp.makeBinding(interface, local_port, True, True)
+        self._host = host
+        self._ports = iter(ports)
+        self._build = build
+        self._budget = budget
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = reactor
+        self._timeout = None
+        self.attempts = 0
+        self.done = defer.Deferred()
+
+    def start(self):
+        self._loop.start(SPRAY_TICK_SECONDS)
+        self._timeout = self._reactor.callLater(self._budget, self._fail,
+                                                "no probe met a connection of the far side")
+        return self.done
+
+    def _tick(self):
+        for port in itertools.islice(self._ports, SPRAY_PER_TICK):
+            self.attempts += 1
+            tcp.Connector(self._host, port, self, SPRAY_ATTEMPT_SECONDS, self._binding,
+                          self._reactor).connect()
+
+    def buildProtocol(self, address):
+        built = self._build()
+        built.factory = self
+        if not self.done.called:
+            self.done.callback(built)
+            self.stop()
+        return built
+
+    def stop(self):
+        """No more probes (those under way end within SPRAY_ATTEMPT_SECONDS)."""
+        if self._loop.running:
+            self._loop.stop()
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._fail("stopped")
+
+    def _fail(self, reason):
+        if not self.done.called:
+            self.done.errback(PunchFailed(f"{reason} ({self.attempts} ports of "
+                                          f"{self._host} probed)"))
+            self.stop()

@@ -206,10 +206,11 @@ class NatMatrixTests(TestCase):
         connection in on any port: punched."""
         return self.check("fullcone", "sym", "punched")
 
-    def test_eim_to_symmetric_relayed(self):
+    def test_eim_to_symmetric_punched_by_birthday_probing(self):
         """The symmetric side's port cannot be known and the tunnel side filters by port:
-        relayed (no TCP birthday probing)."""
-        return self.check("eim", "sym", "relayed")
+        the user-node opens many connections, the tunnel-node probes many ports of its
+        address until one meets (birthday probing)."""
+        return self.check("eim", "sym", "punched")
 
     def test_symmetric_to_symmetric_relayed(self):
         """Symmetric NATs on both sides: relayed."""

@@ -402,3 +402,51 @@ class LoopbackPunchTests(TestCase):
         self.assertIn("after 3 attempts", str(e))
         self.assertEqual(puncher.attempts, 3)
 
+
+
+class SprayerTests(TestCase):
+    """Birthday probing's spraying side with real sockets on 127.0.0.1."""
+
+    timeout = 10
+    setUp, listen, connected = (LoopbackPunchTests.setUp, LoopbackPunchTests.listen,
+                                LoopbackPunchTests.connected)
+
+    def free_ports(self, count):
+        """`count` ports nothing listens on (bound, read, released)."""
+        ports = []
+        for _ in range(count):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                ports.append(probe.getsockname()[1])
+        return ports
+
+    @defer.inlineCallbacks
+    def test_finds_the_one_port_that_answers(self):
+        """Among many ports that refuse, the one with a listener gets the connection, from
+        the sprayer's local port; `done` fires with the built protocol."""
+        own, _ = self.listen(reusable=True)
+        peer, factory = self.listen()
+        ports = self.free_ports(60) + [peer.getHost().port]
+        sprayer = punch.Sprayer(self.reactor, own.getHost().port, "127.0.0.1", ports, _Ends,
+                                budget=5, interface="127.0.0.1")
+        ours, theirs = yield self.connected(sprayer, factory)
+        self.assertIs(ours.factory, sprayer)
+        self.assertEqual(theirs.transport.getPeer().port, own.getHost().port)
+        self.assertEqual(sprayer.attempts, 61)  # SPRAY_PER_TICK a tick: the last in tick 3
+
+    @defer.inlineCallbacks
+    def test_budget_spent_without_a_hit(self):
+        """No port answers: PunchFailed once the budget is spent, naming how many were
+        probed."""
+        own, _ = self.listen(reusable=True)
+        sprayer = punch.Sprayer(self.reactor, own.getHost().port, "127.0.0.1",
+                                self.free_ports(30), _Ends, budget=0.3, interface="127.0.0.1")
+        failure = yield self.assertFailure(sprayer.start(), punch.PunchFailed)
+        self.assertIn("30 ports of 127.0.0.1 probed", str(failure))
+
+    def test_spray_ports_low_ports_first(self):
+        """The ports Linux's symmetric NATs favour (1024-2047) come first, all distinct."""
+        ports = punch.spray_ports(limit=3000)
+        self.assertEqual(sorted(ports[:1024]), list(range(1024, 2048)))
+        self.assertEqual(len(set(ports)), 3000)
+        self.assertTrue(all(port >= 2048 for port in ports[1024:]))

@@ -5,7 +5,7 @@ the two NodeInfos: what each announces (its addresses) and what the replicas saw
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshnode.records import NatBehaviour, NodeInfo, Role
-from meshnode.roles.user import paths
+from meshnode.roles.user import birthday, paths
 from meshnode.wire import Endpoint
 
 NOW_MS = 1_800_000_000_000
@@ -54,9 +54,20 @@ class PathsTests(SynchronousTestCase):
         self.assertEqual(paths(self.mine, theirs), ("relayed",))
 
     def test_we_symmetric_they_endpoint_independent(self):
-        """Our port towards them cannot be known and their filter wants it: relayed only."""
+        """Our port towards them cannot be known and their filter wants it: punched by
+        birthday probing, then relayed."""
         mine = info(NatBehaviour.SYMMETRIC, [(OUR_PUBLIC, 40000), (OUR_PUBLIC, 40001)])
-        self.assertEqual(paths(mine, info(EIM, [THEIR_PUBLIC, THEIR_PUBLIC])), ("relayed",))
+        theirs = info(EIM, [THEIR_PUBLIC, THEIR_PUBLIC])
+        self.assertEqual(paths(mine, theirs), ("punched", "relayed"))
+        self.assertTrue(birthday(mine, theirs))
+
+    def test_birthday_only_against_a_port_filter(self):
+        """Birthday probing only for a symmetric user-node and an endpoint-independent
+        tunnel-node: a full-cone one takes any port, two endpoint-independent ones punch
+        plainly."""
+        symmetric = info(NatBehaviour.SYMMETRIC, [(OUR_PUBLIC, 40000), (OUR_PUBLIC, 40001)])
+        self.assertFalse(birthday(symmetric, info(NatBehaviour.FULL_CONE, [THEIR_PUBLIC])))
+        self.assertFalse(birthday(self.mine, info(EIM, [THEIR_PUBLIC])))
 
     def test_we_symmetric_they_full_cone(self):
         """A full-cone tunnel-node lets any of our ports in: punched, then relayed."""

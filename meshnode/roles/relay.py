@@ -199,7 +199,7 @@ class RelayService(service.Service):
         self.introduced += 1
         if tunnel:
             passed = Introduction(message.tunnel_node, message.device_id, message.port,
-                                  message.endpoint, back)
+                                  message.endpoint, back, message.birthday)
         else:
             passed = PunchIntroduction(message.peer, message.endpoint, message.nonce, back)
         self._rpc.send(peer, target, passed)

@@ -409,13 +409,19 @@ class TunnelService(service.MultiService):
         token = os.urandom(tunnel_tls.TOKEN_SIZE)
         self._expire_grants()
         peer = message.endpoint
-        puncher = punch.Puncher(self._clock, self.port, (peer.host, peer.port),
-                                lambda: _PunchGate(self), interface=self._listen_address)
+        if message.birthday:  # behind a symmetric NAT: probe many ports of its address
+            puncher = punch.Sprayer(self._clock, self.port, peer.host, punch.spray_ports(),
+                                    lambda: _PunchGate(self), interface=self._listen_address)
+        else:
+            puncher = punch.Puncher(self._clock, self.port, (peer.host, peer.port),
+                                    lambda: _PunchGate(self), interface=self._listen_address)
         self._grants[token] = _Grant(requester, address, port,
                                      self._clock.seconds() + TOKEN_SECONDS, "punched", puncher)
         # Its failure is no error: the requester's connection may reach the tunnel port
         # instead (an endpoint-independent filter), or the requester falls back to a relay.
-        puncher.start().addErrback(lambda failure: None)
+        puncher.start().addErrback(lambda failure: _log.info(
+            "punching towards {peer} ended: {reason}", peer=peer,
+            reason=failure.getErrorMessage()))
         answer(TunnelResult.OPENED, "", Endpoint(host, self.port), token)
         return None
 

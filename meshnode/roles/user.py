@@ -19,6 +19,7 @@ import attrs
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from meshnode import config, punch, tunnel_tls
 from meshnode.control import ControlError, _JSONResource
@@ -58,9 +59,17 @@ def paths(mine, theirs):
         return ("direct", "relayed")
     if nat == NatBehaviour.SYMMETRIC or not mine.observed or not theirs.observed:
         return ("relayed",)
-    if mine.nat == NatBehaviour.SYMMETRIC and nat != NatBehaviour.FULL_CONE:
+    if mine.nat == NatBehaviour.SYMMETRIC and nat not in (NatBehaviour.FULL_CONE,
+                                                           NatBehaviour.ENDPOINT_INDEPENDENT):
         return ("relayed",)
     return ("punched", "relayed")
+
+
+def birthday(mine, theirs):
+    """Punch by birthday probing: we are behind a symmetric NAT, the tunnel-node behind an
+    endpoint-independent one that filters by port (a full-cone one takes any port)."""
+    return (mine.nat == NatBehaviour.SYMMETRIC
+            and theirs.nat == NatBehaviour.ENDPOINT_INDEPENDENT)
 
 
 @attrs.define
@@ -192,21 +201,49 @@ class UserService(service.Service):
     @defer.inlineCallbacks
     def _punched(self, mine, node, info, device, port):
         """A super-node introduces us; both sides connect to each other's public endpoint
-        from their punch ports at once (TCP simultaneous open)."""
+        from their punch ports at once (TCP simultaneous open). Behind a symmetric NAT, we
+        open many connections and the tunnel-node probes many ports (birthday probing)."""
+        many = birthday(mine, info)
         held = punch.reserve_port()
         try:
             public = Endpoint(mine.observed[0].host, held.getsockname()[1])
             opened = yield self._directory.through_super_nodes(
-                Introduce(node.node_id, device.device_id, port, public))
+                Introduce(node.node_id, device.device_id, port, public, birthday=many))
             ready = defer.Deferred()
-            puncher = punch.Puncher(
-                self._clock, public.port, (opened.endpoint.host, opened.endpoint.port),
-                lambda: _TunnelLeg(self._tls, opened.token, node.signing_key, ready))
-            puncher.start().addErrback(
-                lambda f: ready.called or ready.errback(TunnelFailed(f.getErrorMessage())))
+            target = (opened.endpoint.host, opened.endpoint.port)
+
+            def leg():
+                return _TunnelLeg(self._tls, opened.token, node.signing_key, ready, many)
+
+            if many:
+                self._race(ready, target, leg)
+            else:
+                punch.Puncher(self._clock, public.port, target, leg).start().addErrback(
+                    lambda f: ready.called or ready.errback(TunnelFailed(f.getErrorMessage())))
         finally:
             held.close()  # the puncher's own socket holds the port now
         return (yield ready)
+
+    def _race(self, ready, target, leg):
+        """Birthday probing from behind our symmetric NAT: BIRTHDAY_OPENERS connections to
+        the tunnel-node (each its own mapping) while it probes our ports; `ready` fires with
+        the first leg through TLS; the rest are stopped then."""
+        punchers = [punch.Puncher(self._clock, 0, target, leg, punch.BIRTHDAY_SECONDS)
+                    for _ in range(punch.BIRTHDAY_OPENERS)]
+        attempts = defer.DeferredList([one.start() for one in punchers], consumeErrors=True)
+        attempts.addCallback(lambda results: ready.called or any(ok for ok, _ in results)
+                             or ready.errback(TunnelFailed(
+                                 f"none of {len(punchers)} connections got through")))
+        ready.addTimeout(punch.BIRTHDAY_SECONDS + CONNECT_TIMEOUT_SECONDS, self._clock)
+
+        def settled(result):
+            for one in punchers:
+                one.stop()
+            if isinstance(result, Failure) and result.check(defer.TimeoutError):
+                raise TunnelFailed("no connection through birthday probing reached TLS")
+            return result
+
+        ready.addBoth(settled)
 
     @defer.inlineCallbacks
     def _relayed(self, mine, node, info, device, port):
@@ -280,11 +317,20 @@ class _TunnelLeg(tunnel_tls.GateDialer, FramedLeg, tunnel_tls.HandshakeWatch):
 
     gate_seconds = CONNECT_TIMEOUT_SECONDS * 2
 
-    def __init__(self, context, token, expected_key, ready):
+    def __init__(self, context, token, expected_key, ready, racing=False):
         self._context = context
         self.gate_token = token
         self.expected_key = expected_key
         self._ready = ready
+        # Birthday probing: several connections may get through; each offers the token,
+        # the tunnel-node takes the first, and the others' ends do not fail the tunnel.
+        self._racing = racing
+
+    def connectionMade(self):
+        if self._racing and self._ready.called:
+            self.transport.abortConnection()  # another one won already
+            return
+        tunnel_tls.GateDialer.connectionMade(self)
 
     def gate_opened(self, received):
         tunnel_tls.start_tls(self, self._context, True, received)
@@ -298,7 +344,7 @@ class _TunnelLeg(tunnel_tls.GateDialer, FramedLeg, tunnel_tls.HandshakeWatch):
             self._ready.errback(TunnelFailed(reason))
 
     def left(self):
-        if not self._ready.called:
+        if not self._ready.called and not self._racing:
             self._ready.errback(TunnelFailed("the tunnel closed before TLS was up"))
 
 

@@ -811,7 +811,9 @@ def _read_back(r, payload):
 class Introduce:
     """A user-node asks a super-node to introduce it to a tunnel-node for a punched tunnel to
     a device: `endpoint` is where the user-node will connect from (its public address and
-    punch port). The super-node passes it on as an Introduction naming the requester."""
+    punch port). The super-node passes it on as an Introduction naming the requester.
+    `birthday`: the user-node is behind a symmetric NAT and opens many connections; the
+    tunnel-node is to probe many ports of its address (birthday probing)."""
 
     COMMAND = Command.INTRODUCE
     tunnel_node: bytes
@@ -819,10 +821,11 @@ class Introduce:
     port: int
     endpoint: Endpoint
     back: tuple | None = None  # (requester's Signed Node, its RPC Endpoint, request id)
+    birthday: bool = False
 
     def encode(self):
         w = Writer().fixed(self.tunnel_node, 32).fixed(self.device_id, 32).u16(self.port)
-        w.endpoint(self.endpoint)
+        w.endpoint(self.endpoint).u8(int(self.birthday))
         if self.back is not None:
             _write_back(w, self.back)
         return w.bytes()
@@ -831,9 +834,12 @@ class Introduce:
     def decode(cls, payload):
         r = Reader(payload)
         tunnel_node, device_id, port, endpoint = r.fixed(32), r.fixed(32), r.u16(), r.endpoint()
+        birthday = r.u8()
+        if birthday > 1:
+            raise DecodeError("the birthday flag is 0 or 1")
         back = _read_back(r, payload)
         r.end()
-        return cls(tunnel_node, device_id, port, endpoint, back)
+        return cls(tunnel_node, device_id, port, endpoint, back, bool(birthday))
 
 
 class Introduction(Introduce):
