@@ -296,7 +296,8 @@ def one_path(reactor, options, state, name):
                                f"{len(samples)} tunnels, not all {expected!r}: {after}")
         if not samples or not bare["samples"]:
             raise RuntimeError("no connection timed (stopped?)")
-        details = (f"lab {lab.prefix}, it and the nodes up in {built:.1f} s; warm-up tunnel {warm:.1f} ms"
+        details = (f"lab {lab.prefix}, it and the nodes up in {built:.1f} s; "
+                   f"warm-up tunnel {warm:.1f} ms"
                    f"{f' after {failed} failed attempts' if failed else ''}; {len(samples)} "
                    f"tunnels in {timed:.1f} s: min {min(samples):.1f}, max {max(samples):.1f}"
                    f" ms, first three " + ", ".join(f"{x:.1f}" for x in samples[:3])

@@ -158,7 +158,8 @@ class TunnelService(service.MultiService):
         self._rpc.register(Command.TUNNEL_REQUEST, self._tunnel_request, same_domain)
         self._rpc.register(Command.RELAYED_TUNNEL_REQUEST, self._forwarded_request,
                            self._directory.from_super_node)
-        self._rpc.register(Command.INTRODUCTION, self._introduction, self._directory.from_super_node)
+        self._rpc.register(Command.INTRODUCTION, self._introduction,
+                           self._directory.from_super_node)
         _log.info("tunnel port {port}; locations {locations}", port=self.port,
                   locations=[i.hex()[:16] for i in self.locations()])
         super().startService()

@@ -49,9 +49,9 @@ def _same_lan(mine, theirs):
 def paths(mine, theirs):
     """The paths worth trying to a tunnel-node, in order, from what our and its NodeInfo say
     (DESIGN.md §6.3): direct when it is public, announces an address at its public IP (a UPnP
-    mapping) or shares our public address (one LAN); punched unless a symmetric NAT makes
-    the far side's port unknowable (a full-cone tunnel-node lets any port in); relayed always
-    last."""
+    mapping) or shares our public address (one LAN); punched unless the tunnel-node is
+    behind a symmetric NAT (from behind ours: by birthday probing, or straight to a full-cone
+    one); relayed always last."""
     nat = theirs.nat
     public = {e.host for e in theirs.observed}
     if (nat == NatBehaviour.PUBLIC or any(e.host in public for e in theirs.addresses)
