@@ -1,6 +1,9 @@
-"""The firewall fallback (seed 001 §5.5): when UDP to the operator gets no answers but TCP
-does, the RPC moves to TCP streams, and to TLS on the fallback port (443) when only that
-passes; UDP is tried again every CHECK_SECONDS and taken back as soon as it answers."""
+"""The firewall fallback (seed 001 §5.5): when UDP gets no answers but TCP does, the RPC moves
+to TCP streams, and to TLS on the fallback port (443) when only that passes; UDP is tried
+again every CHECK_SECONDS and taken back as soon as it answers. Probes go to a random placed
+super-node (the operator while there is none), so their load spreads as users grow."""
+
+import random
 
 from twisted.application import internet, service
 from twisted.internet import defer
@@ -22,6 +25,8 @@ class FallbackService(service.MultiService):
         super().__init__()
         self._rpc = rpc
         self._directory = directory
+        self._clock = clock
+        self._random = random.Random()
         self.observers = []  # called (no arguments) when the mode changed
         self.last_probe = {}
         self._checking = False
@@ -38,29 +43,45 @@ class FallbackService(service.MultiService):
         d.addBoth(lambda _: setattr(self, "_checking", False))
         return d
 
+    def _target(self):
+        """Whom to probe → (the node id that must answer, or None for an operator; its
+        address)."""
+        placed = list(self._directory.super_node_list.super_nodes().values())
+        if placed:
+            replica, _ = self._random.choice(placed)
+            return replica.node_id, replica.address
+        return None, self._directory.operator_address
+
     @defer.inlineCallbacks
-    def _answers(self, mode):
-        """Whether the operator answers a GetNode sent by `mode` (another node answering
-        there — another service on that host's port 443 — does not count)."""
-        address = self._directory.operator_address
+    def _answers(self, mode, target):
+        """Whether `target` answers a GetNode sent by `mode` (another node answering there —
+        another service on that host's port 443 — does not count)."""
+        node_id, address = target
         try:
             peer = yield self._rpc.fetch_node(address, PROBE_TIMEOUT_SECONDS, mode)
         except RPCError as e:
             self.last_probe[mode] = str(e)
             return False
-        if not self._rpc.trust.is_operator(peer.node.node_id):
-            self.last_probe[mode] = f"a node other than the operator answered at {address}"
+        answered = peer.node.node_id
+        if answered != node_id and not (node_id is None
+                                        and self._rpc.trust.is_operator(answered)):
+            self.last_probe[mode] = f"another node answered at {address[0]}:{address[1]}"
             return False
         self.last_probe[mode] = "answered"
         return True
 
     @defer.inlineCallbacks
     def check(self):
-        """Keep the first mode, in MODES order, whose frames the operator answers."""
+        """Keep the first mode, in MODES order, whose frames the probed node answers; while
+        UDP answers arrive anyway, nothing is probed."""
         if not self._rpc.enrolled or self._directory.operator_address is None:
             return self._rpc.mode
+        if (self._rpc.mode == "udp"
+                and self._clock.seconds() - self._rpc.heard_at < CHECK_SECONDS):
+            return self._rpc.mode
+        target = self._target()
         for mode in MODES:
-            if (yield self._answers(mode)):
+            if (yield self._answers(mode, target)):
                 if mode != self._rpc.mode:
                     self._switch(mode)
                 break  # when none answers (the operator is away), nothing changes

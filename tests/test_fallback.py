@@ -20,6 +20,7 @@ from tests.mesh import Mesh
 OPERATOR_ID = bytes([0x01]) * 32
 OTHER_ID = bytes([0x02]) * 32
 OPERATOR_ADDRESS = ("192.0.2.1", 7400)
+SUPER_ADDRESS = ("192.0.2.2", 7410)
 HANG = object()  # a probe that never ends
 
 
@@ -50,6 +51,7 @@ class _RPC:
     def __init__(self, clock):
         self._clock = clock
         self.mode = "udp"
+        self.heard_at = float("-inf")
         self.enrolled = True
         self.trust = _Trust()
         self.carrier = _Carrier()
@@ -74,9 +76,24 @@ class _RPC:
         self.mode = mode
 
 
+class _Replica:
+    def __init__(self, node_id, address):
+        self.node_id = node_id
+        self.address = address
+
+
+class _SuperNodeList:
+    def __init__(self):
+        self.placed = {}
+
+    def super_nodes(self):
+        return self.placed
+
+
 class _Directory:
     def __init__(self):
         self.operator_address = OPERATOR_ADDRESS
+        self.super_node_list = _SuperNodeList()
         self.retried = 0
 
     def retry_operator(self):
@@ -158,13 +175,30 @@ class CheckTests(FallbackTestCase):
         self.assertEqual(self.check("tcp", tls=OPERATOR_ID), "tls")
         self.assertEqual(self.switches, ["tls"])
 
-
     def test_other_node_does_not_count(self):
         """Another node answering at the operator's address (another service on that host's
         port) is not the operator: the next mode is tried, and status says why."""
         self.assertEqual(self.check(udp=OTHER_ID, tcp=OPERATOR_ID), "tcp")
-        self.assertIn("a node other than the operator answered",
+        self.assertIn("another node answered at 192.0.2.1:7400",
                       self.service.status()["probes"]["udp"])
+
+    def test_udp_answers_arriving_probe_nothing(self):
+        """While answers to our calls arrive over UDP, a check probes nothing at all."""
+        self.rpc.heard_at = self.clock.seconds() - CHECK_SECONDS / 2
+        self.assertEqual(self.check(udp=OPERATOR_ID), "udp")
+        self.assertEqual(self.rpc.probes, [])
+        self.clock.advance(CHECK_SECONDS)
+        self.assertEqual(self.check(udp=OPERATOR_ID), "udp")
+        self.assertEqual(self.probed(), ["udp"])
+
+    def test_placed_super_node_probed_not_the_operator(self):
+        """With super-nodes placed, a random one of them is probed (their load grows with
+        the users, the operator's stays flat), and only it counts as answering."""
+        self.directory.super_node_list.placed = {OTHER_ID: (_Replica(OTHER_ID, SUPER_ADDRESS),
+                                                           [(0, 0xFFFF)])}
+        self.assertEqual(self.check(udp=OPERATOR_ID, tcp=OTHER_ID), "tcp")
+        self.assertEqual([address for _, address, _ in self.rpc.probes],
+                         [SUPER_ADDRESS, SUPER_ADDRESS])
 
     def test_only_another_node_answers(self):
         """Only another node answering: no change."""

@@ -179,6 +179,7 @@ class RPCService(service.Service):
         self.learned = []
         self.peers = None
         self.fallback_port = fallback_port
+        self.heard_at = float("-inf")  # when the last answer to one of our calls came
         self.mode = "udp"  # or "tcp"/"tls" while UDP gets no answers (meshnode/fallback.py)
         self.relay_gate = lambda: None  # the relay sets it: relay legs arriving on 443
         self._fallback_listener = None
@@ -401,6 +402,7 @@ class RPCService(service.Service):
         del self._pending[request_id]
         self.accepted[command] += 1
         peer.address, peer.via = source, send
+        self.heard_at = self._clock.seconds()
         call.deferred.callback(message)
 
     # -- the plain bootstrap commands ---------------------------------------------------
