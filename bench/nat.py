@@ -10,7 +10,6 @@ receive the device's first echoed byte; close. One connection before them is a w
 user-node's first lookups; its time is on stderr with --verbose). The paths:
 
 - `punched`: routers eim / eim: a super-node introduces the two, TCP simultaneous open;
-- `birthday`: eim / sym: punched by birthday probing (many connections against many ports);
 - `upnp`: router 1 eim with the lab's UPnP gateway (miniupnpd) mapping the tunnel-node's ports,
   router 2 sym: the user-node connects "direct" through the mapping;
 - `relayed`: sym / sym: through the super-node's relay.
@@ -24,7 +23,7 @@ on pub, timed by a client (this script's `client` role) run in h2's namespace, o
 then up to `--count` in `--seconds`. Each path's baseline is its own lab's (router 2 differs).
 
 Prints one JSON object per figure (bench/rpc.py's print_figure), LOWER is better:
-`nat_ttfb_{punched,birthday,upnp,relayed}_p50` and `_p99` (ms, nearest-rank percentiles),
+`nat_ttfb_{punched,upnp,relayed}_p50` and `_p99` (ms, nearest-rank percentiles),
 baseline the
 same percentile of the bare TCP exchange, ratio = value / baseline.
 
@@ -55,7 +54,6 @@ THIS = os.path.abspath(__file__)
 # name → (router 1's NAT, router 2's NAT, UPnP gateway on router 1, the path the user-node
 # must report)
 PATHS = {"punched": ("eim", "eim", False, "punched"),
-         "birthday": ("eim", "sym", False, "punched"),
          "upnp": ("eim", "sym", True, "direct"),
          "relayed": ("sym", "sym", False, "relayed")}
 PAYLOAD = b"ping"
