@@ -23,9 +23,8 @@ on pub, timed by a client (this script's `client` role) run in h2's namespace, o
 then up to `--count` in `--seconds`. Each path's baseline is its own lab's (router 2 differs).
 
 Prints one JSON object per figure (bench/rpc.py's print_figure), LOWER is better:
-`nat_ttfb_{punched,upnp,relayed}_p50` and `_p99` (ms, nearest-rank percentiles),
-baseline the
-same percentile of the bare TCP exchange, ratio = value / baseline.
+`nat_ttfb_{punched,upnp,relayed}_p50` and `_p99` (ms, nearest-rank percentiles), baseline
+the same percentile of the bare TCP exchange, ratio = value / baseline.
 
 Not root, or the lab's tools missing (ip, nft, conntrack, sysctl, timeout, turnserver): one line
 on stderr saying why, exit status 0. Without miniupnpd only the upnp path is skipped (noted).
