@@ -15,6 +15,7 @@ from twisted.trial.unittest import TestCase
 from tests.natlab import Lab
 from tests.nodes import ROOT, Network, environment, meshnode_command, run_command
 from tests.test_super_integration import wait_for
+from tests.test_tunnel_integration import _Client
 
 LOCATION = "6b" * 32
 DEVICE_PORT = 9100
@@ -35,30 +36,6 @@ class _Quiet(protocol.ProcessProtocol):
 
     def childDataReceived(self, fd, data):
         self.output = (self.output + data)[-4000:]
-
-
-class _Echoed(protocol.Protocol):
-    """Sends `data` through the tunnel to the device (an echo server) and hashes the echo."""
-
-    def __init__(self, data):
-        self.data = data
-        self.hash = hashlib.sha256()
-        self.received = 0
-        self.done = defer.Deferred()
-
-    def connectionMade(self):
-        self.transport.write(self.data)
-
-    def dataReceived(self, data):
-        self.hash.update(data)
-        self.received += len(data)
-        if self.received >= len(self.data) and not self.done.called:
-            self.done.callback(self.hash.hexdigest())
-
-    def connectionLost(self, reason):
-        if not self.done.called:
-            self.done.errback(AssertionError(f"closed after {self.received} bytes: "
-                                             f"{reason.getErrorMessage()}"))
 
 
 class LabNetwork:
@@ -157,7 +134,7 @@ class LabNetwork:
     def exchange(self, path, size=EXCHANGE_BYTES):
         """`size` bytes to the device and back through the tunnel → the path that won."""
         data = os.urandom(size)
-        client = _Echoed(data)
+        client = _Client([data], len(data))  # the device echoes: the answer is the data
         yield protocol.ClientCreator(reactor, lambda: client).connectUNIX(path)
         try:
             echoed = yield client.done
