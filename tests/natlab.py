@@ -30,11 +30,13 @@ drop`) and forwards inbound only for established flows, UPnP mappings and fullco
 
 import os
 import secrets
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 import uuid
@@ -46,7 +48,8 @@ BUILD_TIMEOUT = 20  # seconds, for the whole topology
 DAEMON_LIFETIME = 900  # seconds: `timeout` ends a lab daemon whose test process died
 DAEMON_START_TIMEOUT = 10  # seconds, for miniupnpd and coturn to be ready
 PROCESS_END_TIMEOUT = 5  # seconds, for spawned processes to be reaped at teardown
-KILL_ROUNDS = 100  # at 5 ms each: at teardown, processes die from the leaves of their tree up
+KILL_ROUNDS = 100  # at teardown, processes die from the leaves of their tree up,
+KILL_WAIT_SECONDS = 0.5  # each round waiting at most this long for its processes to end
 UPNP_HTTP_PORT = 5000
 STUN_PORT = 3478
 STUN_ALT_PORT = 3479
@@ -430,23 +433,16 @@ class Lab:
         """Start a daemon in `role` under `timeout`, its output in a log file, and wait until
         `ready(log text)` is true."""
         log_path = os.path.join(self._dir, f"{name}.log")
-        with open(log_path, "wb") as log:
-            daemon = subprocess.Popen(
-                [tool("ip"), "netns", "exec", self.ns(role), tool("timeout"), "-s", "KILL",
-                 str(DAEMON_LIFETIME), *argv], stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL)
+        daemon = subprocess.Popen(
+            [tool("ip"), "netns", "exec", self.ns(role), tool("timeout"), "-s", "KILL",
+             str(DAEMON_LIFETIME), *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL)
         self._daemons.append((name, daemon, log_path))
-        deadline = time.monotonic() + DAEMON_START_TIMEOUT
-        while True:
-            with open(log_path, errors="replace") as f:
-                text = f.read()
-            if ready(text):
-                return
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                state = ("exited" if daemon.poll() is not None else
-                         f"not ready in {DAEMON_START_TIMEOUT} s")
-                raise RuntimeError(f"{name} {state} ({what}); its log:\n{text[-3000:]}")
-            time.sleep(0.01)
+        watch = _Readiness(daemon.stdout, log_path, ready)
+        if not watch.settled.wait(DAEMON_START_TIMEOUT) or not watch.ready:
+            state = "exited" if watch.settled.is_set() else (
+                f"not ready in {DAEMON_START_TIMEOUT} s")
+            raise RuntimeError(f"{name} {state} ({what}); its log:\n{watch.text[-3000:]}")
 
     def _start_coturn(self):
         argv = [tool("turnserver"), "-n", "--stun-only", "--no-cli", "--no-tls", "--no-dtls",
@@ -522,12 +518,18 @@ class Lab:
             if not pids:
                 return
             parents = {_parent(pid) for pid in pids}
+            ending = []
             for pid in [pid for pid in pids if pid not in parents] or pids:
                 try:
+                    ending.append(os.pidfd_open(pid))
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            time.sleep(0.005)
+            try:  # a pidfd turns readable once its process has ended
+                select.select(ending, [], [], KILL_WAIT_SECONDS)
+            finally:
+                for fd in ending:
+                    os.close(fd)
 
     def _pids(self):
         pids = set()
@@ -537,6 +539,30 @@ class Lab:
             pids.update(int(word) for word in result.stdout.split())
         pids.discard(os.getpid())
         return pids
+
+
+class _Readiness:
+    """Copies a daemon's output to its log file in a thread; `settled` is set once
+    `ready(output so far)` holds (`ready` True) or the output ends (the daemon exited)."""
+
+    def __init__(self, pipe, log_path, ready):
+        self.text = ""
+        self.ready = False
+        self.settled = threading.Event()
+        self._check = ready
+        threading.Thread(target=self._copy, args=(pipe, log_path), daemon=True).start()
+
+    def _copy(self, pipe, log_path):
+        with pipe, open(log_path, "wb") as log:
+            for line in pipe:  # until the daemon's end closes the pipe
+                log.write(line)
+                log.flush()
+                if not self.settled.is_set():
+                    self.text += line.decode(errors="replace")
+                    if self._check(self.text):
+                        self.ready = True
+                        self.settled.set()
+        self.settled.set()
 
 
 def _parent(pid):
