@@ -39,6 +39,15 @@ class DirectoryError(RPCError):
     """The directory could not find what was asked for; the message says why."""
 
 
+class NotPassedOn(DirectoryError):
+    """No super-node got an OPENED answer for a request it passes on; `refusals`: the
+    reasons the other node (or the super-nodes) gave."""
+
+    def __init__(self, message, refusals):
+        super().__init__(message)
+        self.refusals = refusals
+
+
 @attrs.frozen
 class Replica:
     """A node that serves DHT partitions (a super-node or an operator) and where it listens."""
@@ -205,7 +214,7 @@ class DirectoryService(service.MultiService):
         """Send `request` (to be passed on to another node of our domain) to the super-nodes
         of our domain in turn → the first OPENED ForwardedTunnelOpened, the other node's
         answer passed back; DirectoryError with every refusal when none."""
-        errors = []
+        errors, refusals = [], []
         for replica in (yield self.replicas()):
             if self._rpc.trust.is_operator(replica.node_id):
                 continue  # operators neither relay nor introduce
@@ -218,7 +227,8 @@ class DirectoryService(service.MultiService):
             if opened.result == TunnelResult.OPENED:
                 return opened
             errors.append(f"refused: {opened.reason}")
-        raise DirectoryError(", ".join(errors) or "no super-node of this domain")
+            refusals.append(opened.reason)
+        raise NotPassedOn(", ".join(errors) or "no super-node of this domain", refusals)
 
     def retry_operator(self):
         """The way to the operator changed (meshnode/fallback.py): try it again at once."""

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from meshnode import stun
 from meshnode.punch import spray_ports
 from meshnode.announce import outbound_address
+from meshnode.directory import NotPassedOn
 from meshnode.control import ControlError, _JSONResource
 from meshnode.records import NatBehaviour
 from meshnode.rpc.messages import (Command, ForwardedTunnelOpened, PunchRequest,
@@ -317,9 +318,11 @@ class PunchService(service.Service):
             try:
                 return (yield self._directory.through_super_nodes(
                     PunchRequest(peer_id, prepared.public, prepared.nonce)))
-            except RPCError as e:
-                if "not_accepting" not in str(e) or self._clock.seconds() >= deadline:
+            except NotPassedOn as e:
+                if "not_accepting" not in e.refusals or self._clock.seconds() >= deadline:
                     raise PunchFailed(f"no introduction to {peer_spec!r}: {e}")
+            except RPCError as e:
+                raise PunchFailed(f"no introduction to {peer_spec!r}: {e}")
             yield task.deferLater(self._clock, RETRY_SECONDS, lambda: None)
 
     @defer.inlineCallbacks
