@@ -14,7 +14,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 run: $(BIN)/.installed
-	$(BIN)/python -m meshnode.demo $(DEMO_ARGS)
+	$(BIN)/python -m meshnode.cli.demo $(DEMO_ARGS)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m twisted.trial --jobs=2 $(TRIAL_ARGS) tests

@@ -208,10 +208,10 @@ def run_directory_client(operator_port, state_dir, database, target, replicas, c
     from twisted.application import service
     from twisted.internet import defer, reactor, task
 
-    from meshnode.directory import DirectoryError, DirectoryService
-    from meshnode.identity import IdentityService
+    from meshnode.core.directory import DirectoryError, DirectoryService
+    from meshnode.core.identity import IdentityService
     from meshnode.rpc.service import RPCError, RPCService
-    from meshnode.store import StoreService
+    from meshnode.core.store import StoreService
 
     target = bytes.fromhex(target)
     node = service.MultiService()
@@ -309,7 +309,7 @@ class Network:
     def enroll(self, name):
         from twisted.internet import reactor
 
-        from meshnode import identity
+        from meshnode.core import identity
         from meshnode.roles.operator import signing
 
         state_dir = self.path(name)
@@ -342,7 +342,7 @@ class Network:
         return process, port
 
     def status(self, state_dir):
-        from meshnode import cli
+        from meshnode.cli import main as cli
 
         try:
             return cli.control_request(state_dir, "GET", "/v1/status", None, 5)

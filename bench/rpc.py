@@ -18,7 +18,7 @@ import time
 WINDOW = 64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout's meshnode, as the child processes use
-from meshnode.demo import free_port  # noqa: E402  (UDP and TCP both free)
+from meshnode.cli.demo import free_port  # noqa: E402  (UDP and TCP both free)
 
 
 def wait_for_udp_node(port, state_dir, deadline):
@@ -74,7 +74,7 @@ def start_client(state_dir):
     """A started RPC for the enrolled identity in `state_dir` (a benchmark's client side)."""
     from twisted.internet import reactor
 
-    from meshnode.identity import IdentityService
+    from meshnode.core.identity import IdentityService
     from meshnode.rpc.service import RPCService
 
     identity = IdentityService(state_dir, reactor)
@@ -172,7 +172,7 @@ def enroll(workdir):
     """An operator ("op") and two nodes ("server", "client"), signed with the library."""
     from twisted.internet import reactor
 
-    from meshnode import identity
+    from meshnode.core import identity
     from meshnode.roles.operator import signing
 
     signing.init_operator(os.path.join(workdir, "op"), 0x00010000, "operator", reactor)

@@ -561,7 +561,7 @@ class Bench:
     def enroll(self, name):
         from twisted.internet import reactor
 
-        from meshnode import identity
+        from meshnode.core import identity
         from meshnode.roles.operator import signing
 
         state_dir = self.path(name)
@@ -572,7 +572,7 @@ class Bench:
         return state_dir
 
     def status(self, name):
-        from meshnode import cli
+        from meshnode.cli import main as cli
 
         try:
             return cli.control_request(self.path(name), "GET", "/v1/status", None, 5)
@@ -647,7 +647,7 @@ class Bench:
                             *(["--no-direct"] if path == "relayed" else []))
         self.enroll("user1")
         self.start_node("user1", *at_operator)
-        from meshnode import cli
+        from meshnode.cli import main as cli
 
         listeners = {}
         for path in ("direct", "relayed"):

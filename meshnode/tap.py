@@ -8,13 +8,13 @@ import urllib.parse
 from twisted.python import usage
 
 from meshnode import config
-from meshnode.announce import AnnouncerService
-from meshnode.control import ControlService
-from meshnode.directory import DirectoryService
-from meshnode.enrollment import EnrollmentClient
-from meshnode.fallback import FallbackService
-from meshnode.handover import PunchService
-from meshnode.identity import IdentityService
+from meshnode.core.reachability import AnnouncerService
+from meshnode.core.control import ControlService
+from meshnode.core.directory import DirectoryService
+from meshnode.core.enrollment import EnrollmentClient
+from meshnode.nat.fallback import FallbackService
+from meshnode.nat.handover import PunchService
+from meshnode.core.identity import IdentityService
 from meshnode.node import MeshNode
 from meshnode.records import Role
 from meshnode.roles.operator import OperatorService
@@ -22,8 +22,8 @@ from meshnode.roles.super import SuperService
 from meshnode.roles.tunnel import Limits, TunnelService
 from meshnode.roles.user import UserService
 from meshnode.rpc.service import RPCService
-from meshnode.store import StoreService, sqlite_url
-from meshnode.upnp import PortMapper
+from meshnode.core.store import StoreService, sqlite_url
+from meshnode.nat.upnp import PortMapper
 
 ROLE_FLAGS = ("operator", "super", "tunnel", "user")
 

@@ -7,14 +7,16 @@ users are enrolled in that registry and carry what it signed for them.
 import sqlalchemy as sa
 from twisted.internet import defer
 
-from meshnode import dht, records, store
-from meshnode.dht import PartitionService
-from meshnode.directory import DirectoryService
-from meshnode.identity import Enrollment, Identity
+from meshnode import records
+
+from meshnode.core import dht, store
+from meshnode.core.dht import PartitionService
+from meshnode.core.directory import DirectoryService
+from meshnode.core.identity import Enrollment, Identity
 from meshnode.records import Role
 from meshnode.roles.operator import directory, registry
 from meshnode.rpc.service import RPCService
-from meshnode.schema import dht_records
+from meshnode.core.schema import dht_records
 from tests.fakes import FakeNetwork, FakeReactor
 
 EPOCH = 1_800_000_000

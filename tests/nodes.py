@@ -8,8 +8,10 @@ import tempfile
 
 from twisted.internet import defer, protocol, reactor, task, threads
 
-from meshnode import cli, identity
-from meshnode.demo import free_port as free_udp_port  # UDP and TCP both free
+from meshnode.cli import main as cli
+
+from meshnode.core import identity
+from meshnode.cli.demo import free_port as free_udp_port  # UDP and TCP both free
 from meshnode.roles.operator import signing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,9 +3,9 @@
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode.announce import AnnouncerService, classify, from_stun
+from meshnode.core.reachability import AnnouncerService, classify, from_stun
 from meshnode.records import NatBehaviour, Role
-from meshnode.stun import Behaviour, NatReport
+from meshnode.nat.stun import Behaviour, NatReport
 from meshnode.wire import Endpoint
 
 LOCAL = [Endpoint("10.0.0.5", 7400)]

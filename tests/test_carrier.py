@@ -20,8 +20,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode import tunnel_tls
-from meshnode.identity import Identity
+from meshnode.streams import tunnel_tls
+from meshnode.core.identity import Identity
 from meshnode.rpc.carrier import (CONNECT_SECONDS, QUEUE_LIMIT, TLS_HANDSHAKE, FallbackFactory,
                                   StreamCarrier, relay_token_allowed)
 from meshnode.rpc.protocol import RPCStreamProtocol

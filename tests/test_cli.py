@@ -8,8 +8,12 @@ import sys
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode import cli, identity, records
-from meshnode.identity import Enrollment
+from meshnode import records
+
+from meshnode.cli import main as cli
+
+from meshnode.core import identity
+from meshnode.core.identity import Enrollment
 
 
 class CommandLineTests(SynchronousTestCase):

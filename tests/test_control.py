@@ -8,9 +8,11 @@ import tempfile
 from twisted.internet import defer, reactor, threads
 from twisted.trial.unittest import TestCase
 
-from meshnode import cli, control, store
-from meshnode.directory import DirectoryService
-from meshnode.identity import IdentityService
+from meshnode.cli import main as cli
+
+from meshnode.core import control, store
+from meshnode.core.directory import DirectoryService
+from meshnode.core.identity import IdentityService
 from meshnode.rpc.service import RPCService
 
 

@@ -21,7 +21,7 @@ class DemoTests(TestCase):
         base = tempfile.mkdtemp(prefix="mn-demo-", dir="/tmp")
         self.addCleanup(shutil.rmtree, base, ignore_errors=True)
         state = os.path.join(base, "demo")
-        code, output = yield run_command([sys.executable, "-m", "meshnode.demo", "--dir", state,
+        code, output = yield run_command([sys.executable, "-m", "meshnode.cli.demo", "--dir", state,
                                           "--seconds", "0"], timeout=90)
         self.assertEqual(code, 0, output)
         for line in ("super1 enrolled, was reached back", "placed on 0000-ffff",

@@ -14,11 +14,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode import dht, records
-from meshnode.announce import AnnouncerService
-from meshnode.dht import Entry, PartitionService, PartitionStore, PutResult
-from meshnode.directory import DirectoryError, DirectoryService, Replica
-from meshnode.identity import Identity
+from meshnode import records
+
+from meshnode.core import dht
+from meshnode.core.reachability import AnnouncerService
+from meshnode.core.dht import Entry, PartitionService, PartitionStore, PutResult
+from meshnode.core.directory import DirectoryError, DirectoryService, Replica
+from meshnode.core.identity import Identity
 from meshnode.records import NatBehaviour, Role
 from meshnode.roles.operator import registry
 from meshnode.rpc.messages import (DIGESTS_PER_PAGE, Command, GetNodeInfo, NodeInfoRecord,

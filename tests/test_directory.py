@@ -10,14 +10,14 @@ import sqlalchemy as sa
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshnode import records
-from meshnode.dht import PartitionService
-from meshnode.directory import (SUPER_NODE_REFRESH_SECONDS, DirectoryError, DirectoryService,
+from meshnode.core.dht import PartitionService
+from meshnode.core.directory import (SUPER_NODE_REFRESH_SECONDS, DirectoryError, DirectoryService,
                                 FanOut, Replica, SuperNodeList, thd_keep_list)
-from meshnode.identity import Identity
+from meshnode.core.identity import Identity
 from meshnode.roles.operator import directory as operator_directory
 from meshnode.rpc.messages import Command, NodeInfoRecord, SuperNodes
 from meshnode.rpc.service import CallTimeout, any_domain
-from meshnode.schema import kept_lists, super_nodes
+from meshnode.core.schema import kept_lists, super_nodes
 from meshnode.wire import DecodeError, Endpoint
 from tests.mesh import DAY_MS, NOW_MS, REPLICAS, Mesh, StoreStandIn
 from tests.test_dht import entry_of, node_info, partition, revoke, user_of_another_partition

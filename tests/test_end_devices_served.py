@@ -10,7 +10,7 @@ import types
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode.directory import DirectoryService
+from meshnode.core.directory import DirectoryService
 from meshnode.roles import super as super_role
 from meshnode.roles.operator import directory as operator_directory
 from meshnode.roles.operator import registry

@@ -18,11 +18,13 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from meshnode import identity, records
-from meshnode.enrollment import EnrollmentClient, EnrollmentError, FingerprintPolicy
-from meshnode.enrollment import _BytesProducer
+from meshnode import records
+
+from meshnode.core import identity
+from meshnode.core.enrollment import EnrollmentClient, EnrollmentError, FingerprintPolicy
+from meshnode.core.enrollment import _BytesProducer
 from meshnode.roles.operator import enroll, registry, signing, tls
-from meshnode.schema import enrollment_tokens, nodes
+from meshnode.core.schema import enrollment_tokens, nodes
 
 DOMAIN_NAME = "acme"
 HOUR_MS = 3_600_000
@@ -108,7 +110,7 @@ class _OperatorTestCase(TestCase):
         self.clock.advance(reactor.seconds())
         database_dir = self.mktemp()
         os.makedirs(database_dir)
-        from meshnode.store import StoreService
+        from meshnode.core.store import StoreService
         self.store = StoreService(
             "sqlite:///" + os.path.abspath(os.path.join(database_dir, "operator.sqlite")),
             reactor)

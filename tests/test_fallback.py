@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode.fallback import CHECK_SECONDS, PROBE_TIMEOUT_SECONDS, FallbackService
+from meshnode.nat.fallback import CHECK_SECONDS, PROBE_TIMEOUT_SECONDS, FallbackService
 from meshnode.rpc.messages import Ping, Pong
 from meshnode.rpc.service import CallTimeout
 from tests.mesh import Mesh

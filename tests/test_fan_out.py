@@ -8,7 +8,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode.directory import FanOut, Replica
+from meshnode.core.directory import FanOut, Replica
 from meshnode.rpc.service import CallTimeout
 
 

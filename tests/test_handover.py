@@ -20,20 +20,22 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from meshnode import handover, records
-from meshnode.dht import Entry
-from meshnode.directory import DirectoryError, Replica, SuperNodeList
-from meshnode.handover import (FINAL_PROBES, KEEPALIVE_SECONDS, MAGIC, PROBE_SECONDS,
+from meshnode import records
+
+from meshnode.nat import handover
+from meshnode.core.dht import Entry
+from meshnode.core.directory import DirectoryError, Replica, SuperNodeList
+from meshnode.nat.handover import (FINAL_PROBES, KEEPALIVE_SECONDS, MAGIC, PROBE_SECONDS,
                                PUNCH_SECONDS, RETRY_SECONDS, TAG_SIZE, PunchFailed,
                                PunchResource, PunchService, _PunchSocket, probe, read_probe,
                                shared_secret)
-from meshnode.identity import Identity
+from meshnode.core.identity import Identity
 from meshnode.records import NatBehaviour, Role
-from meshnode.roles.relay import RelayService
+from meshnode.roles.super.relay import RelayService
 from meshnode.rpc.messages import (Command, ForwardedTunnelOpened, PunchIntroduction,
                                    TunnelResult)
 from meshnode.rpc.service import any_domain
-from meshnode.stun import BindingResponse
+from meshnode.nat.stun import BindingResponse
 from meshnode.wire import Endpoint
 from tests.fakes import FakeNetwork
 from tests.mesh import NOW_MS, Mesh

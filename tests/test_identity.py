@@ -9,7 +9,9 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode import identity, records
+from meshnode import records
+
+from meshnode.core import identity
 from meshnode.roles.operator import signing
 
 NOW_S = 1_800_000_000

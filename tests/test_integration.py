@@ -7,8 +7,8 @@ import socket
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial.unittest import TestCase
 
-from meshnode import cli
-from meshnode.identity import IdentityService
+from meshnode.cli import main as cli
+from meshnode.core.identity import IdentityService
 from meshnode.rpc.messages import Command, Ping
 from meshnode.rpc.service import RPCService
 from tests.nodes import Network, meshnode_command, run_command

@@ -12,8 +12,10 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode import cli, location
-from meshnode.location import DefaultRoute, Location
+from meshnode.cli import main as cli
+
+from meshnode.nat import location
+from meshnode.nat.location import DefaultRoute, Location
 
 # One Ethernet LAN, 192.168.1.0/24 behind 192.168.1.1: the kernel's own layout (tabs, and
 # every line padded with spaces to 127 characters).

@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshnode import records
-from meshnode.identity import Identity
+from meshnode.core.identity import Identity
 from meshnode.records import NatBehaviour, Role
 from meshnode.rpc import messages
 from meshnode.rpc.messages import (DIGESTS_PER_PAGE, MESSAGES, PAGE_BYTES, EndDevices,

@@ -9,7 +9,11 @@ import time
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode import cli, identity, records, store
+from meshnode import records
+
+from meshnode.cli import main as cli
+
+from meshnode.core import identity, store
 from meshnode.roles.operator import registry
 from tests import postgres
 

@@ -7,9 +7,11 @@ network, directly and through the node-side DirectoryService.
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode import records, store
-from meshnode.directory import DirectoryError
-from meshnode.identity import Identity
+from meshnode import records
+
+from meshnode.core import store
+from meshnode.core.directory import DirectoryError
+from meshnode.core.identity import Identity
 from meshnode.roles.operator import registry
 from meshnode.rpc import frame
 from meshnode.rpc.messages import (PAGE_BYTES, Command, EndDevices, GetEndDevices, GetNode,

@@ -7,7 +7,7 @@ import os
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
-from meshnode import cli
+from meshnode.cli import main as cli
 from tests import postgres
 from tests.nodes import Network, free_udp_port, meshnode_command, run_command
 

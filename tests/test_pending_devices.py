@@ -15,9 +15,13 @@ import time
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode import cli, records, store
-from meshnode.identity import Identity
-from meshnode.location import Location, location_id_for
+from meshnode import records
+
+from meshnode.cli import main as cli
+
+from meshnode.core import store
+from meshnode.core.identity import Identity
+from meshnode.nat.location import Location, location_id_for
 from meshnode.roles.operator import registry, signing
 from meshnode.roles.operator.registry import RegistryError
 from meshnode.roles.tunnel import TunnelService

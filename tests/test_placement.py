@@ -6,8 +6,10 @@ import sqlalchemy as sa
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode import records, store
-from meshnode.identity import Identity
+from meshnode import records
+
+from meshnode.core import store
+from meshnode.core.identity import Identity
 from meshnode.roles.operator import registry
 from meshnode.roles.operator.assignment import (
     FIRST_KEY, LAST_KEY, Assignment, Range, join, leave, ranges_of)
@@ -15,7 +17,7 @@ from meshnode.roles.operator.placement import (
     REACH_BACK_TIMEOUT_SECONDS, REACHED_VALID_SECONDS, SUPER_NODE_TIMEOUT_SECONDS,
     PlacementService, assignment_from_rows, thd_assignment, thd_expire, thd_join)
 from meshnode.rpc.messages import Command, SubmitState, SubmitSuperNode, SuperNodeStatus
-from meshnode.schema import super_node_offers
+from meshnode.core.schema import super_node_offers
 from meshnode.wire import Endpoint
 from tests import postgres
 from tests.mesh import Mesh

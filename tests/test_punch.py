@@ -18,8 +18,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from meshnode import punch
-from meshnode.punch import ATTEMPT_LIMIT, PUNCH_SECONDS, RETRY_SECONDS, PunchFailed, Puncher
+from meshnode.nat import punch
+from meshnode.nat.punch import ATTEMPT_LIMIT, PUNCH_SECONDS, RETRY_SECONDS, PunchFailed, Puncher
 
 LOCAL_PORT = 7401
 PEER = ("198.51.100.20", 40100)

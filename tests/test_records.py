@@ -6,7 +6,7 @@ import attrs
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode.identity import Identity
+from meshnode.core.identity import Identity
 from meshnode.records import (
     CLOCK_SKEW_MS, ID_SIZE, NAME_LIMIT, NODE_INFO_LIFETIME_MS, RECORD_VERSION, EndDevice,
     NatBehaviour, Node, NodeInfo, OperatorNode, RecordError, RecordType, Revocation, Role,

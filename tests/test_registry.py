@@ -8,11 +8,13 @@ import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode import records, store
-from meshnode.identity import Identity
+from meshnode import records
+
+from meshnode.core import store
+from meshnode.core.identity import Identity
 from meshnode.roles.operator import registry
 from meshnode.roles.operator.registry import RegistryError
-from meshnode.schema import enrollment_tokens, nodes
+from meshnode.core.schema import enrollment_tokens, nodes
 from tests import postgres
 
 NOW = 1_800_000_000_000

@@ -8,10 +8,12 @@ the tunnel-node and the requester are mesh nodes; relay legs run over StringTran
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode import records, tunnel_tls
-from meshnode.dht import Entry, PartitionStore
+from meshnode import records
+
+from meshnode.streams import tunnel_tls
+from meshnode.core.dht import Entry, PartitionStore
 from meshnode.records import NatBehaviour, Role
-from meshnode.roles.relay import TOKEN_SECONDS, RelayService
+from meshnode.roles.super.relay import TOKEN_SECONDS, RelayService
 from meshnode.rpc.messages import (Command, ForwardedTunnelOpened, ForwardedTunnelRequest,
                                    Forwarding, Introduce, Introduction, TunnelResult,
                                    WhoAmI, YouAre)

@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshnode import records
-from meshnode.identity import Enrollment, Identity
+from meshnode.core.identity import Enrollment, Identity
 from meshnode.records import Role
 from meshnode.rpc import frame
 from meshnode.rpc.frame import PLAIN, RESPONSE

@@ -11,7 +11,7 @@ from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode.splice import (DEFAULT_IDLE_SECONDS, EARLY_BUFFER, FRAME_HEADER, FRAME_LIMIT,
+from meshnode.streams.splice import (DEFAULT_IDLE_SECONDS, EARLY_BUFFER, FRAME_HEADER, FRAME_LIMIT,
                              FramedLeg, Leg)
 
 

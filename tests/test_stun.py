@@ -9,8 +9,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode import stun
-from meshnode.stun import (Behaviour, BindingErrorResponse, BindingRequest, BindingResponse,
+from meshnode.nat import stun
+from meshnode.nat.stun import (Behaviour, BindingErrorResponse, BindingRequest, BindingResponse,
                            NatReport, StunClient, StunDecodeError, StunRefused, StunStopped,
                            StunTimeout, discover, is_stun)
 from meshnode.wire import DecodeError, Endpoint

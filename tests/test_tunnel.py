@@ -13,9 +13,11 @@ from twisted.internet.testing import StringTransport
 from twisted.python import failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode import records, tunnel_tls
-from meshnode.directory import SuperNodeList
-from meshnode.punch import RETRY_SECONDS
+from meshnode import records
+
+from meshnode.streams import tunnel_tls
+from meshnode.core.directory import SuperNodeList
+from meshnode.nat.punch import RETRY_SECONDS
 from meshnode.roles.operator import registry
 from meshnode.roles.tunnel import (TOKEN_SECONDS, Limits, Refused, TunnelCounts,
                                    TunnelService)
@@ -23,7 +25,7 @@ from meshnode.rpc.messages import (Command, ForwardedTunnelOpened, Forwarding, I
                                    RelayedTunnelRequest, TunnelOpened, TunnelRequest,
                                    TunnelResult)
 from meshnode.rpc.service import CallTimeout, Incoming, any_domain
-from meshnode.splice import FRAME_HEADER
+from meshnode.streams.splice import FRAME_HEADER
 from meshnode.wire import Endpoint
 from tests.mesh import LOCATION, Mesh
 from tests.test_punch import ConnectAttempts

@@ -15,8 +15,8 @@ from OpenSSL import crypto
 from twisted.internet import defer, protocol, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from meshnode import tunnel_tls
-from meshnode.identity import Identity
+from meshnode.streams import tunnel_tls
+from meshnode.core.identity import Identity
 
 NOW = datetime.datetime(2027, 1, 15, 8, 0, tzinfo=datetime.timezone.utc)
 

@@ -5,7 +5,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode import upnp
+from meshnode.nat import upnp
 
 DESCRIPTION = "http://192.168.1.1:5000/rootDesc.xml"
 CONTROL = "http://192.168.1.1:5000/ctl/IPConn"
@@ -243,7 +243,7 @@ class PortMapperTests(SynchronousTestCase):
         warnings = []
 
         def observe(event):
-            if event.get("log_namespace") == "meshnode.upnp" and \
+            if event.get("log_namespace") == "meshnode.nat.upnp" and \
                     event["log_level"].name == "warn":
                 warnings.append(event)
         globalLogPublisher.addObserver(observe)

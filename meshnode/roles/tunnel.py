@@ -29,13 +29,17 @@ from twisted.internet import defer, protocol
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from meshnode import location, punch, records, tunnel_tls
-from meshnode.announce import outbound_address
+from meshnode import records
+
+from meshnode.nat import location, punch
+
+from meshnode.streams import tunnel_tls
+from meshnode.core.reachability import outbound_address
 from meshnode.errors import StartupError
 from meshnode.rpc.messages import (DEVICES_SEEN_LIMIT, Command, DevicesSeen,
                                    ForwardedTunnelOpened, Stored, TunnelOpened, TunnelResult)
 from meshnode.rpc.service import RPCError, same_domain
-from meshnode.splice import FramedLeg, Leg
+from meshnode.streams.splice import FramedLeg, Leg
 from meshnode.wire import Endpoint
 
 _log = Logger()

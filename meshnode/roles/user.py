@@ -21,14 +21,18 @@ from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from meshnode import config, punch, tunnel_tls
-from meshnode.control import ControlError, _JSONResource
+from meshnode import config
+
+from meshnode.nat import punch
+
+from meshnode.streams import tunnel_tls
+from meshnode.core.control import ControlError, _JSONResource
 from meshnode.errors import StartupError
 from meshnode.records import NatBehaviour
 from meshnode.rpc.messages import (ForwardedTunnelRequest, Introduce,
                                    TunnelOpened, TunnelRequest, TunnelResult)
 from meshnode.rpc.service import RPCError
-from meshnode.splice import FramedLeg, Leg
+from meshnode.streams.splice import FramedLeg, Leg
 from meshnode.wire import Endpoint
 
 _log = Logger()

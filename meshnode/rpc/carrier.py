@@ -7,7 +7,7 @@ import collections
 from twisted.internet import endpoints, protocol
 from twisted.logger import Logger
 
-from meshnode import tunnel_tls
+from meshnode.streams import tunnel_tls
 from meshnode.rpc.protocol import RPCStreamProtocol
 
 _log = Logger()

@@ -13,7 +13,11 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from meshnode import records, stun, tunnel_tls
+from meshnode import records
+
+from meshnode.nat import stun
+
+from meshnode.streams import tunnel_tls
 from meshnode.errors import StartupError
 from meshnode.records import Role
 from meshnode.rpc import carrier, frame

@@ -12,8 +12,10 @@ from twisted.application import internet, service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
-from meshnode import identity, records
-from meshnode.dht import DEFAULT_QUOTA, PartitionService
+from meshnode import records
+
+from meshnode.core import identity
+from meshnode.core.dht import DEFAULT_QUOTA, PartitionService
 from meshnode.errors import StartupError
 from meshnode.roles.operator import assignment, directory, placement, registry, signing, tls
 from meshnode.roles.operator.enroll import EnrollmentAPI, enrollment_site

@@ -22,7 +22,7 @@ from meshnode import records
 from meshnode.roles.operator import assignment
 from meshnode.rpc.messages import (Command, SubmitState, SuperNodeStatus)
 from meshnode.rpc.service import RPCError, any_domain
-from meshnode.schema import super_node_offers, super_nodes
+from meshnode.core.schema import super_node_offers, super_nodes
 from meshnode.wire import Endpoint
 
 _log = Logger()

@@ -11,9 +11,9 @@ import secrets
 import sqlalchemy as sa
 
 from meshnode import records
-from meshnode.enrollment import renew_message
-from meshnode.schema import domains, end_devices, enrollment_tokens, nodes, operator_nodes
-from meshnode.schema import pending_devices, revocations, super_nodes
+from meshnode.core.enrollment import renew_message
+from meshnode.core.schema import domains, end_devices, enrollment_tokens, nodes, operator_nodes
+from meshnode.core.schema import pending_devices, revocations, super_nodes
 
 DAY_MS = 86_400_000
 NODE_LIFETIME_MS = 30 * DAY_MS

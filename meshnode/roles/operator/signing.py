@@ -3,7 +3,7 @@ Node records signed for given public keys (`meshnode operator init` and `sign-no
 
 import os
 
-from meshnode import identity as identity_module
+from meshnode.core import identity as identity_module
 from meshnode import records
 
 

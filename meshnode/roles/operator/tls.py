@@ -18,7 +18,7 @@ from twisted.internet.endpoints import quoteStringArgument
 from twisted.logger import Logger
 
 from meshnode.errors import StartupError
-from meshnode.identity import write_private
+from meshnode.core.identity import write_private
 
 _log = Logger()
 

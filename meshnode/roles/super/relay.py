@@ -22,14 +22,16 @@ from twisted.internet import defer, protocol
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from meshnode import records, tunnel_tls
+from meshnode import records
+
+from meshnode.streams import tunnel_tls
 from meshnode.errors import StartupError
 from meshnode.rpc.messages import (Command, Forwarding, ForwardedTunnelOpened, Introduce,
                                    Introduction, PunchIntroduction, RelayedTunnelRequest,
                                    TunnelResult)
 from meshnode.rpc import carrier
 from meshnode.rpc.service import any_domain
-from meshnode.splice import Leg
+from meshnode.streams.splice import Leg
 from meshnode.wire import Endpoint
 
 _log = Logger()

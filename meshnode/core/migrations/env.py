@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from meshnode.schema import metadata
+from meshnode.core.schema import metadata
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=metadata,

@@ -8,8 +8,8 @@ import re
 
 from twisted.python import usage
 
-from meshnode import identity, store
-from meshnode.clibase import (Command, CommandError, parse_domain, parse_duration, parse_name,
+from meshnode.core import identity, store
+from meshnode.cli.base import (Command, CommandError, parse_domain, parse_duration, parse_name,
                               print_result, table)
 from meshnode.roles.operator import registry, signing
 

@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.request
 
-from meshnode import cli
+from meshnode.cli import main as cli
 
 # The demo LAN's location id: a real tunnel-node finds its own (`meshnode location`).
 DEMO_LOCATION = hashlib.sha256(b"meshnode demo LAN").hexdigest()

@@ -18,12 +18,14 @@ from twisted.application import internet, service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from meshnode import records, store
+from meshnode import records
+
+from meshnode.core import store
 from meshnode.rpc.messages import (EndDevices, ForwardedTunnelOpened, GetEndDevices, GetNode,
                                    GetNodeInfo, GetSuperNodes, GetTunnelNodes, NodeInfoRecord,
                                    NodeRecord, SuperNodes, TunnelNodes, TunnelResult)
 from meshnode.rpc.service import RPCError
-from meshnode.schema import kept_lists
+from meshnode.core.schema import kept_lists
 from meshnode.wire import Writer
 
 _log = Logger()

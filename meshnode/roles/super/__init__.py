@@ -14,8 +14,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from meshnode import records
-from meshnode.dht import DEFAULT_QUOTA, PartitionService, format_ranges, served
-from meshnode.roles.relay import RelayService
+from meshnode.core.dht import DEFAULT_QUOTA, PartitionService, format_ranges, served
+from meshnode.roles.super.relay import RelayService
 from meshnode.rpc.messages import (Command, EndDevices, GetEndDevices, SubmitState,
                                    SubmitSuperNode, SuperNodes, SuperNodeStatus, WhoAmI, YouAre)
 from meshnode.rpc.service import RPCError, any_domain

@@ -13,9 +13,13 @@ import sys
 
 from twisted.python import usage
 
-from meshnode import config, control, identity, location, store
-from meshnode.clibase import Command, CommandError, print_result, table
-from meshnode.roles.operator import admin
+from meshnode import config
+
+from meshnode.core import control, identity, store
+
+from meshnode.nat import location
+from meshnode.cli.base import Command, CommandError, print_result, table
+from meshnode.cli import operator as admin
 
 
 class IdentityOptions(Command):
@@ -251,7 +255,7 @@ def _standalone_ping(state_dir, host, port, count, timeout):
     """Ping as this node's identity when no node runs in its state directory."""
     from twisted.internet import defer, task
 
-    from meshnode.identity import IdentityService
+    from meshnode.core.identity import IdentityService
     from meshnode.rpc.service import RPCError, RPCService
 
     outcome = {}
@@ -376,6 +380,3 @@ def main(argv=None):
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

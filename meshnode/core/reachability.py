@@ -15,8 +15,10 @@ from twisted.internet import defer
 from twisted.internet.error import DNSLookupError
 from twisted.logger import Logger
 
-from meshnode import records, stun
-from meshnode.dht import PutResult
+from meshnode import records
+
+from meshnode.nat import stun
+from meshnode.core.dht import PutResult
 from meshnode.records import NatBehaviour
 from meshnode.rpc.messages import PutRecord, Stored, WhoAmI, YouAre
 from meshnode.rpc.service import RPCError

@@ -31,7 +31,7 @@ from meshnode.rpc.messages import (DIGESTS_PER_PAGE, Command, Encoded, NodeInfoR
                                    PartitionDigests, PartitionRecords, Stored,
                                    TransferPartition, TunnelNodes)
 from meshnode.rpc.service import RPCError, any_domain
-from meshnode.schema import dht_records
+from meshnode.core.schema import dht_records
 
 _log = Logger()
 

@@ -16,11 +16,11 @@ from twisted.application import service
 from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 
-from meshnode import stun
-from meshnode.punch import spray_ports
-from meshnode.announce import outbound_address
-from meshnode.directory import NotPassedOn
-from meshnode.control import ControlError, _JSONResource
+from meshnode.nat import stun
+from meshnode.nat.punch import spray_ports
+from meshnode.core.reachability import outbound_address
+from meshnode.core.directory import NotPassedOn
+from meshnode.core.control import ControlError, _JSONResource
 from meshnode.records import NatBehaviour
 from meshnode.rpc.messages import (Command, ForwardedTunnelOpened, PunchRequest,
                                    TunnelResult)

@@ -1,0 +1,1 @@
+"""The `meshnode` command, its operator subcommands and the demo."""

@@ -1,0 +1,7 @@
+"""`python -m meshnode.cli`: the `meshnode` command."""
+
+import sys
+
+from meshnode.cli.main import main
+
+sys.exit(main())

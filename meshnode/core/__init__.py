@@ -1,0 +1,1 @@
+"""The core every node runs: identity, store, directory, DHT, reachability, control."""

@@ -1,0 +1,1 @@
+"""NAT traversal: STUN, UPnP, locations, the firewall fallback and the punchers."""

@@ -1,0 +1,1 @@
+"""Byte streams: splicing two connections, TLS inside tunnels, the gate."""
