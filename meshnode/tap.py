@@ -1,5 +1,6 @@
 """`twistd meshnode`: command-line options and the service tree they build (DESIGN.md §2)."""
 
+import collections
 import ipaddress
 import os
 import socket
@@ -8,22 +9,27 @@ import urllib.parse
 from twisted.python import usage
 
 from meshnode import config
-from meshnode.core.reachability import AnnouncerService
+from meshnode.core import Core
 from meshnode.core.control import ControlService
 from meshnode.core.directory import DirectoryService
 from meshnode.core.enrollment import EnrollmentClient
+from meshnode.core.identity import IdentityService
+from meshnode.core.reachability import ReachabilityService
+from meshnode.core.store import StoreService, sqlite_url
 from meshnode.nat.fallback import FallbackService
 from meshnode.nat.handover import PunchService
-from meshnode.core.identity import IdentityService
+from meshnode.nat.location import LAN
+from meshnode.nat.stun import StunClient
+from meshnode.nat.upnp import PortMapper
 from meshnode.node import MeshNode
 from meshnode.records import Role
-from meshnode.roles.operator import OperatorService
-from meshnode.roles.super import SuperService
-from meshnode.roles.tunnel import Limits, TunnelService
-from meshnode.roles.user import UserService
+from meshnode.roles.operator import OperatorService, OperatorSettings
+from meshnode.roles.super import SuperService, SuperSettings
+from meshnode.roles.tunnel import Limits, TunnelService, TunnelSettings
+from meshnode.roles.user import UserService, UserSettings
+from meshnode.rpc.carrier import FallbackListener
 from meshnode.rpc.service import RPCService
-from meshnode.core.store import StoreService, sqlite_url
-from meshnode.nat.upnp import PortMapper
+from meshnode.streams.tunnel_tls import NodeTLS
 
 ROLE_FLAGS = ("operator", "super", "tunnel", "user")
 
@@ -144,70 +150,117 @@ def _operator_rpc_address(settings):
 
 
 def build_node(settings, reactor):
-    """The node's service tree: core services first, then one child per enabled role."""
+    """The node's service tree, wired in one place: the core services, then one child per
+    enabled role; each service's status, control resources and observers are connected here.
+    Children start in this order (and bind their ports in it, before twistd drops privileges)
+    and stop in the reverse one."""
     node = MeshNode()
     state_dir = settings["state-dir"]
+    listen_address = settings["listen-address"]
+
+    # -- the core ------------------------------------------------------------------------
     enroller = None
     if "operator-url" in settings:
         enroller = EnrollmentClient(reactor, settings["operator-url"],
                                     fingerprint=settings.get("operator-fingerprint"),
                                     ca_file=settings.get("operator-ca"))
-    identity = IdentityService(state_dir, reactor, enroller, settings.get("enroll-token"),
-                               settings.get("name") or socket.gethostname()[:63])
-    store = StoreService(settings.get("database") or sqlite_url(state_dir), reactor)
-    rpc = RPCService(identity, reactor, interface=settings["listen-address"],
+    identity = IdentityService(state_dir=state_dir, clock=reactor, enroller=enroller,
+                               token=settings.get("enroll-token"),
+                               name=settings.get("name") or socket.gethostname()[:63])
+    store = StoreService(url=settings.get("database") or sqlite_url(state_dir), reactor=reactor)
+    tls = NodeTLS(identity, reactor)
+    # STUN shares the RPC's socket, so what it learns is the RPC port's own NAT mapping.
+    drops = collections.Counter()  # datagrams dropped, by reason (RPC and STUN alike)
+    stun_client = StunClient(lambda data, address: rpc.send_datagram(data, address), reactor,
+                             drops=drops)
+    rpc = RPCService(identity=identity, reactor=reactor, interface=listen_address,
                      port=settings["rpc-port"], roles=roles_of(settings),
                      call_timeout=settings["call-timeout"], rate=settings["rate-limit"],
-                     burst=settings["rate-burst"], fallback_port=settings["fallback-port"])
-    directory = DirectoryService(identity, store, rpc, _operator_rpc_address(settings),
-                                 clock=reactor)
-    ports = {}  # protocol → the listening service whose port UPnP maps
+                     burst=settings["rate-burst"], fallback_port=settings["fallback-port"],
+                     tls=tls.context, side_channel=stun_client, drops=drops)
+    directory = DirectoryService(identity=identity, store=store, rpc=rpc,
+                                 operator_address=_operator_rpc_address(settings), clock=reactor)
+    mapped = []  # (protocol, service with a `port`) that UPnP maps
     mapper = None
     if _maps_ports(settings):
-        mapper = PortMapper(reactor, None, lambda: [(kind, ports[kind].port) for kind in ports
-                                                   if ports[kind].port],
+        mapper = PortMapper(reactor, None, lambda: [(kind, one.port) for kind, one in mapped
+                                                   if one.port],
                             settings["upnp"])
-    announcer = AnnouncerService(identity, rpc, directory, reactor, settings["listen-address"],
-                                 settings.get("stun-server"), mapper)
-    control = ControlService(state_dir, identity, rpc, directory, reactor)
-    control.status_sections.append(("directory", directory.status))
-    control.status_sections.append(("reachability", announcer.status))
-    for child in (identity, store, rpc, directory, announcer, control):
+    lan = LAN(override=settings.get("location"))
+    reachability = ReachabilityService(
+        identity=identity, rpc=rpc, directory=directory, clock=reactor,
+        listen_address=listen_address, stun=stun_client, stun_server=settings.get("stun-server"),
+        port_mapper=mapper, locations=lan.location_ids if settings["tunnel"] else tuple)
+    control = ControlService(state_dir=state_dir, identity=identity, rpc=rpc,
+                             directory=directory, reactor=reactor)
+    core = Core(reactor=reactor, state_dir=state_dir, listen_address=listen_address,
+                identity=identity, store=store, rpc=rpc, directory=directory,
+                reachability=reachability, control=control, lan=lan, tls=tls,
+                port_mapper=mapper)
+    for child in (identity, store, rpc, directory, reachability, control):
         child.setServiceParent(node)
+    identity.observers.append(rpc.use_enrollment)
+    identity.observers.append(reachability.enrollment_changed)
+    rpc.learned.append(directory.remember_node)
+    # (name, service) whose status() is a part of `meshnode status`, in its order
+    described = [("directory", directory), ("reachability", reachability)]
+
     fallback = None
     if not settings["operator"] and settings["fallback-port"]:
-        fallback = FallbackService(rpc, directory, reactor)
-        fallback.observers.append(announcer.reannounce)
-        control.status_sections.append(("transport", fallback.status))
+        fallback = FallbackService(rpc=rpc, directory=directory, clock=reactor)
+        fallback.observers.append(reachability.reannounce)
         fallback.setServiceParent(node)
+        described.append(("transport", fallback))
+
+    # -- the roles -----------------------------------------------------------------------
+    relay_leg = lambda: None  # noqa: E731  (relay legs arriving on the fallback port)
     if settings["operator"]:
-        OperatorService(state_dir, identity, store, rpc, control, reactor,
-                        settings["enroll-listen"], settings["replicas"],
-                        settings["quota"]).setServiceParent(node)
+        operator = OperatorService(core, OperatorSettings(
+            enroll_listen=settings["enroll-listen"], replicas=settings["replicas"],
+            quota=settings["quota"]))
+        operator.setServiceParent(node)
+        described.append(("operator", operator))
     if settings["super"]:
-        SuperService(settings["partition"], identity, rpc, store, directory, reactor, control,
-                     settings["listen-address"], settings["quota"], settings["relay-port"],
-                     settings["relayed-per-domain"],
-                     settings["relayed-total"]).setServiceParent(node)
+        super_node = SuperService(core, SuperSettings(
+            partition=settings["partition"], quota=settings["quota"],
+            relay_port=settings["relay-port"],
+            relayed_per_domain=settings["relayed-per-domain"],
+            relayed_total=settings["relayed-total"]))
+        super_node.setServiceParent(node)
+        identity.observers.append(super_node.enrollment_changed)
+        directory.list_observers.append(super_node.list_changed)
+        relay_leg = super_node.relay.leg
+        described.append(("super", super_node))
+    if settings["fallback-port"] and (settings["operator"] or settings["super"]):
+        FallbackListener(reactor=reactor, port=settings["fallback-port"],
+                         interface=listen_address, receive=rpc.receive, tls=tls.context,
+                         relay_leg=relay_leg).setServiceParent(node)
     if settings["tunnel"]:
-        limits = Limits(settings["tunnels-per-node"], settings["tunnels-per-domain"],
-                        settings["tunnels-total"], settings["idle-timeout"])
-        tunnel = TunnelService(identity, rpc, directory, announcer, reactor, control,
-                               settings["listen-address"], settings["tunnel-port"],
-                               settings.get("location"), limits, settings["direct"], mapper)
+        tunnel = TunnelService(core, TunnelSettings(
+            port=settings["tunnel-port"], direct=settings["direct"],
+            limits=Limits(settings["tunnels-per-node"], settings["tunnels-per-domain"],
+                          settings["tunnels-total"], settings["idle-timeout"])))
         tunnel.setServiceParent(node)
+        identity.observers.append(tunnel.enrollment_changed)
         if fallback is not None:
             fallback.observers.append(tunnel.refresh_soon)
         if settings["direct"]:
-            ports["TCP"] = tunnel
-    UserService(identity, rpc, directory, announcer, reactor, control,
-                settings["listeners"]).setServiceParent(node)
-    PunchService(identity, rpc, directory, announcer, reactor, control,
-                 settings["listen-address"], settings.get("stun-server")).setServiceParent(node)
+            mapped.append(("TCP", tunnel))
+        described.append(("tunnel", tunnel))
+    user = UserService(core, UserSettings(listeners=settings["listeners"]))
+    punch = PunchService(core, stun_server=settings.get("stun-server"))
+    for child in (user, punch):
+        child.setServiceParent(node)
+        described.append((child.name, child))
+        for name, resource in child.resources().items():
+            control.add_resource(name, resource)
     if mapper is not None:
-        ports["UDP"] = rpc
-        control.status_sections.append(("upnp", mapper.status))
+        mapped.append(("UDP", rpc))
+        mapper.observers.append(reachability.reannounce)
         mapper.setServiceParent(node)  # last: it maps ports the others listen on
+        described.append(("upnp", mapper))
+    for name, one in described:
+        control.add_status(name, one.status)
     return node
 
 

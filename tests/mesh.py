@@ -9,13 +9,15 @@ from twisted.internet import defer
 
 from meshnode import records
 
-from meshnode.core import dht, store
+from meshnode.core import Core, dht, store
 from meshnode.core.dht import PartitionService
 from meshnode.core.directory import DirectoryService
 from meshnode.core.identity import Enrollment, Identity
 from meshnode.records import Role
 from meshnode.roles.operator import directory, registry
+from meshnode.nat.location import LAN
 from meshnode.rpc.service import RPCService
+from meshnode.streams.tunnel_tls import NodeTLS
 from meshnode.core.schema import dht_records
 from tests.fakes import FakeNetwork, FakeReactor
 
@@ -27,7 +29,7 @@ REPLICAS = 3
 
 
 class IdentityStandIn:
-    """What RPCService, DirectoryService and AnnouncerService need of IdentityService."""
+    """What RPCService, DirectoryService and ReachabilityService need of IdentityService."""
 
     def __init__(self, identity, enrollment):
         self.identity = identity
@@ -101,10 +103,13 @@ class Mesh:
         reactor = FakeReactor(self.network, host)
         reactor.advance(EPOCH)
         identity_service = IdentityStandIn(identity, enrollment)
-        rpc = RPCService(identity_service, reactor, interface=host, roles=roles)
+        tls = NodeTLS(identity_service, reactor)
+        rpc = RPCService(identity=identity_service, reactor=reactor, interface=host, roles=roles,
+                         tls=tls.context)
         rpc.startService()
         self._testcase.addCleanup(lambda: rpc.running and rpc.stopService())
         node = MeshNode(rpc, reactor, identity_service, host)
+        node.tls = tls
         self.nodes.append(node)
         return node
 
@@ -139,7 +144,8 @@ class Mesh:
     def partition(self, quota=dht.DEFAULT_QUOTA):
         """A started PartitionService on the operator's RPC serving every partition key (as
         the operator does before any super-node joins), kept in the mesh's store."""
-        service = PartitionService(self.operator.rpc, self.store, self.operator.reactor, quota)
+        service = PartitionService(rpc=self.operator.rpc, store=self.store,
+                                   clock=self.operator.reactor, quota=quota)
         service.serve([(0, 0xFFFF)])
         service.startService()
         self._testcase.addCleanup(lambda: service.running and service.stopService())
@@ -147,11 +153,25 @@ class Mesh:
 
     def directory_of(self, node, operator_address=None):
         """A started DirectoryService of `node`, caching Node records in a store of its own."""
-        service = DirectoryService(node.identity_service, StoreStandIn(self._testcase),
-                                   node.rpc, operator_address or self.operator.address)
+        service = DirectoryService(identity=node.identity_service,
+                                   store=StoreStandIn(self._testcase), rpc=node.rpc,
+                                   operator_address=operator_address or self.operator.address)
+        node.rpc.learned.append(service.remember_node)  # as build_node wires it
+        self._testcase.addCleanup(node.rpc.learned.remove, service.remember_node)
         service.startService()
         self._testcase.addCleanup(lambda: service.running and service.stopService())
         return service
+
+    def core_of(self, node, *, directory=None, reachability=None, lan=None, port_mapper=None,
+                listen_address=None, store=None):
+        """The Core a role service of `node` takes: its RPC and identity stand-in, the
+        directory (a started one of its own by default) and the given stand-ins."""
+        return Core(reactor=node.reactor, state_dir=self._testcase.mktemp(),
+                    listen_address=node.host if listen_address is None else listen_address,
+                    identity=node.identity_service, store=store or StoreStandIn(self._testcase),
+                    rpc=node.rpc, directory=directory or self.directory_of(node),
+                    reachability=reachability, control=None, lan=lan or LAN(),
+                    tls=node.tls, port_mapper=port_mapper)
 
     def advance(self, seconds):
         """Move every node's clock on together, so their timestamps stay within the window."""

@@ -3,7 +3,7 @@
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode.core.reachability import AnnouncerService, classify, from_stun
+from meshnode.core.reachability import ReachabilityService, classify, from_stun
 from meshnode.records import NatBehaviour, Role
 from meshnode.nat.stun import Behaviour, NatReport
 from meshnode.wire import Endpoint
@@ -77,8 +77,7 @@ class FromStunTests(SynchronousTestCase):
 
 
 class _Identity:
-    def __init__(self):
-        self.observers = []
+    """The announcer reads nothing of the identity service until it announces."""
 
 
 class _RPC:
@@ -104,8 +103,9 @@ class AnnouncerNatTests(SynchronousTestCase):
     symmetric_seen = [Endpoint("198.51.100.7", 40001), Endpoint("198.51.100.7", 40002)]
 
     def announcer(self, stun_server=STUN_SERVER):
-        return AnnouncerService(_Identity(), _RPC(), _Directory(), Clock(), "10.0.0.5",
-                                stun_server=stun_server)
+        return ReachabilityService(identity=_Identity(), rpc=_RPC(), directory=_Directory(),
+                                   clock=Clock(), listen_address="10.0.0.5",
+                                   stun=object(), stun_server=stun_server)
 
     def test_stun_answer_preferred(self):
         """With a STUN report the announced and shown NAT is STUN's, though WhoAmI

@@ -23,10 +23,13 @@ class ControlAPITests(TestCase):
         # a short path: a UNIX socket address holds about 100 bytes
         self.state_dir = tempfile.mkdtemp(prefix="mn-control-", dir="/tmp")
         self.addCleanup(shutil.rmtree, self.state_dir, ignore_errors=True)
-        identity = IdentityService(self.state_dir, reactor)
-        rpc = RPCService(identity, reactor, interface="127.0.0.1")
-        directory = DirectoryService(identity, store.StoreService("sqlite://", reactor), rpc)
-        self.control = control.ControlService(self.state_dir, identity, rpc, directory, reactor)
+        identity = IdentityService(state_dir=self.state_dir, clock=reactor)
+        rpc = RPCService(identity=identity, reactor=reactor, interface="127.0.0.1")
+        directory = DirectoryService(identity=identity,
+                                     store=store.StoreService(url="sqlite://", reactor=reactor),
+                                     rpc=rpc)
+        self.control = control.ControlService(state_dir=self.state_dir, identity=identity,
+                                              rpc=rpc, directory=directory, reactor=reactor)
         for service in (identity, rpc, self.control):
             service.startService()
             self.addCleanup(service.stopService)

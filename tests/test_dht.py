@@ -4,7 +4,7 @@ NodeInfo lookups (meshnode.directory.DirectoryService.lookup_node_info).
 PartitionStore is tested on its own; PartitionService runs on an operator RPCService that answers
 user nodes over tests.fakes' in-memory network, with a synchronous store stand-in on a real
 SQLite engine; anti-entropy runs between two PartitionServices on two user nodes of that
-network; AnnouncerService and lookup_node_info are tested end to end over that network.
+network; ReachabilityService and lookup_node_info are tested end to end over that network.
 """
 
 import itertools
@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from meshnode import records
 
 from meshnode.core import dht
-from meshnode.core.reachability import AnnouncerService
+from meshnode.core.reachability import ReachabilityService
 from meshnode.core.dht import Entry, PartitionService, PartitionStore, PutResult
 from meshnode.core.directory import DirectoryError, DirectoryService, Replica
 from meshnode.core.identity import Identity
@@ -685,8 +685,9 @@ class TransferTests(_PartitionTestCase):
         super().setUp()
         self.asked = []
         self.service.stopService()
-        self.service = PartitionService(self.operator.rpc, self.mesh.store,
-                                        self.operator.reactor, may_transfer=self.may_transfer)
+        self.service = PartitionService(rpc=self.operator.rpc, store=self.mesh.store,
+                                        clock=self.operator.reactor,
+                                        may_transfer=self.may_transfer)
         self.service.serve([EVERY_KEY])
         self.service.startService()
         self.addCleanup(lambda: self.service.running and self.service.stopService())
@@ -793,7 +794,7 @@ class AntiEntropyTests(SynchronousTestCase):
         store = StoreStandIn(self)
         self.engines[node.node_id] = store.engine
         service = PartitionService(
-            node.rpc, store, node.reactor, quota,
+            rpc=node.rpc, store=store, clock=node.reactor, quota=quota,
             may_transfer=lambda node_id, low, high: node_id in self.placed,
             co_replicas=lambda low, high, first: defer.succeed(
                 [Replica(other.node_id, other.address) for other in others]),
@@ -1121,15 +1122,16 @@ class PersistenceTests(_PartitionTestCase):
         self.assertEqual([row[2] for row in self.mesh.rows()], [dave.node_id])
 
 
-# -- AnnouncerService and lookup_node_info -------------------------------------------------
+# -- ReachabilityService and lookup_node_info -------------------------------------------------
 
 class AnnounceAndLookupTests(_PartitionTestCase):
     """A node announces its NodeInfo to the operator; another node of its domain looks it up."""
 
     def announcer_of(self, node, directory_service=None):
         directory_service = directory_service or self.mesh.directory_of(node)
-        return AnnouncerService(node.identity_service, node.rpc, directory_service,
-                                node.reactor, listen_address="127.0.0.1")
+        return ReachabilityService(identity=node.identity_service, rpc=node.rpc,
+                                   directory=directory_service, clock=node.reactor,
+                                   listen_address="127.0.0.1")
 
     def test_announce_and_lookup(self):
         """bob's announcement is stored; alice's lookup returns it and who answered."""
@@ -1191,12 +1193,15 @@ class AnnounceAndLookupTests(_PartitionTestCase):
         first = self.held(self.bob)
         self.assertIsNotNone(first)
         self.mesh.advance(1)
-        for observer in list(self.bob.identity_service.observers):
-            observer(self.bob.identity_service.enrollment)
+        announcer.enrollment_changed(self.bob.identity_service.enrollment)
         self.mesh.network.flush()
-        self.assertGreater(self.held(self.bob).created, first.created)
+        second = self.held(self.bob)
+        self.assertGreater(second.created, first.created)
         announcer.stopService()
-        self.assertNotIn(announcer._enrollment_changed, self.bob.identity_service.observers)
+        self.mesh.advance(1)
+        announcer.enrollment_changed(self.bob.identity_service.enrollment)
+        self.mesh.network.flush()
+        self.assertEqual(self.held(self.bob).created, second.created)
 
     def test_refusal_is_reported_per_replica(self):
         """A replica's refusal shows in last_result under its id."""
@@ -1214,8 +1219,9 @@ class AnnounceAndLookupTests(_PartitionTestCase):
     def test_unenrolled_does_nothing(self):
         """An unenrolled node's announce() returns None and sends nothing."""
         stranger = self.mesh.unenrolled()
-        directory_service = DirectoryService(stranger.identity_service, StoreStandIn(self),
-                                             stranger.rpc, self.operator.address)
+        directory_service = DirectoryService(identity=stranger.identity_service,
+                                             store=StoreStandIn(self), rpc=stranger.rpc,
+                                             operator_address=self.operator.address)
         announcer = self.announcer_of(stranger, directory_service)
         d = announcer.announce()
         self.mesh.network.flush()
@@ -1226,8 +1232,8 @@ class AnnounceAndLookupTests(_PartitionTestCase):
 
     def test_no_operator_address_does_nothing(self):
         """A node with no operator address configured announces nothing."""
-        directory_service = DirectoryService(self.bob.identity_service, StoreStandIn(self),
-                                             self.bob.rpc, None)
+        directory_service = DirectoryService(identity=self.bob.identity_service,
+                                             store=StoreStandIn(self), rpc=self.bob.rpc)
         d = self.announcer_of(self.bob, directory_service).announce()
         self.assertIsNone(self.successResultOf(d))
         self.assertEqual(self.bob.udp.sent, [])

@@ -161,8 +161,9 @@ class _DirectoryTestCase(SynchronousTestCase):
 
     def directory(self, store=None, clock=None, operator_address=None):
         """A started DirectoryService of alice (over `store`, or one of its own)."""
-        service = DirectoryService(self.alice.identity_service, store or StoreStandIn(self),
-                                   self.alice.rpc, operator_address or self.operator.address,
+        service = DirectoryService(identity=self.alice.identity_service,
+                                   store=store or StoreStandIn(self), rpc=self.alice.rpc,
+                                   operator_address=operator_address or self.operator.address,
                                    clock=clock, rng=random.Random(1))
         service.startService()
         self.addCleanup(lambda: service.running and service.stopService())
@@ -177,7 +178,7 @@ class _DirectoryTestCase(SynchronousTestCase):
         """A node of the infrastructure domain serving `ranges` (alice's partition by
         default) with a PartitionService holding `entries`."""
         node = self.mesh.user(name, "infra")
-        service = PartitionService(node.rpc, StoreStandIn(self), node.reactor)
+        service = PartitionService(rpc=node.rpc, store=StoreStandIn(self), clock=node.reactor)
         service.serve(ranges or [(self.key, self.key)])
         service.startService()
         self.addCleanup(lambda: service.running and service.stopService())

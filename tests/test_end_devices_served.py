@@ -6,7 +6,6 @@ tests.mesh's in-memory network, on the fake reactors' clocks.
 """
 
 import random
-import types
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -14,7 +13,7 @@ from meshnode.core.directory import DirectoryService
 from meshnode.roles import super as super_role
 from meshnode.roles.operator import directory as operator_directory
 from meshnode.roles.operator import registry
-from meshnode.roles.super import SuperService
+from meshnode.roles.super import SuperService, SuperSettings
 from meshnode.rpc.messages import MESSAGES, Command, EndDevices, GetEndDevices
 from meshnode.rpc.service import CallTimeout, any_domain
 from meshnode.wire import DecodeError
@@ -160,8 +159,9 @@ class DirectoryEndDevicesTests(_Base):
     """A node reads its end-devices from a super-node of its partition, else the operator."""
 
     def directory(self):
-        service = DirectoryService(self.alice.identity_service, StoreStandIn(self),
-                                   self.alice.rpc, self.operator.address, rng=random.Random(1))
+        service = DirectoryService(identity=self.alice.identity_service,
+                                   store=StoreStandIn(self), rpc=self.alice.rpc,
+                                   operator_address=self.operator.address, rng=random.Random(1))
         service.startService()
         self.addCleanup(lambda: service.running and service.stopService())
         return service
@@ -282,10 +282,7 @@ class SuperServiceTests(_Base):
 
     def setUp(self):
         super().setUp()
-        self.super = SuperService(
-            (0, 0xFFFF), self.sup.identity_service, self.sup.rpc, StoreStandIn(self),
-            self.mesh.directory_of(self.sup), self.sup.reactor,
-            types.SimpleNamespace(status_sections=[]))
+        self.super = SuperService(self.mesh.core_of(self.sup), SuperSettings())
         self.sup.rpc.register(Command.GET_END_DEVICES, self.super._end_devices, any_domain)
 
     def hold(self, *nodes, ranges=((0, 0xFFFF),)):
@@ -370,8 +367,9 @@ class SuperServiceTests(_Base):
         self.settle(self.super.refresh_end_devices())
         key = partition(self.alice)
         place(self.mesh, self.sup, key, key)
-        directory = DirectoryService(self.alice.identity_service, StoreStandIn(self),
-                                     self.alice.rpc, self.operator.address)
+        directory = DirectoryService(identity=self.alice.identity_service,
+                                     store=StoreStandIn(self), rpc=self.alice.rpc,
+                                     operator_address=self.operator.address)
         directory.startService()
         self.addCleanup(directory.stopService)
         self.settle(directory.refresh_super_nodes(from_operator=True))

@@ -112,8 +112,8 @@ class _OperatorTestCase(TestCase):
         os.makedirs(database_dir)
         from meshnode.core.store import StoreService
         self.store = StoreService(
-            "sqlite:///" + os.path.abspath(os.path.join(database_dir, "operator.sqlite")),
-            reactor)
+            url="sqlite:///" + os.path.abspath(os.path.join(database_dir, "operator.sqlite")),
+            reactor=reactor)
         self.store.startService()
         self.addCleanup(self.store.stopService)
         registry.thd_publish_operator(self.store.engine, self.signed_operator)

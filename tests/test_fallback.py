@@ -105,7 +105,7 @@ class FallbackTestCase(SynchronousTestCase):
         self.clock = Clock()
         self.rpc = _RPC(self.clock)
         self.directory = _Directory()
-        self.service = FallbackService(self.rpc, self.directory, self.clock)
+        self.service = FallbackService(rpc=self.rpc, directory=self.directory, clock=self.clock)
         self.switches = []
         self.service.observers.append(lambda: self.switches.append(self.rpc.mode))
 

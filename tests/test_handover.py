@@ -270,12 +270,6 @@ class _Announcer:
         return NatBehaviour.UNKNOWN
 
 
-class _Control:
-    def __init__(self):
-        self.status_sections = []
-        self.resources = {}
-
-
 class PunchTestCase(SynchronousTestCase):
     """A mesh with `bob` (who punches), `alice` and `dave` of his domain, `carol` of another,
     and `super1`, placed as the super-node of bob's and alice's directories."""
@@ -307,10 +301,8 @@ class PunchTestCase(SynchronousTestCase):
         self.patch(directory, "replicas", lambda domain=None: defer.succeed(self.replicas))
         for other in self.mesh.nodes:
             node.rpc.learn(other.rpc.own_node)
-        control = _Control()
-        service = PunchService(node.identity_service, node.rpc, directory,
-                               _Announcer(public_host or node.host), node.reactor, control)
-        service.control = control
+        service = PunchService(self.mesh.core_of(
+            node, directory=directory, reachability=_Announcer(public_host or node.host)))
         service.startService()
         self.addCleanup(lambda: service.running and service.stopService())
         return service
@@ -516,7 +508,7 @@ class AcceptTests(PunchTestCase):
 
     def test_public_address_unknown(self):
         """Before any replica answered WhoAmI (and with no STUN server) bob cannot punch."""
-        self.service._announcer.seen = []
+        self.service._reachability.seen = []
         ports = set(self.mesh.network.ports)
         d = self.service.punch(self.alice.node_id.hex(), accept=True)
         self.assertIn("public address is not known",
@@ -538,8 +530,8 @@ class BothSidesTests(PunchTestCase):
         self.partition = _Partition()
         signed = self.bob.identity.sign(self.info(self.bob))
         self.partition.records.put(Entry(self.bob.rpc.own_node, signed), self.bob.rpc.now_ms())
-        relay = RelayService(self.super.rpc, self.partition, self.super.reactor,
-                             listen_address=self.super.host, relay_port=7402)
+        relay = RelayService(rpc=self.super.rpc, partition=self.partition,
+                             clock=self.super.reactor, listen_address=self.super.host, port=7402)
         relay.startService()
         self.addCleanup(lambda: relay.running and relay.stopService())
         self.alice_service = self.punch_service(self.alice)
@@ -553,7 +545,7 @@ class BothSidesTests(PunchTestCase):
 
     def test_punched_both_ways(self):
         """The two commands get each other's punch endpoints and the same secret."""
-        self.service._announcer.seen = [Endpoint(self.bob.host, 40001)]
+        self.service._reachability.seen = [Endpoint(self.bob.host, 40001)]
         accepted = self.accept(self.alice)
         initiated = self.alice_service.punch("bob")
         self.run_until(accepted, initiated)
@@ -572,7 +564,7 @@ class BothSidesTests(PunchTestCase):
         self.assertNoResult(initiated)
         self.mesh.advance(RETRY_SECONDS)
         self.mesh.network.flush()
-        self.service._announcer.seen = [Endpoint(self.bob.host, 40001)]
+        self.service._reachability.seen = [Endpoint(self.bob.host, 40001)]
         accepted = self.accept(self.alice)
         self.mesh.advance(RETRY_SECONDS)
         self.run_until(accepted, initiated)
@@ -599,6 +591,17 @@ class _Punch:
     def punch(self, peer, accept, wait):
         self.calls.append((peer, accept, wait))
         return self.result
+
+
+class PunchServiceOffersTests(PunchTestCase):
+    """What PunchService offers build_node to wire: its control resource and status."""
+
+    def test_served_by_the_service(self):
+        """PunchService offers the resource for /v1/punch, and a status of its own."""
+        resources = self.service.resources()
+        self.assertEqual(list(resources), [b"punch"])
+        self.assertIsInstance(resources[b"punch"], PunchResource)
+        self.assertEqual(self.service.status(), {"accepting": [], "punched": {}})
 
 
 class PunchResourceTests(SynchronousTestCase):
@@ -663,10 +666,3 @@ class PunchResourceTests(SynchronousTestCase):
         """GET is a 405 JSON error."""
         self.assertEqual(self.post({"peer": "alice"}, method=b"GET"),
                          (405, {"error": "method not allowed"}))
-
-    def test_served_by_the_service(self):
-        """PunchService serves the resource at /v1/punch and a status section."""
-        control = _Control()
-        service = PunchService(None, None, None, None, Clock(), control)
-        self.assertIsInstance(control.resources[b"punch"], PunchResource)
-        self.assertEqual(control.status_sections, [("punch", service.status)])

@@ -189,8 +189,8 @@ class EnrollmentServiceTests(SynchronousTestCase):
         self.changes = []
 
     def service(self, token="token-1"):
-        service = identity.IdentityService(self.state_dir, self.clock, self.enroller, token,
-                                           "alice")
+        service = identity.IdentityService(state_dir=self.state_dir, clock=self.clock,
+                                           enroller=self.enroller, token=token, name="alice")
         service.observers.append(self.changes.append)
         service.startService()
         self.addCleanup(service.stopService)

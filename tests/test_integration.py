@@ -162,8 +162,9 @@ class RobustnessTests(TestCase):
         """100,000 random and mutated datagrams: none accepted, all counted, Ping still works."""
         network = Network(self)
         target = yield network.start(network.enroll("target", DOMAIN))
-        identity_service = IdentityService(network.enroll("prober", DOMAIN), reactor)
-        rpc = RPCService(identity_service, reactor, interface="127.0.0.1")
+        identity_service = IdentityService(state_dir=network.enroll("prober", DOMAIN),
+                                           clock=reactor)
+        rpc = RPCService(identity=identity_service, reactor=reactor, interface="127.0.0.1")
         identity_service.startService()
         rpc.startService()
         self.addCleanup(rpc.stopService)

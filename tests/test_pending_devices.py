@@ -24,7 +24,8 @@ from meshnode.core.identity import Identity
 from meshnode.nat.location import Location, location_id_for
 from meshnode.roles.operator import registry, signing
 from meshnode.roles.operator.registry import RegistryError
-from meshnode.roles.tunnel import TunnelService
+from meshnode.nat.location import LAN
+from meshnode.roles.tunnel import TunnelService, TunnelSettings
 from meshnode.rpc.messages import DEVICES_SEEN_LIMIT, DevicesSeen, Stored
 from meshnode.wire import DecodeError
 from tests import postgres
@@ -350,15 +351,6 @@ def arp(*entries):
     return "\n".join(lines) + "\n"
 
 
-class _Announcer:
-    locations = None
-
-
-class _Control:
-    def __init__(self):
-        self.status_sections = []
-
-
 class TunnelTestCase(SynchronousTestCase):
     """A tunnel-node of domain acme on a host at two locations (eth0, wlan0), with one
     registered device, `scanner`, on the office LAN."""
@@ -383,11 +375,11 @@ class TunnelTestCase(SynchronousTestCase):
             ("172.17.0.2", mac(1), "docker0"))  # no location: not reported
 
     def tunnel_service(self, location_override):
+        lan = LAN(override=location_override, read_neighbours=lambda: self.neighbours,
+                  read_locations=lambda: [OFFICE, WIFI])
         service = TunnelService(
-            self.node.identity_service, self.node.rpc, self.mesh.directory_of(self.node),
-            _Announcer(), self.node.reactor, _Control(), listen_address="192.0.2.7",
-            tunnel_port=7401, location_override=location_override,
-            neighbours=lambda: self.neighbours, locations=lambda: [OFFICE, WIFI])
+            self.mesh.core_of(self.node, listen_address="192.0.2.7", lan=lan),
+            TunnelSettings(port=7401))
         service.startService()
         self.addCleanup(lambda: service.running and service.stopService())
         self.mesh.network.flush()  # the first device refresh, answered by the operator

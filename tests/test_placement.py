@@ -342,8 +342,9 @@ class PlacementServiceTests(SynchronousTestCase):
     def start(self, replicas=3):
         self.mesh = Mesh(self)
         self.partition = self.mesh.partition()
-        self.service = PlacementService(self.mesh.operator.rpc, self.mesh.store,
-                                        self.mesh.operator.reactor, self.partition, replicas)
+        self.service = PlacementService(rpc=self.mesh.operator.rpc, store=self.mesh.store,
+                                        clock=self.mesh.operator.reactor,
+                                        partition=self.partition, replicas=replicas)
         self.service.operator = self.mesh.me
         self.service.startService()
         self.addCleanup(lambda: self.service.running and self.service.stopService())
@@ -520,8 +521,9 @@ class PlacementServiceTests(SynchronousTestCase):
             def serve(self, ranges):
                 served.append(ranges)
 
-        again = PlacementService(self.mesh.operator.rpc, self.mesh.store,
-                                 self.mesh.operator.reactor, Partition(), 1)
+        again = PlacementService(rpc=self.mesh.operator.rpc, store=self.mesh.store,
+                                 clock=self.mesh.operator.reactor, partition=Partition(),
+                                 replicas=1)
         again.operator = self.mesh.me
         again.startService()
         self.addCleanup(again.stopService)

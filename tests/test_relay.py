@@ -51,9 +51,9 @@ class RelayTestCase(SynchronousTestCase):
         self.forwarded = []
         self.tunnel.rpc.register(Command.RELAYED_TUNNEL_REQUEST, self.forwarded.append,
                                  any_domain)
-        self.relay = RelayService(self.super.rpc, self.partition, self.super.reactor,
-                                  listen_address=self.super.host, relay_port=RELAY_PORT,
-                                  per_domain=self.per_domain, total=self.total)
+        self.relay = RelayService(rpc=self.super.rpc, partition=self.partition,
+                                  clock=self.super.reactor, listen_address=self.super.host,
+                                  port=RELAY_PORT, per_domain=self.per_domain, total=self.total)
         self.relay.startService()
         self.addCleanup(lambda: self.relay.running and self.relay.stopService())
 

@@ -98,8 +98,8 @@ class _Mesh:
         enrollment = (self.operator.enrollment(identity, domain=domain, name=name,
                                                lifetime_ms=lifetime_ms)
                       if enrolled else Enrollment())
-        rpc = RPCService(_IdentityStandIn(identity, enrollment), reactor, interface=host,
-                         roles=roles, **kwargs)
+        rpc = RPCService(identity=_IdentityStandIn(identity, enrollment), reactor=reactor,
+                         interface=host, roles=roles, **kwargs)
         rpc.startService()
         self._testcase.addCleanup(lambda: rpc.running and rpc.stopService())
         return _Node(rpc, reactor, identity, host)
@@ -757,7 +757,7 @@ class CallTests(SynchronousTestCase):
         [(pong, _)] = _deliver(self.b, ping, self.a.address)
         _deliver(self.a, pong, self.b.address)
         self.assertEqual(dict(self.a.rpc.drops), {"unexpected_response": 1})
-        self.assertEqual(self.a.rpc._pending, {})
+        self.assertEqual(list(self.a.rpc._pending), [])
         self.a.reactor.advance(10)
 
     def test_call_when_not_enrolled_fails(self):

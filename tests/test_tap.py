@@ -191,7 +191,7 @@ class ServiceTreeTests(SynchronousTestCase):
         """The tree has the core services, the firewall fallback, a user role and UPnP port
         mapping by default."""
         self.assertEqual(self.names(self.build()),
-                         ["identity", "store", "rpc", "directory", "announcer", "control",
+                         ["identity", "store", "rpc", "directory", "reachability", "control",
                           "fallback", "user", "punch", "upnp"])
 
     def test_no_upnp_when_off_or_on_loopback(self):
@@ -209,12 +209,13 @@ class ServiceTreeTests(SynchronousTestCase):
         self.assertIn("upnp:", str(raised.exception))
 
     def test_one_child_per_enabled_role(self):
-        """Each role flag adds its named child."""
+        """Each role flag adds its named child (and operators and super-nodes the fallback
+        port's listener)."""
         node = self.build("--operator", "--super", "--partition", "0-7fff", "--tunnel",
                           "--operator-url", "https://op.example", "--operator-fingerprint",
                           "ab" * 32, "--upnp", "off")
-        self.assertEqual(self.names(node)[-5:],
-                         ["operator", "super", "tunnel", "user", "punch"])
+        self.assertEqual(self.names(node)[-6:], ["operator", "super", "fallback-listener",
+                                                 "tunnel", "user", "punch"])
         self.assertEqual(node.getServiceNamed("super").offer, (0, 0x7FFF))
 
     def test_building_opens_nothing(self):

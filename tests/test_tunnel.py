@@ -19,8 +19,9 @@ from meshnode.streams import tunnel_tls
 from meshnode.core.directory import SuperNodeList
 from meshnode.nat.punch import RETRY_SECONDS
 from meshnode.roles.operator import registry
+from meshnode.nat.location import LAN
 from meshnode.roles.tunnel import (TOKEN_SECONDS, Limits, Refused, TunnelCounts,
-                                   TunnelService)
+                                   TunnelService, TunnelSettings)
 from meshnode.rpc.messages import (Command, ForwardedTunnelOpened, Forwarding, Introduction,
                                    RelayedTunnelRequest, TunnelOpened, TunnelRequest,
                                    TunnelResult)
@@ -48,13 +49,8 @@ def arp(*entries):
     return "\n".join(lines) + "\n"
 
 
-class _Announcer:
-    locations = None
-
-
-class _Control:
-    def __init__(self):
-        self.status_sections = []
+class _Reachability:
+    seen = ()
 
 
 class _TLSTransport(StringTransport):
@@ -88,13 +84,12 @@ class TunnelTestCase(SynchronousTestCase):
             None, OTHER_LOCATION, [PRINTER_PORT], self.node.rpc.now_ms())["device_id"])
         self.neighbours = arp((self.user.host, bytes.fromhex("02000000aaaa"), "0x2"),
                               (SCANNER_ADDRESS, SCANNER_MAC, "0x2"))
-        self.announcer = _Announcer()
-        self.control = _Control()
+        self.reachability = _Reachability()
         self.service = TunnelService(
-            self.node.identity_service, self.node.rpc, mesh.directory_of(self.node),
-            self.announcer, self.node.reactor, self.control, listen_address=LISTEN,
-            tunnel_port=TUNNEL_PORT, location_override=LOCATION, limits=self.limits,
-            direct=self.direct, neighbours=lambda: self.neighbours)
+            mesh.core_of(self.node, reachability=self.reachability, listen_address=LISTEN,
+                         lan=LAN(override=LOCATION, read_neighbours=lambda: self.neighbours)),
+            TunnelSettings(port=TUNNEL_PORT, direct=self.direct,
+                           limits=self.limits or Limits()))
         self.service.startService()
         self.addCleanup(lambda: self.service.running and self.service.stopService())
         mesh.network.flush()  # the first device refresh, answered by the operator
@@ -157,9 +152,9 @@ class DeviceTests(TunnelTestCase):
         self.successResultOf(d)
         self.assertEqual(self.service.devices[camera].ports, (554,))
 
-    def test_announces_its_locations(self):
-        """The announcer is given the service's locations (the override)."""
-        self.assertEqual(self.announcer.locations(), (LOCATION,))
+    def test_its_locations_are_the_override(self):
+        """With a location given, the service's locations are that one alone."""
+        self.assertEqual(self.service.locations(), (LOCATION,))
         self.assertEqual(self.service.status()["locations"], [LOCATION.hex()])
 
 
@@ -502,7 +497,7 @@ class GateTests(TunnelTestCase):
         self.assertEqual(transport.value(), b"")
         gate.dataReceived(token[10:])
         self.assertEqual(transport.value(), tunnel_tls.GATE_OPEN)
-        self.assertEqual(transport.tls, (self.service._tls, True))
+        self.assertEqual(transport.tls, (self.service._tls.context(), True))
         self.assertEqual(gate.expected_key, self.user.identity.signing_public)
         self.assertFalse(transport.disconnecting)
         self.assertEqual(self.service._grants, {})
@@ -694,7 +689,7 @@ class RelayedRequestTests(TunnelTestCase):
         self.assertEqual(self.answers, [ForwardedTunnelOpened(
             TunnelResult.OPENED, "", self.RELAY, self.token, self.back())])
         leg.dataReceived(tunnel_tls.GATE_OPEN)
-        self.assertEqual(transport.tls, (self.service._tls, False))
+        self.assertEqual(transport.tls, (self.service._tls.context(), False))
         self.assertEqual(leg.expected_key, self.user.identity.signing_public)
         self.assertEqual(leg.grant.address, PINNED)
 
@@ -741,7 +736,7 @@ class IntroductionTestCase(TunnelTestCase):
     def setUp(self):
         super().setUp()
         self.attempts = ConnectAttempts(self)
-        self.announcer.seen = [Endpoint(PUBLIC_HOST, 40001)]
+        self.reachability.seen = [Endpoint(PUBLIC_HOST, 40001)]
         self.super = self.mesh.user("super1", "infra")
         self.place(self.super)
         self.super.rpc.learn(self.node.rpc.own_node)
@@ -840,7 +835,7 @@ class IntroductionTests(IntroductionTestCase):
         gate = attempt.succeed(transport)
         gate.dataReceived(token)
         self.assertEqual(transport.value(), tunnel_tls.GATE_OPEN)
-        self.assertEqual(transport.tls, (self.service._tls, False))
+        self.assertEqual(transport.tls, (self.service._tls.context(), False))
         self.assertEqual(gate.expected_key, self.user.identity.signing_public)
         gate.tls_verified()
         host, port, factory = self.node.reactor.tcpClients[-1][:3]
@@ -946,10 +941,11 @@ class TunnelEndpointTests(TunnelTestCase):
             return on_link
 
         self.service = TunnelService(
-            self.node.identity_service, self.node.rpc, self.mesh.directory_of(self.node),
-            self.announcer, self.node.reactor, self.control, listen_address=LISTEN,
-            tunnel_port=TUNNEL_PORT, location_override=LOCATION, direct=self.direct,
-            port_mapper=self.mapper, neighbours=lambda: self.neighbours, on_link=link)
+            self.mesh.core_of(self.node, reachability=self.reachability, listen_address=LISTEN,
+                              port_mapper=self.mapper,
+                              lan=LAN(override=LOCATION, read_neighbours=lambda: self.neighbours,
+                                      on_link=link)),
+            TunnelSettings(port=TUNNEL_PORT, direct=self.direct))
         self.service.startService()
         self.addCleanup(lambda: self.service.running and self.service.stopService())
         self.mesh.network.flush()

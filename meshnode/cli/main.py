@@ -14,12 +14,10 @@ import sys
 from twisted.python import usage
 
 from meshnode import config
-
-from meshnode.core import control, identity, store
-
-from meshnode.nat import location
-from meshnode.cli.base import Command, CommandError, print_result, table
 from meshnode.cli import operator as admin
+from meshnode.cli.base import Command, CommandError, print_result, table
+from meshnode.core import control, identity, store
+from meshnode.nat import location
 
 
 class IdentityOptions(Command):
@@ -262,12 +260,12 @@ def _standalone_ping(state_dir, host, port, count, timeout):
 
     @defer.inlineCallbacks
     def run(reactor):
-        identity_service = IdentityService(state_dir, reactor)
-        rpc = RPCService(identity_service, reactor, call_timeout=timeout)
+        identity_service = IdentityService(state_dir=state_dir, clock=reactor)
+        rpc = RPCService(identity=identity_service, reactor=reactor, call_timeout=timeout)
         identity_service.startService()
         rpc.startService()
         try:
-            outcome["result"] = yield rpc.ping_address(host, port, count, timeout)
+            outcome["result"] = yield control.ping_address(rpc, host, port, count, timeout)
         except RPCError as e:
             outcome["error"] = str(e)
         finally:

@@ -9,32 +9,21 @@ import os
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.error import CannotListenError, DNSLookupError
-from twisted.logger import Logger
-from twisted.web import resource, server
-from twisted.web.error import UnsupportedMethod
+from twisted.internet.error import DNSLookupError
+from twisted.web import server
 
 from meshnode import config
+from meshnode.core import ports
+from meshnode.core.web import HTTPError, JSONResource, Routes
 from meshnode.records import Role
 from meshnode.rpc.messages import Command
 from meshnode.rpc.service import CallTimeout, RPCError
-
-_log = Logger()
 
 SOCKET_FILE = "control.sock"
 
 
 def socket_path(state_dir):
     return os.path.join(state_dir, SOCKET_FILE)
-
-
-class ControlError(Exception):
-    """A request the control API refuses; becomes a JSON error with `status`."""
-
-    def __init__(self, status, reason):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 def node_status(identity_service, rpc, sections=()):
@@ -64,66 +53,33 @@ def node_status(identity_service, rpc, sections=()):
 def _explain_rpc_failure(failure):
     """An RPC failure as the control API's answer: 504 no answer, 502 refused or unknown."""
     if failure.check(CallTimeout):
-        raise ControlError(504, str(failure.value))
+        raise HTTPError(504, str(failure.value))
     if failure.check(RPCError, DNSLookupError):
-        raise ControlError(502, str(failure.value))
+        raise HTTPError(502, str(failure.value))
     return failure
 
 
-def _json_error(request, status, reason):
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    return json.dumps({"error": reason}).encode() + b"\n"
+@defer.inlineCallbacks
+def ping_peer(rpc, peer, address, count=1, timeout=None):
+    """Ping a known peer at `address` `count` times → a summary with the round trips."""
+    rtts = []
+    for _ in range(count):
+        rtts.append((yield rpc.ping(peer, address, timeout=timeout)))
+    node = peer.node
+    return {"address": f"{address[0]}:{address[1]}", "node_id": node.node_id.hex(),
+            "name": node.name, "domain": node.domain,
+            "rtt_ms": [round(rtt * 1000, 3) for rtt in rtts]}
 
 
-class _Routes(resource.Resource):
-    """A directory of the API: unknown paths get a JSON 404."""
-
-    def getChild(self, path, request):
-        return _NotFound()
-
-    def render(self, request):
-        return _json_error(request, 404, "no such resource")
+@defer.inlineCallbacks
+def ping_address(rpc, host, port, count=1, timeout=None):
+    """Bootstrap with whoever listens at HOST:PORT, then ping it `count` times."""
+    address = yield rpc.resolve((host, port))
+    peer = yield rpc.fetch_node(address, timeout)
+    return (yield ping_peer(rpc, peer, address, count, timeout))
 
 
-class _NotFound(resource.Resource):
-    isLeaf = True
-
-    def render(self, request):
-        return _json_error(request, 404, "no such resource")
-
-
-class _JSONResource(resource.Resource):
-    isLeaf = True
-
-    def render(self, request):
-        try:
-            return super().render(request)
-        except UnsupportedMethod as e:
-            request.setHeader(b"allow", b", ".join(e.allowedMethods))
-            return _json_error(request, 405, "method not allowed")
-
-    def _reply(self, request, status, body):
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")
-        request.write(json.dumps(body).encode() + b"\n")
-        request.finish()
-
-    def _fail(self, failure, request):
-        if failure.check(ControlError):
-            self._reply(request, failure.value.status, {"error": failure.value.reason})
-        else:
-            _log.failure("control request failed", failure)
-            self._reply(request, 500, {"error": str(failure.value) or failure.type.__name__})
-
-    def _serve(self, request, handler):
-        d = defer.maybeDeferred(handler, request)
-        d.addCallbacks(lambda body: self._reply(request, 200, body), self._fail,
-                       errbackArgs=(request,))
-        return server.NOT_DONE_YET
-
-
-class StatusResource(_JSONResource):
+class StatusResource(JSONResource):
     def __init__(self, identity_service, rpc, sections):
         super().__init__()
         self._identity_service = identity_service
@@ -131,11 +87,11 @@ class StatusResource(_JSONResource):
         self._sections = sections
 
     def render_GET(self, request):
-        return self._serve(request, lambda r: node_status(self._identity_service, self._rpc,
+        return self.serve(request, lambda r: node_status(self._identity_service, self._rpc,
                                                           self._sections))
 
 
-class PingResource(_JSONResource):
+class PingResource(JSONResource):
     """POST {"address": "HOST:PORT" and/or "node": NAME-OR-ID, "count": N, "timeout": S}.
 
     With an address only, the peer is met with the GetNode bootstrap; with a node as well, its
@@ -149,7 +105,7 @@ class PingResource(_JSONResource):
         self._directory = directory
 
     def render_POST(self, request):
-        return self._serve(request, self._ping)
+        return self.serve(request, self._ping)
 
     def _ping(self, request):
         try:
@@ -159,17 +115,17 @@ class PingResource(_JSONResource):
             count = int(body.get("count", 1))
             timeout = float(body.get("timeout", self._rpc.call_timeout))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ControlError(400, f"bad ping request: {e}") from None
+            raise HTTPError(400, f"bad ping request: {e}") from None
         if address is None and node is None:
-            raise ControlError(400, "bad ping request: give an address or a node")
+            raise HTTPError(400, "bad ping request: give an address or a node")
         if not 1 <= count <= 100 or not 0 < timeout <= 60:
-            raise ControlError(400, "count must be 1-100 and timeout 0-60 seconds")
+            raise HTTPError(400, "count must be 1-100 and timeout 0-60 seconds")
         if node is None:
-            d = self._rpc.ping_address(*address, count, timeout)
+            d = ping_address(self._rpc, *address, count, timeout)
         elif address is not None:
             d = (self._directory.lookup_name(node) if isinstance(node, str)
                  else self._directory.lookup_node(node))
-            d.addCallback(lambda peer: self._rpc.ping_peer(peer, address, count, timeout))
+            d.addCallback(lambda peer: ping_peer(self._rpc, peer, address, count, timeout))
         else:
             d = self._directory.lookup_node_info(node)
             d.addCallback(self._ping_announced, count, timeout)
@@ -179,13 +135,13 @@ class PingResource(_JSONResource):
     def _ping_announced(self, found, count, timeout):
         info, _ = found
         if not info.addresses:
-            raise ControlError(502, "the node announced no address")
+            raise HTTPError(502, "the node announced no address")
         address = info.addresses[0]
         peer = self._rpc.peers.get(info.node_id)
-        return self._rpc.ping_peer(peer, (address.host, address.port), count, timeout)
+        return ping_peer(self._rpc, peer, (address.host, address.port), count, timeout)
 
 
-class LookupResource(_JSONResource):
+class LookupResource(JSONResource):
     """POST {"node": NAME or 64-HEX-ID}: the NodeInfo the directory finds, and which replicas
     answered."""
 
@@ -194,14 +150,14 @@ class LookupResource(_JSONResource):
         self._directory = directory
 
     def render_POST(self, request):
-        return self._serve(request, self._lookup)
+        return self.serve(request, self._lookup)
 
     def _lookup(self, request):
         try:
             body = json.loads(request.content.read(65536) or b"{}")
             node = config.parse_node_or_id(body["node"])
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ControlError(400, f"bad lookup request: {e}") from None
+            raise HTTPError(400, f"bad lookup request: {e}") from None
         d = self._directory.lookup_node_info(node)
         d.addCallback(self._describe)
         d.addErrback(_explain_rpc_failure)
@@ -219,42 +175,52 @@ class LookupResource(_JSONResource):
 
 
 class ControlService(service.Service):
-    """Serves the control API on STATE/control.sock, readable by the node's user only."""
+    """Serves the control API on STATE/control.sock, readable by the node's user only: the
+    node's status (with each service's part, `add_status`) and each service's resources
+    (`add_resource`)."""
 
     name = "control"
 
-    def __init__(self, state_dir, identity_service, rpc, directory, reactor):
+    def __init__(self, *, state_dir, identity, rpc, directory, reactor):
         self._path = socket_path(state_dir)
-        self._identity_service = identity_service
+        self._identity_service = identity
         self._rpc = rpc
         self._directory = directory
         self._reactor = reactor
         self._port = None
-        self.status_sections = []  # roles add (name, callable) for `meshnode status`
-        self.resources = {}  # roles add their own /v1/NAME resources
+        self._status_sections = []
+        self._resources = {}
+
+    def add_status(self, name, section):
+        """`section()` gives the part `name` of `meshnode status`."""
+        self._status_sections.append((name, section))
+
+    def add_resource(self, name, child):
+        """Serve `child` at /v1/NAME (`name`: bytes)."""
+        if name in self._resources:
+            raise ValueError(f"the control resource {name!r} is served already")
+        self._resources[name] = child
 
     def startService(self):
-        root = _Routes()
-        v1 = _Routes()
+        root = Routes()
+        v1 = Routes()
         root.putChild(b"v1", v1)
         v1.putChild(b"status", StatusResource(self._identity_service, self._rpc,
-                                              self.status_sections))
+                                              self._status_sections))
         v1.putChild(b"ping", PingResource(self._rpc, self._directory))
         v1.putChild(b"lookup", LookupResource(self._directory))
-        for name, child in self.resources.items():
+        for name, child in self._resources.items():
             v1.putChild(name, child)
         site = server.Site(root)
         site.displayTracebacks = False
         site.noisy = False
         site.log = lambda request: None  # status polling would flood the node's log
-        try:
-            self._port = self._reactor.listenUNIX(self._path, site, mode=0o600, wantPID=True)
-        except CannotListenError as e:
-            _log.error("no control socket at {path}: {error}", path=self._path,
-                       error=e.socketError)
+        self._port = ports.listen_unix(self._reactor, self._path, site)
         service.Service.startService(self)
 
     def stopService(self):
         service.Service.stopService(self)
-        if self._port is not None:
-            return self._port.stopListening()
+        port, self._port = self._port, None
+        if port is not None:
+            return port.stopListening()
+        return None

@@ -22,16 +22,17 @@ import random
 
 import attrs
 import sqlalchemy as sa
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from meshnode import records
+from meshnode.core import periodic
+from meshnode.core.schema import dht_records
 from meshnode.rpc.messages import (DIGESTS_PER_PAGE, Command, Encoded, NodeInfoRecord,
                                    PartitionDigests, PartitionRecords, Stored,
                                    TransferPartition, TunnelNodes)
 from meshnode.rpc.service import RPCError, any_domain
-from meshnode.core.schema import dht_records
 
 _log = Logger()
 
@@ -227,7 +228,7 @@ class PartitionService(service.MultiService):
 
     name = "partition"
 
-    def __init__(self, rpc, store, clock, quota=DEFAULT_QUOTA, may_transfer=None,
+    def __init__(self, *, rpc, store, clock, quota=DEFAULT_QUOTA, may_transfer=None,
                  co_replicas=None, call=None, rng=None):
         super().__init__()
         self._rpc = rpc
@@ -243,11 +244,9 @@ class PartitionService(service.MultiService):
         self.pulled = collections.Counter()  # entries stored by anti-entropy, per source id
         self.last_sync = {}  # range → (time, replica id, pulled entries) of the last exchange
         self._syncing = False
-        for interval, work in ((EXPIRY_SWEEP_SECONDS, self._sweep),
-                               (ANTI_ENTROPY_SECONDS, self.anti_entropy)):
-            timer = internet.TimerService(interval, self._guarded, work)
-            timer.clock = clock
-            timer.setServiceParent(self)
+        for interval, work, what in ((EXPIRY_SWEEP_SECONDS, self._sweep, "expiry sweep"),
+                                     (ANTI_ENTROPY_SECONDS, self.anti_entropy, "anti-entropy")):
+            periodic.every(interval, work, clock, what).setServiceParent(self)
 
     def serve(self, ranges):
         """Serve exactly `ranges` ((low, high) pairs) from now on; gained ones are filled by
@@ -261,7 +260,7 @@ class PartitionService(service.MultiService):
         self._new_ranges &= set(ranges)
         _log.info("serving DHT partition ranges {ranges}", ranges=format_ranges(ranges))
         if gained and self.running and self._co_replicas is not None:
-            self._guarded(self.anti_entropy)
+            periodic.guarded(self.anti_entropy, "anti-entropy")
 
     def startService(self):
         self._rpc.register(Command.PUT_RECORD, self._put, any_domain)
@@ -278,11 +277,6 @@ class PartitionService(service.MultiService):
                         Command.GET_TUNNEL_NODES):
             self._rpc.unregister(command)
         return super().stopService()
-
-    def _guarded(self, work):
-        d = defer.maybeDeferred(work)
-        d.addErrback(lambda f: _log.failure("DHT periodic work failed", f))
-        return d
 
     def _restore(self, rows):
         now = self._rpc.now_ms()

@@ -14,18 +14,17 @@ import random
 
 import attrs
 import sqlalchemy as sa
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from meshnode import records
-
-from meshnode.core import store
+from meshnode.core import periodic, store
+from meshnode.core.schema import kept_lists
 from meshnode.rpc.messages import (EndDevices, ForwardedTunnelOpened, GetEndDevices, GetNode,
                                    GetNodeInfo, GetSuperNodes, GetTunnelNodes, NodeInfoRecord,
                                    NodeRecord, SuperNodes, TunnelNodes, TunnelResult)
 from meshnode.rpc.service import RPCError
-from meshnode.core.schema import kept_lists
 from meshnode.wire import Writer
 
 _log = Logger()
@@ -119,11 +118,10 @@ def thd_keep_list(engine, name, data):
 class DirectoryService(service.MultiService):
     name = "directory"
 
-    def __init__(self, identity_service, store_service, rpc, operator_address=None,
-                 clock=None, rng=None):
+    def __init__(self, *, identity, store, rpc, operator_address=None, clock=None, rng=None):
         super().__init__()
-        self._identity_service = identity_service
-        self._store = store_service
+        self._identity_service = identity
+        self._store = store
         self._rpc = rpc
         self.operator_address = operator_address
         self._operator = None
@@ -134,16 +132,14 @@ class DirectoryService(service.MultiService):
         self._list_loaded = False
         self.list_observers = []  # called with the new SuperNodeList after every refresh
         if clock is not None:
-            timer = internet.TimerService(SUPER_NODE_REFRESH_SECONDS, self._refresh_quietly)
-            timer.clock = clock
-            timer.setServiceParent(self)
+            periodic.every(SUPER_NODE_REFRESH_SECONDS, self._refresh, clock,
+                           "refreshing the super-node list").setServiceParent(self)
 
     @property
     def operator_ids(self):
         return self._identity_service.enrollment.trust.operator_ids
 
     def startService(self):
-        self._rpc.learned.append(self._save_node)
         d = self._store.run(store.thd_load_nodes)
         d.addCallback(self._restore_nodes)
         d.addErrback(lambda f: _log.failure("could not load cached Node records", f))
@@ -151,11 +147,6 @@ class DirectoryService(service.MultiService):
         d.addCallback(self._restore_list)
         d.addErrback(lambda f: _log.failure("could not load the kept super-node list", f))
         super().startService()
-
-    def stopService(self):
-        if self._save_node in self._rpc.learned:
-            self._rpc.learned.remove(self._save_node)
-        return super().stopService()
 
     def _restore_nodes(self, blobs):
         kept = 0
@@ -167,7 +158,8 @@ class DirectoryService(service.MultiService):
                 continue  # expired or revoked since it was cached: simply not used
         _log.info("restored {kept} of {total} cached Node records", kept=kept, total=len(blobs))
 
-    def _save_node(self, signed):
+    def remember_node(self, signed):
+        """Cache a Node record the RPC learned (wired to `rpc.learned`)."""
         node = signed.record
         d = self._store.run(store.thd_save_node, node.node_id, node.domain, node.issued,
                             signed.encode())
@@ -319,13 +311,10 @@ class DirectoryService(service.MultiService):
                 break
         return signed, page.replicas
 
-    def _refresh_quietly(self):
+    def _refresh(self):
         if not self._rpc.enrolled or self.operator_address is None:
             return None
-        d = self.refresh_super_nodes()
-        d.addErrback(lambda f: _log.info("could not refresh the super-node list: {reason}",
-                                         reason=f.getErrorMessage()))
-        return d
+        return self.refresh_super_nodes()
 
     @defer.inlineCallbacks
     def replicas(self, domain=None):

@@ -183,12 +183,12 @@ class IdentityService(service.Service):
 
     With an `enroller` (meshnode.enrollment.EnrollmentClient) a node that is not enrolled, or
     whose keys were replaced, enrolls with its token; an enrolled node renews its Node record
-    before it expires. Services that depend on the enrollment register in `observers`.
+    before it expires. `observers` are called with each new enrollment (wired by build_node).
     """
 
     name = "identity"
 
-    def __init__(self, state_dir, clock, enroller=None, token=None, name=None):
+    def __init__(self, *, state_dir, clock, enroller=None, token=None, name=None):
         self.state_dir = state_dir
         self.clock = clock
         self.enroller = enroller

@@ -10,12 +10,13 @@ is announced as the first address.
 
 import socket
 
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import DNSLookupError
 from twisted.logger import Logger
 
 from meshnode import records
+from meshnode.core import periodic
 
 from meshnode.nat import stun
 from meshnode.core.dht import PutResult
@@ -70,56 +71,48 @@ def from_stun(report):
     return NatBehaviour.SYMMETRIC
 
 
-class AnnouncerService(service.MultiService):
-    name = "announcer"
+class ReachabilityService(service.MultiService):
+    """Where and how this node is reached: its addresses, what two replicas see of it
+    (WhoAmI), its NAT's behaviour (and STUN's report), announced as a signed NodeInfo to the
+    replicas of its partition every ANNOUNCE_SECONDS and whenever something in it changes
+    (`reannounce`, `enrollment_changed`). `locations()`: the location ids to announce."""
 
-    def __init__(self, identity_service, rpc, directory, clock, listen_address,
-                 stun_server=None, port_mapper=None):
+    name = "reachability"
+
+    def __init__(self, *, identity, rpc, directory, clock, listen_address="", stun=None,
+                 stun_server=None, port_mapper=None, locations=tuple):
         super().__init__()
-        self._identity_service = identity_service
+        self._identity_service = identity
         self._rpc = rpc
         self._directory = directory
         self._clock = clock
         self._listen_address = listen_address
+        self._stun = stun  # a StunClient on the RPC's own socket
         self._stun_server = stun_server
         self._stun_at = float("-inf")
         self.stun_report = None
         self.stun_error = None
         self._port_mapper = port_mapper
-        if port_mapper is not None:
-            port_mapper.observers.append(self.reannounce)
+        self.locations = locations
         self.last_result = None
         self._retry = None
         self._unanswered = 0
         self.seen = []
-        self.locations = tuple  # the tunnel role sets its location ids here
-        timer = internet.TimerService(ANNOUNCE_SECONDS, self._guarded)
-        timer.clock = clock
-        timer.setServiceParent(self)
-
-    def startService(self):
-        self._identity_service.observers.append(self._enrollment_changed)
-        super().startService()
+        periodic.every(ANNOUNCE_SECONDS, self.announce, clock,
+                       "NodeInfo announcement").setServiceParent(self)
 
     def stopService(self):
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
-        if self._enrollment_changed in self._identity_service.observers:
-            self._identity_service.observers.remove(self._enrollment_changed)
         return super().stopService()
 
-    def _enrollment_changed(self, enrollment):
-        self._guarded()  # a new domain or Node record: announce at once
+    def enrollment_changed(self, enrollment):
+        self.reannounce()  # a new domain or Node record: announce at once
 
     def reannounce(self):
         """Something in our NodeInfo changed (a UPnP mapping came or went): announce now."""
-        self._guarded()
-
-    def _guarded(self):
-        d = defer.maybeDeferred(self.announce)
-        d.addErrback(lambda f: _log.warn("NodeInfo announcement failed: {reason}",
-                                         reason=f.getErrorMessage()))
-        return d
+        if self.running:
+            periodic.guarded(self.announce, "NodeInfo announcement")
 
     def addresses(self):
         """Where to reach our RPC port: its UPnP mapping first, then our own address."""
@@ -174,12 +167,13 @@ class AnnouncerService(service.MultiService):
     def _discover(self):
         """RFC 5780 behaviour discovery with the configured STUN server, from the RPC socket
         (at most every STUN_SECONDS)."""
-        if self._stun_server is None or self._clock.seconds() - self._stun_at < STUN_SECONDS:
+        if (self._stun is None or self._stun_server is None
+                or self._clock.seconds() - self._stun_at < STUN_SECONDS):
             return
         self._stun_at = self._clock.seconds()
         try:
             server = yield self._rpc.resolve(self._stun_server)
-            self.stun_report = yield stun.discover(self._rpc.stun, server,
+            self.stun_report = yield stun.discover(self._stun, server,
                                                    local=self.addresses())
             self.stun_error = None
         except (stun.StunError, DNSLookupError) as e:
@@ -211,7 +205,7 @@ class AnnouncerService(service.MultiService):
         observed = yield self._observe(replicas)
         yield self._discover()
         if self._unanswered and (self._retry is None or not self._retry.active()):
-            self._retry = self._clock.callLater(RETRY_SECONDS, self._guarded)
+            self._retry = self._clock.callLater(RETRY_SECONDS, self.reannounce)
         signed = self._identity_service.identity.sign(self.node_info(observed))
         results = yield defer.DeferredList(
             [self._directory.call(replica, PutRecord(signed), Stored) for replica in replicas],

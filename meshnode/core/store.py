@@ -104,7 +104,7 @@ class StoreService(service.Service):
 
     name = "store"
 
-    def __init__(self, url, reactor):
+    def __init__(self, *, url, reactor):
         self.url = url
         self._reactor = reactor
         self._pool = None

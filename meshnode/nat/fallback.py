@@ -5,10 +5,11 @@ super-node (the operator while there is none), so their load spreads as users gr
 
 import random
 
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from meshnode.core import periodic
 from meshnode.rpc.service import RPCError
 
 _log = Logger()
@@ -21,7 +22,7 @@ MODES = ("udp", "tcp", "tls")
 class FallbackService(service.MultiService):
     name = "fallback"
 
-    def __init__(self, rpc, directory, clock):
+    def __init__(self, *, rpc, directory, clock):
         super().__init__()
         self._rpc = rpc
         self._directory = directory
@@ -30,18 +31,21 @@ class FallbackService(service.MultiService):
         self.observers = []  # called (no arguments) when the mode changed
         self.last_probe = {}
         self._checking = False
-        timer = internet.TimerService(CHECK_SECONDS, self._guarded)
-        timer.clock = clock
-        timer.setServiceParent(self)
+        periodic.every(CHECK_SECONDS, self._check_once, clock,
+                       "transport check").setServiceParent(self)
 
-    def _guarded(self):
+    def _check_once(self):
+        """`check`, unless one is under way still."""
         if self._checking:
             return None
         self._checking = True
         d = defer.maybeDeferred(self.check)
-        d.addErrback(lambda f: _log.failure("transport check failed", f))
-        d.addBoth(lambda _: setattr(self, "_checking", False))
-        return d
+
+        def done(result):
+            self._checking = False
+            return result
+
+        return d.addBoth(done)
 
     def _target(self):
         """Whom to probe → (the node id that must answer, or None for an operator; its

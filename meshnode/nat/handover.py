@@ -20,7 +20,7 @@ from meshnode.nat import stun
 from meshnode.nat.punch import spray_ports
 from meshnode.core.reachability import outbound_address
 from meshnode.core.directory import NotPassedOn
-from meshnode.core.control import ControlError, _JSONResource
+from meshnode.core.web import HTTPError, JSONResource
 from meshnode.records import NatBehaviour
 from meshnode.rpc.messages import (Command, ForwardedTunnelOpened, PunchRequest,
                                    TunnelResult)
@@ -192,19 +192,20 @@ class _Prepared:
 class PunchService(service.Service):
     name = "punch"
 
-    def __init__(self, identity_service, rpc, directory, announcer, clock, control,
-                 listen_address="", stun_server=None):
-        self._identity_service = identity_service
-        self._rpc = rpc
-        self._directory = directory
-        self._announcer = announcer
-        self._clock = clock
-        self._listen_address = listen_address
+    def __init__(self, core, *, stun_server=None):
+        self._identity_service = core.identity
+        self._rpc = core.rpc
+        self._directory = core.directory
+        self._reachability = core.reachability
+        self._clock = core.reactor
+        self._listen_address = core.listen_address
         self._stun_server = stun_server
         self._accepting = {}  # peer node id → (prepared, Deferred of (nonce, endpoint))
         self.punched = collections.Counter()
-        control.status_sections.append(("punch", self.status))
-        control.resources[b"punch"] = PunchResource(self)
+
+    def resources(self):
+        """The control API's resources this service serves."""
+        return {b"punch": PunchResource(self)}
 
     def startService(self):
         service.Service.startService(self)
@@ -234,8 +235,8 @@ class PunchService(service.Service):
                 server = yield self._rpc.resolve(self._stun_server)
                 answer = yield punch_socket.stun.binding(server)
                 public = answer.mapped
-            elif self._announcer.seen:
-                public = Endpoint(self._announcer.seen[0].host, local_port)
+            elif self._reachability.seen:
+                public = Endpoint(self._reachability.seen[0].host, local_port)
             else:
                 raise PunchFailed("our public address is not known yet (no replica answered "
                                   "WhoAmI, no STUN server configured)")
@@ -269,7 +270,7 @@ class PunchService(service.Service):
                 target = opened.endpoint
                 secret = shared_secret(self._identity_service.identity, peer.node,
                                        prepared.nonce, opened.token)
-            role = birthday_role(self._announcer.nat(self._announcer.seen), info.nat)
+            role = birthday_role(self._reachability.nat(self._reachability.seen), info.nat)
             run = (secret, self._rpc.node_id, info.node_id, (target.host, target.port))
             if role == "spray":
                 reached = yield prepared.socket.run(*run, BIRTHDAY_SECONDS,
@@ -388,7 +389,7 @@ def _is_id(spec):
     return len(spec) == 64 and all(c in "0123456789abcdef" for c in spec.lower())
 
 
-class PunchResource(_JSONResource):
+class PunchResource(JSONResource):
     """POST /v1/punch {"peer", "accept", "wait"} → {local, public, peer, secret}."""
 
     def __init__(self, punch):
@@ -396,7 +397,7 @@ class PunchResource(_JSONResource):
         self._punch = punch
 
     def render_POST(self, request):
-        return self._serve(request, self._run)
+        return self.serve(request, self._run)
 
     def _run(self, request):
         try:
@@ -409,12 +410,12 @@ class PunchResource(_JSONResource):
             if not isinstance(peer, str) or not 0 < wait <= ACCEPT_SECONDS_LIMIT:
                 raise ValueError("peer must be a name or id, wait 0-600 seconds")
         except (ValueError, KeyError, TypeError) as e:
-            raise ControlError(400, f"bad punch request: {e}") from None
+            raise HTTPError(400, f"bad punch request: {e}") from None
         d = self._punch.punch(peer, accept, wait)
 
         def failed(failure):
             failure.trap(PunchFailed)
-            raise ControlError(409, failure.getErrorMessage())
+            raise HTTPError(409, failure.getErrorMessage())
 
         return d.addErrback(failed)
 

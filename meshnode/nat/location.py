@@ -230,3 +230,20 @@ def read_locations(route_path=ROUTE_PATH, arp_path=ARP_PATH):
 def read_neighbours(arp_path=ARP_PATH):
     """The text of /proc/net/arp now, for `mac_to_address` and `neighbours`; "" when absent."""
     return _read(arp_path)
+
+
+@attrs.define(kw_only=True)
+class LAN:
+    """This machine's LANs as a node sees them: the kernel's tables (or a test's), and the
+    location id given in the settings instead of the ones found (`--location`)."""
+
+    override: bytes | None = None
+    read_locations: object = read_locations  # → [Location]
+    read_neighbours: object = read_neighbours  # → the neighbour table's text
+    on_link: object = read_on_link  # host → whether it is on one of our own networks
+
+    def location_ids(self):
+        """The location ids this machine is at now (the override alone when given)."""
+        if self.override is not None:
+            return (self.override,)
+        return tuple(sorted({found.location_id for found in self.read_locations()}))[:8]

@@ -1,6 +1,6 @@
 """The tunnel role: a node on the end-devices' LAN opens authorized tunnels to them.
 
-It announces its location ids (meshnode/location.py) in its NodeInfo, keeps the operator's
+It announces its location ids (meshnode/nat/location.py) in its NodeInfo, keeps the operator's
 EndDevice records of its domain, and answers two requests:
 
 * TunnelRequest (direct path): authorize, then hand out the tunnel port's endpoint and a
@@ -8,7 +8,7 @@ EndDevice records of its domain, and answers two requests:
 * RelayedTunnelRequest from a super-node (relayed path): authorize, dial the relay the
   super-node named with its token, and tell the super-node the outcome, which it passes on;
 * Introduction from a super-node (punched path): authorize, connect from the tunnel port to
-  the requester's public endpoint while it connects to ours (meshnode/punch.py), and answer
+  the requester's public endpoint while it connects to ours (meshnode/nat/punch.py), and answer
   with our public endpoint and a token as for the relayed path.
 
 Either way the stream then carries TLS with the requester, checked against the requester's
@@ -24,21 +24,18 @@ import collections
 import os
 
 import attrs
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.internet import defer, protocol
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from meshnode import records
-
-from meshnode.nat import location, punch
-
-from meshnode.streams import tunnel_tls
+from meshnode.core import periodic, ports
 from meshnode.core.reachability import outbound_address
-from meshnode.errors import StartupError
+from meshnode.nat import location, punch
 from meshnode.rpc.messages import (DEVICES_SEEN_LIMIT, Command, DevicesSeen,
                                    ForwardedTunnelOpened, Stored, TunnelOpened, TunnelResult)
 from meshnode.rpc.service import RPCError, same_domain
+from meshnode.streams import tunnel_tls
 from meshnode.streams.splice import FramedLeg, Leg
 from meshnode.wire import Endpoint
 
@@ -58,6 +55,13 @@ class Limits:
     per_domain: int = 256
     total: int = 1024
     idle_timeout: float = 600.0
+
+
+@attrs.define(kw_only=True)
+class TunnelSettings:
+    port: int = 7401  # the tunnel port (0: a free one)
+    direct: bool = True  # False: no tunnel port, every tunnel goes through a relay
+    limits: Limits = attrs.Factory(Limits)
 
 
 class Refused(Exception):
@@ -109,24 +113,20 @@ class TunnelCounts:
 class TunnelService(service.MultiService):
     name = "tunnel"
 
-    def __init__(self, identity_service, rpc, directory, announcer, clock, control,
-                 listen_address="", tunnel_port=7401, location_override=None, limits=None,
-                 direct=True, port_mapper=None, neighbours=location.read_neighbours,
-                 locations=location.read_locations, on_link=location.read_on_link):
+    def __init__(self, core, settings):
         super().__init__()
-        self._identity_service = identity_service
-        self._rpc = rpc
-        self._directory = directory
-        self._clock = clock
-        self._listen_address = listen_address
-        self._requested_port = tunnel_port
-        self.direct = direct  # False: no tunnel port, every tunnel goes through a relay
-        self._location_override = location_override
-        self._read_neighbours = neighbours
-        self._read_locations = locations
-        self._port_mapper = port_mapper
-        self._on_link = on_link
-        self.limits = limits or Limits()
+        self._identity_service = core.identity
+        self._rpc = core.rpc
+        self._directory = core.directory
+        self._reachability = core.reachability
+        self._clock = core.reactor
+        self._listen_address = core.listen_address
+        self._lan = core.lan
+        self._tls = core.tls
+        self._port_mapper = core.port_mapper
+        self._requested_port = settings.port
+        self.direct = settings.direct
+        self.limits = settings.limits
         self.counts = TunnelCounts(self.limits)
         self.refusals = collections.Counter()
         self.opened = collections.Counter()  # by path
@@ -134,31 +134,27 @@ class TunnelService(service.MultiService):
         self._grants = {}
         self._last_miss_refresh = float("-inf")
         self._port = None
-        self._tls = None
-        self._announcer = announcer
-        announcer.locations = self.locations
-        for interval, work in ((DEVICE_REFRESH_SECONDS, self.refresh_devices),
-                               (KEEPALIVE_SECONDS, self._keep_alive),
-                               (DEVICE_REPORT_SECONDS, self.report_devices)):
-            timer = internet.TimerService(interval, self._guarded, work)
-            timer.clock = clock
-            timer.setServiceParent(self)
-        control.status_sections.append(("tunnel", self.status))
+        for interval, work, what in (
+                (DEVICE_REFRESH_SECONDS, self.refresh_devices, "reading the end-devices"),
+                (KEEPALIVE_SECONDS, self._keep_alive, "keeping NAT mappings open"),
+                (DEVICE_REPORT_SECONDS, self.report_devices, "reporting unregistered devices")):
+            periodic.every(interval, work, self._clock, what).setServiceParent(self)
 
     # -- wiring --------------------------------------------------------------------------------
 
-    def startService(self):
-        self._tls = tunnel_tls.TunnelContext(self._identity_service.identity,
-                                             _datetime(self._clock))
-        if self.direct:
+    def privilegedStartService(self):
+        self._listen()
+        super().privilegedStartService()
+
+    def _listen(self):
+        if self.direct and self._port is None:
             factory = protocol.Factory.forProtocol(lambda: _Gate(self))
-            try:  # punch connections leave from this port too
-                self._port = punch.listen_reusable(self._clock, self._requested_port, factory,
-                                                   self._listen_address)
-            except CannotListenError as e:
-                raise StartupError(f"cannot listen on tunnel port {self._requested_port}: "
-                                   f"{e.socketError}") from None
-        self._identity_service.observers.append(self._enrollment_changed)
+            # punch connections leave from this port too
+            self._port = ports.listen_tcp(self._clock, self._requested_port, factory,
+                                          self._listen_address, "tunnel TCP", reuse_port=True)
+
+    def startService(self):
+        self._listen()
         self._rpc.register(Command.TUNNEL_REQUEST, self._tunnel_request, same_domain)
         self._rpc.register(Command.RELAYED_TUNNEL_REQUEST, self._forwarded_request,
                            self._directory.from_super_node)
@@ -172,11 +168,10 @@ class TunnelService(service.MultiService):
         for command in (Command.TUNNEL_REQUEST, Command.RELAYED_TUNNEL_REQUEST,
                         Command.INTRODUCTION):
             self._rpc.unregister(command)
-        if self._enrollment_changed in self._identity_service.observers:
-            self._identity_service.observers.remove(self._enrollment_changed)
         stopping = super().stopService()
-        if self._port is not None:
-            return defer.gatherResults([defer.maybeDeferred(self._port.stopListening),
+        port, self._port = self._port, None
+        if port is not None:
+            return defer.gatherResults([defer.maybeDeferred(port.stopListening),
                                         defer.maybeDeferred(lambda: stopping)])
         return stopping
 
@@ -184,23 +179,16 @@ class TunnelService(service.MultiService):
     def port(self):
         return self._port.getHost().port if self._port is not None else None
 
-    def _guarded(self, work):
-        d = defer.maybeDeferred(work)
-        d.addErrback(lambda f: _log.info("tunnel periodic work failed: {reason}",
-                                         reason=f.getErrorMessage()))
-        return d
-
     def locations(self):
-        if self._location_override is not None:
-            return (self._location_override,)
-        return tuple(sorted({found.location_id for found in self._read_locations()}))[:8]
+        return self._lan.location_ids()
 
-    def _enrollment_changed(self, enrollment):
+    def enrollment_changed(self, enrollment):
         self.refresh_soon()  # just enrolled: learn the devices at once
 
     def refresh_soon(self):
         """Learn the devices now (enrolled, or the RPC found a way out again)."""
-        self._guarded(self.refresh_devices)
+        if self.running:
+            periodic.guarded(self.refresh_devices, "reading the end-devices")
 
     @defer.inlineCallbacks
     def refresh_devices(self):
@@ -224,12 +212,12 @@ class TunnelService(service.MultiService):
         """{location id: [(MAC, IPv4 address)]} of the neighbours on each location's interface
         that are neither its router nor a registered device (with --location given, none:
         which interface is that LAN is not known)."""
-        if self._location_override is not None:
+        if self._lan.override is not None:
             return {}
         known = {device.mac for device in self.devices.values()}
-        table = location.neighbours(self._read_neighbours())
+        table = location.neighbours(self._lan.read_neighbours())
         found = {}
-        for place in self._read_locations():
+        for place in self._lan.read_locations():
             seen = [(mac, ip) for ip, mac in sorted(table.get(place.interface, {}).items())
                     if mac not in known and mac != place.gateway_mac]
             if seen:  # two interfaces on one LAN share its location id
@@ -267,7 +255,7 @@ class TunnelService(service.MultiService):
             # seconds) so that the requester's next attempt finds it.
             if self._clock.seconds() - self._last_miss_refresh > MISS_REFRESH_SECONDS:
                 self._last_miss_refresh = self._clock.seconds()
-                self._guarded(self.refresh_devices)
+                periodic.guarded(self.refresh_devices, "reading the end-devices")
             raise Refused("unregistered_device")
         if trust.is_revoked(device.device_id):
             raise Refused("revoked")
@@ -277,7 +265,7 @@ class TunnelService(service.MultiService):
             raise Refused("port_not_allowed")
         address = device.address
         if address is None:
-            address = location.mac_to_address(self._read_neighbours(), device.mac)
+            address = location.mac_to_address(self._lan.read_neighbours(), device.mac)
             if address is None:
                 raise Refused("device_not_found")
         self.counts.check(requester)
@@ -313,7 +301,7 @@ class TunnelService(service.MultiService):
     def _tunnel_endpoint(self, requester_host):
         """Where a requester at `requester_host` reaches the tunnel port: the gateway's UPnP
         mapping when it is beyond our router, else our own address."""
-        if self._port_mapper is not None and not self._on_link(requester_host):
+        if self._port_mapper is not None and not self._lan.on_link(requester_host):
             mapped = self._port_mapper.mapped("TCP", self.port)
             if mapped is not None:
                 return Endpoint(*mapped)
@@ -376,9 +364,7 @@ class TunnelService(service.MultiService):
         requester, address, port, answer = authorized
         grant = _Grant(requester, address, port, self._clock.seconds() + TOKEN_SECONDS,
                        "relayed")
-        relay = forwarding.relay
-        if self._rpc.mode == "tls":  # only TLS on the fallback port passes: the relay is there too
-            relay = Endpoint(relay.host, self._rpc.fallback_port)
+        relay = self._rpc.relay_endpoint(forwarding.relay)
         dialing = protocol.ClientCreator(self._clock, _RelayLeg, self, grant, forwarding.token)
         d = dialing.connectTCP(relay.host, relay.port, timeout=DIAL_TIMEOUT_SECONDS)
 
@@ -433,7 +419,7 @@ class TunnelService(service.MultiService):
     def _public_host(self, source):
         """The address the world sees us at: what replicas answered to WhoAmI (the NAT's
         public address), else our own address towards `source`."""
-        for endpoint in self._announcer.seen:
+        for endpoint in self._reachability.seen:
             return endpoint.host
         return outbound_address(source)
 
@@ -441,7 +427,7 @@ class TunnelService(service.MultiService):
 
     def start_tls(self, leg, grant, normal=True, received=b""):
         leg.expected_key = grant.requester.signing_key
-        tunnel_tls.start_tls(leg, self._tls, normal, received)
+        tunnel_tls.start_tls(leg, self._tls.context(), normal, received)
 
     def connect_device(self, leg, grant, path):
         """The requester proved its key: dial the device and splice the two."""
@@ -478,11 +464,6 @@ class TunnelService(service.MultiService):
         return {"port": self.port, "locations": [i.hex() for i in self.locations()],
                 "devices": len(self.devices), "open": self.counts.total,
                 "opened": dict(self.opened), "refused": dict(self.refusals)}
-
-
-def _datetime(clock):
-    import datetime
-    return datetime.datetime.fromtimestamp(clock.seconds(), datetime.timezone.utc)
 
 
 class _TLSLeg(FramedLeg, tunnel_tls.HandshakeWatch):

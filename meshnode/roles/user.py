@@ -17,21 +17,20 @@ import os
 
 import attrs
 from twisted.application import service
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from meshnode import config
-
-from meshnode.nat import punch
-
-from meshnode.streams import tunnel_tls
-from meshnode.core.control import ControlError, _JSONResource
+from meshnode.core import ports
+from meshnode.core.web import HTTPError, JSONResource
 from meshnode.errors import StartupError
+from meshnode.nat import punch
 from meshnode.records import NatBehaviour
 from meshnode.rpc.messages import (ForwardedTunnelRequest, Introduce,
                                    TunnelOpened, TunnelRequest, TunnelResult)
 from meshnode.rpc.service import RPCError
+from meshnode.streams import tunnel_tls
 from meshnode.streams.splice import FramedLeg, Leg
 from meshnode.wire import Endpoint
 
@@ -90,55 +89,64 @@ class Listener:
     listening: object = None
 
 
+@attrs.define(kw_only=True)
+class UserSettings:
+    listeners: tuple = ()  # Listener keyword dicts from the config's [tunnel:NAME] sections
+
+
 class UserService(service.Service):
     name = "user"
 
-    def __init__(self, identity_service, rpc, directory, announcer, clock, control,
-                 listeners=()):
-        self._identity_service = identity_service
-        self._announcer = announcer
-        self._rpc = rpc
-        self._directory = directory
-        self._clock = clock
+    def __init__(self, core, settings):
+        self._rpc = core.rpc
+        self._directory = core.directory
+        self._reachability = core.reachability
+        self._clock = core.reactor
+        self._tls = core.tls
         self.listeners = {}
-        self._configured = [Listener(**spec) for spec in listeners]
+        self._configured = [Listener(**spec) for spec in settings.listeners]
         self.paths = collections.Counter()
         self._devices = {}
         self._relay_only = {}  # tunnel-node id → until when its direct path is not tried
-        self._tls = None
-        control.status_sections.append(("user", self.status))
-        control.resources[b"tunnels"] = TunnelsResource(self)
 
-    @defer.inlineCallbacks
+    def resources(self):
+        """The control API's resources this service serves."""
+        return {b"tunnels": TunnelsResource(self)}
+
+    def privilegedStartService(self):
+        self._listen_configured()  # a configured listener may be on a port below 1024
+        service.Service.privilegedStartService(self)
+
     def startService(self):
+        self._listen_configured()
         service.Service.startService(self)
-        import datetime
-        self._tls = tunnel_tls.TunnelContext(self._identity_service.identity,
-                                             datetime.datetime.fromtimestamp(
-                                                 self._clock.seconds(), datetime.timezone.utc))
+
+    def _listen_configured(self):
         for listener in self._configured:
-            try:
-                yield self.open_listener(listener)
-            except ValueError as e:
-                raise StartupError(f"[tunnel:{listener.name}]: {e}") from None
+            if listener.name not in self.listeners:
+                self._listen(listener, f"[tunnel:{listener.name}]")
 
     def stopService(self):
         service.Service.stopService(self)
-        return defer.gatherResults([defer.maybeDeferred(listener.listening.stopListening)
-                                    for listener in self.listeners.values()
-                                    if listener.listening is not None])
+        listening = [listener.listening for listener in self.listeners.values()
+                     if listener.listening is not None]
+        self.listeners = {}
+        return defer.gatherResults([defer.maybeDeferred(port.stopListening)
+                                    for port in listening])
 
-    @defer.inlineCallbacks
     def open_listener(self, listener):
-        """Listen for `listener` → its address; ValueError when the endpoint is unusable."""
+        """Listen for `listener` (asked for through the control API) → it, with its address;
+        HTTPError 409 when the name is taken or the endpoint unusable."""
         if listener.name in self.listeners:
-            raise ValueError(f"a listener named {listener.name!r} exists already")
-        factory = protocol.Factory.forProtocol(lambda: _LocalLeg(self, listener))
+            raise HTTPError(409, f"a listener named {listener.name!r} exists already")
         try:
-            where = endpoints.serverFromString(self._clock, listener.listen)
-            listener.listening = yield where.listen(factory)
-        except Exception as e:  # a bad description, a taken port: both the user's to fix
-            raise ValueError(f"cannot listen on {listener.listen}: {e}") from None
+            return self._listen(listener, "")
+        except StartupError as e:
+            raise HTTPError(409, str(e)) from None
+
+    def _listen(self, listener, what):
+        factory = protocol.Factory.forProtocol(lambda: _LocalLeg(self, listener))
+        listener.listening = ports.listen_endpoint(self._clock, listener.listen, factory, what)
         host = listener.listening.getHost()
         listener.address = (f"{host.host}:{host.port}" if hasattr(host, "port")
                             else "unix:" + os.fsdecode(host.name))
@@ -169,7 +177,7 @@ class UserService(service.Service):
         if not nodes:
             raise TunnelFailed(f"no tunnel-node announces the location of {device.name}")
         errors = []
-        mine = self._announcer.node_info(self._announcer.seen)
+        mine = self._reachability.node_info(self._reachability.seen)
         plans = [(node, info, paths(mine, info)) for node, info in nodes]
         now = self._clock.seconds()
         for path in ("direct", "punched", "relayed"):
@@ -217,7 +225,7 @@ class UserService(service.Service):
             target = (opened.endpoint.host, opened.endpoint.port)
 
             def leg():
-                return _TunnelLeg(self._tls, opened.token, node.signing_key, ready, many)
+                return _TunnelLeg(self._tls.context(), opened.token, node.signing_key, ready, many)
 
             if many:
                 self._race(ready, target, leg)
@@ -253,9 +261,7 @@ class UserService(service.Service):
     def _relayed(self, mine, node, info, device, port):
         opened = yield self._directory.through_super_nodes(
             ForwardedTunnelRequest(node.node_id, device.device_id, port))
-        relay = opened.endpoint
-        if self._rpc.mode == "tls":  # only TLS on the fallback port passes: the relay is there too
-            relay = Endpoint(relay.host, self._rpc.fallback_port)
+        relay = self._rpc.relay_endpoint(opened.endpoint)
         return (yield self._dial(relay, opened.token, node))
 
     _try = {"direct": _direct, "punched": _punched, "relayed": _relayed}
@@ -263,7 +269,7 @@ class UserService(service.Service):
     def _dial(self, endpoint, token, node):
         """Connect, pass the gate with `token`, run TLS → Deferred[the verified leg]."""
         ready = defer.Deferred()
-        dialing = protocol.ClientCreator(self._clock, _TunnelLeg, self._tls, token,
+        dialing = protocol.ClientCreator(self._clock, _TunnelLeg, self._tls.context(), token,
                                          node.signing_key, ready)
         d = dialing.connectTCP(endpoint.host, endpoint.port, timeout=CONNECT_TIMEOUT_SECONDS)
         d.addErrback(lambda f: ready.called or ready.errback(
@@ -352,7 +358,7 @@ class _TunnelLeg(tunnel_tls.GateDialer, FramedLeg, tunnel_tls.HandshakeWatch):
             self._ready.errback(TunnelFailed("the tunnel closed before TLS was up"))
 
 
-class TunnelsResource(_JSONResource):
+class TunnelsResource(JSONResource):
     """GET: the listeners; POST {"device", "listen", "port"?, "name"?}: open one."""
 
     def __init__(self, user):
@@ -360,12 +366,11 @@ class TunnelsResource(_JSONResource):
         self._user = user
 
     def render_GET(self, request):
-        return self._serve(request, lambda r: self._user.status())
+        return self.serve(request, lambda r: self._user.status())
 
     def render_POST(self, request):
-        return self._serve(request, self._open)
+        return self.serve(request, self._open)
 
-    @defer.inlineCallbacks
     def _open(self, request):
         try:
             body = json.loads(request.content.read(65536) or b"{}")
@@ -374,10 +379,7 @@ class TunnelsResource(_JSONResource):
             port = config.parse_port(str(body["port"])) if body.get("port") else None
             name = str(body.get("name") or f"{device}-{len(self._user.listeners) + 1}")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ControlError(400, f"bad tunnel request: {e}") from None
-        try:
-            listener = yield self._user.open_listener(Listener(name, device, port, listen))
-        except ValueError as e:
-            raise ControlError(409, str(e)) from None
+            raise HTTPError(400, f"bad tunnel request: {e}") from None
+        listener = self._user.open_listener(Listener(name, device, port, listen))
         return {"name": listener.name, "device": device, "port": port,
                 "address": listener.address}

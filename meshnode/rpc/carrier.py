@@ -4,11 +4,14 @@ listener, which tells TLS (RPC frames inside) from a relay leg by the first byte
 
 import collections
 
-from twisted.internet import endpoints, protocol
+from twisted.application import service
+from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 
-from meshnode.streams import tunnel_tls
+from meshnode.core import ports
+from meshnode.errors import StartupError
 from meshnode.rpc.protocol import RPCStreamProtocol
+from meshnode.streams import tunnel_tls
 
 _log = Logger()
 
@@ -137,3 +140,52 @@ class _Sniffer(protocol.Protocol):
     def _become(self, inner):
         self.transport.protocol = inner
         inner.makeConnection(self.transport)
+
+
+class FallbackListener(service.Service):
+    """The fallback port of super-nodes and operators, for nodes behind firewalls that pass
+    only TLS on 443: RPC frames (to `receive`) and relay legs (`relay_leg()` → a protocol, or
+    None when this node relays nothing). A port we may not bind only costs those nodes the
+    fallback, so it is a warning, not a start-up failure."""
+
+    name = "fallback-listener"
+
+    def __init__(self, *, reactor, port, interface, receive, tls, relay_leg=lambda: None):
+        self._reactor = reactor
+        self._requested_port = port
+        self._interface = interface
+        self._factory = FallbackFactory(receive, tls, relay_leg)
+        self._listening = None
+        self._tried = False
+
+    @property
+    def port(self):
+        return self._listening.getHost().port if self._listening is not None else None
+
+    def privilegedStartService(self):
+        self._listen()  # before twistd drops privileges: 443 needs them
+        service.Service.privilegedStartService(self)
+
+    def startService(self):
+        self._listen()
+        service.Service.startService(self)
+
+    def _listen(self):
+        if self._tried:
+            return
+        self._tried = True
+        try:
+            self._listening = ports.listen_tcp(self._reactor, self._requested_port,
+                                               self._factory, self._interface, "fallback TLS")
+        except StartupError as e:
+            _log.warn("no TLS fallback: {reason}", reason=e)
+        else:
+            _log.info("RPC over TLS and relay legs on fallback port {port}", port=self.port)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        listening, self._listening, self._tried = self._listening, None, False
+        if listening is not None:
+            return defer.maybeDeferred(listening.stopListening)
+        return None
+

@@ -11,11 +11,14 @@ from meshnode.rpc.frame import MAX_DATAGRAM
 
 
 class RPCDatagramProtocol(protocol.DatagramProtocol):
-    """Datagrams in and out; a datagram the kernel will not send is counted and dropped."""
+    """Datagrams in and out; a datagram the kernel will not send is counted and dropped.
+    Datagrams that cannot be RPC frames (those start with 'M') are offered to `side_channel`
+    first (STUN shares the socket), when there is one."""
 
-    def __init__(self, receive, drops):
+    def __init__(self, receive, drops, side_channel=None):
         self._receive = receive
         self._drops = drops
+        self._side_channel = side_channel
         self._sendto = None
 
     def startProtocol(self):
@@ -25,6 +28,9 @@ class RPCDatagramProtocol(protocol.DatagramProtocol):
         self._sendto = sock.sendto if sock is not None else self.transport.write
 
     def datagramReceived(self, data, address):
+        if (data[:1] < b"\x40" and self._side_channel is not None
+                and self._side_channel.receive(data, address)):
+            return
         self._receive(data, address, self.send)
 
     def send(self, data, address):

@@ -5,22 +5,18 @@ here, in the order of DESIGN.md §4, and every datagram that fails is counted by
 """
 
 import collections
-import datetime
 import ipaddress
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from meshnode import records
-
-from meshnode.nat import stun
-
-from meshnode.streams import tunnel_tls
+from meshnode.core import ports
 from meshnode.errors import StartupError
 from meshnode.records import Role
 from meshnode.rpc import carrier, frame
+from meshnode.rpc.calls import PendingCalls
 from meshnode.rpc.frame import PLAIN, RESPONSE, FrameError
 from meshnode.rpc.messages import (MESSAGES, NODE_ANSWER_SIZE, Command, GetNode, NodeRecord,
                                    Ping, Pong, YouAre)
@@ -49,6 +45,10 @@ class CallTimeout(RPCError, defer.TimeoutError):
 
 class Stopped(RPCError):
     """The RPC service stopped while the call was pending."""
+
+
+def _timed_out(call):
+    return CallTimeout(f"no answer from {call.source[0]}:{call.source[1]}")
 
 
 class NotEnrolled(RPCError):
@@ -93,68 +93,6 @@ class Incoming:
         return self.peer.node
 
 
-class _Call:
-    __slots__ = ("deferred", "peer_id", "answer", "source", "datagram")
-
-    def __init__(self, deferred, peer_id, answer, source, datagram):
-        self.deferred = deferred
-        self.peer_id = peer_id
-        self.answer = answer
-        self.source = source
-        self.datagram = datagram
-
-
-class _Deadlines:
-    """Call timeouts in slots of TICK seconds, swept by one timer.
-
-    A DelayedCall per call (Deferred.addTimeout) means a heap entry, a cancellation and its
-    bookkeeping for every call; slots make a timeout a list append. A call times out up to
-    one TICK late, never early. The timer runs only while something is pending.
-    """
-
-    TICK = 0.1
-
-    def __init__(self, clock, expire):
-        self._clock = clock
-        self._expire = expire
-        self._slots = {}
-        self._timer = None
-        self._timer_slot = None
-
-    def add(self, key, timeout):
-        slot = int((self._clock.seconds() + timeout) / self.TICK) + 1
-        keys = self._slots.get(slot)
-        if keys is not None:
-            keys.append(key)
-            return
-        self._slots[slot] = [key]
-        if self._timer_slot is None or slot < self._timer_slot:
-            self._schedule(slot)
-
-    def _schedule(self, slot):
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer_slot = slot
-        self._timer = self._clock.callLater(max(0.0, slot * self.TICK - self._clock.seconds()),
-                                            self._sweep)
-
-    def _sweep(self):
-        self._timer = self._timer_slot = None
-        # the small allowance absorbs float rounding of slot * TICK against the clock
-        due = int(self._clock.seconds() / self.TICK + 1e-6)
-        for slot in sorted(s for s in self._slots if s <= due):
-            for key in self._slots.pop(slot):
-                self._expire(key)
-        if self._slots:
-            self._schedule(min(self._slots))
-
-    def stop(self):
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = self._timer_slot = None
-        self._slots.clear()
-
-
 class RPCService(service.Service):
     """Seals, sends, receives and dispatches RPC frames for one node identity.
 
@@ -164,9 +102,14 @@ class RPCService(service.Service):
 
     name = "rpc"
 
-    def __init__(self, identity_service, reactor, interface="", port=0, roles=Role.USER,
-                 call_timeout=2.0, rate=2000, burst=4000, fallback_port=0):
-        self._identity_service = identity_service
+    def __init__(self, *, identity, reactor, interface="", port=0, roles=Role.USER,
+                 call_timeout=2.0, rate=2000, burst=4000, fallback_port=0, tls=None,
+                 side_channel=None, drops=None):
+        """`tls`: → the node's TLS context (for streams to fallback ports); `side_channel`:
+        an object whose `receive(data, source)` takes the UDP socket's datagrams that are not
+        RPC frames (STUN's, nat/stun.py) and says whether it consumed them; `drops`: the
+        counter of dropped datagrams by reason, when shared with the side channel."""
+        self._identity_service = identity
         self._reactor = reactor
         self._clock = reactor
         self._interface = interface
@@ -176,18 +119,17 @@ class RPCService(service.Service):
         self.call_timeout = call_timeout
         self._rate_limiter = RateLimiter(reactor, rate, burst)
         self._handlers = {}
-        self._pending = {}
-        self._deadlines = _Deadlines(reactor, self._expire)
-        self.drops = collections.Counter()
+        self._pending = PendingCalls(reactor, _timed_out)
+        self.drops = collections.Counter() if drops is None else drops
         self.accepted = collections.Counter()
-        self.learned = []
+        self.learned = []  # called with each new or renewed Node record learned
         self.peers = None
         self.fallback_port = fallback_port
+        self._tls = tls
+        self._side_channel = side_channel
         self.heard_at = float("-inf")  # when the last answer to one of our calls came
-        self.mode = "udp"  # or "tcp"/"tls" while UDP gets no answers (meshnode/fallback.py)
-        self.relay_gate = lambda: None  # the relay sets it: relay legs arriving on 443
-        self._fallback_listener = None
-        self._tls = None
+        self.mode = "udp"  # or "tcp"/"tls" while UDP gets no answers (nat/fallback.py)
+        self._udp_port = self._tcp_port = None
         self.register(Command.PING, self._answer_ping, infrastructure_or_same_domain)
         self.register(Command.WHO_AM_I, self._answer_who_am_i, any_domain)
 
@@ -207,18 +149,20 @@ class RPCService(service.Service):
         """Stop answering `command` (its requests are dropped as unknown from now on)."""
         self._handlers.pop(Command(command), None)
 
+    def privilegedStartService(self):
+        self._listen()  # before twistd drops privileges (--uid): the port may be below 1024
+        service.Service.privilegedStartService(self)
+
     def startService(self):
+        if self._udp_port is None:
+            self._listen()
         identity = self._identity_service.identity
         self.node_id = identity.node_id
         self.peers = PeerTable(identity)
         self.use_enrollment(self._identity_service.enrollment)
-        self._identity_service.observers.append(self.use_enrollment)
         self._ids = frame.MessageIds(self._clock)
-        self._listen()
-        self.carrier = carrier.StreamCarrier(self._reactor, self.receive, self.tls_context,
+        self.carrier = carrier.StreamCarrier(self._reactor, self.receive, self._tls,
                                              self.fallback_port, self.drops)
-        if self.fallback_port and self.roles & (Role.SUPER | Role.OPERATOR):
-            self._listen_fallback()
         service.Service.startService(self)
         if not self.enrolled:
             _log.warn("not enrolled: datagrams from peers cannot be authenticated and are dropped")
@@ -233,63 +177,42 @@ class RPCService(service.Service):
     def _listen(self):
         """UDP and TCP on one port; with port 0, the first free UDP port whose TCP twin is
         free too (another process's TCP connection may hold the number)."""
-        where = f"{self._interface or '*'}:{self._requested_port}"
         for attempt in range(1 if self._requested_port else PORT_ATTEMPTS):
-            udp = RPCDatagramProtocol(self.receive, self.drops)  # a stopped port's is spent
-            try:
-                self._udp_port = self._reactor.listenUDP(self._requested_port, udp,
-                                                         interface=self._interface)
-            except CannotListenError as e:
-                raise StartupError(f"cannot listen on UDP {where}: {e.socketError}") from None
+            udp = RPCDatagramProtocol(self.receive, self.drops, self._side_channel)
+            self._udp_port = ports.listen_udp(self._reactor, self._requested_port, udp,
+                                              self._interface)
             self.port = self._udp_port.getHost().port
             try:
-                self._tcp_port = self._reactor.listenTCP(
-                    self.port, RPCStreamFactory(self.receive), interface=self._interface)
+                self._tcp_port = ports.listen_tcp(self._reactor, self.port,
+                                                  RPCStreamFactory(self.receive),
+                                                  self._interface)
                 break
-            except CannotListenError as e:
+            except StartupError as e:
                 self._udp_port.stopListening()
-                error = e
+                self._udp_port, error = None, e
         else:
-            raise StartupError(f"cannot listen on TCP {where}: {error.socketError}")
+            raise error
         self._send = udp.send
-        # STUN shares the socket, so what it learns is the RPC port's own NAT mapping.
-        self.stun = stun.StunClient(udp.send, self._clock, drops=self.drops)
 
-    def tls_context(self):
-        """The node's TLS context (a certificate of its key) for the fallback streams."""
-        if self._tls is None:
-            self._tls = tunnel_tls.TunnelContext(
-                self._identity_service.identity,
-                datetime.datetime.fromtimestamp(self._clock.seconds(), datetime.timezone.utc))
-        return self._tls
+    def send_datagram(self, data, address):
+        """Send raw bytes from the RPC's UDP socket (STUN shares it: what it learns is the RPC
+        port's own NAT mapping)."""
+        self._send(data, address)
 
-    def _listen_fallback(self):
-        """The fallback port for nodes behind firewalls that pass only TLS on 443: a port we
-        may not bind (not root) only costs them that fallback."""
-        factory = carrier.FallbackFactory(self.receive, self.tls_context,
-                                          lambda: self.relay_gate())
-        try:
-            self._fallback_listener = self._reactor.listenTCP(
-                self.fallback_port, factory, interface=self._interface)
-        except CannotListenError as e:
-            _log.warn("no TLS fallback on port {port}: {reason}", port=self.fallback_port,
-                      reason=e.socketError)
-            return
-        _log.info("RPC over TLS and relay legs on fallback port {port}",
-                  port=self._fallback_listener.getHost().port)
+    def relay_endpoint(self, relay):
+        """Where this node reaches a relay announced at `relay`: there, or at its host's
+        fallback port while only TLS there passes the firewall."""
+        if self.mode == "tls":
+            return Endpoint(relay.host, self.fallback_port)
+        return relay
 
     def stopService(self):
         # Not running first: a call started from one of the errbacks below must fail too.
         service.Service.stopService(self)
         self.carrier.close()
-        if self.use_enrollment in self._identity_service.observers:
-            self._identity_service.observers.remove(self.use_enrollment)
-        pending, self._pending = self._pending, {}
-        self._deadlines.stop()
-        self.stun.stop()
-        for call in pending.values():
-            call.deferred.errback(Stopped("the RPC service stopped"))
-        listeners = [self._udp_port, self._tcp_port, self._fallback_listener]
+        self._pending.fail_all(Stopped("the RPC service stopped"))
+        listeners = [self._udp_port, self._tcp_port]
+        self._udp_port = self._tcp_port = None
         return defer.gatherResults([defer.maybeDeferred(listener.stopListening)
                                     for listener in listeners if listener is not None])
 
@@ -308,8 +231,6 @@ class RPCService(service.Service):
         The checks run in DESIGN.md §4's order; this is the hot path, written for speed.
         """
         drops = self.drops
-        if data[:1] < b"\x40" and send == self._send and self.stun.receive(data, source):
-            return  # a STUN answer (RPC frames start with 'M')
         try:
             fields = frame.parse(data)
         except FrameError as e:
@@ -403,7 +324,7 @@ class RPCService(service.Service):
         except DecodeError:
             self.drops["malformed_payload"] += 1
             return
-        del self._pending[request_id]
+        self._pending.pop(request_id)
         self.accepted[command] += 1
         peer.address, peer.via = source, send
         self.heard_at = self._clock.seconds()
@@ -469,7 +390,7 @@ class RPCService(service.Service):
             # only a first-contact fetch_node (no peer yet) takes a plain Node answer
             if (call is not None and call.peer_id is None and call.answer is NodeRecord
                     and call.source == source):
-                del self._pending[request_id]
+                self._pending.pop(request_id)
                 call.deferred.callback(peer)
 
     def _ask_for_node(self, received, size, source, send, now):
@@ -511,15 +432,8 @@ class RPCService(service.Service):
         return peer
 
     def _track(self, message_id, peer_id, answer, address, datagram, timeout):
-        d = defer.Deferred(lambda d: self._pending.pop(message_id, None))
-        self._pending[message_id] = _Call(d, peer_id, answer, address, datagram)
-        self._deadlines.add(message_id, self.call_timeout if timeout is None else timeout)
-        return d
-
-    def _expire(self, message_id):
-        call = self._pending.pop(message_id, None)
-        if call is not None:
-            call.deferred.errback(CallTimeout(f"no answer from {call.source[0]}:{call.source[1]}"))
+        return self._pending.track(message_id, peer_id, answer, address, datagram,
+                                   self.call_timeout if timeout is None else timeout)
 
     def use_mode(self, mode):
         """Carry our frames by `mode` from now on ("udp", or "tcp"/"tls" streams): the
@@ -591,24 +505,6 @@ class RPCService(service.Service):
         if _is_ip(host):
             return defer.succeed((host, port))
         return self._reactor.resolve(host).addCallback(lambda ip: (ip, port))
-
-    @defer.inlineCallbacks
-    def ping_address(self, host, port, count=1, timeout=None):
-        """Bootstrap with whoever listens at HOST:PORT, then ping it `count` times."""
-        address = yield self.resolve((host, port))
-        peer = yield self.fetch_node(address, timeout)
-        return (yield self.ping_peer(peer, address, count, timeout))
-
-    @defer.inlineCallbacks
-    def ping_peer(self, peer, address, count=1, timeout=None):
-        """Ping a known peer at `address` `count` times → a summary with the round trips."""
-        rtts = []
-        for _ in range(count):
-            rtts.append((yield self.ping(peer, address, timeout=timeout)))
-        node = peer.node
-        return {"address": f"{address[0]}:{address[1]}", "node_id": node.node_id.hex(),
-                "name": node.name, "domain": node.domain,
-                "rtt_ms": [round(rtt * 1000, 3) for rtt in rtts]}
 
     def _answer_ping(self, incoming):
         return Pong(incoming.message.data)

@@ -58,6 +58,22 @@ class TunnelContext:
         return self._context
 
 
+class NodeTLS:
+    """A node's one TunnelContext, for its tunnels and its TLS streams: made on first use,
+    after the identity service has loaded the keys."""
+
+    def __init__(self, identity_service, clock):
+        self._identity_service = identity_service
+        self._clock = clock
+        self._context = None
+
+    def context(self):
+        if self._context is None:
+            now = datetime.datetime.fromtimestamp(self._clock.seconds(), datetime.timezone.utc)
+            self._context = TunnelContext(self._identity_service.identity, now)
+        return self._context
+
+
 class GateListener:
     """The listening side of a gate (tunnel port, relay port): gathers the dialler's token."""
 

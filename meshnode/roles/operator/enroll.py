@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from meshnode import records
+from meshnode.core.web import Routes, json_body
 from meshnode.roles.operator import registry
 from meshnode.rpc.ratelimit import RateLimiter
 
@@ -121,30 +122,6 @@ def _client_host(request):
     return getattr(address, "host", None) or str(address)
 
 
-def _write_json(request, status, body):
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body).encode("utf-8") + b"\n"
-
-
-class _NotFound(resource.Resource):
-    isLeaf = True
-
-    def render(self, request):
-        return _write_json(request, 404, {"error": "no such resource"})
-
-
-class _Directory(resource.Resource):
-    """A path level whose unknown children and own URL answer with a JSON 404."""
-
-    def getChild(self, path, request):
-        return _NotFound()
-
-    def render(self, request):
-        return _NotFound().render(request)
-
-
 class _Action(resource.Resource):
     """One POST endpoint: rate limit, method, parse and check, then the registry."""
 
@@ -160,14 +137,14 @@ class _Action(resource.Resource):
         host = _client_host(request)
         if not self._api.limiter.allow(host):
             request.setHeader(b"retry-after", b"%d" % self._api.retry_after)
-            return _write_json(request, 429, {"error": "too many requests"})
+            return json_body(request, 429, {"error": "too many requests"})
         if request.method != b"POST":
             request.setHeader(b"allow", b"POST")
-            return _write_json(request, 405, {"error": "use POST"})
+            return json_body(request, 405, {"error": "use POST"})
         try:
             issue, arguments = self._parse(request)
         except registry.RegistryError as e:
-            return _write_json(request, e.status, {"error": e.reason})
+            return json_body(request, e.status, {"error": e.reason})
         finished = []
         request.notifyFinish().addBoth(finished.append)  # fires early if the client goes
         d = self._api.issue(issue, *arguments)
@@ -195,11 +172,11 @@ class _Action(resource.Resource):
         if finished:
             return  # the connection is gone: there is nobody to answer
         status, body = result
-        request.write(_write_json(request, status, body))
+        request.write(json_body(request, status, body))
         request.finish()
 
 
-class EnrollmentAPI(_Directory):
+class EnrollmentAPI(Routes):
     """The enrollment API's root: /v1/enroll and /v1/renew.
 
     `store` runs `thd_*` functions (StoreService), `operator_identity` signs the Node records,
@@ -216,7 +193,7 @@ class EnrollmentAPI(_Directory):
         self._clock = clock
         self.limiter = RateLimiter(clock, rate, burst)
         self.retry_after = max(1, math.ceil(1 / rate)) if rate > 0 else 60
-        v1 = _Directory()
+        v1 = Routes()
         self.putChild(b"v1", v1)
         v1.putChild(b"enroll", _Action(self, "enroll", _enroll_arguments))
         v1.putChild(b"renew", _Action(self, "renew", _renew_arguments))

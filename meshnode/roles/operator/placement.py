@@ -14,15 +14,16 @@ operator serves every range with fewer than K holders itself.
 """
 
 import sqlalchemy as sa
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from meshnode import records
-from meshnode.roles.operator import assignment
-from meshnode.rpc.messages import (Command, SubmitState, SuperNodeStatus)
-from meshnode.rpc.service import RPCError, any_domain
+from meshnode.core import periodic
 from meshnode.core.schema import super_node_offers, super_nodes
+from meshnode.roles.operator import assignment
+from meshnode.rpc.messages import Command, SubmitState, SuperNodeStatus
+from meshnode.rpc.service import RPCError, any_domain
 from meshnode.wire import Endpoint
 
 _log = Logger()
@@ -156,7 +157,7 @@ class PlacementService(service.MultiService):
 
     name = "placement"
 
-    def __init__(self, rpc, store, clock, partition, replicas=assignment.DEFAULT_K):
+    def __init__(self, *, rpc, store, clock, partition, replicas=assignment.DEFAULT_K):
         super().__init__()
         self._rpc = rpc
         self._store = store
@@ -168,9 +169,8 @@ class PlacementService(service.MultiService):
         self._reached = {}  # node id → (endpoint, when) of the last successful reach-back
         self._unreachable = {}  # node id → (endpoint, reason) of the last failed reach-back
         self._checking = set()
-        timer = internet.TimerService(SWEEP_SECONDS, self._guarded, self.expire)
-        timer.clock = clock
-        timer.setServiceParent(self)
+        periodic.every(SWEEP_SECONDS, self.expire, clock,
+                       "expiring silent super-nodes").setServiceParent(self)
 
     def startService(self):
         self._rpc.register(Command.SUBMIT_SUPER_NODE, self._submit, any_domain)
@@ -183,11 +183,6 @@ class PlacementService(service.MultiService):
     def stopService(self):
         self._rpc.unregister(Command.SUBMIT_SUPER_NODE)
         return super().stopService()
-
-    def _guarded(self, work):
-        d = defer.maybeDeferred(work)
-        d.addErrback(lambda f: _log.failure("super-node placement failed", f))
-        return d
 
     def _use(self, table):
         self.assignment = table

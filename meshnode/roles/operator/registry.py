@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from meshnode import records
 from meshnode.core.enrollment import renew_message
+from meshnode.core.web import HTTPError
 from meshnode.core.schema import domains, end_devices, enrollment_tokens, nodes, operator_nodes
 from meshnode.core.schema import pending_devices, revocations, super_nodes
 
@@ -19,13 +20,8 @@ DAY_MS = 86_400_000
 NODE_LIFETIME_MS = 30 * DAY_MS
 
 
-class RegistryError(Exception):
+class RegistryError(HTTPError):
     """A refused request; `status` is the HTTP status it maps to, `reason` the one line why."""
-
-    def __init__(self, status, reason):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 def token_hash(token):

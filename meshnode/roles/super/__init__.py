@@ -5,15 +5,17 @@ endpoint the operator sees it on (WhoAmI) unless `listen-address` names one. It 
 the ranges of its own SuperNode records in the directory's list — re-read every 10 seconds so
 a range that moves stops being answered soon, and kept in the local store, so a restarted
 super-node serves again before the operator answers — and converges with the other replicas
-of its ranges by anti-entropy. It relays tunnels that cannot go direct (roles/relay.py);
-rendezvous for hole punching comes with the NAT traversal issue.
+of its ranges by anti-entropy. It relays tunnels that cannot go direct and introduces nodes
+for hole punching (relay.py).
 """
 
-from twisted.application import internet, service
+import attrs
+from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from meshnode import records
+from meshnode.core import periodic
 from meshnode.core.dht import DEFAULT_QUOTA, PartitionService, format_ranges, served
 from meshnode.roles.super.relay import RelayService
 from meshnode.rpc.messages import (Command, EndDevices, GetEndDevices, SubmitState,
@@ -32,65 +34,62 @@ CHECK_POLL_SECONDS = 0.5
 CHECK_POLLS = 20
 
 
+@attrs.define(kw_only=True)
+class SuperSettings:
+    partition: tuple = (0, 0xFFFF)  # the range of the partition space offered
+    quota: int = DEFAULT_QUOTA
+    relay_port: int = 7402
+    relayed_per_domain: int = 256
+    relayed_total: int = 4096
+
+
 class SuperService(service.MultiService):
     name = "super"
 
-    def __init__(self, offer, identity_service, rpc, store, directory, clock, control,
-                 listen_address="", quota=DEFAULT_QUOTA, relay_port=7402,
-                 relayed_per_domain=256, relayed_total=4096):
+    def __init__(self, core, settings):
         super().__init__()
-        self.offer = offer
-        self._identity_service = identity_service
-        self._rpc = rpc
-        self._directory = directory
-        self._clock = clock
-        self._listen_address = listen_address
+        self.offer = settings.partition
+        self._rpc = core.rpc
+        self._directory = core.directory
+        self._clock = core.reactor
+        self._listen_address = core.listen_address
         self.state = None  # the operator's last SuperNodeStatus
         self.endpoint = None
-        self.partition = PartitionService(rpc, store, clock, quota,
-                                          may_transfer=self._may_transfer,
-                                          co_replicas=self._co_replicas, call=directory.call)
+        self.partition = PartitionService(rpc=core.rpc, store=core.store, clock=core.reactor,
+                                          quota=settings.quota, may_transfer=self._may_transfer,
+                                          co_replicas=self._co_replicas, call=core.directory.call)
         self.partition.setServiceParent(self)
-        self.relay = RelayService(rpc, self.partition, clock, listen_address, relay_port,
-                                  relayed_per_domain, relayed_total,
+        self.relay = RelayService(rpc=core.rpc, partition=self.partition, clock=core.reactor,
+                                  listen_address=core.listen_address, port=settings.relay_port,
+                                  per_domain=settings.relayed_per_domain,
+                                  total=settings.relayed_total,
                                   advertised=lambda: self.endpoint and self.endpoint.host)
         self.relay.setServiceParent(self)
         self.end_devices = {}  # domain → its EndDevice (and Revocation) records, as bytes
         self._end_devices_missed = float("-inf")
-        for interval, work in ((SUBMIT_SECONDS, self.submit),
-                               (LIST_REFRESH_SECONDS, self._refresh_list),
-                               (END_DEVICE_REFRESH_SECONDS, self.refresh_end_devices)):
-            timer = internet.TimerService(interval, self._guarded, work)
-            timer.clock = clock
-            timer.setServiceParent(self)
-        directory.list_observers.append(self._list_changed)
-        control.status_sections.append(("super", self.status))
+        for interval, work, what in (
+                (SUBMIT_SECONDS, self.submit, "offering the partition range"),
+                (LIST_REFRESH_SECONDS, self._refresh_list, "refreshing the super-node list"),
+                (END_DEVICE_REFRESH_SECONDS, self.refresh_end_devices,
+                 "reading the end-devices")):
+            periodic.every(interval, work, self._clock, what).setServiceParent(self)
 
     def startService(self):
         self._rpc.register(Command.GET_SUPER_NODES, self._super_nodes, any_domain)
         self._serves_end_devices = not self._rpc.handles(Command.GET_END_DEVICES)
         if self._serves_end_devices:  # (an operator on this node answers them itself)
             self._rpc.register(Command.GET_END_DEVICES, self._end_devices, any_domain)
-        self._identity_service.observers.append(self._enrollment_changed)
         super().startService()
 
     def stopService(self):
         self._rpc.unregister(Command.GET_SUPER_NODES)
         if self._serves_end_devices:
             self._rpc.unregister(Command.GET_END_DEVICES)
-        if self._enrollment_changed in self._identity_service.observers:
-            self._identity_service.observers.remove(self._enrollment_changed)
         return super().stopService()
 
-    def _enrollment_changed(self, enrollment):
-        self._guarded(self.submit)  # just enrolled (or renewed): offer at once
-
-    def _guarded(self, work):
-        d = defer.maybeDeferred(work)
-        d.addErrback(lambda f: _log.warn("super-node {work} failed: {reason}",
-                                         work=work.__name__.strip("_").replace("_", " "),
-                                         reason=f.getErrorMessage()))
-        return d
+    def enrollment_changed(self, enrollment):
+        if self.running:  # just enrolled (or renewed): offer at once
+            periodic.guarded(self.submit, "offering the partition range")
 
     def _refresh_list(self):
         """Replicas learn soon when the operator moves ranges (theirs or their peers')."""
@@ -130,7 +129,8 @@ class SuperService(service.MultiService):
             yield self._directory.refresh_super_nodes(from_operator=True)
         return status
 
-    def _list_changed(self, listed):
+    def list_changed(self, listed):
+        """The directory's super-node list changed: serve exactly our ranges in it."""
         self.partition.serve(listed.ranges_of(self._rpc.node_id))
 
     # -- who may pull, and whom to pull from -------------------------------------------------
@@ -192,7 +192,8 @@ class SuperService(service.MultiService):
             now = self._clock.seconds()
             if now - self._end_devices_missed > MISS_REFRESH_SECONDS:
                 self._end_devices_missed = now
-                self._guarded(self.refresh_end_devices)  # ready for the next request
+                # ready for the next request
+                periodic.guarded(self.refresh_end_devices, "reading the end-devices")
             return EndDevices(0, ())  # empty: the requester asks the operator instead
         return EndDevices.fill(blobs, incoming.message.offset)
 

@@ -19,18 +19,16 @@ import resource
 
 from twisted.application import service
 from twisted.internet import defer, protocol
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from meshnode import records
-
-from meshnode.streams import tunnel_tls
-from meshnode.errors import StartupError
+from meshnode.core import ports
 from meshnode.rpc.messages import (Command, Forwarding, ForwardedTunnelOpened, Introduce,
                                    Introduction, PunchIntroduction, RelayedTunnelRequest,
                                    TunnelResult)
 from meshnode.rpc import carrier
 from meshnode.rpc.service import any_domain
+from meshnode.streams import tunnel_tls
 from meshnode.streams.splice import Leg
 from meshnode.wire import Endpoint
 
@@ -53,13 +51,13 @@ class _Token:
 class RelayService(service.Service):
     name = "relay"
 
-    def __init__(self, rpc, partition, clock, listen_address="", relay_port=7402,
+    def __init__(self, *, rpc, partition, clock, listen_address="", port=7402,
                  per_domain=256, total=4096, advertised=None):
         self._rpc = rpc
         self._partition = partition
         self._clock = clock
         self._listen_address = listen_address
-        self._requested_port = relay_port
+        self._requested_port = port
         self.per_domain = per_domain
         self.total = total
         self._advertised = advertised  # → the host others reach this node on, or None
@@ -75,30 +73,37 @@ class RelayService(service.Service):
         self._files_left_then = 0
         self._tokens_then = 0
 
+    def privilegedStartService(self):
+        self._listen()
+        service.Service.privilegedStartService(self)
+
+    def _listen(self):
+        if self._port is None:
+            self._port = ports.listen_tcp(self._clock, self._requested_port,
+                                          protocol.Factory.forProtocol(self.leg),
+                                          self._listen_address, "relay TCP", backlog=1024)
+
+    def leg(self):
+        """A new relay leg's protocol (for the relay port and the fallback port)."""
+        return _RelayGate(self)
+
     def startService(self):
-        factory = protocol.Factory.forProtocol(lambda: _RelayGate(self))
-        try:
-            self._port = self._clock.listenTCP(self._requested_port, factory,
-                                               interface=self._listen_address, backlog=1024)
-        except CannotListenError as e:
-            raise StartupError(f"cannot listen on relay port {self._requested_port}: "
-                               f"{e.socketError}") from None
+        self._listen()
         self._rpc.register(Command.FORWARDED_TUNNEL_REQUEST, self._request, any_domain)
         self._rpc.register(Command.FORWARDED_TUNNEL_OPENED, self._opened, any_domain)
         self._rpc.register(Command.INTRODUCE, self._introduce, any_domain)
         self._rpc.register(Command.PUNCH_REQUEST, self._introduce, any_domain)
-        self._rpc.relay_gate = lambda: _RelayGate(self)  # legs through the fallback port
         _log.info("relay port {port}", port=self.port)
         service.Service.startService(self)
 
     def stopService(self):
         service.Service.stopService(self)
-        self._rpc.relay_gate = lambda: None
         for command in (Command.FORWARDED_TUNNEL_REQUEST, Command.FORWARDED_TUNNEL_OPENED,
                         Command.INTRODUCE, Command.PUNCH_REQUEST):
             self._rpc.unregister(command)
-        if self._port is not None:
-            return defer.maybeDeferred(self._port.stopListening)
+        port, self._port = self._port, None
+        if port is not None:
+            return defer.maybeDeferred(port.stopListening)
         return None
 
     @property
