@@ -225,7 +225,7 @@ class DirectoryService(service.MultiService):
         raise NotPassedOn(", ".join(errors) or "no super-node of this domain", refusals)
 
     def retry_operator(self):
-        """The way to the operator changed (meshnode/fallback.py): try it again at once."""
+        """The way to the operator changed (meshnode/nat/fallback.py): try it again at once."""
         self._operator_retry_at = 0
 
     @defer.inlineCallbacks

@@ -1,8 +1,8 @@
 """The node's keys on disk, its operator-signed Node record and the operators it trusts.
 
 Keys are made on first start (mode 0600); a corrupt key file is moved aside, never deleted.
-The enrollment file holds the Node record and the OperatorNode records (trust anchors).
-Renewal before expiry comes with HTTPS enrollment (a later issue).
+The enrollment file holds the Node record and the OperatorNode records (trust anchors); the
+service enrolls over HTTPS with a token and renews the Node record before it expires.
 """
 
 import json
@@ -181,7 +181,7 @@ ENROLL_RETRY_SECONDS = 30
 class IdentityService(service.Service):
     """The node's keys and enrollment: loaded (or made) at start, kept current while running.
 
-    With an `enroller` (meshnode.enrollment.EnrollmentClient) a node that is not enrolled, or
+    With an `enroller` (meshnode.core.enrollment.EnrollmentClient) a node that is not enrolled, or
     whose keys were replaced, enrolls with its token; an enrolled node renews its Node record
     before it expires. `observers` are called with each new enrollment (wired by build_node).
     """
