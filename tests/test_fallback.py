@@ -44,17 +44,22 @@ class _Carrier:
         return ["tcp 192.0.2.1:7400"]
 
 
+class _Transports:
+    def __init__(self):
+        self.mode = "udp"
+        self.carrier = _Carrier()
+
+
 class _RPC:
     """What FallbackService needs of RPCService. `answering`: mode → the node id answering a
     GetNode sent that way (HANG: nobody, and the probe never ends); other modes time out."""
 
     def __init__(self, clock):
         self._clock = clock
-        self.mode = "udp"
+        self.transports = _Transports()
         self.heard_at = float("-inf")
         self.enrolled = True
         self.trust = _Trust()
-        self.carrier = _Carrier()
         self.answering = {}
         self.probes = []  # (mode, address, timeout) of every GetNode sent
         self.modes = []  # what use_mode was called with
@@ -73,7 +78,7 @@ class _RPC:
 
     def use_mode(self, mode):
         self.modes.append(mode)
-        self.mode = mode
+        self.transports.mode = mode
 
 
 class _Replica:
@@ -107,12 +112,12 @@ class FallbackTestCase(SynchronousTestCase):
         self.directory = _Directory()
         self.service = FallbackService(rpc=self.rpc, directory=self.directory, clock=self.clock)
         self.switches = []
-        self.service.observers.append(lambda: self.switches.append(self.rpc.mode))
+        self.service.observers.append(lambda: self.switches.append(self.rpc.transports.mode))
 
     def check(self, mode="udp", **answering):
         """Run one check from `mode` with `answering` (mode → node id), silent probes timing
         out on the clock → the mode it keeps."""
-        self.rpc.mode = mode
+        self.rpc.transports.mode = mode
         self.rpc.answering = answering
         d = self.service.check()
         self.clock.advance(PROBE_TIMEOUT_SECONDS)
@@ -239,15 +244,15 @@ class PeriodicTests(FallbackTestCase):
     def test_udp_taken_back_at_the_next_check(self):
         """On tls, UDP silent at first: at the check CHECK_SECONDS later, UDP answering again
         takes the RPC back to udp."""
-        self.rpc.mode = "tls"
+        self.rpc.transports.mode = "tls"
         self.start()
         for _ in range(3):
             self.clock.advance(PROBE_TIMEOUT_SECONDS)
         self.assertEqual(self.probed()[:2], ["udp", "tcp"])
-        self.assertEqual(self.rpc.mode, "tls")
+        self.assertEqual(self.rpc.transports.mode, "tls")
         self.rpc.answering = {"udp": OPERATOR_ID}
         self.clock.advance(CHECK_SECONDS - 3 * PROBE_TIMEOUT_SECONDS)
-        self.assertEqual(self.rpc.mode, "udp")
+        self.assertEqual(self.rpc.transports.mode, "udp")
         self.assertEqual(self.switches, ["udp"])
 
     def test_failing_check_logged_and_retried(self):
@@ -290,13 +295,13 @@ class UseModeTests(SynchronousTestCase):
 
     def test_streams_of_other_modes_closed(self):
         """use_mode("tls") closes the TCP streams and keeps the TLS ones."""
-        carrier = self.node.rpc.carrier
+        carrier = self.node.rpc.transports.carrier
         carrier.send("tcp", b"a", self.operator.address)
         carrier.send("tls", b"b", self.operator.address)
         tcp = self.connect(self.node.reactor.tcpClients)
         tls = self.connect(self.node.reactor.sslClients)
         self.node.rpc.use_mode("tls")
-        self.assertEqual(self.node.rpc.mode, "tls")
+        self.assertEqual(self.node.rpc.transports.mode, "tls")
         self.assertTrue(tcp.disconnecting)
         self.assertFalse(tls.disconnecting)
         host, port = self.operator.address

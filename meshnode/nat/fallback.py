@@ -11,12 +11,12 @@ from twisted.logger import Logger
 
 from meshnode.core import periodic
 from meshnode.rpc.service import RPCError
+from meshnode.rpc.transports import MODES
 
 _log = Logger()
 
 CHECK_SECONDS = 30.0
 PROBE_TIMEOUT_SECONDS = 3.0
-MODES = ("udp", "tcp", "tls")
 
 
 class FallbackService(service.MultiService):
@@ -79,26 +79,26 @@ class FallbackService(service.MultiService):
         """Keep the first mode, in MODES order, whose frames the probed node answers; while
         UDP answers arrive anyway, nothing is probed."""
         if not self._rpc.enrolled or self._directory.operator_address is None:
-            return self._rpc.mode
-        if (self._rpc.mode == "udp"
+            return self._rpc.transports.mode
+        if (self._rpc.transports.mode == "udp"
                 and self._clock.seconds() - self._rpc.heard_at < CHECK_SECONDS):
-            return self._rpc.mode
+            return self._rpc.transports.mode
         target = self._target()
         for mode in MODES:
             if (yield self._answers(mode, target)):
-                if mode != self._rpc.mode:
+                if mode != self._rpc.transports.mode:
                     self._switch(mode)
                 break  # when none answers (the operator is away), nothing changes
-        return self._rpc.mode
+        return self._rpc.transports.mode
 
     def _switch(self, mode):
         _log.warn("RPC carried by {mode} from now on (was {old}; probes: {probes})",
-                  mode=mode, old=self._rpc.mode, probes=self.last_probe)
+                  mode=mode, old=self._rpc.transports.mode, probes=self.last_probe)
         self._rpc.use_mode(mode)
         self._directory.retry_operator()
         for observer in self.observers:
             observer()
 
     def status(self):
-        return {"mode": self._rpc.mode, "probes": dict(self.last_probe),
-                "streams": self._rpc.carrier.streams()}
+        return {"mode": self._rpc.transports.mode, "probes": dict(self.last_probe),
+                "streams": self._rpc.transports.carrier.streams()}

@@ -364,7 +364,7 @@ class TunnelService(service.MultiService):
         requester, address, port, answer = authorized
         grant = _Grant(requester, address, port, self._clock.seconds() + TOKEN_SECONDS,
                        "relayed")
-        relay = self._rpc.relay_endpoint(forwarding.relay)
+        relay = self._rpc.transports.relay_endpoint(forwarding.relay)
         dialing = protocol.ClientCreator(self._clock, _RelayLeg, self, grant, forwarding.token)
         d = dialing.connectTCP(relay.host, relay.port, timeout=DIAL_TIMEOUT_SECONDS)
 

@@ -261,7 +261,7 @@ class UserService(service.Service):
     def _relayed(self, mine, node, info, device, port):
         opened = yield self._directory.through_super_nodes(
             ForwardedTunnelRequest(node.node_id, device.device_id, port))
-        relay = self._rpc.relay_endpoint(opened.endpoint)
+        relay = self._rpc.transports.relay_endpoint(opened.endpoint)
         return (yield self._dial(relay, opened.token, node))
 
     _try = {"direct": _direct, "punched": _punched, "relayed": _relayed}

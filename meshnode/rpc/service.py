@@ -23,6 +23,7 @@ from meshnode.rpc.messages import (MESSAGES, NODE_ANSWER_SIZE, Command, GetNode,
 from meshnode.rpc.peers import PeerTable
 from meshnode.rpc.protocol import RPCDatagramProtocol, RPCStreamFactory
 from meshnode.rpc.ratelimit import RateLimiter
+from meshnode.rpc.transports import Transports
 from meshnode.wire import DecodeError, Endpoint
 
 _log = Logger()
@@ -128,7 +129,7 @@ class RPCService(service.Service):
         self._tls = tls
         self._side_channel = side_channel
         self.heard_at = float("-inf")  # when the last answer to one of our calls came
-        self.mode = "udp"  # or "tcp"/"tls" while UDP gets no answers (nat/fallback.py)
+        self.transports = None  # made at start, once the UDP socket is there
         self._udp_port = self._tcp_port = None
         self.register(Command.PING, self._answer_ping, infrastructure_or_same_domain)
         self.register(Command.WHO_AM_I, self._answer_who_am_i, any_domain)
@@ -161,8 +162,9 @@ class RPCService(service.Service):
         self.peers = PeerTable(identity)
         self.use_enrollment(self._identity_service.enrollment)
         self._ids = frame.MessageIds(self._clock)
-        self.carrier = carrier.StreamCarrier(self._reactor, self.receive, self._tls,
-                                             self.fallback_port, self.drops)
+        self.transports = Transports(
+            self._send, carrier.StreamCarrier(self._reactor, self.receive, self._tls,
+                                              self.fallback_port, self.drops))
         service.Service.startService(self)
         if not self.enrolled:
             _log.warn("not enrolled: datagrams from peers cannot be authenticated and are dropped")
@@ -199,17 +201,10 @@ class RPCService(service.Service):
         port's own NAT mapping)."""
         self._send(data, address)
 
-    def relay_endpoint(self, relay):
-        """Where this node reaches a relay announced at `relay`: there, or at its host's
-        fallback port while only TLS there passes the firewall."""
-        if self.mode == "tls":
-            return Endpoint(relay.host, self.fallback_port)
-        return relay
-
     def stopService(self):
         # Not running first: a call started from one of the errbacks below must fail too.
         service.Service.stopService(self)
-        self.carrier.close()
+        self.transports.close()
         self._pending.fail_all(Stopped("the RPC service stopped"))
         listeners = [self._udp_port, self._tcp_port]
         self._udp_port = self._tcp_port = None
@@ -436,23 +431,8 @@ class RPCService(service.Service):
                                    self.call_timeout if timeout is None else timeout)
 
     def use_mode(self, mode):
-        """Carry our frames by `mode` from now on ("udp", or "tcp"/"tls" streams): the
-        streams of other modes close, and peers are reached the new way until they answer."""
-        self.mode = mode
-        self.carrier.close(keep=mode)
-        for peer in self.peers:
-            peer.address = peer.via = None
-
-    def _sender(self, peer, address, mode=None):
-        """How to reach `peer` at `address`: back the way its frames last came (UDP, or a
-        stream it opened to us), else by `mode` (default: the node's current one)."""
-        if mode is None:
-            if peer is not None and peer.via is not None and peer.address == address:
-                return peer.via
-            mode = self.mode
-        if mode == "udp":
-            return self._send
-        return lambda datagram, address: self.carrier.send(mode, datagram, address)
+        """Carry our frames by `mode` from now on ("udp", or "tcp"/"tls" streams)."""
+        self.transports.use(mode, self.peers)
 
     def call(self, peer, address, message, answer, timeout=None, mode=None):
         """Send `message` sealed to `peer` at `address`; a Deferred fires with the answer.
@@ -463,7 +443,7 @@ class RPCService(service.Service):
             return defer.fail(NotEnrolled("this node is not enrolled"))
         message_id, datagram = self._seal(peer, message.COMMAND, 0, message.encode())
         d = self._track(message_id, peer.node.node_id, answer, address, datagram, timeout)
-        self._sender(peer, address, mode)(datagram, address)
+        self.transports.sender(peer, address, mode)(datagram, address)
         return d
 
     def send(self, peer, address, message):
@@ -471,13 +451,14 @@ class RPCService(service.Service):
         to whoever asked first by another way)."""
         if self.running and self.enrolled:
             datagram = self._seal(peer, message.COMMAND, 0, message.encode())[1]
-            self._sender(peer, address)(datagram, address)
+            self.transports.sender(peer, address)(datagram, address)
 
     def respond(self, peer, address, request_id, message):
         """Answer request `request_id` of `peer` later, from outside its handler (a
         super-node passing a tunnel-node's answer on)."""
         if self.running and self.enrolled:
-            self._respond(message, request_id, peer, address, self._sender(peer, address))
+            self._respond(message, request_id, peer, address,
+                          self.transports.sender(peer, address))
 
     def fetch_node(self, address, timeout=None, mode=None):
         """First contact: ask whoever listens at `address` for its Node record → Peer."""
@@ -487,7 +468,7 @@ class RPCService(service.Service):
         # Padded to the largest possible answer, so the answer never amplifies.
         datagram = frame.plain(head, GetNode().encode(), pad_to=NODE_ANSWER_SIZE)
         d = self._track(head[84:96], None, NodeRecord, address, None, timeout)
-        self._sender(None, address, mode)(datagram, address)
+        self.transports.sender(None, address, mode)(datagram, address)
         return d
 
     def ping(self, peer, address, data=b"", timeout=None, mode=None):
