@@ -215,11 +215,13 @@ def run_directory_client(operator_port, state_dir, database, target, replicas, c
 
     target = bytes.fromhex(target)
     node = service.MultiService()
-    identity = IdentityService(state_dir, reactor)
-    store = StoreService("sqlite:///" + os.path.abspath(database), reactor)
-    rpc = RPCService(identity, reactor, interface="127.0.0.1", rate=10**9, burst=10**9)
-    directory = DirectoryService(identity, store, rpc, ("127.0.0.1", operator_port),
-                                 clock=reactor)
+    identity = IdentityService(state_dir=state_dir, clock=reactor)
+    store = StoreService(url="sqlite:///" + os.path.abspath(database), reactor=reactor)
+    rpc = RPCService(identity=identity, reactor=reactor, interface="127.0.0.1", rate=10**9,
+                     burst=10**9)
+    directory = DirectoryService(identity=identity, store=store, rpc=rpc,
+                                 operator_address=("127.0.0.1", operator_port), clock=reactor)
+    rpc.learned.append(directory.remember_node)
     for child in (identity, store, rpc, directory):
         child.setServiceParent(node)
 

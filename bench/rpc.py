@@ -77,8 +77,9 @@ def start_client(state_dir):
     from meshnode.core.identity import IdentityService
     from meshnode.rpc.service import RPCService
 
-    identity = IdentityService(state_dir, reactor)
-    rpc = RPCService(identity, reactor, interface="127.0.0.1", rate=10**9, burst=10**9)
+    identity = IdentityService(state_dir=state_dir, clock=reactor)
+    rpc = RPCService(identity=identity, reactor=reactor, interface="127.0.0.1", rate=10**9,
+                     burst=10**9)
     identity.startService()
     rpc.startService()
     return identity, rpc
