@@ -8,7 +8,7 @@ EndDevice records of its domain, and answers two requests:
 * RelayedTunnelRequest from a super-node (relayed path): authorize, dial the relay the
   super-node named with its token, and tell the super-node the outcome, which it passes on;
 * Introduction from a super-node (punched path): authorize, connect from the tunnel port to
-  the requester's public endpoint while it connects to ours (meshnode/punch.py), and answer
+  the requester's public endpoint while it connects to ours (meshnode/nat/punch.py), and answer
   with our public endpoint and a token as for the relayed path.
 
 Either way the stream then carries TLS with the requester, checked against the requester's
@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from meshnode import records
 
 from meshnode.nat import location, punch
+from meshnode.nat.rules import spray_ports
 
 from meshnode.streams import tunnel_tls
 from meshnode.core.reachability import outbound_address
@@ -415,7 +416,7 @@ class TunnelService(service.MultiService):
         self._expire_grants()
         peer = message.endpoint
         if message.birthday:  # behind a symmetric NAT: probe many ports of its address
-            puncher = punch.Sprayer(self._clock, self.port, peer.host, punch.spray_ports(),
+            puncher = punch.Sprayer(self._clock, self.port, peer.host, spray_ports(),
                                     lambda: _PunchGate(self), interface=self._listen_address)
         else:
             puncher = punch.Puncher(self._clock, self.port, (peer.host, peer.port),
