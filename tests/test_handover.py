@@ -1,6 +1,6 @@
-"""Tests for `meshnode punch` (meshnode.handover): the probe codec, the path's secret, the punch
-socket on a Clock, PunchService's introductions and whole punches over tests.mesh, and the
-POST /v1/punch resource.
+"""Tests for `meshnode punch` (meshnode.nat.handover): the probe codec, the path's secret, the
+punch socket on a Clock, PunchService's introductions and whole punches over tests.mesh, and
+the POST /v1/punch resource.
 
 Punch sockets bind on tests.fakes' in-memory network (no NAT in between: a node's public
 endpoint is said to be its own address unless a test says otherwise); the super-node that
@@ -25,10 +25,10 @@ from meshnode import records
 from meshnode.nat import handover
 from meshnode.core.dht import Entry
 from meshnode.core.directory import DirectoryError, Replica, SuperNodeList
-from meshnode.nat.handover import (FINAL_PROBES, KEEPALIVE_SECONDS, MAGIC, PROBE_SECONDS,
-                               PUNCH_SECONDS, RETRY_SECONDS, TAG_SIZE, PunchFailed,
-                               PunchResource, PunchService, _PunchSocket, probe, read_probe,
-                               shared_secret)
+from meshnode.nat.handover import (FINAL_PROBES, KEEPALIVE_SECONDS, MAGIC, RETRY_SECONDS,
+                                   TAG_SIZE, PunchResource, PunchService, _PunchSocket, probe,
+                                   read_probe, shared_secret)
+from meshnode.nat.rules import PUNCH_SECONDS, SPRAY_PER_TICK, TICK_SECONDS, PunchFailed
 from meshnode.core.identity import Identity
 from meshnode.records import NatBehaviour, Role
 from meshnode.roles.super.relay import RelayService
@@ -163,18 +163,35 @@ class PunchSocketTests(SynchronousTestCase):
         self.socket.datagramReceived(probe(SECRET, PEER_ID, seen), address)
 
     def test_probes_every_interval(self):
-        """Probes saying "not seen" go to the target at once and every PROBE_SECONDS."""
+        """Probes saying "not seen" go to the target at once and every TICK_SECONDS."""
         self.run_socket()
         self.assertEqual(self.transport.sent, [self.mine(0, TARGET)])
-        self.clock.advance(PROBE_SECONDS)
-        self.clock.advance(PROBE_SECONDS)
+        self.clock.advance(TICK_SECONDS)
+        self.clock.advance(TICK_SECONDS)
         self.assertEqual(self.transport.sent, [self.mine(0, TARGET)] * 3)
+
+    def test_sprays_the_shared_rate(self):
+        """Spraying, SPRAY_PER_TICK probes go to the next ports of the target's host each
+        TICK_SECONDS; once the peer is heard, only the peer gets probes."""
+        ports = list(range(2000, 2000 + 3 * SPRAY_PER_TICK))
+        self.run_socket(spray=ports)
+        self.assertEqual(self.transport.sent,
+                         [self.mine(0, (TARGET[0], port)) for port in ports[:SPRAY_PER_TICK]])
+        self.clock.advance(TICK_SECONDS)
+        self.assertEqual(self.transport.sent[SPRAY_PER_TICK:],
+                         [self.mine(0, (TARGET[0], port))
+                          for port in ports[SPRAY_PER_TICK:2 * SPRAY_PER_TICK]])
+        self.from_peer(0)
+        before = len(self.transport.sent)
+        self.clock.advance(TICK_SECONDS)
+        self.assertEqual(self.transport.sent[before:], [self.mine(1, REFLEXIVE)])
+        self.assertEqual(self.socket.sprayed, 2 * SPRAY_PER_TICK)
 
     def test_answers_where_probes_come_from(self):
         """Once a probe of the peer arrives, probes say "seen" and go where it came from."""
         d = self.run_socket()
         self.from_peer(0)
-        self.clock.advance(PROBE_SECONDS)
+        self.clock.advance(TICK_SECONDS)
         self.assertEqual(self.transport.sent[-1], self.mine(1, REFLEXIVE))
         self.assertNotIn(self.mine(1, TARGET), self.transport.sent)
         self.assertNoResult(d)
@@ -184,7 +201,7 @@ class PunchSocketTests(SynchronousTestCase):
         d = self.run_socket()
         for _ in range(5):
             self.from_peer(0)
-            self.clock.advance(PROBE_SECONDS)
+            self.clock.advance(TICK_SECONDS)
         self.assertNoResult(d)
 
     def test_completes_when_seen_after_ours(self):
@@ -192,7 +209,7 @@ class PunchSocketTests(SynchronousTestCase):
         peer's endpoint; FINAL_PROBES more go out, then nothing."""
         d = self.run_socket()
         self.from_peer(0)
-        self.clock.advance(PROBE_SECONDS)
+        self.clock.advance(TICK_SECONDS)
         self.assertIn(self.mine(1, REFLEXIVE), self.transport.sent)
         before = len(self.transport.sent)
         self.from_peer(1)
@@ -207,7 +224,7 @@ class PunchSocketTests(SynchronousTestCase):
         before the punch completes."""
         d = self.run_socket()
         self.from_peer(1)
-        self.clock.advance(PROBE_SECONDS)
+        self.clock.advance(TICK_SECONDS)
         self.from_peer(1)
         self.assertEqual(self.successResultOf(d), REFLEXIVE)
         first_seen = self.transport.sent.index(self.mine(1, REFLEXIVE))
@@ -227,9 +244,9 @@ class PunchSocketTests(SynchronousTestCase):
     def test_default_budget(self):
         """The budget is PUNCH_SECONDS unless told."""
         d = self.run_socket()
-        self.clock.advance(PUNCH_SECONDS - PROBE_SECONDS)
+        self.clock.advance(PUNCH_SECONDS - TICK_SECONDS)
         self.assertNoResult(d)
-        self.clock.advance(PROBE_SECONDS)
+        self.clock.advance(TICK_SECONDS)
         self.failureResultOf(d, PunchFailed)
 
     def test_non_probes_ignored_and_counted(self):
@@ -240,7 +257,7 @@ class PunchSocketTests(SynchronousTestCase):
         self.socket.datagramReceived(probe(bytes(32), PEER_ID, 1), REFLEXIVE)
         self.socket.datagramReceived(probe(SECRET, OWN_ID, 1), REFLEXIVE)
         self.assertEqual(self.socket.drops["not_a_probe"], 3)
-        self.clock.advance(PROBE_SECONDS)
+        self.clock.advance(TICK_SECONDS)
         self.assertEqual(self.transport.sent[-1], self.mine(0, TARGET))
         self.assertNoResult(d)
 
@@ -440,7 +457,7 @@ class AcceptTests(PunchTestCase):
         bob_socket = said.protocol.received[0][1]
         reflexive.write(probe(secret, self.alice.node_id, 0), bob_socket)
         self.mesh.network.flush()
-        self.bob.reactor.advance(PROBE_SECONDS)
+        self.bob.reactor.advance(TICK_SECONDS)
         self.mesh.network.flush()
         self.assertIn((probe(secret, self.bob.node_id, 1), bob_socket),
                       reflexive.protocol.received)
@@ -541,7 +558,7 @@ class BothSidesTests(PunchTestCase):
             if all(d.called for d in ds):
                 return
             self.mesh.network.flush()
-            self.mesh.advance(PROBE_SECONDS)
+            self.mesh.advance(TICK_SECONDS)
 
     def test_punched_both_ways(self):
         """The two commands get each other's punch endpoints and the same secret."""

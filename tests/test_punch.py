@@ -1,4 +1,4 @@
-"""Tests for TCP hole punching (meshnode.punch): Puncher's attempts, retries, budget and stop.
+"""Tests for TCP hole punching (meshnode.nat.punch): Puncher's attempts, retries, budget and stop.
 
 Puncher makes its connection attempts through `tcp.Connector(...).connect()` itself, not
 through `reactor.connectTCP`, so a MemoryReactorClock neither records them in `tcpClients`
@@ -18,8 +18,11 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from meshnode.core import ports
 from meshnode.nat import punch
-from meshnode.nat.punch import ATTEMPT_LIMIT, PUNCH_SECONDS, RETRY_SECONDS, PunchFailed, Puncher
+from meshnode.nat.punch import Puncher
+from meshnode.nat.rules import (PUNCH_SECONDS, TCP_ATTEMPT_LIMIT, TCP_RECONNECT_SECONDS,
+                                PunchFailed)
 
 LOCAL_PORT = 7401
 PEER = ("198.51.100.20", 40100)
@@ -110,7 +113,7 @@ class PuncherTests(SynchronousTestCase):
             attempt = self.attempts.last
             if attempt.failed_with is None and not attempt.connected:
                 attempt.refuse()
-            self.reactor.advance(RETRY_SECONDS)
+            self.reactor.advance(TCP_RECONNECT_SECONDS)
         return len(self.attempts.made)
 
     def test_connects_from_local_port_to_peer(self):
@@ -134,14 +137,14 @@ class PuncherTests(SynchronousTestCase):
         self.assertEqual(puncher.attempts, 1)
 
     def test_refused_attempt_retried_after_retry_seconds(self):
-        """A refused attempt is made again RETRY_SECONDS later, not before, from the same
+        """A refused attempt is made again TCP_RECONNECT_SECONDS later, not before, from the same
         local port to the same peer."""
         self.puncher()
         self.attempts.last.refuse()
         self.assertEqual(len(self.attempts.made), 1)
-        self.reactor.advance(RETRY_SECONDS / 2)
+        self.reactor.advance(TCP_RECONNECT_SECONDS / 2)
         self.assertEqual(len(self.attempts.made), 1)
-        self.reactor.advance(RETRY_SECONDS / 2)
+        self.reactor.advance(TCP_RECONNECT_SECONDS / 2)
         self.assertEqual(len(self.attempts.made), 2)
         first, second = self.attempts.made
         self.assertEqual((second.peer, second.binding), (first.peer, first.binding))
@@ -150,21 +153,21 @@ class PuncherTests(SynchronousTestCase):
         self.assertIsInstance(self.successResultOf(self.done), _Built)
 
     def test_at_most_attempt_limit_attempts(self):
-        """Refused again and again, the Puncher gives up after ATTEMPT_LIMIT attempts (well
+        """Refused again and again, the Puncher gives up after TCP_ATTEMPT_LIMIT attempts (well
         within its budget) with PunchFailed, and makes no more."""
-        self.assertLess(ATTEMPT_LIMIT * RETRY_SECONDS, PUNCH_SECONDS)
+        self.assertLess(TCP_ATTEMPT_LIMIT * TCP_RECONNECT_SECONDS, PUNCH_SECONDS)
         puncher = self.puncher()
-        self.assertEqual(self.refuse_all(), ATTEMPT_LIMIT)
+        self.assertEqual(self.refuse_all(), TCP_ATTEMPT_LIMIT)
         failure = self.failureResultOf(self.done, PunchFailed)
-        self.assertIn(f"after {ATTEMPT_LIMIT} attempts", failure.getErrorMessage())
-        self.assertEqual(puncher.attempts, ATTEMPT_LIMIT)
+        self.assertIn(f"after {TCP_ATTEMPT_LIMIT} attempts", failure.getErrorMessage())
+        self.assertEqual(puncher.attempts, TCP_ATTEMPT_LIMIT)
         self.reactor.advance(PUNCH_SECONDS)
-        self.assertEqual(len(self.attempts.made), ATTEMPT_LIMIT)
+        self.assertEqual(len(self.attempts.made), TCP_ATTEMPT_LIMIT)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_budget_spent_between_attempts(self):
         """A budget that runs out while waiting to retry ends the punch with PunchFailed."""
-        self.puncher(budget=RETRY_SECONDS * 1.5)
+        self.puncher(budget=TCP_RECONNECT_SECONDS * 1.5)
         self.assertEqual(self.refuse_all(), 2)
         failure = self.failureResultOf(self.done, PunchFailed)
         self.assertIn(f"{PEER[0]}:{PEER[1]} after 2 attempts", failure.getErrorMessage())
@@ -178,7 +181,7 @@ class PuncherTests(SynchronousTestCase):
         self.reactor.advance(2.0)
         self.assertIsInstance(self.attempts.last.failed_with, error.TimeoutError)
         self.failureResultOf(self.done, PunchFailed)
-        self.reactor.advance(RETRY_SECONDS)
+        self.reactor.advance(TCP_RECONNECT_SECONDS)
         self.assertEqual(len(self.attempts.made), 1)
 
     def test_retry_gets_what_is_left_of_the_budget(self):
@@ -186,9 +189,9 @@ class PuncherTests(SynchronousTestCase):
         self.puncher(budget=1.0)
         self.reactor.advance(0.5)
         self.attempts.last.refuse()
-        self.reactor.advance(RETRY_SECONDS)
+        self.reactor.advance(TCP_RECONNECT_SECONDS)
         self.assertEqual(len(self.attempts.made), 2)
-        self.reactor.advance(0.5 - RETRY_SECONDS)
+        self.reactor.advance(0.5 - TCP_RECONNECT_SECONDS)
         self.assertIsInstance(self.attempts.last.failed_with, error.TimeoutError)
         self.failureResultOf(self.done, PunchFailed)
 
@@ -198,7 +201,7 @@ class PuncherTests(SynchronousTestCase):
         self.attempts.last.failIfNotConnected(error.ConnectBindError(98, "in use"))
         failure = self.failureResultOf(self.done, PunchFailed)
         self.assertIn(f"cannot bind port {LOCAL_PORT}", failure.getErrorMessage())
-        self.reactor.advance(RETRY_SECONDS)
+        self.reactor.advance(TCP_RECONNECT_SECONDS)
         self.assertEqual(len(self.attempts.made), 1)
 
     def test_stop_cancels_pending_retry(self):
@@ -251,18 +254,18 @@ class PuncherTests(SynchronousTestCase):
         puncher = self.puncher()
         self.attempts.last.succeed()
         puncher.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
-        self.reactor.advance(RETRY_SECONDS)
+        self.reactor.advance(TCP_RECONNECT_SECONDS)
         self.assertEqual(len(self.attempts.made), 1)
 
 
 class ListenReusableTests(SynchronousTestCase):
-    """listen_reusable() on a reactor whose ports have no socket."""
+    """ports.listen_tcp(reuse_port=True) on a reactor whose ports have no socket."""
 
     def test_listen_reusable_on_memory_reactor(self):
         """It just listens (there is no socket to set the option on)."""
         reactor = MemoryReactorClock()
         factory = protocol.Factory.forProtocol(protocol.Protocol)
-        punch.listen_reusable(reactor, 7401, factory, "192.0.2.7")
+        ports.listen_tcp(reactor, 7401, factory, "192.0.2.7", reuse_port=True)
         self.assertEqual(reactor.tcpServers, [(7401, factory, 50, "192.0.2.7")])
 
 
@@ -306,7 +309,7 @@ class LoopbackPunchTests(TestCase):
         """A listening port on 127.0.0.1 → (port, its factory)."""
         factory = _Accepting()
         if reusable:
-            port = punch.listen_reusable(self.reactor, 0, factory, interface="127.0.0.1")
+            port = ports.listen_tcp(self.reactor, 0, factory, "127.0.0.1", reuse_port=True)
         else:
             port = self.reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
@@ -363,7 +366,7 @@ class LoopbackPunchTests(TestCase):
 
     @defer.inlineCallbacks
     def test_connects_from_reusable_listeners_port(self):
-        """listen_reusable lets a Puncher connect out from the listener's own port while it
+        """A port listened on with reuse_port lets a Puncher connect out from the listener's own port while it
         listens (as the tunnel port does for punched tunnels)."""
         own, _ = self.listen(reusable=True)
         peer, factory = self.listen()
@@ -375,7 +378,7 @@ class LoopbackPunchTests(TestCase):
 
     @defer.inlineCallbacks
     def test_plain_listeners_port_cannot_be_bound(self):
-        """Without listen_reusable the listener's port cannot be bound by a Puncher: it
+        """Without reuse_port the listener's port cannot be bound by a Puncher: it
         fails at once, saying so."""
         own, _ = self.listen()
         peer, _ = self.listen()
@@ -388,8 +391,8 @@ class LoopbackPunchTests(TestCase):
     @defer.inlineCallbacks
     def test_real_refusals_are_retried_up_to_the_limit(self):
         """A peer port where nothing listens refuses each attempt; the Puncher tries again
-        until ATTEMPT_LIMIT (here 3) and then fails."""
-        self.patch(punch, "ATTEMPT_LIMIT", 3)
+        until TCP_ATTEMPT_LIMIT (here 3) and then fails."""
+        self.patch(punch, "TCP_ATTEMPT_LIMIT", 3)
         closed = punch.reserve_port("127.0.0.1")
         peer_port = closed.getsockname()[1]
         closed.close()  # a free port nobody listens on
@@ -441,12 +444,5 @@ class SprayerTests(TestCase):
         own, _ = self.listen(reusable=True)
         sprayer = punch.Sprayer(self.reactor, own.getHost().port, "127.0.0.1",
                                 self.free_ports(30), _Ends, budget=0.3, interface="127.0.0.1")
-        failure = yield self.assertFailure(sprayer.start(), punch.PunchFailed)
+        failure = yield self.assertFailure(sprayer.start(), PunchFailed)
         self.assertIn("30 ports of 127.0.0.1 probed", str(failure))
-
-    def test_spray_ports_low_ports_first(self):
-        """The ports Linux's symmetric NATs favour (1024-2047) come first, all distinct."""
-        ports = punch.spray_ports(limit=3000)
-        self.assertEqual(sorted(ports[:1024]), list(range(1024, 2048)))
-        self.assertEqual(len(set(ports)), 3000)
-        self.assertTrue(all(port >= 2048 for port in ports[1024:]))

@@ -10,7 +10,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshnode.nat import stun
-from meshnode.nat.stun import (Behaviour, BindingErrorResponse, BindingRequest, BindingResponse,
+from meshnode.nat.rules import Behaviour
+from meshnode.nat.stun import (BindingErrorResponse, BindingRequest, BindingResponse,
                            NatReport, StunClient, StunDecodeError, StunRefused, StunStopped,
                            StunTimeout, discover, is_stun)
 from meshnode.wire import DecodeError, Endpoint

@@ -17,7 +17,7 @@ from meshnode import records
 
 from meshnode.streams import tunnel_tls
 from meshnode.core.directory import SuperNodeList
-from meshnode.nat.punch import RETRY_SECONDS
+from meshnode.nat.rules import TCP_RECONNECT_SECONDS
 from meshnode.roles.operator import registry
 from meshnode.nat.location import LAN
 from meshnode.roles.tunnel import (TOKEN_SECONDS, Limits, Refused, TunnelCounts,
@@ -824,7 +824,7 @@ class IntroductionTests(IntroductionTestCase):
         token, attempt = self.opened()
         self.assertIsNotNone(self.service.redeem(token))
         self.assertIsInstance(attempt.failed_with, ConnectionUserError)
-        self.node.reactor.advance(RETRY_SECONDS)
+        self.node.reactor.advance(TCP_RECONNECT_SECONDS)
         self.assertEqual(len(self.attempts.made), 1)
 
     def test_punched_connection_carries_the_tunnel(self):

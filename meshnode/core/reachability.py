@@ -17,10 +17,9 @@ from twisted.logger import Logger
 
 from meshnode import records
 from meshnode.core import periodic
-
-from meshnode.nat import stun
 from meshnode.core.dht import PutResult
-from meshnode.records import NatBehaviour
+from meshnode.nat import stun
+from meshnode.nat.rules import nat_behaviour
 from meshnode.rpc.messages import PutRecord, Stored, WhoAmI, YouAre
 from meshnode.rpc.service import RPCError
 from meshnode.wire import Endpoint
@@ -43,32 +42,6 @@ def outbound_address(towards):
         except OSError:
             return None
         return probe.getsockname()[0]
-
-
-def classify(addresses, seen):
-    """NAT behaviour from the endpoints replicas saw (DESIGN.md §7): one of our own addresses
-    → public; the same mapped endpoint from two replicas → endpoint-independent mapping;
-    different ones → symmetric; fewer than two answers → unknown."""
-    if any(endpoint in addresses for endpoint in seen):
-        return NatBehaviour.PUBLIC
-    if len(seen) < 2:
-        return NatBehaviour.UNKNOWN
-    if len(set(seen)) == 1:
-        return NatBehaviour.ENDPOINT_INDEPENDENT
-    return NatBehaviour.SYMMETRIC
-
-
-def from_stun(report):
-    """NatBehaviour from an RFC 5780 report; None when it could not tell."""
-    if report.mapping == stun.Behaviour.NO_NAT:
-        return NatBehaviour.PUBLIC
-    if report.mapping == stun.Behaviour.ENDPOINT_INDEPENDENT:
-        if report.filtering == stun.Behaviour.ENDPOINT_INDEPENDENT:
-            return NatBehaviour.FULL_CONE
-        return NatBehaviour.ENDPOINT_INDEPENDENT
-    if report.mapping == stun.Behaviour.UNKNOWN:
-        return None
-    return NatBehaviour.SYMMETRIC
 
 
 class ReachabilityService(service.MultiService):
@@ -127,11 +100,7 @@ class ReachabilityService(service.MultiService):
 
     def nat(self, seen):
         """Our NAT behaviour: STUN's answer when it had one, else the replicas' WhoAmI."""
-        if self.stun_report is not None:
-            behaviour = from_stun(self.stun_report)
-            if behaviour is not None:
-                return behaviour
-        return classify(self.addresses(), seen)
+        return nat_behaviour(self.addresses(), seen, self.stun_report)
 
     def node_info(self, seen=()):
         """This node's NodeInfo as it is now (unsigned); `seen`: the endpoints replicas

@@ -17,11 +17,12 @@ from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 
 from meshnode.nat import stun
-from meshnode.nat.punch import spray_ports
+from meshnode.nat.rules import (BIRTHDAY_OPENERS, BIRTHDAY_SECONDS, PUNCH_SECONDS,
+                                SPRAY_PER_TICK, TICK_SECONDS, UDP_OPENER_PROBE_SECONDS,
+                                PunchFailed, PunchRole, punch_role, spray_ports)
 from meshnode.core.reachability import outbound_address
 from meshnode.core.directory import NotPassedOn
 from meshnode.core.web import HTTPError, JSONResource
-from meshnode.records import NatBehaviour
 from meshnode.rpc.messages import (Command, ForwardedTunnelOpened, PunchRequest,
                                    TunnelResult)
 from meshnode.rpc.service import RPCError
@@ -29,15 +30,6 @@ from meshnode.wire import Endpoint
 
 _log = Logger()
 
-PUNCH_SECONDS = 5.0
-PROBE_SECONDS = 0.05
-# Birthday probing (NATLAB.md: 256 sockets against ~2000 probes/s found a mapping in 75 ms
-# median, 2.9 s at worst at 500/s): the budget bounds both the time and the packets.
-BIRTHDAY_SECONDS = 8.0
-BIRTHDAY_SOCKETS = 256
-OPENER_SECONDS = 1.0  # an opener's probes only keep its mapping
-SPRAY_PER_TICK = 50  # probes per PROBE_SECONDS: 1,000 a second
-SPRAY_LIMIT = 6000
 FINAL_PROBES = 3  # sent once done, so the peer sees our "seen you" even if it lags
 ACCEPT_SECONDS_LIMIT = 600.0
 KEEPALIVE_SECONDS = 20.0  # while accepting: keep our mapping towards the super-nodes open
@@ -45,10 +37,6 @@ RETRY_SECONDS = 1.0  # the initiator asks again while the peer does not wait for
 NONCE_SIZE = 32
 MAGIC = b"MNPUNCH1"
 TAG_SIZE = 16
-
-
-class PunchFailed(Exception):
-    """No UDP path to the peer; the message says why."""
 
 
 def shared_secret(identity, peer_node, initiator_nonce, acceptor_nonce):
@@ -76,20 +64,6 @@ def read_probe(secret, sender_id, data):
     return seen
 
 
-def birthday_role(mine, theirs):
-    """How to punch between our NAT behaviour and the peer's (NATLAB.md): "open" — we are
-    symmetric, they endpoint-independent: many sockets of ours each open a mapping towards
-    them; "spray" — the reverse: we probe many ports of their address until one hits a
-    mapping; "plain" — both probe the other's one endpoint (and answer where probes come
-    from, which covers a full-cone peer)."""
-    eim = (NatBehaviour.ENDPOINT_INDEPENDENT,)
-    if mine == NatBehaviour.SYMMETRIC and theirs in eim:
-        return "open"
-    if mine in eim and theirs == NatBehaviour.SYMMETRIC:
-        return "spray"
-    return "plain"
-
-
 class _PunchSocket(protocol.DatagramProtocol):
     """One punch socket: learns its public endpoint (STUN, when configured), then probes the
     peer until both sides have seen each other (a probe saying "seen" received after we
@@ -108,10 +82,10 @@ class _PunchSocket(protocol.DatagramProtocol):
         self.stun = stun.StunClient(self.transport.write, self._clock, drops=self.drops)
 
     def run(self, secret, own_id, peer_id, target, budget=PUNCH_SECONDS,
-            interval=PROBE_SECONDS, spray=()):
+            interval=TICK_SECONDS, spray=()):
         """Probe `target` every `interval` → Deferred[the peer's endpoint as its probes
         came], or PunchFailed after `budget` seconds. `spray`: ports of the target's host to
-        probe instead, SPRAY_PER_TICK each PROBE_SECONDS, until the peer is heard (birthday
+        probe instead, SPRAY_PER_TICK each TICK_SECONDS, until the peer is heard (birthday
         probing); a birthday opener probes slowly (`interval`), only to keep its mapping."""
         self._secret, self._own_id, self._peer_id = secret, own_id, peer_id
         self.target = target
@@ -120,7 +94,7 @@ class _PunchSocket(protocol.DatagramProtocol):
         self.done = defer.Deferred()
         self._loop = task.LoopingCall(self._probe)
         self._loop.clock = self._clock
-        self._loop.start(PROBE_SECONDS if spray else interval)
+        self._loop.start(TICK_SECONDS if spray else interval)
         self._timeout = self._clock.callLater(budget, self._give_up)
         self.done.addBoth(lambda result: (self._cancel_timeout(), result)[1])
         return self.done
@@ -171,7 +145,7 @@ class _PunchSocket(protocol.DatagramProtocol):
             self.seen = True
             self._stop_probing()
             self._probe()  # at once: a birthday hit's mapping is waiting for it
-            self._loop.start(PROBE_SECONDS, now=False)
+            self._loop.start(TICK_SECONDS, now=False)
         if seen and self.said_seen:
             self.stop()
             for _ in range(FINAL_PROBES):
@@ -270,13 +244,12 @@ class PunchService(service.Service):
                 target = opened.endpoint
                 secret = shared_secret(self._identity_service.identity, peer.node,
                                        prepared.nonce, opened.token)
-            role = birthday_role(self._reachability.nat(self._reachability.seen), info.nat)
+            role = punch_role(self._reachability.nat(self._reachability.seen), info.nat)
             run = (secret, self._rpc.node_id, info.node_id, (target.host, target.port))
-            if role == "spray":
-                reached = yield prepared.socket.run(*run, BIRTHDAY_SECONDS,
-                                                    spray=spray_ports(limit=SPRAY_LIMIT))
-            elif role == "open":
-                sockets += [self._opener() for _ in range(BIRTHDAY_SOCKETS - 1)]
+            if role == PunchRole.SPRAY:
+                reached = yield prepared.socket.run(*run, BIRTHDAY_SECONDS, spray=spray_ports())
+            elif role == PunchRole.OPEN:
+                sockets += [self._opener() for _ in range(BIRTHDAY_OPENERS - 1)]
                 reached, prepared = yield self._first_through(sockets, run)
             else:
                 reached = yield prepared.socket.run(*run)
@@ -285,10 +258,10 @@ class PunchService(service.Service):
             for one in sockets:
                 one.socket.stop()
                 one.port.stopListening()  # the command binds the winner's port next
-        self.punched[role] += 1
+        self.punched[role.value] += 1
         local = outbound_address(reached) or self._listen_address
         return {"local": f"{local}:{local_port}", "public": str(prepared.public),
-                "peer": f"{reached[0]}:{reached[1]}", "secret": secret.hex(), "how": role}
+                "peer": f"{reached[0]}:{reached[1]}", "secret": secret.hex(), "how": role.value}
 
     def _opener(self):
         """One more socket for birthday probing (its public endpoint is never known)."""
@@ -300,7 +273,7 @@ class PunchService(service.Service):
     def _first_through(self, sockets, run):
         """Every socket opens a mapping towards the peer (our symmetric NAT gives each its
         own port) → (peer endpoint, socket) of the first the peer's probes reach."""
-        attempts = [one.socket.run(*run, BIRTHDAY_SECONDS, interval=OPENER_SECONDS)
+        attempts = [one.socket.run(*run, BIRTHDAY_SECONDS, interval=UDP_OPENER_PROBE_SECONDS)
                     for one in sockets]
         first = yield defer.DeferredList(attempts, fireOnOneCallback=True, consumeErrors=True)
         if isinstance(first, list):  # every attempt failed: the list of their failures

@@ -5,37 +5,13 @@ ports cannot be known, birthday probing: its side opens many connections (many m
 the other side's SYNs go to many ports of its address until one meets a mapping."""
 
 import itertools
-import random
 import socket
 
 from twisted.internet import defer, error, protocol, task, tcp
-from twisted.logger import Logger
 
-_log = Logger()
-
-PUNCH_SECONDS = 5.0
-RETRY_SECONDS = 0.02  # a refused attempt is repeated at once: a gap lets conntrack spoil the port
-ATTEMPT_LIMIT = 50
-BIRTHDAY_SECONDS = 8.0
-BIRTHDAY_OPENERS = 256
-SPRAY_TICK_SECONDS = 0.05
-SPRAY_PER_TICK = 25  # 500 SYNs a second,
-SPRAY_ATTEMPT_SECONDS = 0.5  # each kept this long: about 250 sockets open at once
-SPRAY_LIMIT = 4000
-
-
-class PunchFailed(Exception):
-    """No connection within the punch budget."""
-
-
-def listen_reusable(reactor, port, factory, interface=""):
-    """listenTCP on a port that `Puncher`s may connect from as well (SO_REUSEPORT; Linux
-    checks it when the second socket binds, so setting it after listening suffices)."""
-    listening = reactor.listenTCP(port, factory, interface=interface)
-    sock = getattr(listening, "socket", None)  # a real port (not a test's memory reactor)
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    return listening
+from meshnode.nat.rules import (BIRTHDAY_SECONDS, PUNCH_SECONDS, SPRAY_PER_TICK,
+                                TCP_ATTEMPT_LIMIT, TCP_RECONNECT_SECONDS,
+                                TCP_SPRAY_ATTEMPT_SECONDS, TICK_SECONDS, PunchFailed)
 
 
 def reserve_port(interface=""):
@@ -51,7 +27,7 @@ def reserve_port(interface=""):
 class Puncher(protocol.ClientFactory):
     """Connects from local port `local_port` to `peer` (host, port) until a connection
     stands, `budget` seconds pass, or `stop()`. One attempt is kept open (the kernel's own
-    SYN retransmissions carry it); a refused one is repeated at once, at most ATTEMPT_LIMIT
+    SYN retransmissions carry it); a refused one is repeated at once, at most TCP_ATTEMPT_LIMIT
     times. `build()` makes the connection's protocol. `done` fires with the protocol as it
     is built (before its connectionMade), or fails with PunchFailed."""
 
@@ -74,7 +50,7 @@ class Puncher(protocol.ClientFactory):
     def _attempt(self):
         self._retry = None
         left = self._deadline - self._reactor.seconds()
-        if left <= 0 or self.attempts >= ATTEMPT_LIMIT:
+        if left <= 0 or self.attempts >= TCP_ATTEMPT_LIMIT:
             return self._fail(f"no connection to {self._peer[0]}:{self._peer[1]} after "
                               f"{self.attempts} attempts")
         self.attempts += 1
@@ -97,7 +73,7 @@ class Puncher(protocol.ClientFactory):
         if reason.check(error.ConnectBindError):
             return self._fail(f"cannot bind port {self._local_port}: "
                               f"{reason.getErrorMessage()}")
-        self._retry = self._reactor.callLater(RETRY_SECONDS, self._attempt)
+        self._retry = self._reactor.callLater(TCP_RECONNECT_SECONDS, self._attempt)
 
     def stop(self):
         """Give up (another connection won): the pending attempt is cancelled."""
@@ -112,19 +88,9 @@ class Puncher(protocol.ClientFactory):
             self.done.errback(PunchFailed(reason))
 
 
-def spray_ports(rng=None, limit=SPRAY_LIMIT):
-    """The ports to probe on a symmetric NAT: Linux picks 1024-2047 about twice as often
-    (NATLAB.md), so those first, each part shuffled."""
-    rng = rng or random.Random()
-    low, high = list(range(1024, 2048)), list(range(2048, 65536))
-    rng.shuffle(low)
-    rng.shuffle(high)
-    return (low + high)[:limit]
-
-
 class Sprayer(protocol.ClientFactory):
     """Birthday probing's other side: from `local_port`, connects to many `ports` of `host`
-    (SPRAY_PER_TICK each SPRAY_TICK_SECONDS, each attempt kept SPRAY_ATTEMPT_SECONDS) until
+    (SPRAY_PER_TICK each TICK_SECONDS, each attempt kept TCP_SPRAY_ATTEMPT_SECONDS) until
     one meets a connection the far side opened, or `budget` seconds pass. `done` as for
     Puncher. Attempts under way when one connects are left to end by themselves: cancelling
     one the kernel has just connected would reset the far side's end of it, which the far
@@ -145,7 +111,7 @@ class Sprayer(protocol.ClientFactory):
         self.done = defer.Deferred()
 
     def start(self):
-        self._loop.start(SPRAY_TICK_SECONDS)
+        self._loop.start(TICK_SECONDS)
         self._timeout = self._reactor.callLater(self._budget, self._fail,
                                                 "no probe met a connection of the far side")
         return self.done
@@ -153,7 +119,7 @@ class Sprayer(protocol.ClientFactory):
     def _tick(self):
         for port in itertools.islice(self._ports, SPRAY_PER_TICK):
             self.attempts += 1
-            tcp.Connector(self._host, port, self, SPRAY_ATTEMPT_SECONDS, self._binding,
+            tcp.Connector(self._host, port, self, TCP_SPRAY_ATTEMPT_SECONDS, self._binding,
                           self._reactor).connect()
 
     def buildProtocol(self, address):
@@ -165,7 +131,7 @@ class Sprayer(protocol.ClientFactory):
         return built
 
     def stop(self):
-        """No more probes (those under way end within SPRAY_ATTEMPT_SECONDS)."""
+        """No more probes (those under way end within TCP_SPRAY_ATTEMPT_SECONDS)."""
         if self._loop.running:
             self._loop.stop()
         if self._timeout is not None and self._timeout.active():

@@ -3,7 +3,6 @@ it does not own: the RPC socket, so that the mapping it learns is the RPC port's
 """
 
 import collections
-import enum
 import os
 import socket
 import struct
@@ -12,6 +11,7 @@ import zlib
 import attrs
 from twisted.internet import defer
 
+from meshnode.nat.rules import Behaviour
 from meshnode.wire import DecodeError, Endpoint
 
 MAGIC_COOKIE = 0x2112A442
@@ -398,16 +398,6 @@ class StunClient:
 
 
 # -- NAT behaviour discovery ------------------------------------------------------------------
-
-
-class Behaviour(enum.StrEnum):
-    """A NAT's mapping or filtering behaviour (RFC 4787 §4.1, §5)."""
-
-    NO_NAT = "no-nat"  # mapping only: the mapped address is one of ours
-    ENDPOINT_INDEPENDENT = "endpoint-independent"
-    ADDRESS_DEPENDENT = "address-dependent"
-    ADDRESS_AND_PORT_DEPENDENT = "address-and-port-dependent"
-    UNKNOWN = "unknown"
 
 
 @attrs.frozen

@@ -32,6 +32,7 @@ from meshnode import records
 from meshnode.core import periodic, ports
 from meshnode.core.reachability import outbound_address
 from meshnode.nat import location, punch
+from meshnode.nat.rules import spray_ports
 from meshnode.rpc.messages import (DEVICES_SEEN_LIMIT, Command, DevicesSeen,
                                    ForwardedTunnelOpened, Stored, TunnelOpened, TunnelResult)
 from meshnode.rpc.service import RPCError, same_domain
@@ -401,7 +402,7 @@ class TunnelService(service.MultiService):
         self._expire_grants()
         peer = message.endpoint
         if message.birthday:  # behind a symmetric NAT: probe many ports of its address
-            puncher = punch.Sprayer(self._clock, self.port, peer.host, punch.spray_ports(),
+            puncher = punch.Sprayer(self._clock, self.port, peer.host, spray_ports(),
                                     lambda: _PunchGate(self), interface=self._listen_address)
         else:
             puncher = punch.Puncher(self._clock, self.port, (peer.host, peer.port),

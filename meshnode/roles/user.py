@@ -4,10 +4,11 @@ Listeners come from the config file (`[tunnel:NAME]` sections: device, port, lis
 demand (`meshnode tunnel DEVICE --listen tcp:PORT`, through the control socket). Each accepted
 connection finds the device's EndDevice record (operator-signed, this node's domain), the
 tunnel-nodes announcing its location (GetTunnelNodes), and tries the paths their NodeInfo and
-ours allow (`paths`): direct (TunnelRequest, then the tunnel-node's tunnel port), punched (a
-super-node introduces us, both sides connect at once) and relayed through a super-node of this
-domain (ForwardedTunnelRequest, then its relay port). The stream then carries TLS with the
-tunnel-node, checked against its Node record, and is spliced to the application's connection.
+ours allow (`paths` of meshnode/nat/rules.py): direct (TunnelRequest, then the tunnel-node's
+tunnel port), punched (a super-node introduces us, both sides connect at once) and relayed
+through a super-node of this domain (ForwardedTunnelRequest, then its relay port). The stream
+then carries TLS with the tunnel-node, checked against its Node record, and is spliced to the
+application's connection.
 The path that won is counted and shown in `meshnode status`.
 """
 
@@ -26,7 +27,8 @@ from meshnode.core import ports
 from meshnode.core.web import HTTPError, JSONResource
 from meshnode.errors import StartupError
 from meshnode.nat import punch
-from meshnode.records import NatBehaviour
+from meshnode.nat.rules import (BIRTHDAY_OPENERS, BIRTHDAY_SECONDS, PunchRole, paths,
+                                punch_role, same_lan)
 from meshnode.rpc.messages import (ForwardedTunnelRequest, Introduce,
                                    TunnelOpened, TunnelRequest, TunnelResult)
 from meshnode.rpc.service import RPCError
@@ -42,37 +44,6 @@ RELAY_ONLY_SECONDS = 60.0
 
 class TunnelFailed(Exception):
     """No path to the device worked; the message says why."""
-
-
-def _same_lan(mine, theirs):
-    """Both behind one NAT: the replicas saw us both at one public address."""
-    return bool({e.host for e in mine.observed} & {e.host for e in theirs.observed})
-
-
-def paths(mine, theirs):
-    """The paths worth trying to a tunnel-node, in order, from what our and its NodeInfo say
-    (DESIGN.md §6.3): direct when it is public, announces an address at its public IP (a UPnP
-    mapping) or shares our public address (one LAN); punched unless the tunnel-node is
-    behind a symmetric NAT (from behind ours: by birthday probing, or straight to a full-cone
-    one); relayed always last."""
-    nat = theirs.nat
-    public = {e.host for e in theirs.observed}
-    if (nat == NatBehaviour.PUBLIC or any(e.host in public for e in theirs.addresses)
-            or _same_lan(mine, theirs)):
-        return ("direct", "relayed")
-    if nat == NatBehaviour.SYMMETRIC or not mine.observed or not theirs.observed:
-        return ("relayed",)
-    if mine.nat == NatBehaviour.SYMMETRIC and nat not in (NatBehaviour.FULL_CONE,
-                                                           NatBehaviour.ENDPOINT_INDEPENDENT):
-        return ("relayed",)
-    return ("punched", "relayed")
-
-
-def birthday(mine, theirs):
-    """Punch by birthday probing: we are behind a symmetric NAT, the tunnel-node behind an
-    endpoint-independent one that filters by port (a full-cone one takes any port)."""
-    return (mine.nat == NatBehaviour.SYMMETRIC
-            and theirs.nat == NatBehaviour.ENDPOINT_INDEPENDENT)
 
 
 @attrs.define
@@ -199,7 +170,7 @@ class UserService(service.Service):
     def _direct(self, mine, node, info, device, port):
         # On its LAN its own address, elsewhere the one at its public IP (UPnP, or public).
         public = {e.host for e in info.observed}
-        wanted = [e for e in info.addresses if (e.host in public) != _same_lan(mine, info)]
+        wanted = [e for e in info.addresses if (e.host in public) != same_lan(mine, info)]
         endpoint = (wanted or list(info.addresses) or list(info.observed) or [None])[0]
         if endpoint is None:
             raise TunnelFailed("it announced no address")
@@ -215,7 +186,7 @@ class UserService(service.Service):
         """A super-node introduces us; both sides connect to each other's public endpoint
         from their punch ports at once (TCP simultaneous open). Behind a symmetric NAT, we
         open many connections and the tunnel-node probes many ports (birthday probing)."""
-        many = birthday(mine, info)
+        many = punch_role(mine.nat, info.nat) == PunchRole.OPEN
         held = punch.reserve_port()
         try:
             public = Endpoint(mine.observed[0].host, held.getsockname()[1])
@@ -240,13 +211,13 @@ class UserService(service.Service):
         """Birthday probing from behind our symmetric NAT: BIRTHDAY_OPENERS connections to
         the tunnel-node (each its own mapping) while it probes our ports; `ready` fires with
         the first leg through TLS; the rest are stopped then."""
-        punchers = [punch.Puncher(self._clock, 0, target, leg, punch.BIRTHDAY_SECONDS)
-                    for _ in range(punch.BIRTHDAY_OPENERS)]
+        punchers = [punch.Puncher(self._clock, 0, target, leg, BIRTHDAY_SECONDS)
+                    for _ in range(BIRTHDAY_OPENERS)]
         attempts = defer.DeferredList([one.start() for one in punchers], consumeErrors=True)
         attempts.addCallback(lambda results: ready.called or any(ok for ok, _ in results)
                              or ready.errback(TunnelFailed(
                                  f"none of {len(punchers)} connections got through")))
-        ready.addTimeout(punch.BIRTHDAY_SECONDS + CONNECT_TIMEOUT_SECONDS, self._clock)
+        ready.addTimeout(BIRTHDAY_SECONDS + CONNECT_TIMEOUT_SECONDS, self._clock)
 
         def settled(result):
             for one in punchers:
