@@ -286,7 +286,7 @@ def _check_mac(instance, attribute, value):
         raise ValueError("mac must be 6 bytes")
 
 
-def _canonical_address(value):
+def canonical_address(value):
     """An IP address in its one canonical spelling (or None); scoped addresses are refused."""
     if value is None:
         return None
@@ -314,7 +314,7 @@ class EndDevice:
     device_id: bytes = _ID
     name: str = attrs.field(validator=_check_name)
     mac: bytes = attrs.field(validator=_check_mac)
-    address: str | None = attrs.field(converter=_canonical_address)
+    address: str | None = attrs.field(converter=canonical_address)
     certificate_sha256: bytes | None = attrs.field(
         validator=attrs.validators.optional(_check_size(32)))
     location_id: bytes = _ID

@@ -186,10 +186,10 @@ class DeviceAddOptions(Command):
             self["certificate-sha256"] = _parse_hex32("certificate-sha256",
                                                       self["certificate-sha256"])
         if self["address"] is not None:
-            from meshnode.records import _canonical_address
+            from meshnode.records import canonical_address
 
             try:
-                self["address"] = _canonical_address(self["address"])
+                self["address"] = canonical_address(self["address"])
             except ValueError:
                 raise usage.UsageError(f"--address: {self['address']!r} is not an IP address"
                                        ) from None
