@@ -130,7 +130,7 @@ class CannotListenTests(TestCase):
         holder = _take_tcp(port)
         self.addCleanup(holder.close)
         yield self.assert_cannot_start(
-            node, f"cannot listen on the enrollment API (tcp:{port}:interface={HOST})",
+            node, f"cannot listen on the enrollment API tcp:{port}:interface={HOST}: ",
             [("TCP", port)])
 
     @defer.inlineCallbacks

@@ -48,11 +48,12 @@ def listen_unix(reactor, path, factory, what="control socket"):
         raise StartupError(f"cannot listen on {what} {path}: {_reason(e)}") from None
 
 
-def listen_endpoint(reactor, description, factory, what=""):
+def listen_endpoint(reactor, description, factory, what="", shown=None):
     """Listen on a server endpoint string (`tcp:8080`, `ssl:8443:…`, `unix:/path`) → the
-    listening port; the endpoint must listen at once (every kind made here does). `what`
-    names the listener in the error (the endpoint alone when empty)."""
-    where = f"{what} {description}" if what else description
+    listening port; the endpoint must listen at once (every kind made here does). The error
+    names `what` and the endpoint as `shown` (as configured: `description` may hold more)."""
+    shown = description if shown is None else shown
+    where = f"{what} {shown}" if what else shown
     try:
         listening = endpoints.serverFromString(reactor, description).listen(factory)
     except (ValueError, KeyError, TypeError) as e:  # a description serverFromString refuses

@@ -88,7 +88,7 @@ class OperatorService(service.MultiService):
         description = tls.server_endpoint_string(self._enroll_listen, certificate.key_path,
                                                  certificate.cert_path)
         self._port = ports.listen_endpoint(self._reactor, description, site,
-                                           f"the enrollment API ({self._enroll_listen})")
+                                           "the enrollment API", shown=self._enroll_listen)
         _log.info("enrollment API listening on {address}", address=self._port.getHost())
         _log.info("operator TLS certificate SHA-256 fingerprint: {fingerprint}",
                   fingerprint=self.fingerprint)
