@@ -6,14 +6,33 @@ the input and compares what it did with the row; a table that leaves out an inpu
 state fails too.
 """
 
+import os
+import subprocess
+import sys
+
 from twisted.trial.unittest import SynchronousTestCase
 
+import meshnode
 from meshnode.streams import gate
 from meshnode.streams.gate import Pairing, State
 
 TOKEN = bytes(range(gate.TOKEN_SIZE))
 KEY = b"k" * 32  # the key the peer is expected to prove
 OTHER_KEY = b"o" * 32
+
+
+class PurityTests(SynchronousTestCase):
+    """The machines are pure: no reactor, no I/O."""
+
+    def test_imports_nothing_of_twisted(self):
+        """Importing meshnode.streams.gate loads no Twisted module (twisted.internet least)."""
+        loaded = subprocess.run(
+            [sys.executable, "-c", "import sys, meshnode.streams.gate; "
+             "print(sorted(m for m in sys.modules if m.startswith('twisted')))"],
+            capture_output=True, text=True, check=True, timeout=60,
+            env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(meshnode.__file__))),
+        ).stdout
+        self.assertEqual(loaded.strip(), "[]")
 
 
 class _Recorder:
