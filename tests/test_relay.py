@@ -343,6 +343,17 @@ class PairingTests(RelayTestCase):
                           self.relay.status()["waiting"]),
                          (1, {self.user.rpc.domain: 1}, 1, 0))
 
+    def test_spliced_reads_skip_the_handshake(self):
+        """Once paired, a leg's reads go straight to the splice (Leg.forward), not through
+        its handshake, while before they went to the handshake."""
+        first, _ = self.leg()
+        second, _ = self.leg()
+        self.assertEqual(first.dataReceived, first.handshake.received)
+        first.dataReceived(self.tok)
+        second.dataReceived(self.tok)
+        self.assertEqual((first.dataReceived, second.dataReceived),
+                         (first.forward, second.forward))
+
     def test_token_works_once(self):
         """A third leg with the token of a paired pair is aborted, bad_token."""
         for _ in range(2):
@@ -380,6 +391,21 @@ class PairingTests(RelayTestCase):
         leg.dataReceived(self.tok + b"\x16")
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.relay.status()["waiting"], 1)
+
+    def test_bytes_while_waiting_aborted(self):
+        """A waiting leg that sends anything before its GATE_OPEN breaks the gate: aborted,
+        and nothing of it reaches the leg it would have been paired with."""
+        first, first_transport = self.leg()
+        first.dataReceived(self.tok)
+        first.dataReceived(b"\x16")
+        self.assertTrue(first_transport.disconnecting)
+        first.connectionLost(None)
+        second, second_transport = self.leg()
+        third, third_transport = self.leg()
+        second.dataReceived(self.tok)
+        third.dataReceived(self.tok)
+        self.assertEqual(third_transport.value(), tunnel_tls.GATE_OPEN)
+        self.assertEqual(self.relay.open, 1)
 
     def test_waiting_leg_gives_up(self):
         """A waiting leg that closes frees its place: the token still pairs two others."""

@@ -569,6 +569,12 @@ class ConnectDeviceTests(TunnelTestCase):
         leg.dataReceived(FRAME_HEADER.pack(10) + b"print this")  # framed inside TLS
         self.assertEqual(device_transport.value(), b"print this")
 
+    def test_stream_skips_the_handshake(self):
+        """Once the gate opened, the leg's reads (TLS plaintext) go straight to
+        FramedLeg.deframe, not through its handshake."""
+        leg, transport = self.opened_leg()
+        self.assertEqual(leg.dataReceived, leg.deframe)
+
     def test_close_uncounts(self):
         """When the requester's side closes, the tunnel no longer counts."""
         leg, transport = self.opened_leg()

@@ -1,5 +1,5 @@
 """Tests for meshnode.tunnel_tls: certificates bound to node keys, and real TLS handshakes over
-loopback between two TunnelContexts, checked by HandshakeWatch against the expected key.
+loopback between two TunnelContexts, the peer's key checked by gate.peer_verified.
 
 The handshakes use the global reactor on 127.0.0.1; every wait is bounded by the test's
 timeout and every connection and port is closed before the test ends.
@@ -13,9 +13,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
-from meshnode.streams import tunnel_tls
+from meshnode.streams import gate, tunnel_tls
 from meshnode.core.identity import Identity
 
 NOW = datetime.datetime(2027, 1, 15, 8, 0, tzinfo=datetime.timezone.utc)
@@ -94,10 +96,12 @@ class PeerKeyTests(SynchronousTestCase):
             _CertificateTransport(crypto.X509.from_cryptography(certificate))))
 
 
-class _Watched(tunnel_tls.HandshakeWatch, protocol.Protocol):
+@implementer(IHandshakeListener)
+class _Watched(protocol.Protocol):
     """One end of a tunnel stream: optionally a gate byte, then TLS checked against
-    `expected_key`. `outcome` fires with ("verified", TLS version) or ("refused", reason);
-    `lost` fires when the connection is gone."""
+    `expected_key` as the gate machines check it (a refused peer is aborted). `outcome` fires
+    with ("verified", TLS version) or ("refused", reason); `lost` fires when the connection is
+    gone."""
 
     def __init__(self, context, expected_key, normal=True, gate=None):
         self.context = context
@@ -125,6 +129,13 @@ class _Watched(tunnel_tls.HandshakeWatch, protocol.Protocol):
         if self.expect is not None and len(self.received) >= self.expect[0]:
             self.expect[1].callback(self.received)
             self.expect = None
+
+    def handshakeCompleted(self):
+        if not gate.peer_verified(tunnel_tls.peer_key(self.transport), self.expected_key):
+            self.tls_refused(gate.PEER_KEY_MISMATCH)
+            self.transport.abortConnection()
+            return
+        self.tls_verified()
 
     def tls_verified(self):
         self.outcome.callback(("verified",

@@ -26,7 +26,9 @@ import os
 import attrs
 from twisted.application import service
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from meshnode import records
 from meshnode.core import periodic, ports
@@ -36,7 +38,7 @@ from meshnode.nat.rules import spray_ports
 from meshnode.rpc.messages import (DEVICES_SEEN_LIMIT, Command, DevicesSeen,
                                    ForwardedTunnelOpened, Stored, TunnelOpened, TunnelResult)
 from meshnode.rpc.service import RPCError, same_domain
-from meshnode.streams import tunnel_tls
+from meshnode.streams import gate, tunnel_tls
 from meshnode.streams.splice import FramedLeg, Leg
 from meshnode.wire import Endpoint
 
@@ -401,12 +403,16 @@ class TunnelService(service.MultiService):
         token = os.urandom(tunnel_tls.TOKEN_SIZE)
         self._expire_grants()
         peer = message.endpoint
+
+        def punched_gate():  # TLS as the server, though this side connected too
+            return _Gate(self, tls_normal=False)
+
         if message.birthday:  # behind a symmetric NAT: probe many ports of its address
             puncher = punch.Sprayer(self._clock, self.port, peer.host, spray_ports(),
-                                    lambda: _PunchGate(self), interface=self._listen_address)
+                                    punched_gate, interface=self._listen_address)
         else:
             puncher = punch.Puncher(self._clock, self.port, (peer.host, peer.port),
-                                    lambda: _PunchGate(self), interface=self._listen_address)
+                                    punched_gate, interface=self._listen_address)
         self._grants[token] = _Grant(requester, address, port,
                                      self._clock.seconds() + TOKEN_SECONDS, "punched", puncher)
         # Its failure is no error: the requester's connection may reach the tunnel port
@@ -426,8 +432,7 @@ class TunnelService(service.MultiService):
 
     # -- streams -------------------------------------------------------------------------------
 
-    def start_tls(self, leg, grant, normal=True, received=b""):
-        leg.expected_key = grant.requester.signing_key
+    def start_tls(self, leg, normal=True, received=b""):
         tunnel_tls.start_tls(leg, self._tls.context(), normal, received)
 
     def connect_device(self, leg, grant, path):
@@ -467,13 +472,60 @@ class TunnelService(service.MultiService):
                 "opened": dict(self.opened), "refused": dict(self.refusals)}
 
 
-class _TLSLeg(FramedLeg, tunnel_tls.HandshakeWatch):
-    """The requester's side of a tunnel at the tunnel-node: TLS, then the device."""
+@implementer(IHandshakeListener)
+class _Gate(FramedLeg):
+    """A connection to the tunnel port, or punched from it: the requester's one-time token,
+    GATE_OPEN, TLS as the server (on a punched connection too, though this side connected:
+    `tls_normal` False), then the device. It feeds a gate.ListeningGate and performs its
+    actions (gate.IGateActions)."""
 
+    dataReceived = FramedLeg.deframe  # once the gate is through; until then the handshake's
     grant = None
 
-    def dataReceived(self, data):
-        self.deframe(data)
+    def __init__(self, service, tls_normal=True):
+        self.service = service
+        self.tls_normal = tls_normal
+        self.handshake = gate.ListeningGate(self)
+        self.dataReceived = self.handshake.received
+
+    @property
+    def expected_key(self):
+        return self.handshake.expected_key
+
+    def connectionMade(self):
+        self.setTimeout(TOKEN_SECONDS)
+
+    def handshakeCompleted(self):
+        self.handshake.tls_done(tunnel_tls.peer_key(self.transport))
+
+    def timeoutConnection(self):
+        self.handshake.timed_out()
+
+    def left(self):
+        self.handshake.lost()
+        self.service.closed(self)
+
+    # -- what the handshake does ---------------------------------------------------------------
+
+    def gate_write(self, data):
+        self.transport.write(data)
+
+    def gate_token(self, token):
+        self.grant = self.service.redeem(token)
+        if self.grant is None:
+            self.handshake.refuse_token(gate.BAD_TOKEN)
+        else:
+            self.handshake.go_ahead(self.grant.requester.signing_key)
+
+    def gate_opened(self, received):
+        del self.dataReceived  # straight to the stream from now on
+        self.service.start_tls(self, self.tls_normal, received)
+
+    def gate_abort(self, reason):
+        # Bad tokens are counted by redeem, wrong keys by tls_refused.
+        if reason == gate.GATE_TIMEOUT:
+            self.service.refusals[reason] += 1
+        self.transport.abortConnection()
 
     def tls_verified(self):
         self.service.connect_device(self, self.grant, self.grant.path)
@@ -481,60 +533,59 @@ class _TLSLeg(FramedLeg, tunnel_tls.HandshakeWatch):
     def tls_refused(self, reason):
         self.service._refuse(self.grant.requester, "wrong_peer_key")
 
-    def left(self):
-        self.service.closed(self)
 
-
-class _Gate(tunnel_tls.GateListener, _TLSLeg):
-    """A connection to the tunnel port: a one-time token, then TLS (as the server)."""
-
-    tls_normal = True  # an accepted connection's normal TLS side is the server
-
-    def __init__(self, service):
-        self.service = service
-
-    def connectionMade(self):
-        self.setTimeout(TOKEN_SECONDS)
-
-    def dataReceived(self, data):
-        if self.grant is not None:
-            return self.deframe(data)
-        token = self.read_token(data)
-        if token is None:
-            return None
-        grant = self.service.redeem(token)
-        if grant is None:
-            return self.transport.abortConnection()
-        self.grant = grant
-        self.transport.write(tunnel_tls.GATE_OPEN)
-        self.service.start_tls(self, grant, self.tls_normal)
-
-    def timeoutConnection(self):
-        if self.grant is None:
-            self.service.refusals["gate_timeout"] += 1
-        super().timeoutConnection()
-
-
-class _PunchGate(_Gate):
-    """A punched connection from the tunnel port: the requester's token, then TLS as the
-    server although this side connected too."""
-
-    tls_normal = False
-
-
-class _RelayLeg(tunnel_tls.GateDialer, _TLSLeg):
+@implementer(IHandshakeListener)
+class _RelayLeg(FramedLeg):
     """The tunnel-node's connection to a relay: the token, the relay's go-ahead, then TLS
-    as the server (the tunnel-node dialled, but the requester is the TLS client)."""
+    as the server (the tunnel-node dialled, but the requester is the TLS client), then the
+    device. It feeds a gate.DialingGate and performs its actions (gate.IGateActions)."""
 
-    gate_seconds = TOKEN_SECONDS
+    dataReceived = FramedLeg.deframe  # once the gate is through; until then the handshake's
 
     def __init__(self, service, grant, token):
         self.service = service
         self.grant = grant
-        self.gate_token = token
+        self.handshake = gate.DialingGate(token, grant.requester.signing_key, self)
+        self.dataReceived = self.handshake.received
+
+    @property
+    def expected_key(self):
+        return self.handshake.expected_key
+
+    def connectionMade(self):
+        self.setTimeout(TOKEN_SECONDS)
+        self.handshake.connected()
+
+    def handshakeCompleted(self):
+        self.handshake.tls_done(tunnel_tls.peer_key(self.transport))
+
+    def timeoutConnection(self):
+        self.handshake.timed_out()
+
+    def left(self):
+        self.handshake.lost()
+        self.service.closed(self)
+
+    # -- what the handshake does ---------------------------------------------------------------
+
+    def gate_write(self, data):
+        self.transport.write(data)
 
     def gate_opened(self, received):
-        self.service.start_tls(self, self.grant, normal=False, received=received)
+        del self.dataReceived  # straight to the stream from now on
+        self.service.start_tls(self, False, received)
+
+    def gate_abort(self, reason):
+        self.transport.abortConnection()
+
+    def tls_verified(self):
+        self.service.connect_device(self, self.grant, self.grant.path)
+
+    def tls_refused(self, reason):
+        self.service._refuse(self.grant.requester, "wrong_peer_key")
+
+    def handshake_lost(self):
+        pass  # nothing waits on it: the super-node was answered once the relay was reached
 
 
 class _DeviceLeg(Leg):

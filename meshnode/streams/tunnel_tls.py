@@ -6,9 +6,9 @@ proves — possession of a key — and after the handshake each side checks that
 the signing key of the operator-signed Node record it expected. A relaying super-node sees
 only ciphertext.
 
-A tunnel stream starts in the clear with a gate: the dialling side sends its 32-byte one-time
-token, the listening side (tunnel-node or relay) answers one byte, GATE_OPEN, once the token
-holds, and only then does TLS start — so no TLS byte is ever read by the gate.
+A tunnel stream starts in the clear with a gate (meshnode/streams/gate.py, which also checks the
+peer's key once TLS is done); this module holds what TLS needs: the context, starting it and
+the peer's key.
 """
 
 import datetime
@@ -17,11 +17,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLContextFactory
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from zope.interface import implementer
 
-TOKEN_SIZE = 32
-GATE_OPEN = b"\x00"
+# The gate's wire, as tunnel streams and their tests know it.
+from meshnode.streams.gate import GATE_OPEN, TOKEN_SIZE  # noqa: F401
 
 
 def certificate_for(identity, now):
@@ -49,7 +49,7 @@ class TunnelContext:
         context.use_privatekey(crypto.PKey.from_cryptography_key(identity.signing_key))
         context.check_privatekey()
         # Any certificate passes OpenSSL: which key it must carry is checked after the
-        # handshake against the peer's operator-signed Node record (peer_key_matches).
+        # handshake against the peer's operator-signed Node record (gate.peer_verified).
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
                            lambda connection, cert, errno, depth, ok: True)
         self._context = context
@@ -74,45 +74,6 @@ class NodeTLS:
         return self._context
 
 
-class GateListener:
-    """The listening side of a gate (tunnel port, relay port): gathers the dialler's token."""
-
-    _gathered = b""
-
-    def read_token(self, data):
-        """The token once it is whole, None until then; anything after it before our answer
-        breaks the protocol and aborts the connection."""
-        self._gathered += data
-        if len(self._gathered) < TOKEN_SIZE:
-            return None
-        if len(self._gathered) > TOKEN_SIZE:
-            self.transport.abortConnection()
-            return None
-        return self._gathered
-
-
-class GateDialer:
-    """The dialling side of a gate: sends `gate_token` once connected, and after the one-byte
-    go-ahead calls `gate_opened(rest)` (rest: TLS bytes that came with it); what comes after
-    that is TLS plaintext, deframed."""
-
-    gate_token = None
-    gate_seconds = 10.0
-    _through = False
-
-    def connectionMade(self):
-        self.setTimeout(self.gate_seconds)
-        self.transport.write(self.gate_token)
-
-    def dataReceived(self, data):
-        if self._through:
-            return self.deframe(data)
-        if data[:1] != GATE_OPEN:
-            return self.transport.abortConnection()
-        self._through = True
-        self.gate_opened(data[1:])
-
-
 def start_tls(protocol, context, normal=True, received=b""):
     """Start TLS on `protocol`'s transport; `received`: TLS bytes that came in the same read
     as the gate's last clear byte, handed to the new TLS layer."""
@@ -131,24 +92,3 @@ def peer_key(transport):
         return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     except ValueError:
         return None  # not an Ed25519 key
-
-
-@implementer(IHandshakeListener)
-class HandshakeWatch:
-    """Mixed into a protocol that runs TLS: calls `tls_verified()` once the peer proved the
-    key in `self.expected_key`, else aborts the connection and calls `tls_refused(reason)`."""
-
-    expected_key = None
-
-    def handshakeCompleted(self):
-        if peer_key(self.transport) != self.expected_key:
-            self.tls_refused("the peer's certificate is not its Node record's key")
-            self.transport.abortConnection()
-            return
-        self.tls_verified()
-
-    def tls_verified(self):
-        raise NotImplementedError
-
-    def tls_refused(self, reason):
-        raise NotImplementedError

@@ -28,7 +28,7 @@ from meshnode.rpc.messages import (Command, Forwarding, ForwardedTunnelOpened, I
                                    TunnelResult)
 from meshnode.rpc import carrier
 from meshnode.rpc.service import any_domain
-from meshnode.streams import tunnel_tls
+from meshnode.streams import gate, tunnel_tls
 from meshnode.streams.splice import Leg
 from meshnode.wire import Endpoint
 
@@ -37,15 +37,6 @@ _log = Logger()
 TOKEN_SECONDS = 10.0
 FILES_PER_TUNNEL = 2
 FILE_MARGIN = 64  # descriptors kept free for the node's own sockets, database and logs
-
-
-class _Token:
-    __slots__ = ("domain", "expires", "waiting")
-
-    def __init__(self, domain, expires):
-        self.domain = domain
-        self.expires = expires
-        self.waiting = None  # the first leg to arrive
 
 
 class RelayService(service.Service):
@@ -160,7 +151,8 @@ class RelayService(service.Service):
         token = os.urandom(tunnel_tls.TOKEN_SIZE)
         while not carrier.relay_token_allowed(token):
             token = os.urandom(tunnel_tls.TOKEN_SIZE)
-        self._tokens[token] = _Token(requester.domain, self._clock.seconds() + TOKEN_SECONDS)
+        self._tokens[token] = gate.RelayToken(requester.domain,
+                                              self._clock.seconds() + TOKEN_SECONDS, self)
         forwarding = Forwarding(incoming.peer.signed, Endpoint(*incoming.source[:2]),
                                 incoming.message_id, Endpoint(host, self.port), token)
         self._rpc.send(peer, target,
@@ -229,44 +221,53 @@ class RelayService(service.Service):
                                                 message.endpoint, message.token))
         return None
 
+    # -- pairing: tokens (gate.RelayToken) decide, the relay does what they say --------------
+
     def _expire(self):
         now = self._clock.seconds()
-        for token in [t for t, held in self._tokens.items() if held.expires <= now]:
-            held = self._tokens.pop(token)
-            if held.waiting is not None:
-                held.waiting.transport.abortConnection()
+        for token, held in list(self._tokens.items()):
+            held.expire(now)
+            if not held.usable:
+                del self._tokens[token]
 
     def arrive(self, leg, token):
-        """A leg sent its token: park it, or pair it with the one waiting."""
+        """A leg sent its token: its RelayToken parks it, pairs it with the one waiting or
+        refuses it."""
         self._expire()
         held = self._tokens.get(token)
         if held is None:
-            self.refusals["bad_token"] += 1
-            return leg.transport.abortConnection()
-        if held.waiting is None:
-            held.waiting = leg
-            leg.token = token
-            return None
-        del self._tokens[token]  # one use
-        first, held.waiting = held.waiting, None
-        for one in (first, leg):
-            one.domain = held.domain
-            one.transport.write(tunnel_tls.GATE_OPEN)
-        self.open += 1
-        self.open_per_domain[held.domain] += 1
-        self.relayed += 1
-        first.join(leg)
+            return self.bad_token(leg)
+        leg.pairing = held
+        held.arrive(leg, self._clock.seconds())
+        if not held.usable:
+            del self._tokens[token]  # one use
+        return None
 
     def left(self, leg):
-        held = self._tokens.get(leg.token) if leg.token is not None else None
-        if held is not None and held.waiting is leg:
-            held.waiting = None  # gave up waiting: the token still works until it expires
-        if leg.domain is not None and leg.other is not None and not leg.other._closed:
-            self.open -= 1
-            self.open_per_domain[leg.domain] -= 1
-            if not self.open_per_domain[leg.domain]:
-                del self.open_per_domain[leg.domain]
+        if leg.pairing is not None:
+            leg.pairing.leave(leg)
         self.bytes_relayed += leg.bytes_forwarded
+
+    def paired(self, first, second, domain):
+        for one in (first, second):
+            one.handshake.go_ahead()
+        self.open += 1
+        self.open_per_domain[domain] += 1
+        self.relayed += 1
+        first.join(second)
+
+    def bad_token(self, leg):
+        self.refusals["bad_token"] += 1
+        leg.handshake.refuse_token(gate.BAD_TOKEN)
+
+    def expired(self, leg):
+        leg.handshake.refuse_token(gate.TOKEN_EXPIRED)
+
+    def unpaired(self, domain):
+        self.open -= 1
+        self.open_per_domain[domain] -= 1
+        if not self.open_per_domain[domain]:
+            del self.open_per_domain[domain]
 
     def status(self):
         return {"port": self.port, "open": self.open, "relayed": self.relayed,
@@ -275,24 +276,39 @@ class RelayService(service.Service):
                 "refused": dict(self.refusals)}
 
 
-class _RelayGate(tunnel_tls.GateListener, Leg):
-    domain = None
-    token = None
-    _arrived = False
+class _RelayGate(Leg):
+    """A leg at the relay port (or the fallback port): its token, then — once the other leg
+    came with it — GATE_OPEN and the splice. It feeds a gate.ListeningGate without TLS and
+    performs its actions (gate.IGateActions); its token's RelayToken pairs it."""
+
+    dataReceived = Leg.forward  # once the gate is through; until then the handshake's
+    pairing = None  # the RelayToken of the token it came with, if the relay knew that token
 
     def __init__(self, relay):
         self.relay = relay
+        self.handshake = gate.ListeningGate(self, tls=False)
+        self.dataReceived = self.handshake.received
 
     def connectionMade(self):
         self.setTimeout(TOKEN_SECONDS)
 
-    def dataReceived(self, data):
-        if self._arrived:
-            return self.forward(data)
-        token = self.read_token(data)
-        if token is not None:
-            self._arrived = True
-            self.relay.arrive(self, token)
+    def timeoutConnection(self):
+        self.handshake.timed_out()
 
     def left(self):
+        self.handshake.lost()
         self.relay.left(self)
+
+    # -- what the handshake does ---------------------------------------------------------------
+
+    def gate_write(self, data):
+        self.transport.write(data)
+
+    def gate_token(self, token):
+        self.relay.arrive(self, token)
+
+    def gate_opened(self, received):
+        del self.dataReceived  # straight to the other leg from now on
+
+    def gate_abort(self, reason):
+        self.transport.abortConnection()
