@@ -44,6 +44,11 @@ def parse_address(text):
         raise ValueError(f"{text!r} is not an IP address") from None
 
 
+def unspecified(host):
+    """Whether `host` names no one address: empty (listen-address unset), 0.0.0.0 or ::."""
+    return host in ("", "0.0.0.0", "::")
+
+
 def parse_partition(text):
     """'A-B' in hex, 0000-ffff, A <= B → (A, B)."""
     low, dash, high = text.partition("-")
@@ -93,7 +98,7 @@ def parse_https_url(text):
 
 def parse_fingerprint(text):
     """A SHA-256 certificate fingerprint: 64 hex digits, colons allowed → lowercase hex."""
-    digits = text.replace(":", "").strip().lower()
+    digits = text.replace(":", "").strip().lower() if isinstance(text, str) else ""
     if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
         raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits)")
     return digits

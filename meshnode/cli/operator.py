@@ -8,10 +8,12 @@ import re
 
 from twisted.python import usage
 
+from meshnode import records
 from meshnode.core import identity, store
 from meshnode.cli.base import (Command, CommandError, parse_domain, parse_duration, parse_name,
                               print_result, table)
 from meshnode.roles.operator import registry, signing
+
 
 class OperatorInitOptions(Command):
     synopsis = "[--domain N] [--name NAME] [--json]"
@@ -271,10 +273,6 @@ class OperatorOptions(usage.Options):
                 c[0] for c in self.subCommands) + ")")
 
 
-def _now_ms(clock):
-    return int(clock.seconds() * 1000)
-
-
 _engines = []
 
 
@@ -326,7 +324,7 @@ def _domain(sub, global_options, clock):
     command = sub.subOptions
     me, engine = _open(global_options)
     if sub.subCommand == "create":
-        domain = registry.thd_create_domain(engine, command["name"], _now_ms(clock))
+        domain = registry.thd_create_domain(engine, command["name"], records.now_ms(clock))
         data = {"domain": domain, "name": command["name"]}
         print_result(command, data, f"domain {command['name']} is {domain:#010x}")
     else:
@@ -339,7 +337,7 @@ def _domain(sub, global_options, clock):
 def _token(sub, global_options, clock):
     command = sub.subOptions
     me, engine = _open(global_options)
-    now = _now_ms(clock)
+    now = records.now_ms(clock)
     data = registry.thd_create_token(engine, command["domain"], command["uses"],
                                      now + command["expires"] * 1000, now)
     print_result(command, data, data["token"])
@@ -352,7 +350,7 @@ def _node(sub, global_options, clock):
         rows = registry.thd_list_nodes(engine, command["domain"])
         print_result(command, rows, table(rows, ["name", "domain_name", "node_id", "revoked"]))
     else:
-        data = registry.thd_revoke_node(engine, me, command["node-id"], _now_ms(clock))
+        data = registry.thd_revoke_node(engine, me, command["node-id"], records.now_ms(clock))
         print_result(command, data, f"revoked {data['name']} ({data['node_id']})")
 
 
@@ -363,12 +361,12 @@ def _device(sub, global_options, clock):
         data = registry.thd_add_device(
             engine, me, command["domain"], command["name"], command["mac"], command["address"],
             command["certificate-sha256"], command["location"], command["ports"],
-            _now_ms(clock))
+            records.now_ms(clock))
         print_result(command, data, f"added {data['name']} ({data['device_id']})")
     elif sub.subCommand == "approve":
         data = registry.thd_approve_device(
             engine, me, command["domain"], command["mac"], command["name"], command["ports"],
-            _now_ms(clock), command["address"], command["certificate-sha256"])
+            records.now_ms(clock), command["address"], command["certificate-sha256"])
         print_result(command, data, f"added {data['name']} ({data['device_id']}) at "
                                     f"location {data['location_id'][:16]}…")
     elif sub.subCommand == "pending":
