@@ -65,24 +65,22 @@ def parse_partition(text):
     return bounds
 
 
-def parse_positive_float(text):
+def _parse_positive(text, convert, kind):
     try:
-        value = float(text)
+        value = convert(text)
     except ValueError:
-        raise ValueError(f"{text!r} is not a number") from None
-    if not value > 0:
+        raise ValueError(f"{text!r} is not {kind}") from None
+    if not value > 0:  # NaN too
         raise ValueError(f"{text!r} is not above zero")
     return value
+
+
+def parse_positive_float(text):
+    return _parse_positive(text, float, "a number")
 
 
 def parse_positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise ValueError(f"{text!r} is not above zero")
-    return value
+    return _parse_positive(text, int, "a whole number")
 
 
 def parse_https_url(text):

@@ -10,8 +10,8 @@ from twisted.python import usage
 
 from meshnode import records
 from meshnode.core import identity, store
-from meshnode.cli.base import (Command, CommandError, parse_domain, parse_duration, parse_name,
-                              print_result, table)
+from meshnode.cli.base import (Command, CommandError, CommandGroup, parse_domain,
+                               parse_duration, parse_name, print_result, table)
 from meshnode.roles.operator import registry, signing
 
 
@@ -67,16 +67,13 @@ class DomainCreateOptions(Command):
         self["name"] = parse_name(name)
 
 
-class DomainOptions(usage.Options):
+class DomainOptions(CommandGroup):
+    group = "domain"
     synopsis = "create NAME | list"
     subCommands = [
         ["create", None, DomainCreateOptions, "create a domain with a random 32-bit id"],
         ["list", None, Command, "list the domains"],
     ]
-
-    def postOptions(self):
-        if self.subCommand is None:
-            raise usage.UsageError("domain: name a command (create, list)")
 
 
 class TokenCreateOptions(Command):
@@ -99,13 +96,10 @@ class TokenCreateOptions(Command):
         self["expires"] = parse_duration(self["expires"])
 
 
-class TokenOptions(usage.Options):
+class TokenOptions(CommandGroup):
+    group = "token"
     synopsis = "create --domain NAME [--uses N] [--expires 7d]"
     subCommands = [["create", None, TokenCreateOptions, "make an enrollment token"]]
-
-    def postOptions(self):
-        if self.subCommand is None:
-            raise usage.UsageError("token: name a command (create)")
 
 
 class NodeListOptions(Command):
@@ -120,16 +114,13 @@ class NodeRevokeOptions(Command):
         self["node-id"] = node_id
 
 
-class NodeOptions(usage.Options):
+class NodeOptions(CommandGroup):
+    group = "node"
     synopsis = "list [--domain NAME] | revoke NODE-ID"
     subCommands = [
         ["list", None, NodeListOptions, "list enrolled nodes"],
         ["revoke", None, NodeRevokeOptions, "revoke a node (by id or 8+ hex digits of it)"],
     ]
-
-    def postOptions(self):
-        if self.subCommand is None:
-            raise usage.UsageError("node: name a command (list, revoke)")
 
 
 _MAC = re.compile(r"[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}")
@@ -238,7 +229,8 @@ class DeviceApproveOptions(DeviceAddOptions):
         super().postOptions()
 
 
-class DeviceOptions(usage.Options):
+class DeviceOptions(CommandGroup):
+    group = "device"
     synopsis = ("add … | list [--domain NAME] | remove --domain NAME NAME | pending | "
                 "approve …")
     subCommands = [
@@ -249,13 +241,9 @@ class DeviceOptions(usage.Options):
         ["approve", None, DeviceApproveOptions, "register a pending device"],
     ]
 
-    def postOptions(self):
-        if self.subCommand is None:
-            raise usage.UsageError("device: name a command (add, list, remove, pending, "
-                                   "approve)")
 
-
-class OperatorOptions(usage.Options):
+class OperatorOptions(CommandGroup):
+    group = "operator"
     synopsis = "init | sign-node | info | domain | token | node | device"
     subCommands = [
         ["init", None, OperatorInitOptions, "make this node an operator"],
@@ -266,11 +254,6 @@ class OperatorOptions(usage.Options):
         ["node", None, NodeOptions, "list and revoke nodes"],
         ["device", None, DeviceOptions, "add, list and remove end-devices"],
     ]
-
-    def postOptions(self):
-        if self.subCommand is None:
-            raise usage.UsageError("operator: name a command (" + ", ".join(
-                c[0] for c in self.subCommands) + ")")
 
 
 _engines = []
