@@ -44,6 +44,11 @@ def parse_address(text):
         raise ValueError(f"{text!r} is not an IP address") from None
 
 
+def unspecified(host):
+    """Whether `host` names no one address: empty (listen-address unset), 0.0.0.0 or ::."""
+    return host in ("", "0.0.0.0", "::")
+
+
 def parse_partition(text):
     """'A-B' in hex, 0000-ffff, A <= B → (A, B)."""
     low, dash, high = text.partition("-")
@@ -60,24 +65,22 @@ def parse_partition(text):
     return bounds
 
 
-def parse_positive_float(text):
+def _parse_positive(text, convert, kind):
     try:
-        value = float(text)
+        value = convert(text)
     except ValueError:
-        raise ValueError(f"{text!r} is not a number") from None
-    if not value > 0:
+        raise ValueError(f"{text!r} is not {kind}") from None
+    if not value > 0:  # NaN too
         raise ValueError(f"{text!r} is not above zero")
     return value
+
+
+def parse_positive_float(text):
+    return _parse_positive(text, float, "a number")
 
 
 def parse_positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise ValueError(f"{text!r} is not above zero")
-    return value
+    return _parse_positive(text, int, "a whole number")
 
 
 def parse_https_url(text):
@@ -93,7 +96,7 @@ def parse_https_url(text):
 
 def parse_fingerprint(text):
     """A SHA-256 certificate fingerprint: 64 hex digits, colons allowed → lowercase hex."""
-    digits = text.replace(":", "").strip().lower()
+    digits = text.replace(":", "").strip().lower() if isinstance(text, str) else ""
     if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
         raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits)")
     return digits

@@ -73,6 +73,11 @@ def partition_of(domain):
     return domain >> 16
 
 
+def now_ms(clock):
+    """`clock`'s time in the unit of records' times: whole milliseconds since the epoch."""
+    return int(clock.seconds() * 1000)
+
+
 def _check_size(size):
     def check(instance, attribute, value):
         if not isinstance(value, bytes) or len(value) != size:

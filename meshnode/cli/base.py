@@ -39,6 +39,17 @@ class Command(usage.Options):
         return {name for flag in flags for name in flag[:2] if name}
 
 
+class CommandGroup(usage.Options):
+    """Subcommands under one word (`meshnode operator domain create …`): one must be named."""
+
+    group = None  # the word, as the error names it
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError(f"{self.group}: name a command ("
+                                   + ", ".join(c[0] for c in self.subCommands) + ")")
+
+
 def print_result(options, data, text):
     print(json.dumps(data, indent=2) if options["json"] else text)
 

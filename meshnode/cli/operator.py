@@ -8,10 +8,12 @@ import re
 
 from twisted.python import usage
 
+from meshnode import records
 from meshnode.core import identity, store
-from meshnode.cli.base import (Command, CommandError, parse_domain, parse_duration, parse_name,
-                              print_result, table)
+from meshnode.cli.base import (Command, CommandError, CommandGroup, parse_domain,
+                               parse_duration, parse_name, print_result, table)
 from meshnode.roles.operator import registry, signing
+
 
 class OperatorInitOptions(Command):
     synopsis = "[--domain N] [--name NAME] [--json]"
@@ -65,16 +67,13 @@ class DomainCreateOptions(Command):
         self["name"] = parse_name(name)
 
 
-class DomainOptions(usage.Options):
+class DomainOptions(CommandGroup):
+    group = "domain"
     synopsis = "create NAME | list"
     subCommands = [
         ["create", None, DomainCreateOptions, "create a domain with a random 32-bit id"],
         ["list", None, Command, "list the domains"],
     ]
-
-    def postOptions(self):
-        if self.subCommand is None:
-            raise usage.UsageError("domain: name a command (create, list)")
 
 
 class TokenCreateOptions(Command):
@@ -97,13 +96,10 @@ class TokenCreateOptions(Command):
         self["expires"] = parse_duration(self["expires"])
 
 
-class TokenOptions(usage.Options):
+class TokenOptions(CommandGroup):
+    group = "token"
     synopsis = "create --domain NAME [--uses N] [--expires 7d]"
     subCommands = [["create", None, TokenCreateOptions, "make an enrollment token"]]
-
-    def postOptions(self):
-        if self.subCommand is None:
-            raise usage.UsageError("token: name a command (create)")
 
 
 class NodeListOptions(Command):
@@ -118,16 +114,13 @@ class NodeRevokeOptions(Command):
         self["node-id"] = node_id
 
 
-class NodeOptions(usage.Options):
+class NodeOptions(CommandGroup):
+    group = "node"
     synopsis = "list [--domain NAME] | revoke NODE-ID"
     subCommands = [
         ["list", None, NodeListOptions, "list enrolled nodes"],
         ["revoke", None, NodeRevokeOptions, "revoke a node (by id or 8+ hex digits of it)"],
     ]
-
-    def postOptions(self):
-        if self.subCommand is None:
-            raise usage.UsageError("node: name a command (list, revoke)")
 
 
 _MAC = re.compile(r"[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}")
@@ -236,7 +229,8 @@ class DeviceApproveOptions(DeviceAddOptions):
         super().postOptions()
 
 
-class DeviceOptions(usage.Options):
+class DeviceOptions(CommandGroup):
+    group = "device"
     synopsis = ("add … | list [--domain NAME] | remove --domain NAME NAME | pending | "
                 "approve …")
     subCommands = [
@@ -247,13 +241,9 @@ class DeviceOptions(usage.Options):
         ["approve", None, DeviceApproveOptions, "register a pending device"],
     ]
 
-    def postOptions(self):
-        if self.subCommand is None:
-            raise usage.UsageError("device: name a command (add, list, remove, pending, "
-                                   "approve)")
 
-
-class OperatorOptions(usage.Options):
+class OperatorOptions(CommandGroup):
+    group = "operator"
     synopsis = "init | sign-node | info | domain | token | node | device"
     subCommands = [
         ["init", None, OperatorInitOptions, "make this node an operator"],
@@ -264,15 +254,6 @@ class OperatorOptions(usage.Options):
         ["node", None, NodeOptions, "list and revoke nodes"],
         ["device", None, DeviceOptions, "add, list and remove end-devices"],
     ]
-
-    def postOptions(self):
-        if self.subCommand is None:
-            raise usage.UsageError("operator: name a command (" + ", ".join(
-                c[0] for c in self.subCommands) + ")")
-
-
-def _now_ms(clock):
-    return int(clock.seconds() * 1000)
 
 
 _engines = []
@@ -326,7 +307,7 @@ def _domain(sub, global_options, clock):
     command = sub.subOptions
     me, engine = _open(global_options)
     if sub.subCommand == "create":
-        domain = registry.thd_create_domain(engine, command["name"], _now_ms(clock))
+        domain = registry.thd_create_domain(engine, command["name"], records.now_ms(clock))
         data = {"domain": domain, "name": command["name"]}
         print_result(command, data, f"domain {command['name']} is {domain:#010x}")
     else:
@@ -339,7 +320,7 @@ def _domain(sub, global_options, clock):
 def _token(sub, global_options, clock):
     command = sub.subOptions
     me, engine = _open(global_options)
-    now = _now_ms(clock)
+    now = records.now_ms(clock)
     data = registry.thd_create_token(engine, command["domain"], command["uses"],
                                      now + command["expires"] * 1000, now)
     print_result(command, data, data["token"])
@@ -352,7 +333,7 @@ def _node(sub, global_options, clock):
         rows = registry.thd_list_nodes(engine, command["domain"])
         print_result(command, rows, table(rows, ["name", "domain_name", "node_id", "revoked"]))
     else:
-        data = registry.thd_revoke_node(engine, me, command["node-id"], _now_ms(clock))
+        data = registry.thd_revoke_node(engine, me, command["node-id"], records.now_ms(clock))
         print_result(command, data, f"revoked {data['name']} ({data['node_id']})")
 
 
@@ -363,12 +344,12 @@ def _device(sub, global_options, clock):
         data = registry.thd_add_device(
             engine, me, command["domain"], command["name"], command["mac"], command["address"],
             command["certificate-sha256"], command["location"], command["ports"],
-            _now_ms(clock))
+            records.now_ms(clock))
         print_result(command, data, f"added {data['name']} ({data['device_id']})")
     elif sub.subCommand == "approve":
         data = registry.thd_approve_device(
             engine, me, command["domain"], command["mac"], command["name"], command["ports"],
-            _now_ms(clock), command["address"], command["certificate-sha256"])
+            records.now_ms(clock), command["address"], command["certificate-sha256"])
         print_result(command, data, f"added {data['name']} ({data['device_id']}) at "
                                     f"location {data['location_id'][:16]}…")
     elif sub.subCommand == "pending":

@@ -32,6 +32,7 @@ from meshnode.core.schema import dht_records
 from meshnode.rpc.messages import (DIGESTS_PER_PAGE, Command, Encoded, NodeInfoRecord,
                                    PartitionDigests, PartitionRecords, Stored,
                                    TransferPartition, TunnelNodes)
+from meshnode.rpc.paging import read_pages
 from meshnode.rpc.service import RPCError, any_domain
 
 _log = Logger()
@@ -39,7 +40,7 @@ _log = Logger()
 DEFAULT_QUOTA = 10_000
 EXPIRY_SWEEP_SECONDS = 60.0
 ANTI_ENTROPY_SECONDS = 30.0
-TRANSFER_PAGE_LIMIT = 20_000  # pages one domain pull may take (a quota's worth and more)
+TRANSFER_PAGE_LIMIT = 20_000  # pages of one anti-entropy list (a quota's worth and more)
 
 
 class PutResult(enum.IntEnum):
@@ -402,12 +403,10 @@ class PartitionService(service.MultiService):
         """Pull from `replica` every domain of low..high whose digest differs from ours
         → the number of entries stored."""
         theirs = []
-        while True:
-            page = yield self._call(replica, TransferPartition(low, high, None, len(theirs)),
-                                    PartitionDigests)
-            theirs.extend(page.digests)
-            if not page.digests or len(theirs) >= page.total:
-                break
+        yield read_pages(
+            lambda offset: self._call(replica, TransferPartition(low, high, None, offset),
+                                      PartitionDigests),
+            "digests", theirs.extend, TRANSFER_PAGE_LIMIT)
         mine = {domain: (count, digest) for domain, count, digest
                 in self.records.digests(low, high)}
         stored = 0
@@ -422,25 +421,28 @@ class PartitionService(service.MultiService):
 
     @defer.inlineCallbacks
     def _pull(self, replica, low, high, domain):
-        stored = offset = 0
-        for _ in range(TRANSFER_PAGE_LIMIT):
-            page = yield self._call(replica, TransferPartition(low, high, domain, offset),
-                                    PartitionRecords)
-            now = self._rpc.now_ms()
-            for node_signed, info_signed in page.entries:
-                try:
-                    entry = self.check(node_signed, info_signed, now)
-                except records.RecordError:
-                    self._rpc.drops["bad_transfer_record"] += 1
-                    continue  # forged, stale or revoked: never kept
-                if entry.key[0] != domain:
-                    self._rpc.drops["bad_transfer_record"] += 1
-                    continue
-                if self._keep(entry, now)[0] == PutResult.STORED:
-                    stored += 1
-            offset += len(page.entries)
-            if not page.entries or offset >= page.total:
-                break
+        stored = []
+        yield read_pages(
+            lambda offset: self._call(replica, TransferPartition(low, high, domain, offset),
+                                      PartitionRecords),
+            "entries", lambda entries: stored.append(self._keep_pulled(domain, entries)),
+            TRANSFER_PAGE_LIMIT)
+        return sum(stored)
+
+    def _keep_pulled(self, domain, entries):
+        """Keep one pulled page's entries of `domain` that check out → how many were new."""
+        stored, now = 0, self._rpc.now_ms()
+        for node_signed, info_signed in entries:
+            try:
+                entry = self.check(node_signed, info_signed, now)
+            except records.RecordError:
+                self._rpc.drops["bad_transfer_record"] += 1
+                continue  # forged, stale or revoked: never kept
+            if entry.key[0] != domain:
+                self._rpc.drops["bad_transfer_record"] += 1
+                continue
+            if self._keep(entry, now)[0] == PutResult.STORED:
+                stored += 1
         return stored
 
     def _sweep(self):

@@ -24,6 +24,7 @@ from meshnode.core.schema import kept_lists
 from meshnode.rpc.messages import (EndDevices, ForwardedTunnelOpened, GetEndDevices, GetNode,
                                    GetNodeInfo, GetSuperNodes, GetTunnelNodes, NodeInfoRecord,
                                    NodeRecord, SuperNodes, TunnelNodes, TunnelResult)
+from meshnode.rpc.paging import read_pages
 from meshnode.rpc.service import RPCError
 from meshnode.wire import Writer
 
@@ -32,7 +33,6 @@ _log = Logger()
 FORWARD_TIMEOUT_SECONDS = 5.0  # a super-node passing a request on, and the answer back
 
 SUPER_NODE_REFRESH_SECONDS = 300.0
-SUPER_NODE_PAGE_LIMIT = 256  # pages of SuperNode records one refresh may read
 OPERATOR_RETRY_MS = 30_000  # after a failed bootstrap, the operator is not asked for this long
 
 
@@ -246,6 +246,17 @@ class DirectoryService(service.MultiService):
         return peer
 
     @defer.inlineCallbacks
+    def ping_replicas(self):
+        """Ping every DHT replica of our partition, skipping those that do not answer: keeps
+        our NAT's mappings towards them open."""
+        for replica in (yield self.replicas()):
+            try:
+                peer = yield self.peer_for(replica)
+                yield self._rpc.ping(peer, replica.address)
+            except RPCError:
+                continue
+
+    @defer.inlineCallbacks
     def call(self, replica, message, answer, timeout=None):
         """Send `message` to a replica → Deferred[its answer]."""
         peer = yield self.peer_for(replica)
@@ -304,12 +315,10 @@ class DirectoryService(service.MultiService):
     @defer.inlineCallbacks
     def _read_list(self, source):
         signed = []
-        for _ in range(SUPER_NODE_PAGE_LIMIT):
-            page = yield self.call(source, GetSuperNodes(len(signed)), SuperNodes)
-            signed.extend(page.signed)
-            if not page.signed or len(signed) >= page.total:
-                break
-        return signed, page.replicas
+        last = yield read_pages(
+            lambda offset: self.call(source, GetSuperNodes(offset), SuperNodes),
+            "signed", signed.extend)
+        return signed, last.replicas
 
     def _refresh(self):
         if not self._rpc.enrolled or self.operator_address is None:
@@ -481,11 +490,9 @@ class DirectoryService(service.MultiService):
     @defer.inlineCallbacks
     def _read_end_devices(self, source):
         signed = []
-        for _ in range(SUPER_NODE_PAGE_LIMIT):
-            page = yield self.call(source, GetEndDevices(len(signed)), EndDevices)
-            signed.extend(page.signed)
-            if not page.signed or len(signed) >= page.total:
-                break
+        yield read_pages(
+            lambda offset: self.call(source, GetEndDevices(offset), EndDevices),
+            "signed", signed.extend)
         return signed
 
     @defer.inlineCallbacks
@@ -496,12 +503,10 @@ class DirectoryService(service.MultiService):
         for replica in self._fan_out.order((yield self.replicas())):
             entries = []
             try:
-                for _ in range(SUPER_NODE_PAGE_LIMIT):
-                    page = yield self.call(replica, GetTunnelNodes(location, len(entries)),
-                                           TunnelNodes)
-                    entries.extend(page.entries)
-                    if not page.entries or len(entries) >= page.total:
-                        break
+                yield read_pages(
+                    lambda offset: self.call(replica, GetTunnelNodes(location, offset),
+                                             TunnelNodes),
+                    "entries", entries.extend)
             except RPCError:
                 continue
             for node_signed, info_signed in entries:

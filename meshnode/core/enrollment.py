@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import ipaddress
 import json
-import re
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -28,26 +27,18 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
+from meshnode.config import parse_fingerprint
+
 _log = Logger()
 
 RENEW_CONTEXT = b"meshnode/1 renew\x00"
 CONNECT_TIMEOUT = 10
 TIMEOUT = 30
 
-_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
-
 
 def renew_message(node_id, timestamp):
     """What a node signs to renew its Node record: context, node id, u64 big-endian time (ms)."""
     return RENEW_CONTEXT + node_id + timestamp.to_bytes(8, "big")
-
-
-def parse_fingerprint(text):
-    """A certificate's SHA-256 as 32 bytes from hex (any case, colons allowed); else ValueError."""
-    cleaned = text.replace(":", "").strip().lower() if isinstance(text, str) else ""
-    if not _FINGERPRINT.fullmatch(cleaned):
-        raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits)")
-    return bytes.fromhex(cleaned)
 
 
 class EnrollmentError(Exception):
@@ -123,7 +114,7 @@ class FingerprintPolicy:
     """An HTTPS policy for Agent that trusts the one certificate whose SHA-256 is `fingerprint`."""
 
     def __init__(self, fingerprint):
-        self._fingerprint = parse_fingerprint(fingerprint)
+        self._fingerprint = bytes.fromhex(parse_fingerprint(fingerprint))
 
     def creatorForNetloc(self, hostname, port):
         return _PinnedConnectionCreator(self._fingerprint, hostname.decode("ascii"))

@@ -200,12 +200,10 @@ class IdentityService(service.Service):
         self._timer = None
         self._busy = False
 
-    def now_ms(self):
-        return int(self.clock.seconds() * 1000)
-
     def startService(self):
         self.identity = load_or_create(self.state_dir, self.clock)
-        self.enrollment = load_enrollment(self.state_dir, self.identity, self.now_ms())
+        self.enrollment = load_enrollment(self.state_dir, self.identity,
+                                          records.now_ms(self.clock))
         self._announce()
         service.Service.startService(self)
         if self.enroller is not None:
@@ -220,7 +218,7 @@ class IdentityService(service.Service):
 
     def reload(self):
         """Read the enrollment file again (after someone else rewrote it)."""
-        self._use(load_enrollment(self.state_dir, self.identity, self.now_ms()))
+        self._use(load_enrollment(self.state_dir, self.identity, records.now_ms(self.clock)))
 
     def _announce(self):
         if self.enrollment.enrolled:
@@ -248,8 +246,10 @@ class IdentityService(service.Service):
                 return
             d = self.enroller.enroll(self.identity, self.token, self.node_name)
             action = "enrollment"
-        elif self.enrollment.node.record.expires - self.now_ms() < RENEW_MARGIN_MS:
-            d = self.enroller.renew(self.identity, self.identity.node_id, self.now_ms())
+        elif (self.enrollment.node.record.expires - records.now_ms(self.clock)
+              < RENEW_MARGIN_MS):
+            d = self.enroller.renew(self.identity, self.identity.node_id,
+                                    records.now_ms(self.clock))
             action = "renewal"
         else:
             self._schedule(RENEW_CHECK_SECONDS)
@@ -263,7 +263,7 @@ class IdentityService(service.Service):
         try:
             enrollment = Enrollment.from_bundle(self.identity,
                                                 records.decode_bundle(answer["enrollment"]),
-                                                self.now_ms())
+                                                records.now_ms(self.clock))
         except (ValueError, records.RecordError) as e:
             _log.error("the operator's {action} answer is unusable: {reason}", action=action,
                        reason=e)

@@ -16,6 +16,7 @@ from twisted.internet.error import DNSLookupError
 from twisted.logger import Logger
 
 from meshnode import records
+from meshnode.config import unspecified
 from meshnode.core import periodic
 from meshnode.core.dht import PutResult
 from meshnode.nat import stun
@@ -90,7 +91,7 @@ class ReachabilityService(service.MultiService):
     def addresses(self):
         """Where to reach our RPC port: its UPnP mapping first, then our own address."""
         address = self._listen_address
-        if address in ("", "0.0.0.0", "::") and self._directory.operator_address is not None:
+        if unspecified(address) and self._directory.operator_address is not None:
             address = outbound_address(self._directory.operator_address)
         mapped = None
         if self._port_mapper is not None:

@@ -322,16 +322,9 @@ class PunchService(service.Service):
     def _keep_alive(self):
         """Ping our super-nodes, so their introduction can reach us through our NAT."""
         try:
-            replicas = yield self._directory.replicas()
+            yield self._directory.ping_replicas()
         except RPCError as e:
             _log.info("no super-node to keep a mapping to: {reason}", reason=e)
-            return
-        for replica in replicas:
-            try:
-                peer = yield self._directory.peer_for(replica)
-                yield self._rpc.ping(peer, replica.address)
-            except RPCError:
-                continue
 
     def _introduction(self, incoming):
         """A super-node passes a peer's PunchRequest on: answer with our punch socket's

@@ -7,9 +7,11 @@ timeout; a gateway that refuses or is absent leaves the node working without map
 import random
 
 import miniupnpc
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+
+from meshnode.core import periodic
 
 _log = Logger()
 
@@ -96,9 +98,8 @@ class PortMapper(service.MultiService):
         self.observers = []  # called with no arguments when mapped() answers change
         self.renew_seconds = min(self.lease_seconds / 2 or CHECK_SECONDS, CHECK_SECONDS)
         if gateway != "off":
-            timer = internet.TimerService(self.renew_seconds, self._tick)
-            timer.clock = clock
-            timer.setServiceParent(self)
+            periodic.every(self.renew_seconds, self._tick, clock,
+                           "UPnP port mapping").setServiceParent(self)
 
     # -- what the node sees --------------------------------------------------------------------
 

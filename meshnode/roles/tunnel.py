@@ -31,13 +31,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from meshnode import records
+from meshnode.config import unspecified
 from meshnode.core import periodic, ports
 from meshnode.core.reachability import outbound_address
 from meshnode.nat import location, punch
 from meshnode.nat.rules import spray_ports
 from meshnode.rpc.messages import (DEVICES_SEEN_LIMIT, Command, DevicesSeen,
                                    ForwardedTunnelOpened, Stored, TunnelOpened, TunnelResult)
-from meshnode.rpc.service import RPCError, same_domain
+from meshnode.rpc.service import same_domain
 from meshnode.streams import gate, tunnel_tls
 from meshnode.streams.splice import FramedLeg, Leg
 from meshnode.wire import Endpoint
@@ -199,17 +200,11 @@ class TunnelService(service.MultiService):
             return
         self.devices = yield self._directory.end_devices()
 
-    @defer.inlineCallbacks
     def _keep_alive(self):
         """Ping the replicas, whose NodeInfo of us names our endpoint: keeps NAT mappings."""
         if not self._rpc.enrolled or self._directory.operator_address is None:
-            return
-        for replica in (yield self._directory.replicas()):
-            try:
-                peer = yield self._directory.peer_for(replica)
-                yield self._rpc.ping(peer, replica.address)
-            except RPCError:
-                continue
+            return None
+        return self._directory.ping_replicas()
 
     def unregistered_devices(self):
         """{location id: [(MAC, IPv4 address)]} of the neighbours on each location's interface
@@ -309,7 +304,7 @@ class TunnelService(service.MultiService):
             if mapped is not None:
                 return Endpoint(*mapped)
         host = self._listen_address
-        if host in ("", "0.0.0.0", "::"):
+        if unspecified(host):
             host = outbound_address((requester_host, 1))  # the address the requester reached
         return Endpoint(host, self.port) if host is not None else None
 

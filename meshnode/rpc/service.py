@@ -216,7 +216,7 @@ class RPCService(service.Service):
         return self.own_node is not None
 
     def now_ms(self):
-        return int(self._clock.seconds() * 1000)
+        return records.now_ms(self._clock)
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -238,7 +238,7 @@ class RPCService(service.Service):
                     and command in _ANONYMOUS_COMMANDS):
                 drops["receiver"] += 1
                 return
-        now = int(self._clock.seconds() * 1000)
+        now = records.now_ms(self._clock)
         if not -TIMESTAMP_WINDOW_MS <= timestamp - now <= TIMESTAMP_WINDOW_MS:
             drops["timestamp"] += 1
             return
@@ -408,7 +408,7 @@ class RPCService(service.Service):
     def _seal(self, peer, command, flags, payload):
         node = peer.node
         head = frame.header(flags, command, node.domain, node.node_id, self.domain, self.node_id,
-                            int(self._clock.seconds() * 1000), self._ids.next())
+                            records.now_ms(self._clock), self._ids.next())
         datagram = frame.seal(peer.seal_key, head, payload)
         if len(datagram) > frame.MAX_DATAGRAM:
             raise ValueError(f"a {len(datagram)}-byte datagram is over {frame.MAX_DATAGRAM}")

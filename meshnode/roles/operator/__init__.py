@@ -135,7 +135,7 @@ class OperatorService(service.MultiService):
     def _follow_revocations(self):
         """Revocations made with the admin command line reach the running operator."""
         blobs = yield self._store.run(registry.thd_revocations)
-        now = int(self._reactor.seconds() * 1000)
+        now = records.now_ms(self._reactor)
         for blob in blobs:
             try:
                 self._rpc.trust.add_revocation(records.decode_signed(blob), now)

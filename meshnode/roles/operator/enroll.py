@@ -200,8 +200,8 @@ class EnrollmentAPI(Routes):
 
     def issue(self, issue, *arguments):
         """Run a registry function that issues a Node record → Deferred[JSON answer]."""
-        now_ms = int(self._clock.seconds() * 1000)
-        d = self._store.run(_thd_issue, issue, self._operator, *arguments, now_ms)
+        d = self._store.run(_thd_issue, issue, self._operator, *arguments,
+                            records.now_ms(self._clock))
         d.addCallback(lambda issued: _answer(self._signed_operator, issued))
         return d
 

@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from meshnode import records
+from meshnode.config import unspecified
 from meshnode.core import periodic
 from meshnode.core.schema import super_node_offers, super_nodes
 from meshnode.roles.operator import assignment
@@ -148,7 +149,7 @@ def thd_expire(engine, operator, cutoff, now, k):
 # -- the service ---------------------------------------------------------------------------
 
 def _unspecified(endpoint):
-    return endpoint.host in ("0.0.0.0", "::") or endpoint.port == 0
+    return unspecified(endpoint.host) or endpoint.port == 0
 
 
 class PlacementService(service.MultiService):

@@ -15,11 +15,13 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from meshnode import records
+from meshnode.config import unspecified
 from meshnode.core import periodic
 from meshnode.core.dht import DEFAULT_QUOTA, PartitionService, format_ranges, served
 from meshnode.roles.super.relay import RelayService
 from meshnode.rpc.messages import (Command, EndDevices, GetEndDevices, SubmitState,
                                    SubmitSuperNode, SuperNodes, SuperNodeStatus, WhoAmI, YouAre)
+from meshnode.rpc.paging import read_pages
 from meshnode.rpc.service import RPCError, any_domain
 from meshnode.wire import Endpoint
 
@@ -29,7 +31,6 @@ SUBMIT_SECONDS = 60.0
 LIST_REFRESH_SECONDS = 10.0
 END_DEVICE_REFRESH_SECONDS = 60.0
 MISS_REFRESH_SECONDS = 5.0
-PAGE_LIMIT = 256
 CHECK_POLL_SECONDS = 0.5
 CHECK_POLLS = 20
 
@@ -103,7 +104,7 @@ class SuperService(service.MultiService):
     def advertised_endpoint(self, operator):
         """Where others reach this node: listen-address if it names one, else the endpoint
         the operator saw our datagram come from."""
-        if self._listen_address not in ("", "0.0.0.0", "::"):
+        if not unspecified(self._listen_address):
             return Endpoint(self._listen_address, self._rpc.port)
         seen = yield self._directory.call(operator, WhoAmI(), YouAre)
         return Endpoint(seen.endpoint.host, self._rpc.port)
@@ -168,12 +169,10 @@ class SuperService(service.MultiService):
                 continue  # entries kept from a range given up, until they expire
             blobs = []
             try:
-                for _ in range(PAGE_LIMIT):
-                    page = yield self._directory.call(
-                        operator, GetEndDevices(len(blobs), domain), EndDevices)
-                    blobs.extend(signed.encode() for signed in page.signed)
-                    if not page.signed or len(blobs) >= page.total:
-                        break
+                yield read_pages(
+                    lambda offset: self._directory.call(
+                        operator, GetEndDevices(offset, domain), EndDevices),
+                    "signed", lambda signed: blobs.extend(one.encode() for one in signed))
             except RPCError:
                 if domain in self.end_devices:
                     kept[domain] = self.end_devices[domain]  # keep what we had

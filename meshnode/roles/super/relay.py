@@ -22,6 +22,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from meshnode import records
+from meshnode.config import unspecified
 from meshnode.core import ports
 from meshnode.rpc.messages import (Command, Forwarding, ForwardedTunnelOpened, Introduce,
                                    Introduction, PunchIntroduction, RelayedTunnelRequest,
@@ -146,7 +147,7 @@ class RelayService(service.Service):
         if target is None:
             return self._refuse(incoming, "tunnel_node_unreachable")
         host = (self._advertised() if self._advertised else None) or self._listen_address
-        if host in ("", "0.0.0.0", "::"):
+        if unspecified(host):
             return self._refuse(incoming, "relay_address_unknown")
         token = os.urandom(tunnel_tls.TOKEN_SIZE)
         while not carrier.relay_token_allowed(token):
