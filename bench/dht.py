@@ -323,25 +323,25 @@ class Network:
 
     def start(self, state_dir, *flags):
         """`twistd -n meshnode` on a free port → (process, port), once its control socket
-        answers."""
-        port = free_port()
+        answers. The node picks the port (--rpc-port 0) and its status tells it, so no other
+        process can take it between a pick here and the node's bind."""
         name = os.path.basename(state_dir)
         process = subprocess.Popen(
             [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=",
              "--logfile", self.path(f"{name}.log"), "meshnode", "--state-dir", state_dir,
-             "--config", self.config, "--listen-address", "127.0.0.1", "--rpc-port", str(port),
+             "--config", self.config, "--listen-address", "127.0.0.1", "--rpc-port", "0",
              *flags],
             env=dict(os.environ, PYTHONPATH=rpc_bench.ROOT), stdin=subprocess.DEVNULL)
         self.processes.append(process)
         deadline = time.monotonic() + START_TIMEOUT
-        while self.status(state_dir) is None:
+        while (status := self.status(state_dir)) is None:
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited: {self.log_tail(name)}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} did not start in {START_TIMEOUT} s: "
                                    f"{self.log_tail(name)}")
             time.sleep(0.1)
-        return process, port
+        return process, status["rpc_port"]
 
     def status(self, state_dir):
         from meshnode.cli import main as cli

@@ -588,23 +588,23 @@ class Bench:
 
     def start_node(self, name, *flags):
         """`twistd -n meshnode` (through run_twistd) on a free port → its RPC port, once its
-        control socket answers."""
-        port = dht_bench.free_port()
+        control socket answers (the node picks the port, --rpc-port 0, and its status tells
+        it)."""
         os.makedirs(self.path(name), mode=0o700, exist_ok=True)
         process = self.spawn(name, [
             sys.executable, THIS, "twistd", "-n", "--pidfile=",
             "--logfile", self.path(f"{name}.log"), "meshnode", "--state-dir", self.path(name),
-            "--config", self.config, "--listen-address", "127.0.0.1", "--rpc-port", str(port),
+            "--config", self.config, "--listen-address", "127.0.0.1", "--rpc-port", "0",
             *flags])
         deadline = time.monotonic() + START_TIMEOUT
-        while self.status(name) is None:
+        while (status := self.status(name)) is None:
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited: {self.log_tail(name)}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} did not start in {START_TIMEOUT} s: "
                                    f"{self.log_tail(name)}")
             time.sleep(0.1)
-        return port
+        return status["rpc_port"]
 
     def wait(self, what, check, seconds=READY_TIMEOUT, log=None):
         deadline = time.monotonic() + seconds

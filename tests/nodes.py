@@ -11,7 +11,6 @@ from twisted.internet import defer, protocol, reactor, task, threads
 from meshnode.cli import main as cli
 
 from meshnode.core import identity
-from meshnode.cli.demo import free_port as free_udp_port  # UDP and TCP both free
 from meshnode.roles.operator import signing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +92,20 @@ class Node:
                 raise AssertionError(f"not enrolled within {timeout} s: {self.log()[-2000:]}")
             yield task.deferLater(reactor, 0.1, lambda: None)
 
+    @defer.inlineCallbacks
+    def enroll_port(self, timeout=10):
+        """An operator's enrollment API port once it listens (on a free port: ssl:0);
+        fails after `timeout` seconds with its log."""
+        deadline = reactor.seconds() + timeout
+        while True:
+            port = (yield self.status())["operator"]["enroll_port"]
+            if port is not None:
+                return port
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"no enrollment API within {timeout} s: "
+                                     f"{self.log()[-2000:]}")
+            yield task.deferLater(reactor, 0.1, lambda: None)
+
     def log(self):
         with open(os.path.join(self.state_dir, "twistd.log"), errors="replace") as f:
             return f.read()
@@ -136,14 +149,16 @@ class Network:
               role=None):
         """Start `twistd -n meshnode` on a free port (or `port`) of `host` — in the NAT lab
         `lab`'s namespace `role` when given; fires when its control socket answers, or fails
-        after `timeout` seconds with the node's log."""
-        port = port or free_udp_port()
+        after `timeout` seconds with the node's log.
+
+        The node itself picks the free port (--rpc-port 0), read back from its status: a
+        port picked here and bound later by the child could be taken in between."""
         os.makedirs(state_dir, mode=0o700, exist_ok=True)  # for the log file
         flags = _free_role_ports(flags)
         args = [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=",
                 "--logfile", os.path.join(state_dir, "twistd.log"), "meshnode",
                 "--state-dir", state_dir, "--listen-address", host,
-                "--rpc-port", str(port), *flags]
+                "--rpc-port", str(port or 0), *flags]
         exit_watch = _Exit()
         if lab is None:
             transport = reactor.spawnProcess(exit_watch, args[0], args, env=environment(),

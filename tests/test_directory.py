@@ -578,6 +578,20 @@ class LookupTests(_DirectoryTestCase):
         self.failureResultOf(d, DirectoryError)
         self.assertIsNone(self.alice.rpc.peers.get(self.dave.node_id))
 
+    def test_known_peer_revoked_since_is_not_found(self):
+        """dave, learned by a first lookup and revoked since, is not found again from the
+        very Node record alice already verified: the lookup fails with DirectoryError."""
+        self.hold(self.entry(self.dave, 0))
+        directory = self.directory()
+        info, _ = self.lookup(self.dave.node_id, directory)
+        self.assertEqual(info.node_id, self.dave.node_id)
+        self.assertEqual(self.alice.rpc.peers.get(self.dave.node_id).signed,
+                         self.dave.rpc.own_node)  # the replica's answer is the known record
+        revoke(self.mesh, self.alice, self.dave)
+        d = directory.lookup_node_info(self.dave.node_id)
+        self.mesh.network.flush()
+        self.failureResultOf(d, DirectoryError)
+
     def test_kept_holder_answers_while_the_operator_is_away(self):
         """A restarted node whose kept list has fewer than K holders of its partition finds
         a NodeInfo a holder has, though the operator does not answer."""

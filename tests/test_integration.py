@@ -14,6 +14,9 @@ from meshnode.rpc.service import RPCService
 from tests.nodes import Network, meshnode_command, run_command
 
 DOMAIN = 0x00020001
+# Bounds of the flood test's waits for the target to count what it was sent.
+REPLAY_WAIT_SECONDS, REPLAY_WAIT_POLLS = 10, 200
+BATCH_WAIT_SECONDS, BATCH_WAIT_POLLS = 10, 1000
 
 
 class TwoNodesTests(TestCase):
@@ -176,10 +179,16 @@ class RobustnessTests(TestCase):
         valid = [rpc._seal(peer, Command.PING, 0, Ping(b"x" * i).encode())[1] for i in range(50)]
         replayed = valid[0]
         _send_all([replayed], address)
-        before = yield target.status()
-        while before["accepted"].get("PING", 0) < 2:
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        deadline = reactor.seconds() + REPLAY_WAIT_SECONDS
+        for _ in range(REPLAY_WAIT_POLLS):
             before = yield target.status()
+            if before["accepted"].get("PING", 0) >= 2 or reactor.seconds() > deadline:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertGreaterEqual(
+            before["accepted"].get("PING", 0), 2,
+            f"the target had not counted the two Pings within {REPLAY_WAIT_SECONDS} s or "
+            f"{REPLAY_WAIT_POLLS} polls: {before['accepted']}")
 
         total, batch = 100_000, 100
         sent = 0
@@ -191,14 +200,24 @@ class RobustnessTests(TestCase):
             sent += len(datagrams)
             # Pace the flood to what the node drops, so the kernel's socket buffer (about
             # 200 KiB here) never overflows and every datagram reaches the node.
+            # Five polls in a row without a new drop: the rest of the batch was lost.
             last, stalls = -1, 0
-            while stalls < 5:
+            deadline = reactor.seconds() + BATCH_WAIT_SECONDS
+            for _ in range(BATCH_WAIT_POLLS):
                 status = yield target.status()
                 dropped = sum(status["drops"].values()) - dropped_before
                 if dropped >= sent:
                     break
                 stalls = stalls + 1 if dropped == last else 0
                 last = dropped
+                if stalls >= 5:
+                    break
+                if reactor.seconds() > deadline:
+                    self.fail(f"the target took more than {BATCH_WAIT_SECONDS} s to drop the "
+                              f"batch at {start}: {dropped} of {sent} dropped so far")
+            else:
+                self.fail(f"the target was still dropping the batch at {start} after "
+                          f"{BATCH_WAIT_POLLS} polls: {dropped} of {sent} dropped so far")
         after = yield target.status()
         self.assertTrue(target.running)
         self.assertEqual(after["accepted"], before["accepted"], "a bad datagram was accepted")

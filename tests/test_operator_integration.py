@@ -9,7 +9,7 @@ from twisted.trial.unittest import TestCase
 
 from meshnode.cli import main as cli
 from tests import postgres
-from tests.nodes import Network, free_udp_port, meshnode_command, run_command
+from tests.nodes import Network, meshnode_command, run_command
 
 
 class OperatorNetworkTests(TestCase):
@@ -32,9 +32,9 @@ class OperatorNetworkTests(TestCase):
         token = (yield self.admin(network, "token", "create", "--domain", "acme", "--uses",
                                   "2"))["token"]
         fingerprint = (yield self.admin(network, "info"))["tls_fingerprint"]
-        enroll_port = free_udp_port()
         operator = yield network.start(network.operator_dir, "--operator", "--enroll-listen",
-                                       f"ssl:{enroll_port}:interface=127.0.0.1")
+                                       "ssl:0:interface=127.0.0.1")
+        enroll_port = yield operator.enroll_port()
         joining = ("--operator-url", f"https://127.0.0.1:{enroll_port}",
                    "--operator-fingerprint", fingerprint, "--enroll-token", token,
                    "--operator-rpc", operator.address)
@@ -72,7 +72,6 @@ class OperatorNetworkTests(TestCase):
         self.assertEqual(output.count(f"Pong from bob ({bob_status['node_id'][:16]}) at "
                                       f"{bob.address}"), 2, output)
         operator_status = yield operator.status()
-        self.assertEqual(operator_status["operator"]["enroll_port"], enroll_port)
         self.assertEqual(operator_status["operator"]["tls_fingerprint"], fingerprint)
         self.assertEqual(operator_status["operator"]["records_per_domain"],
                          {f"{alice_status['domain']:#010x}": 2})
@@ -110,9 +109,9 @@ class OperatorNetworkTests(TestCase):
         network = Network(self)
         yield self.admin(network, "domain", "create", "acme")
         token = (yield self.admin(network, "token", "create", "--domain", "acme"))["token"]
-        enroll_port = free_udp_port()
         operator = yield network.start(network.operator_dir, "--operator", "--enroll-listen",
-                                       f"ssl:{enroll_port}:interface=127.0.0.1")
+                                       "ssl:0:interface=127.0.0.1")
+        enroll_port = yield operator.enroll_port()
         mallory = yield network.start(
             os.path.join(network.base, "mallory"), "--operator-url",
             f"https://127.0.0.1:{enroll_port}", "--operator-fingerprint", "ab" * 32,
@@ -154,10 +153,9 @@ class SharedPostgresTests(TestCase):
         operators = []
         for state_dir in (network.operator_dir, second_dir):
             fingerprint = (yield admin(state_dir, "info"))["tls_fingerprint"]
-            enroll_port = free_udp_port()
             node = yield network.start(state_dir, "--operator", "--database", url,
-                                       "--enroll-listen",
-                                       f"ssl:{enroll_port}:interface=127.0.0.1")
+                                       "--enroll-listen", "ssl:0:interface=127.0.0.1")
+            enroll_port = yield node.enroll_port()
             operators.append((node, enroll_port, fingerprint))
         members = []
         for name, (operator, enroll_port, fingerprint) in zip(("alice", "bob"), operators):
@@ -182,9 +180,8 @@ class SharedPostgresTests(TestCase):
         with the TLS fingerprint `meshnode operator info` shows."""
         network = Network(self)
         state_dir = os.path.join(network.base, "fresh")
-        enroll_port = free_udp_port()
         operator = yield network.start(state_dir, "--operator", "--enroll-listen",
-                                       f"ssl:{enroll_port}:interface=127.0.0.1")
+                                       "ssl:0:interface=127.0.0.1")
         status = yield operator.status()
         self.assertTrue(status["enrolled"])
         self.assertIn("operator", status["roles"])
