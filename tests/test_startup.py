@@ -10,7 +10,8 @@ import tempfile
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from tests.nodes import Network, free_udp_port, run_command
+from meshnode.cli.demo import free_port
+from tests.nodes import Network, run_command
 
 EXIT_WITHIN = 30  # seconds a node that cannot start may take to exit
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -56,7 +57,7 @@ class _FullNode:
         self.base = tempfile.mkdtemp(prefix="mn-", dir="/tmp")  # short: control.sock path
         testcase.addCleanup(shutil.rmtree, self.base, ignore_errors=True)
         self.state_dir = os.path.join(self.base, "node")
-        self.ports = {"rpc": free_udp_port()}
+        self.ports = {"rpc": free_port()}
         for name in ("enroll", "relay", "tunnel", "fallback", "listener"):
             port = _free_tcp_port()
             while port in self.ports.values():

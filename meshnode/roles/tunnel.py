@@ -26,9 +26,7 @@ import os
 import attrs
 from twisted.application import service
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from meshnode import records
 from meshnode.config import unspecified
@@ -40,7 +38,7 @@ from meshnode.rpc.messages import (DEVICES_SEEN_LIMIT, Command, DevicesSeen,
                                    ForwardedTunnelOpened, Stored, TunnelOpened, TunnelResult)
 from meshnode.rpc.service import same_domain
 from meshnode.streams import gate, tunnel_tls
-from meshnode.streams.splice import FramedLeg, Leg
+from meshnode.streams.splice import Leg
 from meshnode.wire import Endpoint
 
 _log = Logger()
@@ -467,43 +465,27 @@ class TunnelService(service.MultiService):
                 "opened": dict(self.opened), "refused": dict(self.refusals)}
 
 
-@implementer(IHandshakeListener)
-class _Gate(FramedLeg):
+class _Gate(tunnel_tls.GatedLeg):
     """A connection to the tunnel port, or punched from it: the requester's one-time token,
     GATE_OPEN, TLS as the server (on a punched connection too, though this side connected:
     `tls_normal` False), then the device. It feeds a gate.ListeningGate and performs its
     actions (gate.IGateActions)."""
 
-    dataReceived = FramedLeg.deframe  # once the gate is through; until then the handshake's
     grant = None
 
     def __init__(self, service, tls_normal=True):
         self.service = service
         self.tls_normal = tls_normal
-        self.handshake = gate.ListeningGate(self)
-        self.dataReceived = self.handshake.received
-
-    @property
-    def expected_key(self):
-        return self.handshake.expected_key
+        self.use_gate(gate.ListeningGate(self))
 
     def connectionMade(self):
         self.setTimeout(TOKEN_SECONDS)
-
-    def handshakeCompleted(self):
-        self.handshake.tls_done(tunnel_tls.peer_key(self.transport))
-
-    def timeoutConnection(self):
-        self.handshake.timed_out()
 
     def left(self):
         self.handshake.lost()
         self.service.closed(self)
 
     # -- what the handshake does ---------------------------------------------------------------
-
-    def gate_write(self, data):
-        self.transport.write(data)
 
     def gate_token(self, token):
         self.grant = self.service.redeem(token)
@@ -513,7 +495,7 @@ class _Gate(FramedLeg):
             self.handshake.go_ahead(self.grant.requester.signing_key)
 
     def gate_opened(self, received):
-        del self.dataReceived  # straight to the stream from now on
+        self.gate_through()
         self.service.start_tls(self, self.tls_normal, received)
 
     def gate_abort(self, reason):
@@ -529,33 +511,19 @@ class _Gate(FramedLeg):
         self.service._refuse(self.grant.requester, "wrong_peer_key")
 
 
-@implementer(IHandshakeListener)
-class _RelayLeg(FramedLeg):
+class _RelayLeg(tunnel_tls.GatedLeg):
     """The tunnel-node's connection to a relay: the token, the relay's go-ahead, then TLS
     as the server (the tunnel-node dialled, but the requester is the TLS client), then the
     device. It feeds a gate.DialingGate and performs its actions (gate.IGateActions)."""
 
-    dataReceived = FramedLeg.deframe  # once the gate is through; until then the handshake's
-
     def __init__(self, service, grant, token):
         self.service = service
         self.grant = grant
-        self.handshake = gate.DialingGate(token, grant.requester.signing_key, self)
-        self.dataReceived = self.handshake.received
-
-    @property
-    def expected_key(self):
-        return self.handshake.expected_key
+        self.use_gate(gate.DialingGate(token, grant.requester.signing_key, self))
 
     def connectionMade(self):
         self.setTimeout(TOKEN_SECONDS)
         self.handshake.connected()
-
-    def handshakeCompleted(self):
-        self.handshake.tls_done(tunnel_tls.peer_key(self.transport))
-
-    def timeoutConnection(self):
-        self.handshake.timed_out()
 
     def left(self):
         self.handshake.lost()
@@ -563,15 +531,9 @@ class _RelayLeg(FramedLeg):
 
     # -- what the handshake does ---------------------------------------------------------------
 
-    def gate_write(self, data):
-        self.transport.write(data)
-
     def gate_opened(self, received):
-        del self.dataReceived  # straight to the stream from now on
+        self.gate_through()
         self.service.start_tls(self, False, received)
-
-    def gate_abort(self, reason):
-        self.transport.abortConnection()
 
     def tls_verified(self):
         self.service.connect_device(self, self.grant, self.grant.path)

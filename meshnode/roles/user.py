@@ -19,10 +19,8 @@ import os
 import attrs
 from twisted.application import service
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from meshnode import config
 from meshnode.core import ports
@@ -35,7 +33,7 @@ from meshnode.rpc.messages import (ForwardedTunnelRequest, Introduce,
                                    TunnelOpened, TunnelRequest, TunnelResult)
 from meshnode.rpc.service import RPCError
 from meshnode.streams import gate, tunnel_tls
-from meshnode.streams.splice import FramedLeg, Leg
+from meshnode.streams.splice import Leg
 from meshnode.wire import Endpoint
 
 _log = Logger()
@@ -295,13 +293,10 @@ class _LocalLeg(Leg):
         self.forward(data)
 
 
-@implementer(IHandshakeListener)
-class _TunnelLeg(FramedLeg):
+class _TunnelLeg(tunnel_tls.GatedLeg):
     """The user-node's end of a tunnel: token, the gate's go-ahead, TLS as the client. It
     feeds a gate.DialingGate and performs its actions (gate.IGateActions); `ready` fires with
     the leg once the tunnel-node proved its key."""
-
-    dataReceived = FramedLeg.deframe  # once the gate is through; until then the handshake's
 
     def __init__(self, context, token, expected_key, ready, racing=False):
         self._context = context
@@ -309,8 +304,7 @@ class _TunnelLeg(FramedLeg):
         # Birthday probing: several connections may get through; each offers the token,
         # the tunnel-node takes the first, and the others' ends do not fail the tunnel.
         self._racing = racing
-        self.handshake = gate.DialingGate(token, expected_key, self)
-        self.dataReceived = self.handshake.received
+        self.use_gate(gate.DialingGate(token, expected_key, self))
 
     def connectionMade(self):
         if self._racing and self._ready.called:
@@ -319,26 +313,14 @@ class _TunnelLeg(FramedLeg):
         self.setTimeout(CONNECT_TIMEOUT_SECONDS * 2)
         self.handshake.connected()
 
-    def handshakeCompleted(self):
-        self.handshake.tls_done(tunnel_tls.peer_key(self.transport))
-
-    def timeoutConnection(self):
-        self.handshake.timed_out()
-
     def left(self):
         self.handshake.lost()
 
     # -- what the handshake does ---------------------------------------------------------------
 
-    def gate_write(self, data):
-        self.transport.write(data)
-
     def gate_opened(self, received):
-        del self.dataReceived  # straight to the stream from now on
+        self.gate_through()
         tunnel_tls.start_tls(self, self._context, True, received)
-
-    def gate_abort(self, reason):
-        self.transport.abortConnection()
 
     def tls_verified(self):
         if not self._ready.called:

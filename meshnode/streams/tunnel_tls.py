@@ -17,11 +17,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
-from twisted.internet.interfaces import IOpenSSLContextFactory
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLContextFactory
 from zope.interface import implementer
 
 # The gate's wire, as tunnel streams and their tests know it.
 from meshnode.streams.gate import GATE_OPEN, TOKEN_SIZE  # noqa: F401
+from meshnode.streams.splice import FramedLeg
 
 
 def certificate_for(identity, now):
@@ -92,3 +93,39 @@ def peer_key(transport):
         return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     except ValueError:
         return None  # not an Ed25519 key
+
+
+@implementer(IHandshakeListener)
+class GatedLeg(FramedLeg):
+    """A tunnel leg that starts with a gate and then carries TLS: the adapter between its
+    transport and the gate's machine (`use_gate`: a gate.DialingGate or ListeningGate, whose
+    actions, gate.IGateActions, this leg performs). Once the gate opens, reads go straight to
+    the framed stream; subclasses say what an open gate and a verified peer mean."""
+
+    dataReceived = FramedLeg.deframe  # once through the gate; until then the handshake's
+    handshake = None
+
+    def use_gate(self, handshake):
+        self.handshake = handshake
+        self.dataReceived = handshake.received
+
+    @property
+    def expected_key(self):
+        return self.handshake.expected_key
+
+    def handshakeCompleted(self):
+        self.handshake.tls_done(peer_key(self.transport))
+
+    def timeoutConnection(self):
+        self.handshake.timed_out()
+
+    def gate_write(self, data):
+        self.transport.write(data)
+
+    def gate_through(self):
+        """Called by subclasses as their gate opens: reads go to the stream from now on."""
+        del self.dataReceived
+
+    def gate_abort(self, reason):
+        self.transport.abortConnection()
+

@@ -1,0 +1,1 @@
+"""The RPC: frames and messages (the codec), their transports, and the RPC service."""
