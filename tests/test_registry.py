@@ -456,7 +456,8 @@ class RegistryTestsMixin:
     def test_revoke_ambiguous_prefix_refused(self):
         """A prefix matching two nodes is refused with 409; the full id still works."""
         node = self.enrolled()
-        twin_id = node.node_id[:4] + bytes(28)
+        # shares 4 bytes with the node and differs in the fifth, whatever the random id
+        twin_id = node.node_id[:4] + bytes([node.node_id[4] ^ 0xFF]) + bytes(27)
         with self.engine.begin() as connection:
             connection.execute(nodes.insert().values(
                 node_id=twin_id, domain=self.domain, name="twin", signing_key=bytes(32),
