@@ -122,6 +122,7 @@ class TunnelLegTests(SynchronousTestCase):
         self.assertFalse(self.transport.disconnecting)
         self.assertEqual(self.leg.dataReceived, self.leg.deframe)  # not the handshake's
         other = _Other()
+        other.callLater = self.clock.callLater  # its idle timeout on the test's clock
         other.join(self.leg)
         self.leg.dataReceived(FRAME_HEADER.pack(5) + b"hello")
         self.assertEqual(other.transport.value(), b"hello")

@@ -87,11 +87,13 @@ class _Gate:
     """What both sides of a gate share: TLS checked against the expected key, timeouts, the
     connection's loss, and refusal of inputs the state does not take."""
 
-    expected_key = None
+    # Slots: a relay holds two gates per idle tunnel, thousands of them.
+    __slots__ = ("_actions", "state", "expected_key")
 
     def __init__(self, actions, state):
         self._actions = actions
         self.state = state
+        self.expected_key = None
 
     def _at(self, *states):
         """Whether the machine is in one of `states`; if not, the input is refused (unless
@@ -138,6 +140,8 @@ class DialingGate(_Gate):
     GATE_OPEN before the go-ahead, a timeout, the wrong key; losing the connection before
     the peer is verified is reported."""
 
+    __slots__ = ("token",)
+
     def __init__(self, token, expected_key, actions):
         super().__init__(actions, State.CONNECTING)
         self.token = token
@@ -170,6 +174,8 @@ class ListeningGate(_Gate):
     → token whole → (its owner: go-ahead or refusal) → go-ahead sent → TLS → verified; without
     TLS (a relay) the go-ahead leads to SPLICED. Refused: bytes after the token before the
     go-ahead, a bad token, a timeout, the wrong key."""
+
+    __slots__ = ("_tls", "_gathered")
 
     def __init__(self, actions, tls=True):
         super().__init__(actions, State.GATHERING)
@@ -234,6 +240,8 @@ class RelayToken:
     """One relay token: issued → first leg waiting → paired → closed, or expired while unused.
     A waiting leg that leaves frees its place: the token still works until it expires. A leg
     with the token of a pair, or of an expired token, is refused."""
+
+    __slots__ = ("domain", "expires", "state", "waiting", "_pair", "_actions")
 
     def __init__(self, domain, expires, actions):
         self.domain = domain
