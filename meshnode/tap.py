@@ -202,6 +202,7 @@ def build_node(settings, reactor):
     identity.observers.append(rpc.use_enrollment)
     identity.observers.append(reachability.enrollment_changed)
     rpc.learned.append(directory.remember_node)
+    directory.list_observers.append(reachability.list_changed)
     # (name, service) whose status() is a part of `meshnode status`, in its order
     described = [("directory", directory), ("reachability", reachability)]
 
@@ -229,6 +230,7 @@ def build_node(settings, reactor):
         super_node.setServiceParent(node)
         identity.observers.append(super_node.enrollment_changed)
         directory.list_observers.append(super_node.list_changed)
+        directory.news_observers.append(super_node.records_changed)
         relay_leg = super_node.relay.leg
         described.append(("super", super_node))
     if settings["fallback-port"] and (settings["operator"] or settings["super"]):
@@ -242,6 +244,7 @@ def build_node(settings, reactor):
                           settings["tunnels-total"], settings["idle-timeout"])))
         tunnel.setServiceParent(node)
         identity.observers.append(tunnel.enrollment_changed)
+        directory.news_observers.append(tunnel.records_changed)
         if fallback is not None:
             fallback.observers.append(tunnel.refresh_soon)
         if settings["direct"]:

@@ -191,7 +191,7 @@ class DirectoryEndDevicesTests(_Base):
         self.answers(self.sup, self.blobs(self.alice)[:2])
         directory = self.listed(self.sup)
         devices = self.settle(directory.end_devices())
-        self.assertEqual(sorted(d.name for d in devices.values()), ["camera", "printer"])
+        self.assertEqual(sorted(d.name for d in devices.values()), ["camera", "printer", "scanner"])
         self.assertEqual(self.asked(self.sup), 1)
         self.assertEqual(self.asked(self.operator), 0)
 
@@ -265,13 +265,16 @@ class DirectoryEndDevicesTests(_Base):
         self.assertEqual(self.asked(self.operator), 0)
 
     def test_foreign_records_from_a_super_node_ignored(self):
-        """A super-node handing out another domain's records gives alice none of them."""
+        """A super-node handing out another domain's records gives alice none of them: with
+        no usable record in its answer, the operator is asked instead."""
         self.mesh.add_devices("globex", ["nas"])
         carol = self.mesh.user("carol", "globex")
         self.answers(self.sup, self.blobs(carol))
         directory = self.listed(self.sup)
-        self.assertEqual(self.settle(directory.end_devices()), {})
-        self.assertEqual(self.asked(self.operator), 0)  # a non-empty answer was taken
+        devices = self.settle(directory.end_devices())
+        self.assertEqual(sorted(d.name for d in devices.values()), ["camera", "printer", "scanner"])
+        self.assertEqual({d.domain for d in devices.values()}, {self.alice.rpc.domain})
+        self.assertEqual(self.asked(self.operator), 1)
 
 
 # -- SuperService ----------------------------------------------------------------------------

@@ -216,15 +216,21 @@ class EnrollmentServiceTests(SynchronousTestCase):
         self.assertEqual(reloaded.node.record, service.enrollment.node.record)
 
     def test_failed_enrollment_is_retried(self):
-        """A refused or failed enrollment is logged and tried again later."""
+        """A failed enrollment is tried again after 1 s, then 2, 4 … up to 30 s apart."""
         service = self.service()
         self.clock.advance(0)
-        self.enroller.calls[0][1].errback(RuntimeError("connection refused"))
+        waits = []
+        for _ in range(8):
+            self.enroller.calls[-1][1].errback(RuntimeError("connection refused"))
+            before, waited = len(self.enroller.calls), 0
+            while len(self.enroller.calls) == before:
+                self.clock.advance(0.5)
+                waited += 0.5
+            waits.append(waited)
+        self.assertEqual(waits, [1, 2, 4, 8, 15, 30, 30, 30])
         self.assertFalse(service.enrollment.enrolled)
-        self.clock.advance(identity.ENROLL_RETRY_SECONDS - 1)
-        self.assertEqual(len(self.enroller.calls), 1)
-        self.clock.advance(1)
-        self.assertEqual(len(self.enroller.calls), 2)
+        self.enroller.calls[-1][1].callback(self.answer(service.identity))
+        self.assertTrue(service.enrollment.enrolled)
 
     def test_answer_for_other_keys_is_not_used(self):
         """An enrollment answer that is not for this node's keys is refused and retried."""
@@ -233,7 +239,7 @@ class EnrollmentServiceTests(SynchronousTestCase):
         self.enroller.calls[0][1].callback(self.answer(identity.Identity.generate()))
         self.assertFalse(service.enrollment.enrolled)
         self.assertFalse(os.path.exists(os.path.join(self.state_dir, identity.ENROLLMENT_FILE)))
-        self.clock.advance(identity.ENROLL_RETRY_SECONDS)
+        self.clock.advance(identity.ENROLL_RETRY_SECONDS[0])
         self.assertEqual(len(self.enroller.calls), 2)
 
     def test_renews_before_expiry(self):

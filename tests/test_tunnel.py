@@ -20,11 +20,12 @@ from meshnode.core.directory import SuperNodeList
 from meshnode.nat.rules import TCP_RECONNECT_SECONDS
 from meshnode.roles.operator import registry
 from meshnode.nat.location import LAN
+from meshnode.roles import tunnel
 from meshnode.roles.tunnel import (TOKEN_SECONDS, Limits, Refused, TunnelCounts,
                                    TunnelService, TunnelSettings)
 from meshnode.rpc.messages import (Command, ForwardedTunnelOpened, Forwarding, Introduction,
-                                   RelayedTunnelRequest, TunnelOpened, TunnelRequest,
-                                   TunnelResult)
+                                   RecordsChanged, RelayedTunnelRequest, Stored, TunnelOpened,
+                                   TunnelRequest, TunnelResult)
 from meshnode.rpc.service import CallTimeout, Incoming, any_domain
 from meshnode.streams.splice import FRAME_HEADER
 from meshnode.wire import Endpoint
@@ -151,6 +152,40 @@ class DeviceTests(TunnelTestCase):
         self.mesh.network.flush()
         self.successResultOf(d)
         self.assertEqual(self.service.devices[camera].ports, (554,))
+
+    def test_request_for_a_device_registered_since_is_served(self):
+        """A TunnelRequest for a device registered after the last read makes the tunnel-node
+        read the devices again before it answers: the first request is served; a second
+        unknown id within MISS_REFRESH_SECONDS is refused without another read."""
+        camera = bytes.fromhex(registry.thd_add_device(
+            self.mesh.engine, self.mesh.me, "acme", "camera", bytes.fromhex("020000000903"),
+            "192.0.2.70", None, LOCATION, [554], self.node.rpc.now_ms())["device_id"])
+        asked = self.operator_reads()
+        opened = self.request(camera, 554)
+        self.assertEqual(opened.result, TunnelResult.OPENED)
+        self.assertEqual(self.operator_reads(), asked + 1)
+        self.assertEqual(self.request(bytes(32), 554),
+                         TunnelOpened(TunnelResult.REFUSED, "unregistered_device"))
+        self.assertEqual(self.operator_reads(), asked + 1)
+
+    def test_news_of_a_change_reads_from_the_teller(self):
+        """RecordsChanged from the operator: the devices are read from it at once, once per
+        serial (the same news again reads nothing)."""
+        camera = bytes.fromhex(registry.thd_add_device(
+            self.mesh.engine, self.mesh.me, "acme", "camera", bytes.fromhex("020000000903"),
+            "192.0.2.70", None, LOCATION, [554], self.node.rpc.now_ms())["device_id"])
+        self.service._directory.news_observers.append(self.service.records_changed)
+        asked = self.operator_reads()
+        for _ in range(2):
+            self.assertEqual(self.mesh.ask(self.mesh.operator,
+                                           RecordsChanged(self.node.rpc.domain, 7), Stored,
+                                           to=self.node), Stored(0))
+        self.mesh.network.flush()
+        self.assertIn(camera, self.service.devices)
+        self.assertEqual(self.operator_reads(), asked + 1)
+
+    def operator_reads(self):
+        return self.mesh.operator.rpc.accepted[Command.GET_END_DEVICES]
 
     def test_its_locations_are_the_override(self):
         """With a location given, the service's locations are that one alone."""
@@ -767,6 +802,10 @@ class IntroductionTestCase(TunnelTestCase):
             (requester.rpc.own_node, Endpoint(requester.host, 4000), self.REQUEST_ID))
         self.node.rpc.learn(sender.rpc.own_node)
         sender.rpc.send(sender.rpc.learn(self.node.rpc.own_node), self.node.address, message)
+        self.mesh.network.flush()
+        # An unknown device is looked for again first (the super-node here has none to
+        # give): the answer comes when that read ends or MISS_WAIT_SECONDS pass.
+        self.mesh.advance(tunnel.MISS_WAIT_SECONDS)
         self.mesh.network.flush()
 
     def back(self, requester=None):

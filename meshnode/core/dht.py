@@ -345,11 +345,16 @@ class PartitionService(service.MultiService):
         if not served(self.ranges, records.partition_of(domain)):
             self._rpc.drops["not_served"] += 1
             return None
-        message, now = incoming.message, self._rpc.now_ms()
-        entries = [(entry.node, entry.info) for entry in self.records.entries_of(domain)
-                   if entry.expires > now and entry.info.record.roles & records.Role.TUNNEL
-                   and message.location in entry.info.record.locations]
-        return TunnelNodes.fill(entries, message.offset)
+        location = incoming.message.location
+        entries = [(node, info) for node, info in self.tunnel_nodes(domain)
+                   if location in info.record.locations]
+        return TunnelNodes.fill(entries, incoming.message.offset)
+
+    def tunnel_nodes(self, domain):
+        """The (Node, NodeInfo) Signed pairs held of the domain's tunnel-nodes."""
+        now = self._rpc.now_ms()
+        return [(entry.node, entry.info) for entry in self.records.entries_of(domain)
+                if entry.expires > now and entry.info.record.roles & records.Role.TUNNEL]
 
     def _transfer(self, incoming):
         """Pages for another replica of the range: only for one the operator placed there."""

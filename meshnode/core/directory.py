@@ -21,9 +21,10 @@ from twisted.logger import Logger
 from meshnode import records
 from meshnode.core import periodic, store
 from meshnode.core.schema import kept_lists
-from meshnode.rpc.messages import (EndDevices, ForwardedTunnelOpened, GetEndDevices, GetNode,
-                                   GetNodeInfo, GetSuperNodes, GetTunnelNodes, NodeInfoRecord,
-                                   NodeRecord, SuperNodes, TunnelNodes, TunnelResult)
+from meshnode.rpc.messages import (Command, EndDevices, ForwardedTunnelOpened, GetEndDevices,
+                                   GetNode, GetNodeInfo, GetSuperNodes, GetTunnelNodes,
+                                   NodeInfoRecord, NodeRecord, Stored, SuperNodes, TunnelNodes,
+                                   TunnelResult)
 from meshnode.rpc.paging import read_pages
 from meshnode.rpc.service import RPCError
 from meshnode.wire import Writer
@@ -33,7 +34,11 @@ _log = Logger()
 FORWARD_TIMEOUT_SECONDS = 5.0  # a super-node passing a request on, and the answer back
 
 SUPER_NODE_REFRESH_SECONDS = 300.0
+# A list found wanting (no super-node where one is needed, nobody holds what was asked) is read
+# again at once, but at most this often: a storm of connections makes one read.
+LIST_RECHECK_SECONDS = 2.0
 OPERATOR_RETRY_MS = 30_000  # after a failed bootstrap, the operator is not asked for this long
+NEWS_TIMEOUT_SECONDS = 2.0
 
 
 class DirectoryError(RPCError):
@@ -130,7 +135,13 @@ class DirectoryService(service.MultiService):
         self._fan_out = FanOut(rng=self._rng, clock=clock)
         self.super_node_list = SuperNodeList()
         self._list_loaded = False
+        self._list_read_at = float("-inf")
+        self._list_reading = None  # the Deferreds waiting for a read under way, or None
         self.list_observers = []  # called with the new SuperNodeList after every refresh
+        # called with (RecordsChanged, Replica that told us) for news of a newer serial
+        self.news_observers = []
+        self._news_serials = {}  # domain → the newest change serial heard of
+        self._clock = clock
         if clock is not None:
             periodic.every(SUPER_NODE_REFRESH_SECONDS, self._refresh, clock,
                            "refreshing the super-node list").setServiceParent(self)
@@ -140,6 +151,8 @@ class DirectoryService(service.MultiService):
         return self._identity_service.enrollment.trust.operator_ids
 
     def startService(self):
+        self._rpc.register(Command.RECORDS_CHANGED, self._records_changed,
+                           self.from_operator_or_super_node)
         d = self._store.run(store.thd_load_nodes)
         d.addCallback(self._restore_nodes)
         d.addErrback(lambda f: _log.failure("could not load cached Node records", f))
@@ -147,6 +160,10 @@ class DirectoryService(service.MultiService):
         d.addCallback(self._restore_list)
         d.addErrback(lambda f: _log.failure("could not load the kept super-node list", f))
         super().startService()
+
+    def stopService(self):
+        self._rpc.unregister(Command.RECORDS_CHANGED)
+        return super().stopService()
 
     def _restore_nodes(self, blobs):
         kept = 0
@@ -203,13 +220,21 @@ class DirectoryService(service.MultiService):
         return any(node.node_id == replica.node_id for replica, _
                    in self.super_node_list.super_nodes().values())
 
+    def from_operator_or_super_node(self, rpc, node):
+        """An RPC policy: news comes from an operator or a placed super-node."""
+        return rpc.trust.is_operator(node.node_id) or self.from_super_node(rpc, node)
+
     @defer.inlineCallbacks
     def through_super_nodes(self, request, timeout=FORWARD_TIMEOUT_SECONDS):
         """Send `request` (to be passed on to another node of our domain) to the super-nodes
         of our domain in turn → the first OPENED ForwardedTunnelOpened, the other node's
         answer passed back; DirectoryError with every refusal when none."""
         errors, refusals = [], []
-        for replica in (yield self.replicas()):
+        replicas = yield self.replicas()
+        if all(self._rpc.trust.is_operator(replica.node_id) for replica in replicas):
+            yield self.recheck_list()  # none placed yet, as far as we know: look again
+            replicas = yield self.replicas()
+        for replica in replicas:
             if self._rpc.trust.is_operator(replica.node_id):
                 continue  # operators neither relay nor introduce
             try:
@@ -222,7 +247,9 @@ class DirectoryService(service.MultiService):
                 return opened
             errors.append(f"refused: {opened.reason}")
             refusals.append(opened.reason)
-        raise NotPassedOn(", ".join(errors) or "no super-node of this domain", refusals)
+        raise NotPassedOn(", ".join(errors) or (
+            "no super-node of this domain yet: the operator serves the DHT until one is "
+            "placed, but only super-nodes introduce and relay; see `meshnode status`"), refusals)
 
     def retry_operator(self):
         """The way to the operator changed (meshnode/nat/fallback.py): try it again at once."""
@@ -262,6 +289,57 @@ class DirectoryService(service.MultiService):
         peer = yield self.peer_for(replica)
         return (yield self._rpc.call(peer, replica.address, message, answer, timeout))
 
+    # -- news of changed records ----------------------------------------------------------------
+
+    def _records_changed(self, incoming):
+        """An operator or a placed super-node tells us a domain's records changed; the
+        observers (wired by build_node) read them again, once per new serial."""
+        message = incoming.message
+        if message.serial > self._news_serials.get(message.domain, -1):
+            self._news_serials[message.domain] = message.serial
+            told_by = Replica(incoming.node.node_id, incoming.source)
+            for observer in list(self.news_observers):
+                observer(message, told_by)
+        return Stored(0)
+
+    def tell(self, replica, message):
+        """Send news (RecordsChanged) to the node `replica` names → Deferred fired when it
+        acknowledged, or with None after a failure (logged): news is best effort, the
+        periodic reads remain."""
+        d = self.call(replica, message, Stored, NEWS_TIMEOUT_SECONDS)
+
+        def failed(failure):
+            failure.trap(RPCError)
+            _log.info("news for {node} at {address} got no answer: {reason}",
+                      node=replica.node_id.hex()[:16], address=replica.address,
+                      reason=failure.getErrorMessage())
+
+        return d.addErrback(failed)
+
+    def tell_entries(self, entries, message):
+        """Send news to the nodes of DHT `entries` ((Node, NodeInfo) Signed pairs), each back
+        the way it last came from (its NAT keeps that open), else where its NodeInfo says."""
+        told = []
+        for node_signed, info_signed in entries:
+            node_id = node_signed.record.node_id
+            if node_id == self._rpc.node_id:
+                continue
+            peer = self._rpc.peers.get(node_id)
+            try:
+                if peer is None or peer.signed.signature != node_signed.signature:
+                    peer = self._rpc.learn(node_signed, announce=False)
+            except records.RecordError:
+                continue
+            address = peer.address
+            if address is None:
+                info = info_signed.record
+                endpoints = list(info.observed) + list(info.addresses)
+                if not endpoints:
+                    continue
+                address = (endpoints[0].host, endpoints[0].port)
+            told.append(self.tell(Replica(node_id, address), message))
+        return defer.gatherResults(told)
+
     # -- the super-node list ------------------------------------------------------------------
 
     def _checked(self, signed_records):
@@ -285,11 +363,42 @@ class DirectoryService(service.MultiService):
         for observer in list(self.list_observers):
             observer(self.super_node_list)
 
+    def recheck_list(self):
+        """Read the super-node list again from the operator because it was found wanting,
+        unless it was read less than LIST_RECHECK_SECONDS ago → Deferred[SuperNodeList];
+        callers at the same moment share one read, and a failed read leaves the list as
+        it was."""
+        if self._list_reading is None and (
+                self._clock is None
+                or self._clock.seconds() - self._list_read_at >= LIST_RECHECK_SECONDS):
+            d = self.refresh_super_nodes(from_operator=True)
+            d.addErrback(_log_failed_read)
+        if self._list_reading is None:
+            return defer.succeed(self.super_node_list)
+        waiting = defer.Deferred()
+        self._list_reading.append(waiting)
+        return waiting
+
     @defer.inlineCallbacks
     def refresh_super_nodes(self, from_operator=False):
         """Fetch the SuperNode records again from a random super-node of the list, and from
         the operator if that fails (the other way round with `from_operator`) → the new
         SuperNodeList."""
+        if self._clock is not None:
+            self._list_read_at = self._clock.seconds()
+        reading = self._list_reading is None
+        if reading:
+            self._list_reading = []
+        try:
+            return (yield self._read_super_nodes(from_operator))
+        finally:
+            if reading:
+                waiting, self._list_reading = self._list_reading, None
+                for one in waiting:
+                    one.callback(self.super_node_list)
+
+    @defer.inlineCallbacks
+    def _read_super_nodes(self, from_operator):
         others = [replica for replica, _ in self.super_node_list.super_nodes().values()
                   if replica.node_id != self._rpc.node_id]
         self._rng.shuffle(others)
@@ -413,10 +522,7 @@ class DirectoryService(service.MultiService):
             if best is not None or attempt:
                 break
             # Nobody held it, or nobody answered: the list may be stale (seed §3.9.4).
-            try:
-                yield self.refresh_super_nodes(from_operator=True)
-            except RPCError:
-                break
+            yield self.recheck_list()
         if best is None:
             raise DirectoryError(f"no replica holds a NodeInfo of {what}")
         known = self._rpc.peers.get(best.info.node_id)
@@ -454,14 +560,17 @@ class DirectoryService(service.MultiService):
     # -- end-devices and tunnel-nodes -------------------------------------------------------
 
     @defer.inlineCallbacks
-    def end_devices(self):
+    def end_devices(self, first=None, wanted=None):
         """The operator-signed EndDevice records of this node's domain (checked), by id; the
-        domain's Revocation record that comes with them is applied. They are read from a
-        super-node of the domain's partition, else from the operator."""
+        domain's Revocation record that comes with them is applied. They are read from
+        `first` (a Replica that just told us they changed) when given, else from a
+        super-node of the domain's partition, else from the operator; with `wanted` (a test
+        of the devices read), sources are asked in turn until one's devices pass it."""
         super_nodes = self.super_node_list.holders(records.partition_of(self._rpc.domain))
         self._rng.shuffle(super_nodes)
-        signed, failure = [], None
-        for source in super_nodes[:2] + [None]:
+        sources = ([first] if first is not None else []) + super_nodes[:2] + [None]
+        devices, failure = {}, None
+        for source in sources:
             try:
                 if source is None:
                     source = yield self.operator_replica()
@@ -470,10 +579,14 @@ class DirectoryService(service.MultiService):
                 failure = e
                 continue
             failure = None
-            if signed:
+            devices = self._checked_devices(signed)
+            if devices and (wanted is None or wanted(devices)):
                 break  # a super-node without any may not have fetched them yet
-        if failure is not None:
+        if failure is not None and not devices:
             raise failure  # the operator did not answer either: not "no devices"
+        return devices
+
+    def _checked_devices(self, signed):
         now, devices = self._rpc.now_ms(), {}
         for one in signed:
             try:
@@ -500,6 +613,21 @@ class DirectoryService(service.MultiService):
         """The tunnel-nodes of this domain announcing `location`, from the DHT replicas →
         [(Node record, NodeInfo)] checked, newest NodeInfo per node, in random order."""
         found = {}
+        for attempt in range(2):
+            yield self._find_tunnel_nodes(location, found)
+            if found or attempt:
+                break
+            # Nobody knows one: the list may be stale (a super-node placed since).
+            before = self.super_node_list.signed
+            yield self.recheck_list()
+            if self.super_node_list.signed == before:
+                break
+        nodes = list(found.values())
+        self._rng.shuffle(nodes)
+        return nodes
+
+    @defer.inlineCallbacks
+    def _find_tunnel_nodes(self, location, found):
         for replica in self._fan_out.order((yield self.replicas())):
             entries = []
             try:
@@ -516,9 +644,6 @@ class DirectoryService(service.MultiService):
                     found[entry[1].node_id] = entry
             if found:
                 break  # one replica that knows some is enough; the rest agree or lag
-        nodes = list(found.values())
-        self._rng.shuffle(nodes)
-        return nodes
 
     def _check_tunnel_node(self, node_signed, info_signed, location):
         now, trust = self._rpc.now_ms(), self._rpc.trust
@@ -534,6 +659,12 @@ class DirectoryService(service.MultiService):
             return None
         self._rpc.learn(node_signed, announce=False)
         return node, info
+
+
+def _log_failed_read(failure):
+    failure.trap(RPCError)
+    _log.info("could not read the super-node list again: {reason}",
+              reason=failure.getErrorMessage())
 
 
 @attrs.frozen

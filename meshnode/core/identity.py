@@ -175,7 +175,9 @@ def load_enrollment(state_dir, identity, now):
 
 RENEW_MARGIN_MS = 10 * 86_400_000  # renew a Node record when it has less than this left
 RENEW_CHECK_SECONDS = 3600
-ENROLL_RETRY_SECONDS = 30
+# A failed enrollment or renewal is tried again after these delays, the last one repeating:
+# a node started in the same second as its operator is enrolled within a second or two.
+ENROLL_RETRY_SECONDS = (1, 2, 4, 8, 15, 30)
 
 
 class IdentityService(service.Service):
@@ -199,6 +201,7 @@ class IdentityService(service.Service):
         self.observers = []
         self._timer = None
         self._busy = False
+        self._failures = 0  # enrollments or renewals in a row that failed
 
     def startService(self):
         self.identity = load_or_create(self.state_dir, self.clock)
@@ -267,16 +270,23 @@ class IdentityService(service.Service):
         except (ValueError, records.RecordError) as e:
             _log.error("the operator's {action} answer is unusable: {reason}", action=action,
                        reason=e)
-            self._schedule(ENROLL_RETRY_SECONDS)
+            self._retry()
             return
         write_private(os.path.join(self.state_dir, ENROLLMENT_FILE), answer["enrollment"])
         _log.info("{action} done: Node record valid until {expires}", action=action,
                   expires=enrollment.node.record.expires)
+        self._failures = 0
         self._use(enrollment)
         self._schedule(RENEW_CHECK_SECONDS)
 
     def _failed(self, failure, action):
         self._busy = False
-        _log.error("{action} failed: {reason}", action=action,
-                   reason=failure.getErrorMessage())
-        self._schedule(ENROLL_RETRY_SECONDS)
+        delay = self._retry()
+        _log.error("{action} failed: {reason} (trying again in {delay} s)", action=action,
+                   reason=failure.getErrorMessage(), delay=delay)
+
+    def _retry(self):
+        delay = ENROLL_RETRY_SECONDS[min(self._failures, len(ENROLL_RETRY_SECONDS) - 1)]
+        self._failures += 1
+        self._schedule(delay)
+        return delay

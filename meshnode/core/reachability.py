@@ -32,6 +32,9 @@ ANNOUNCE_SECONDS = 300.0
 # closer together, a second discovery would take that for endpoint-independent filtering.
 STUN_SECONDS = 240.0
 RETRY_SECONDS = 15.0  # a replica asked for WhoAmI did not answer: look again this soon
+# No replica took our NodeInfo (none placed where our list says, or none answered): the list
+# is read again and the NodeInfo put again after this long, doubled each time up to the last.
+NOT_TAKEN_RETRY_SECONDS = (2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
 
 
 def outbound_address(towards):
@@ -71,6 +74,8 @@ class ReachabilityService(service.MultiService):
         self.last_result = None
         self._retry = None
         self._unanswered = 0
+        self._not_taken = 0  # announcements in a row that no replica took
+        self._announced_to = frozenset()  # the replicas the last NodeInfo went to
         self.seen = []
         periodic.every(ANNOUNCE_SECONDS, self.announce, clock,
                        "NodeInfo announcement").setServiceParent(self)
@@ -87,6 +92,20 @@ class ReachabilityService(service.MultiService):
         """Something in our NodeInfo changed (a UPnP mapping came or went): announce now."""
         if self.running:
             periodic.guarded(self.announce, "NodeInfo announcement")
+
+    def list_changed(self, listed):
+        """The super-node list changed (wired to the directory): when our partition's
+        replicas are not those our NodeInfo went to, the new ones get it now."""
+        if not self._rpc.enrolled:
+            return
+        placed = frozenset(replica.node_id for replica
+                           in listed.holders(records.partition_of(self._rpc.domain)))
+        if placed and not placed <= self._announced_to:
+            self.reannounce()
+
+    def _retry_in(self, seconds):
+        if self._retry is None or not self._retry.active():
+            self._retry = self._clock.callLater(seconds, self.reannounce)
 
     def addresses(self):
         """Where to reach our RPC port: its UPnP mapping first, then our own address."""
@@ -171,17 +190,27 @@ class ReachabilityService(service.MultiService):
         failure's message}."""
         if not self._rpc.enrolled or self._directory.operator_address is None:
             return None
+        if self._not_taken:
+            yield self._directory.recheck_list()  # the last went nowhere: the list is stale?
         replicas = yield self._directory.replicas()
         observed = yield self._observe(replicas)
         yield self._discover()
-        if self._unanswered and (self._retry is None or not self._retry.active()):
-            self._retry = self._clock.callLater(RETRY_SECONDS, self.reannounce)
+        if self._unanswered:
+            self._retry_in(RETRY_SECONDS)
         signed = self._identity_service.identity.sign(self.node_info(observed))
         results = yield defer.DeferredList(
             [self._directory.call(replica, PutRecord(signed), Stored) for replica in replicas],
             consumeErrors=True)
         self.last_result = {replica.node_id.hex(): (answer if ok else answer.getErrorMessage())
                             for replica, (ok, answer) in zip(replicas, results)}
-        if not any(ok and answer.result != PutResult.REFUSED for ok, answer in results):
+        self._announced_to = frozenset(replica.node_id for replica, (ok, answer)
+                                       in zip(replicas, results)
+                                       if ok and answer.result != PutResult.REFUSED)
+        if self._announced_to:
+            self._not_taken = 0
+        else:
             _log.warn("no replica took our NodeInfo: {results}", results=self.last_result)
+            self._retry_in(NOT_TAKEN_RETRY_SECONDS[min(self._not_taken,
+                                                       len(NOT_TAKEN_RETRY_SECONDS) - 1)])
+            self._not_taken += 1
         return self.last_result

@@ -26,6 +26,8 @@ domains = sa.Table(
     sa.Column("domain", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("name", sa.String(63), nullable=False, unique=True),
     sa.Column("created", sa.BigInteger, nullable=False),
+    # raised with every change to the domain's end-devices or revocations (registry.py)
+    sa.Column("serial", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 enrollment_tokens = sa.Table(

@@ -27,6 +27,7 @@ import attrs
 from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from meshnode import records
 from meshnode.config import unspecified
@@ -44,8 +45,9 @@ from meshnode.wire import Endpoint
 _log = Logger()
 
 TOKEN_SECONDS = 10.0
-DEVICE_REFRESH_SECONDS = 60.0
-MISS_REFRESH_SECONDS = 5.0
+DEVICE_REFRESH_SECONDS = 60.0  # the last resort: news of a change (RecordsChanged) comes first
+MISS_REFRESH_SECONDS = 2.0  # a request for an unknown device reads them again at most this often
+MISS_WAIT_SECONDS = 1.0  # and waits this long for that read before it answers
 DEVICE_REPORT_SECONDS = 300.0
 KEEPALIVE_SECONDS = 25.0  # under the shortest common NAT UDP timeout
 DIAL_TIMEOUT_SECONDS = 5.0
@@ -135,6 +137,7 @@ class TunnelService(service.MultiService):
         self.devices = {}
         self._grants = {}
         self._last_miss_refresh = float("-inf")
+        self._reading = None  # the Deferreds waiting for a read of the end-devices under way
         self._port = None
         for interval, work, what in (
                 (DEVICE_REFRESH_SECONDS, self.refresh_devices, "reading the end-devices"),
@@ -157,10 +160,12 @@ class TunnelService(service.MultiService):
 
     def startService(self):
         self._listen()
-        self._rpc.register(Command.TUNNEL_REQUEST, self._tunnel_request, same_domain)
-        self._rpc.register(Command.RELAYED_TUNNEL_REQUEST, self._forwarded_request,
+        self._rpc.register(Command.TUNNEL_REQUEST, self._once_known(self._tunnel_request),
+                           same_domain)
+        self._rpc.register(Command.RELAYED_TUNNEL_REQUEST,
+                           self._once_known(self._forwarded_request),
                            self._directory.from_super_node)
-        self._rpc.register(Command.INTRODUCTION, self._introduction,
+        self._rpc.register(Command.INTRODUCTION, self._once_known(self._introduction),
                            self._directory.from_super_node)
         _log.info("tunnel port {port}; locations {locations}", port=self.port,
                   locations=[i.hex()[:16] for i in self.locations()])
@@ -192,11 +197,63 @@ class TunnelService(service.MultiService):
         if self.running:
             periodic.guarded(self.refresh_devices, "reading the end-devices")
 
-    @defer.inlineCallbacks
-    def refresh_devices(self):
+    def records_changed(self, news, told_by):
+        """The operator or a super-node says our domain's end-devices or revocations changed
+        (wired to the directory's news): read them from whoever told us, which has them."""
+        if self.running and news.domain == self._rpc.domain:
+            periodic.guarded(lambda: self.refresh_devices(first=told_by),
+                             "reading the changed end-devices")
+
+    def refresh_devices(self, first=None, wanted=None):
+        """Read the domain's end-devices (from `first` when given; until a source's pass the
+        test `wanted`, when given) → Deferred fired when read; callers while a read is under
+        way wait for that one."""
+        if self._reading is not None:
+            waiting = defer.Deferred()
+            self._reading.append(waiting)
+            return waiting
         if not self._rpc.enrolled or self._directory.operator_address is None:
-            return
-        self.devices = yield self._directory.end_devices()
+            return defer.succeed(None)
+        self._reading = []
+        d = self._directory.end_devices(first=first, wanted=wanted)
+
+        def done(result):
+            if not isinstance(result, Failure):
+                self.devices = result
+            waiting, self._reading = self._reading, None
+            for one in waiting:
+                one.callback(None)
+            return result if isinstance(result, Failure) else None
+
+        return d.addBoth(done)
+
+    def _once_known(self, handler):
+        """`handler` for a request naming a device, run once the device is known (_known)."""
+        def handle(incoming):
+            known = self._known(incoming.message.device_id)
+            return known.addCallback(lambda _: handler(incoming))
+        return handle
+
+    def _known(self, device_id):
+        """Fires once `device_id` is among our devices, or when reading them again (at most
+        every MISS_REFRESH_SECONDS, waited for at most MISS_WAIT_SECONDS) did not find it: a
+        device registered a moment ago is served on the first request for it."""
+        if device_id in self.devices:
+            return defer.succeed(None)
+        now = self._clock.seconds()
+        if self._reading is None and now - self._last_miss_refresh < MISS_REFRESH_SECONDS:
+            return defer.succeed(None)
+        self._last_miss_refresh = now
+        waited = defer.Deferred()
+
+        def release(_=None):
+            if not waited.called:
+                waited.callback(None)
+
+        timer = self._clock.callLater(MISS_WAIT_SECONDS, release)
+        periodic.guarded(lambda: self.refresh_devices(wanted=lambda found: device_id in found),
+                         "reading the end-devices").addBoth(release)
+        return waited.addCallback(lambda _: timer.cancel() if timer.active() else None)
 
     def _keep_alive(self):
         """Ping the replicas, whose NodeInfo of us names our endpoint: keeps NAT mappings."""
@@ -247,11 +304,6 @@ class TunnelService(service.MultiService):
             raise Refused("revoked")
         device = self.devices.get(device_id)
         if device is None:
-            # Perhaps registered since the last refresh: look again (at most every few
-            # seconds) so that the requester's next attempt finds it.
-            if self._clock.seconds() - self._last_miss_refresh > MISS_REFRESH_SECONDS:
-                self._last_miss_refresh = self._clock.seconds()
-                periodic.guarded(self.refresh_devices, "reading the end-devices")
             raise Refused("unregistered_device")
         if trust.is_revoked(device.device_id):
             raise Refused("revoked")

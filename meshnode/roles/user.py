@@ -29,7 +29,8 @@ from meshnode.errors import StartupError
 from meshnode.nat import punch
 from meshnode.nat.rules import (BIRTHDAY_OPENERS, BIRTHDAY_SECONDS, PunchRole, paths,
                                 punch_role, same_lan)
-from meshnode.rpc.messages import (ForwardedTunnelRequest, Introduce,
+from meshnode.core.directory import NotPassedOn
+from meshnode.rpc.messages import (AUTHORIZATION_REFUSALS, ForwardedTunnelRequest, Introduce,
                                    TunnelOpened, TunnelRequest, TunnelResult)
 from meshnode.rpc.service import RPCError
 from meshnode.streams import gate, tunnel_tls
@@ -40,10 +41,15 @@ _log = Logger()
 
 CONNECT_TIMEOUT_SECONDS = 5.0
 RELAY_ONLY_SECONDS = 60.0
+DEVICES_RECHECK_SECONDS = 2.0
 
 
 class TunnelFailed(Exception):
     """No path to the device worked; the message says why."""
+
+
+class NotAuthorized(TunnelFailed):
+    """The tunnel-node refused the device to us (AUTHORIZATION_REFUSALS): not a broken path."""
 
 
 @attrs.define
@@ -78,6 +84,7 @@ class UserService(service.Service):
         self._configured = [Listener(**spec) for spec in settings.listeners]
         self.paths = collections.Counter()
         self._devices = {}
+        self._devices_read_at = float("-inf")
         self._relay_only = {}  # tunnel-node id → until when its direct path is not tried
 
     def resources(self):
@@ -131,13 +138,24 @@ class UserService(service.Service):
     @defer.inlineCallbacks
     def device(self, spec):
         """The EndDevice record named `spec` (name or id hex) in this domain."""
-        for attempt in range(2):
-            for device in self._devices.values():
+        def named(devices):
+            for device in devices.values():
                 if device.name == spec or device.device_id.hex() == spec:
                     return device
-            if attempt == 0:
-                self._devices = yield self._directory.end_devices()
-        raise TunnelFailed(f"no device {spec!r} in this domain")
+            return None
+
+        found = named(self._devices)
+        if found is None and self._clock.seconds() - self._devices_read_at >= (
+                DEVICES_RECHECK_SECONDS):
+            # Registered a moment ago, perhaps: super-nodes that have not read it yet are
+            # passed over for the operator (at most every DEVICES_RECHECK_SECONDS).
+            self._devices_read_at = self._clock.seconds()
+            self._devices = yield self._directory.end_devices(wanted=named)
+            found = named(self._devices)
+        if found is None:
+            raise TunnelFailed(f"no device {spec!r} in this domain (`meshnode operator "
+                               f"device list` on the operator shows the domain's devices)")
+        return found
 
     @defer.inlineCallbacks
     def open_tunnel(self, listener):
@@ -151,18 +169,30 @@ class UserService(service.Service):
         mine = self._reachability.node_info(self._reachability.seen)
         plans = [(node, info, paths(mine, info)) for node, info in nodes]
         now = self._clock.seconds()
+        refused = set()  # tunnel-nodes that refused the device itself: no other path helps
         for path in ("direct", "punched", "relayed"):
             for node, info, allowed in plans:
-                if path not in allowed or (
+                if path not in allowed or node.node_id in refused or (
                         path != "relayed" and self._relay_only.get(node.node_id, 0) > now):
                     continue  # its direct paths failed a moment ago: straight to the relay
                 try:
-                    return (yield self._try[path](self, mine, node, info, device, port)), path
+                    try:
+                        leg = yield self._try[path](self, mine, node, info, device, port)
+                    except NotPassedOn as e:
+                        if any(reason in AUTHORIZATION_REFUSALS for reason in e.refusals):
+                            raise NotAuthorized(str(e)) from None
+                        raise
+                    return leg, path
+                except NotAuthorized as e:
+                    errors.append(f"{path} to {node.name}: {e}")
+                    _log.info("{path} tunnel to {node} refused: {reason}", path=path,
+                              node=node.name, reason=e)
+                    refused.add(node.node_id)
                 except (RPCError, TunnelFailed) as e:
                     errors.append(f"{path} to {node.name}: {e}")
                     _log.info("{path} tunnel to {node} failed: {reason}", path=path,
                               node=node.name, reason=e)
-                    if path != "relayed":
+                    if path != "relayed":  # only a path that failed sends it to the relay
                         self._relay_only[node.node_id] = now + RELAY_ONLY_SECONDS
         raise TunnelFailed("; ".join(errors))
 
@@ -178,7 +208,8 @@ class UserService(service.Service):
         opened = yield self._rpc.call(peer, (endpoint.host, endpoint.port),
                                       TunnelRequest(device.device_id, port), TunnelOpened)
         if opened.result != TunnelResult.OPENED:
-            raise TunnelFailed(f"refused: {opened.reason}")
+            refusal = NotAuthorized if opened.reason in AUTHORIZATION_REFUSALS else TunnelFailed
+            raise refusal(f"refused: {opened.reason}")
         return (yield self._dial(opened.endpoint, opened.token, node))
 
     @defer.inlineCallbacks

@@ -51,6 +51,7 @@ class Command(enum.IntEnum):
     INTRODUCTION = 32
     PUNCH_REQUEST = 33
     PUNCH_INTRODUCTION = 34
+    RECORDS_CHANGED = 35
 
 
 PING_DATA_LIMIT = 1000
@@ -647,6 +648,13 @@ class TunnelResult(enum.IntEnum):
     REFUSED = 1
 
 
+# Refusals of who may have which device: the same whichever path the request took, so a
+# requester neither tries the other paths to that tunnel-node nor takes them for a broken path.
+AUTHORIZATION_REFUSALS = frozenset((
+    "other_domain", "revoked", "unregistered_device", "wrong_location", "port_not_allowed",
+    "device_not_found", "bad_requester", "limit_total", "limit_domain", "limit_node"))
+
+
 _TOKEN_SIZE = 32
 
 
@@ -910,6 +918,27 @@ class DevicesSeen:
         return cls(location, devices)
 
 
+@attrs.frozen
+class RecordsChanged:
+    """News that a domain's operator-signed records for tunnel-nodes (EndDevice, Revocation)
+    changed: the operator tells the super-nodes serving the domain, and each replica the
+    tunnel-nodes of the domain it holds; a receiver reads them again from whoever told it
+    unless it has read `serial` (the domain's change serial) already. Answered with Stored."""
+
+    COMMAND = Command.RECORDS_CHANGED
+    domain: int
+    serial: int
+
+    def encode(self):
+        return struct.pack(">IQ", self.domain, self.serial)
+
+    @classmethod
+    def decode(cls, payload):
+        if len(payload) != 12:
+            raise DecodeError("a RecordsChanged is 12 bytes")
+        return cls(*struct.unpack(">IQ", payload))
+
+
 def _ipv4_text(text):
     """Only an IPv4 address, as `str(IPv4Address)` spells it, reaches the admin's table."""
     try:
@@ -926,7 +955,7 @@ MESSAGES = {cls.COMMAND: cls for cls in (
     WhoAmI, YouAre, SubmitSuperNode, SuperNodeStatus, TransferPartition, PartitionDigests,
     PartitionRecords, GetTunnelNodes, TunnelNodes, TunnelRequest, TunnelOpened,
     ForwardedTunnelRequest, RelayedTunnelRequest, ForwardedTunnelOpened, DevicesSeen, Introduce,
-    Introduction, PunchRequest, PunchIntroduction)}
+    Introduction, PunchRequest, PunchIntroduction, RecordsChanged)}
 
 # A Node answer is at most: header, plain length, request id, blob length, largest Node record.
 NODE_ANSWER_SIZE = 96 + 2 + 12 + 2 + (2 + 4 + 32 * 3 + 2 + records.NAME_LIMIT + 16 + 32 + 64)

@@ -1,7 +1,8 @@
 """The operator role: the only trusted party, which signs the records everyone else checks.
 
-It serves the HTTPS enrollment API, keeps its own records current, follows revocations made
-with the admin command line, answers the directory's RPC lookups (operators, super-nodes, Node
+It serves the HTTPS enrollment API, keeps its own records current, follows the changes made
+with the admin command line (end-devices, revocations: each raises its domain's serial in the
+store) and tells the super-nodes serving the domain at once, answers the directory's RPC lookups (operators, super-nodes, Node
 records, end-devices) for every domain, places super-nodes on DHT partition ranges, and
 serves every range that has fewer than K super-nodes itself.
 """
@@ -15,14 +16,16 @@ from twisted.logger import Logger
 
 from meshnode import records
 from meshnode.core import identity, periodic, ports
-from meshnode.core.dht import DEFAULT_QUOTA, PartitionService
+from meshnode.core.dht import DEFAULT_QUOTA, PartitionService, served
+from meshnode.core.directory import Replica
 from meshnode.errors import StartupError
 from meshnode.roles.operator import assignment, directory, placement, registry, signing, tls
 from meshnode.roles.operator.enroll import EnrollmentAPI, enrollment_site
+from meshnode.rpc.messages import RecordsChanged
 
 _log = Logger()
 
-REVOCATION_POLL_SECONDS = 5.0
+CHANGES_POLL_SECONDS = 1.0  # how often the store's change serials are read
 OWN_RECORD_CHECK_SECONDS = 3600.0
 
 
@@ -47,6 +50,8 @@ class OperatorService(service.MultiService):
         self._port = None
         self._operator = None  # (this operator's Identity, its OperatorNode records)
         self.fingerprint = None
+        self._directory = core.directory
+        self._serials = None  # domain → the change serial last followed
         # The operator serves the DHT ranges that have fewer than K super-nodes.
         self._partition = PartitionService(rpc=core.rpc, store=core.store, clock=core.reactor,
                                            quota=settings.quota,
@@ -58,7 +63,7 @@ class OperatorService(service.MultiService):
         self._partition.setServiceParent(self)
         self.placement.setServiceParent(self)
         for interval, work, what in (
-                (REVOCATION_POLL_SECONDS, self._follow_revocations, "following revocations"),
+                (CHANGES_POLL_SECONDS, self._follow_changes, "following changes"),
                 (OWN_RECORD_CHECK_SECONDS, self._renew_own_node, "renewing the own Node")):
             periodic.every(interval, work, self._reactor, what).setServiceParent(self)
 
@@ -132,8 +137,17 @@ class OperatorService(service.MultiService):
             self._identity_service.reload()
 
     @defer.inlineCallbacks
-    def _follow_revocations(self):
-        """Revocations made with the admin command line reach the running operator."""
+    def _follow_changes(self):
+        """Changes made with the admin command line (on this host, or by another operator
+        sharing the database) reach the running operator: revocations are applied, and the
+        super-nodes serving a changed domain, and the domain's tunnel-nodes this operator
+        holds as a DHT replica, are told at once (RecordsChanged)."""
+        serials = yield self._store.run(registry.thd_domain_serials)
+        previous, self._serials = self._serials, serials
+        changed = {domain: serial for domain, serial in serials.items()
+                   if previous is None or serial != previous.get(domain)}
+        if not changed:
+            return
         blobs = yield self._store.run(registry.thd_revocations)
         now = records.now_ms(self._reactor)
         for blob in blobs:
@@ -141,3 +155,25 @@ class OperatorService(service.MultiService):
                 self._rpc.trust.add_revocation(records.decode_signed(blob), now)
             except (ValueError, records.RecordError) as e:
                 _log.error("a stored Revocation record is unusable: {reason}", reason=e)
+        if previous is None:
+            return  # the first look since we started: nobody needs telling
+        super_nodes = yield self._store.run(registry.thd_super_node_records)
+        for domain, serial in changed.items():
+            yield self._tell(domain, serial, super_nodes)
+
+    def _tell(self, domain, serial, super_node_blobs):
+        news = RecordsChanged(domain, serial)
+        key = records.partition_of(domain)
+        told = {}
+        for blob in super_node_blobs:
+            placed = records.decode_signed(blob).record
+            if placed.partition_from <= key <= placed.partition_to:
+                told[placed.node_id] = Replica(placed.node_id,
+                                               (placed.endpoint.host, placed.endpoint.port))
+        _log.info("records of domain {domain:#010x} changed (serial {serial}): telling "
+                  "{count} super-nodes", domain=domain, serial=serial, count=len(told))
+        sent = [self._directory.tell(replica, news) for replica in told.values()]
+        if served(self._partition.ranges, key):
+            sent.append(self._directory.tell_entries(self._partition.tunnel_nodes(domain),
+                                                     news))
+        return defer.gatherResults(sent)

@@ -51,6 +51,20 @@ def thd_create_domain(engine, name, now):
     raise RegistryError(500, "no free domain id found")
 
 
+def _changed(connection, domain):
+    """The domain's end-devices or revocations changed: raise its serial, which running
+    operators follow (thd_domain_serials) to tell the nodes holding those records."""
+    connection.execute(domains.update().where(domains.c.domain == domain).values(
+        serial=domains.c.serial + 1))
+
+
+def thd_domain_serials(engine):
+    """{domain id: change serial} of every domain."""
+    with engine.connect() as connection:
+        return {row.domain: row.serial
+                for row in connection.execute(sa.select(domains.c.domain, domains.c.serial))}
+
+
 def thd_list_domains(engine):
     with engine.connect() as connection:
         rows = connection.execute(sa.select(domains).order_by(domains.c.name))
@@ -190,6 +204,7 @@ def _resign_revocation(connection, operator, domain, now):
                                               (), now))
     connection.execute(revocations.insert().values(domain=domain, record=signed.encode(),
                                                    created=now))
+    _changed(connection, domain)
     return signed
 
 
@@ -281,6 +296,7 @@ def _add_device(connection, operator, domain, domain_name, name, mac, address,
         record=signed.encode(), created=now))
     connection.execute(pending_devices.delete().where(
         pending_devices.c.domain == domain, pending_devices.c.mac == mac))
+    _changed(connection, domain)
     return _device_row(signed.record, domain_name)
 
 
@@ -387,3 +403,4 @@ def thd_remove_device(engine, domain_name, name):
             end_devices.c.domain == domain, end_devices.c.name == name))
         if removed.rowcount != 1:
             raise RegistryError(404, f"no device {name!r} in {domain_name!r}")
+        _changed(connection, domain)

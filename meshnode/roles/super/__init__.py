@@ -167,18 +167,37 @@ class SuperService(service.MultiService):
         for domain in self.partition.records.counts():
             if not served(self.partition.ranges, records.partition_of(domain)):
                 continue  # entries kept from a range given up, until they expire
-            blobs = []
             try:
-                yield read_pages(
-                    lambda offset: self._directory.call(
-                        operator, GetEndDevices(offset, domain), EndDevices),
-                    "signed", lambda signed: blobs.extend(one.encode() for one in signed))
+                kept[domain] = yield self._fetch_end_devices(operator, domain)
             except RPCError:
                 if domain in self.end_devices:
                     kept[domain] = self.end_devices[domain]  # keep what we had
-                continue
-            kept[domain] = blobs
         self.end_devices = kept
+
+    @defer.inlineCallbacks
+    def _fetch_end_devices(self, operator, domain):
+        blobs = []
+        yield read_pages(
+            lambda offset: self._directory.call(operator, GetEndDevices(offset, domain),
+                                                EndDevices),
+            "signed", lambda signed: blobs.extend(one.encode() for one in signed))
+        return blobs
+
+    @defer.inlineCallbacks
+    def records_changed(self, news, told_by):
+        """An operator says a domain's end-devices or revocations changed (wired to the
+        directory's news): read them again if we serve the domain, then pass the news on to
+        the domain's tunnel-nodes we hold, which read them here."""
+        if (not self._rpc.trust.is_operator(told_by.node_id)
+                or not served(self.partition.ranges, records.partition_of(news.domain))):
+            return
+        try:
+            self.end_devices[news.domain] = yield self._fetch_end_devices(told_by, news.domain)
+        except RPCError as e:
+            _log.info("could not read the changed end-devices of {domain:#010x}: {reason}",
+                      domain=news.domain, reason=e)
+            return
+        yield self._directory.tell_entries(self.partition.tunnel_nodes(news.domain), news)
 
     def _end_devices(self, incoming):
         """The requester's domain's end-devices, as last fetched; none for a domain not
