@@ -191,7 +191,7 @@ class DirectoryEndDevicesTests(_Base):
         self.answers(self.sup, self.blobs(self.alice)[:2])
         directory = self.listed(self.sup)
         devices = self.settle(directory.end_devices())
-        self.assertEqual(sorted(d.name for d in devices.values()), ["camera", "printer", "scanner"])
+        self.assertEqual(sorted(d.name for d in devices.values()), ["camera", "printer"])
         self.assertEqual(self.asked(self.sup), 1)
         self.assertEqual(self.asked(self.operator), 0)
 
