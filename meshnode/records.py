@@ -516,6 +516,10 @@ class Trust:
     def is_operator(self, node_id):
         return node_id in self._operators
 
+    def operator_key(self, node_id):
+        """The signing key of a trusted operator, or None."""
+        return self._operators.get(node_id)
+
     def is_revoked(self, some_id):
         return some_id in self.revoked
 

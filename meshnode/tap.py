@@ -61,8 +61,8 @@ class Options(usage.Options):
                                              "certificate (`meshnode operator info`)"],
         ["operator-ca", None, None, "a CA bundle to check the operator's certificate and "
                                     "hostname with, instead of a fingerprint"],
-        ["operator-rpc", None, None, "the operator's RPC address HOST:PORT (default: the "
-                                     "operator-url's host, port 7400)"],
+        ["operator-rpc", None, None, "the operator's RPC address HOST:PORT, overriding the "
+                                     "endpoints the operator names when a node enrolls"],
         ["enroll-token", None, None, "the domain enrollment token for the first start"],
         ["name", None, None, "this node's overlay name, unique in its domain"],
         ["enroll-listen", None, None, "(operator) endpoint of the HTTPS enrollment API "
@@ -140,7 +140,8 @@ def roles_of(settings):
 
 
 def _operator_rpc_address(settings):
-    """Where the operator answers the RPC: `operator-rpc`, else the enrollment URL's host."""
+    """Where the operator answers the RPC: `operator-rpc`, else (until the operator's own
+    word comes with the enrollment) a guess: the enrollment URL's host, port 7400."""
     if "operator-rpc" in settings:
         return settings["operator-rpc"]
     if "operator-url" in settings:
@@ -179,7 +180,9 @@ def build_node(settings, reactor):
                      burst=settings["rate-burst"], fallback_port=settings["fallback-port"],
                      tls=tls.context, side_channel=stun_client, drops=drops)
     directory = DirectoryService(identity=identity, store=store, rpc=rpc,
-                                 operator_address=_operator_rpc_address(settings), clock=reactor)
+                                 operator_address=_operator_rpc_address(settings),
+                                 follow_enrollment="operator-rpc" not in settings,
+                                 clock=reactor)
     mapped = []  # (protocol, service with a `port`) that UPnP maps
     mapper = None
     if _maps_ports(settings):
@@ -200,6 +203,7 @@ def build_node(settings, reactor):
     for child in (identity, store, rpc, directory, reachability, control):
         child.setServiceParent(node)
     identity.observers.append(rpc.use_enrollment)
+    identity.observers.append(directory.enrollment_changed)
     identity.observers.append(reachability.enrollment_changed)
     rpc.learned.append(directory.remember_node)
     directory.list_observers.append(reachability.list_changed)

@@ -120,8 +120,10 @@ class _OperatorTestCase(TestCase):
         self.domain = registry.thd_create_domain(self.store.engine, DOMAIN_NAME, self.now_ms())
         self.token = self.new_token(uses=5)
         self.tls = tls.load_or_create_tls(self.state_dir, reactor)
-        self.api = enroll.EnrollmentAPI(self.store, self.operator, self.signed_operator,
-                                        self.clock, burst=self.burst)
+        self.api = enroll.EnrollmentAPI(
+            self.store, self.operator, self.signed_operator, self.clock,
+            lambda request: [f"{request.getRequestHostname().decode()}:7400",
+                             "192.0.2.1:7400"], burst=self.burst)
         description = tls.server_endpoint_string("ssl:0:interface=127.0.0.1",
                                                  self.tls.key_path, self.tls.cert_path)
         port = await _listen(reactor, description, enroll.enrollment_site(self.api), self)
@@ -194,6 +196,28 @@ class EnrollTests(_OperatorTestCase):
         self.assertTrue(enrollment.trust.is_operator(self.operator.node_id))
         self.assertEqual(answer["super_nodes"], [])
         self.assertEqual(self.uses_left(self.token), 4)
+        # The operator says where its RPC is, signed for this node, and names the domain.
+        self.assertEqual(identity.checked_operator_said(answer, enrollment),
+                         (DOMAIN_NAME, (("127.0.0.1", 7400), ("192.0.2.1", 7400))))
+
+    async def test_operator_rpc_endpoints_are_checked(self):
+        """Endpoints changed after signing, signed by an unknown key, or signed for
+        another node are refused."""
+        me = identity.Identity.generate()
+        answer = await self.client().enroll(me, self.token, "laptop")
+        enrollment = identity.Enrollment.from_bundle(
+            me, records.decode_bundle(answer["enrollment"]), self.now_ms())
+        rpc = answer["operator_rpc"]
+        for bad in ({**rpc, "endpoints": ["203.0.113.9:7400"]},
+                    {**rpc, "signer": "00" * 32},
+                    {**rpc, "signature": "00" * 64},
+                    {**rpc, "endpoints": ["no port here"]}):
+            self.assertRaises(ValueError, identity.checked_operator_said,
+                              {"operator_rpc": bad}, enrollment)
+        other = identity.Identity.generate()
+        other_answer = await self.client().enroll(other, self.token, "desktop")
+        self.assertRaises(ValueError, identity.checked_operator_said,
+                          {"operator_rpc": other_answer["operator_rpc"]}, enrollment)
 
     async def test_replayed_token_is_refused(self):
         """A token for one use buys one enrollment; the second is refused with 403."""

@@ -36,6 +36,7 @@ def node_status(identity_service, rpc, sections=()):
         "enrolled": enrollment.enrolled,
         "name": node.name if node else None,
         "domain": node.domain if node else None,
+        "domain_name": enrollment.domain_name,
         "expires": node.expires if node else None,
         "roles": [role.name.lower() for role in Role if rpc.roles & role],
         "rpc_port": rpc.port,

@@ -123,12 +123,16 @@ def thd_keep_list(engine, name, data):
 class DirectoryService(service.MultiService):
     name = "directory"
 
-    def __init__(self, *, identity, store, rpc, operator_address=None, clock=None, rng=None):
+    def __init__(self, *, identity, store, rpc, operator_address=None, follow_enrollment=False,
+                 clock=None, rng=None):
         super().__init__()
         self._identity_service = identity
         self._store = store
         self._rpc = rpc
+        # Where the operator's RPC is: `operator_address` (configured, or a guess), replaced
+        # with `follow_enrollment` by the endpoints the operator signed into our enrollment.
         self.operator_address = operator_address
+        self._follow_enrollment = follow_enrollment
         self._operator = None
         self._operator_retry_at = 0
         self._rng = rng or random.Random()
@@ -151,6 +155,7 @@ class DirectoryService(service.MultiService):
         return self._identity_service.enrollment.trust.operator_ids
 
     def startService(self):
+        self.enrollment_changed(self._identity_service.enrollment)
         self._rpc.register(Command.RECORDS_CHANGED, self._records_changed,
                            self.from_operator_or_super_node)
         d = self._store.run(store.thd_load_nodes)
@@ -160,6 +165,16 @@ class DirectoryService(service.MultiService):
         d.addCallback(self._restore_list)
         d.addErrback(lambda f: _log.failure("could not load the kept super-node list", f))
         super().startService()
+
+    def enrollment_changed(self, enrollment):
+        """(Wired to the identity's observers.) The operator's RPC is where it said it is."""
+        if (self._follow_enrollment and enrollment.operator_rpc
+                and enrollment.operator_rpc[0] != self.operator_address):
+            self.operator_address = enrollment.operator_rpc[0]
+            self._operator = None
+            self._operator_retry_at = 0
+            _log.info("the operator's RPC is at {host}:{port}, as it said when we enrolled",
+                      host=self.operator_address[0], port=self.operator_address[1])
 
     def stopService(self):
         self._rpc.unregister(Command.RECORDS_CHANGED)

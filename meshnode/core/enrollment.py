@@ -32,6 +32,8 @@ from meshnode.config import parse_fingerprint
 _log = Logger()
 
 RENEW_CONTEXT = b"meshnode/1 renew\x00"
+OPERATOR_RPC_CONTEXT = b"meshnode/1 operator rpc\x00"
+OPERATOR_RPC_LIMIT = 8  # endpoints in an enrollment answer
 CONNECT_TIMEOUT = 10
 TIMEOUT = 30
 
@@ -39,6 +41,12 @@ TIMEOUT = 30
 def renew_message(node_id, timestamp):
     """What a node signs to renew its Node record: context, node id, u64 big-endian time (ms)."""
     return RENEW_CONTEXT + node_id + timestamp.to_bytes(8, "big")
+
+
+def operator_rpc_message(node_id, endpoints):
+    """What an operator signs to tell an enrolling node where its RPC answers: context, the
+    node's id, the "HOST:PORT" endpoints one per line."""
+    return OPERATOR_RPC_CONTEXT + node_id + "\n".join(endpoints).encode("utf-8")
 
 
 class EnrollmentError(Exception):
@@ -248,6 +256,17 @@ def _parse_answer(body):
             raise ValueError(f"{field!r} is missing or not a {kind.__name__}")
     answer["enrollment"] = _decode_base64(answer["enrollment"])
     answer["super_nodes"] = [_decode_base64(record) for record in answer["super_nodes"]]
+    # From operators that send them (older ones do not): checked when the node keeps them.
+    if not isinstance(answer.setdefault("domain_name", None), (str, type(None))):
+        raise ValueError("'domain_name' is not a string")
+    rpc = answer.setdefault("operator_rpc", None)
+    if rpc is not None:
+        if (not isinstance(rpc, dict) or not isinstance(rpc.get("endpoints"), list)
+                or not all(isinstance(e, str) for e in rpc["endpoints"])
+                or not 0 < len(rpc["endpoints"]) <= OPERATOR_RPC_LIMIT
+                or not isinstance(rpc.get("signer"), str)
+                or not isinstance(rpc.get("signature"), str)):
+            raise ValueError("'operator_rpc' is not endpoints with a signer and a signature")
     return answer
 
 

@@ -2,19 +2,24 @@
 
 Keys are made on first start (mode 0600); a corrupt key file is moved aside, never deleted.
 The enrollment file holds the Node record and the OperatorNode records (trust anchors); the
-service enrolls over HTTPS with a token and renews the Node record before it expires.
+operator file beside it what the operator said with them (its domain's name, and its RPC
+endpoints, signed by the operator). The service enrolls over HTTPS with a token and renews
+the Node record before it expires.
 """
 
+import datetime
 import json
 import os
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from twisted.application import service
 from twisted.logger import Logger
 
-from meshnode import records
+from meshnode import config, records
+from meshnode.core.enrollment import operator_rpc_message
 
 _log = Logger()
 
@@ -22,6 +27,17 @@ SIGNING_KEY_FILE = "node.ed25519"
 AGREEMENT_KEY_FILE = "node.x25519"
 PUBLIC_KEY_FILE = "node.pub"
 ENROLLMENT_FILE = "enrollment"
+OPERATOR_FILE = "operator.json"
+
+
+def domain_text(domain, name=None):
+    """A domain as people see it: its name with its id beside it, `acme (0x0a1b2c3d)`."""
+    return f"{name} ({domain:#010x})" if name else f"{domain:#010x}"
+
+
+def _iso(ms):
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M:%S UTC")
 
 
 def _raw_public(key):
@@ -126,10 +142,12 @@ def read_public_key_file(path):
 class Enrollment:
     """The node's Node record and the trust built from the operator records beside it."""
 
-    def __init__(self, node=None, trust=None, bundle=()):
+    def __init__(self, node=None, trust=None, bundle=(), domain_name=None, operator_rpc=()):
         self.node = node
         self.trust = trust or records.Trust()
         self.bundle = tuple(bundle)
+        self.domain_name = domain_name
+        self.operator_rpc = tuple(operator_rpc)  # (host, port) where the operator's RPC is
 
     @property
     def enrolled(self):
@@ -167,10 +185,55 @@ def load_enrollment(state_dir, identity, now):
         return Enrollment()
     try:
         with open(path, "rb") as f:
-            return Enrollment.from_bundle(identity, records.decode_bundle(f.read()), now)
+            enrollment = Enrollment.from_bundle(identity, records.decode_bundle(f.read()), now)
     except (ValueError, records.RecordError) as e:
         _log.error("not enrolled: {path} is unusable ({reason})", path=path, reason=e)
         return Enrollment()
+    said = _read_operator_file(os.path.join(state_dir, OPERATOR_FILE))
+    if said is not None:
+        try:
+            enrollment.domain_name, enrollment.operator_rpc = checked_operator_said(
+                said, enrollment)
+        except ValueError as e:
+            _log.error("{path} is unusable ({reason}): ignored", path=OPERATOR_FILE, reason=e)
+    return enrollment
+
+
+def _read_operator_file(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            said = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        _log.error("{path} is unusable ({reason}): ignored", path=path, reason=e)
+        return None
+    return said if isinstance(said, dict) else None
+
+
+def checked_operator_said(said, enrollment):
+    """(domain name, ((host, port), …)) from what the operator said beside an enrollment
+    (the answer's `domain_name` and `operator_rpc`); the endpoints must be signed by an
+    operator the enrollment trusts, for this node: else ValueError."""
+    name = said.get("domain_name")
+    if name is not None and not isinstance(name, str):
+        raise ValueError("the domain name is not text")
+    rpc = said.get("operator_rpc")
+    if rpc is None:
+        return name, ()
+    try:
+        signer, signature = bytes.fromhex(rpc["signer"]), bytes.fromhex(rpc["signature"])
+        endpoints = [config.parse_host_port(text) for text in rpc["endpoints"]]
+        key = enrollment.trust.operator_key(signer)
+        if key is None:
+            raise ValueError("the operator RPC endpoints are signed by an unknown operator")
+        Ed25519PublicKey.from_public_bytes(key).verify(
+            signature, operator_rpc_message(enrollment.node.record.node_id, rpc["endpoints"]))
+    except InvalidSignature:
+        raise ValueError("the operator RPC endpoints' signature is wrong") from None
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"the operator RPC endpoints are malformed ({e})") from None
+    return name, tuple(endpoints)
 
 
 RENEW_MARGIN_MS = 10 * 86_400_000  # renew a Node record when it has less than this left
@@ -226,8 +289,9 @@ class IdentityService(service.Service):
     def _announce(self):
         if self.enrollment.enrolled:
             node = self.enrollment.node.record
-            _log.info("node {node_id} ({name}) of domain {domain:#010x}",
-                      node_id=self.identity.node_id.hex(), name=node.name, domain=node.domain)
+            _log.info("node {node_id} ({name}) of domain {domain}",
+                      node_id=self.identity.node_id.hex(), name=node.name,
+                      domain=domain_text(node.domain, self.enrollment.domain_name))
 
     def _use(self, enrollment):
         self.enrollment = enrollment
@@ -272,9 +336,22 @@ class IdentityService(service.Service):
                        reason=e)
             self._retry()
             return
+        said = {"domain_name": answer.get("domain_name"),
+                "operator_rpc": answer.get("operator_rpc")}
+        try:
+            enrollment.domain_name, enrollment.operator_rpc = checked_operator_said(
+                said, enrollment)
+        except ValueError as e:
+            _log.error("the operator's {action} answer: {reason}; its RPC endpoints are not "
+                       "used", action=action, reason=e)
+            said = {"domain_name": said["domain_name"]}
+            enrollment.domain_name = said["domain_name"] if isinstance(
+                said["domain_name"], str) else None
         write_private(os.path.join(self.state_dir, ENROLLMENT_FILE), answer["enrollment"])
+        write_private(os.path.join(self.state_dir, OPERATOR_FILE),
+                      json.dumps(said, indent=1).encode())
         _log.info("{action} done: Node record valid until {expires}", action=action,
-                  expires=enrollment.node.record.expires)
+                  expires=_iso(enrollment.node.record.expires))
         self._failures = 0
         self._use(enrollment)
         self._schedule(RENEW_CHECK_SECONDS)

@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from meshnode import records
+from meshnode.config import unspecified
 from meshnode.core import identity, periodic, ports
 from meshnode.core.dht import DEFAULT_QUOTA, PartitionService, served
 from meshnode.core.directory import Replica
@@ -22,6 +23,7 @@ from meshnode.errors import StartupError
 from meshnode.roles.operator import assignment, directory, placement, registry, signing, tls
 from meshnode.roles.operator.enroll import EnrollmentAPI, enrollment_site
 from meshnode.rpc.messages import RecordsChanged
+from meshnode.wire import Endpoint
 
 _log = Logger()
 
@@ -51,6 +53,7 @@ class OperatorService(service.MultiService):
         self._operator = None  # (this operator's Identity, its OperatorNode records)
         self.fingerprint = None
         self._directory = core.directory
+        self._listen_address = core.listen_address
         self._serials = None  # domain → the change serial last followed
         # The operator serves the DHT ranges that have fewer than K super-nodes.
         self._partition = PartitionService(rpc=core.rpc, store=core.store, clock=core.reactor,
@@ -89,7 +92,8 @@ class OperatorService(service.MultiService):
         self._operator = me, own
         certificate = tls.load_or_create_tls(self._state_dir, self._reactor)
         self.fingerprint = certificate.fingerprint
-        site = enrollment_site(EnrollmentAPI(self._store, me, own, self._reactor))
+        site = enrollment_site(EnrollmentAPI(self._store, me, own, self._reactor,
+                                             self._rpc_endpoints))
         description = tls.server_endpoint_string(self._enroll_listen, certificate.key_path,
                                                  certificate.cert_path)
         self._port = ports.listen_endpoint(self._reactor, description, site,
@@ -97,6 +101,15 @@ class OperatorService(service.MultiService):
         _log.info("enrollment API listening on {address}", address=self._port.getHost())
         _log.info("operator TLS certificate SHA-256 fingerprint: {fingerprint}",
                   fingerprint=self.fingerprint)
+
+    def _rpc_endpoints(self, request):
+        """Where the node that sent enrollment `request` reaches our RPC: at the host it
+        reached the enrollment API at (its Host header; else the address it connected to),
+        and at our listen address when one is set."""
+        hosts = [request.getRequestHostname().decode("idna")]
+        if not unspecified(self._listen_address):
+            hosts.append(self._listen_address)
+        return [str(Endpoint(host, self._rpc.port)) for host in dict.fromkeys(hosts)]
 
     def startService(self):
         self._listen()

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from meshnode import records
+from meshnode.core.enrollment import OPERATOR_RPC_LIMIT, operator_rpc_message
 from meshnode.core.web import Routes, json_body
 from meshnode.roles.operator import registry
 from meshnode.rpc.ratelimit import RateLimiter
@@ -98,12 +99,14 @@ def _thd_issue(engine, issue, operator, *args):
     """Issue a Node record, then read what goes with it, in one trip to the store's thread."""
     signed = issue(engine, operator, *args)
     return (signed, registry.thd_operator_records(engine), registry.thd_revocations(engine),
-            registry.thd_super_node_records(engine))
+            registry.thd_super_node_records(engine),
+            registry.thd_domain_name(engine, signed.record.domain))
 
 
-def _answer(signed_operator, issued):
-    """The JSON answer to an enrollment or renewal: the Node record and what to trust."""
-    signed, operator_records, revocation_records, super_node_records = issued
+def _answer(operator, signed_operator, issued, rpc_endpoints):
+    """The JSON answer to an enrollment or renewal: the Node record and what to trust, the
+    domain's name, and where the operator's RPC answers ("HOST:PORT" texts), signed."""
+    signed, operator_records, revocation_records, super_node_records, domain_name = issued
     node = signed.record
     operators = [records.decode_signed(data) for data in operator_records]
     if signed_operator.record.node_id not in {s.record.node_id for s in operators}:
@@ -114,7 +117,12 @@ def _answer(signed_operator, issued):
     return {"node_id": node.node_id.hex(), "domain": node.domain, "name": node.name,
             "expires": node.expires, "enrollment": base64.b64encode(bundle).decode("ascii"),
             "super_nodes": [base64.b64encode(data).decode("ascii")
-                            for data in super_node_records]}
+                            for data in super_node_records],
+            "domain_name": domain_name,
+            "operator_rpc": {
+                "endpoints": rpc_endpoints, "signer": operator.node_id.hex(),
+                "signature": operator.signing_key.sign(
+                    operator_rpc_message(node.node_id, rpc_endpoints)).hex()}}
 
 
 def _client_host(request):
@@ -147,7 +155,7 @@ class _Action(resource.Resource):
             return json_body(request, e.status, {"error": e.reason})
         finished = []
         request.notifyFinish().addBoth(finished.append)  # fires early if the client goes
-        d = self._api.issue(issue, *arguments)
+        d = self._api.issue(issue, self._api.rpc_endpoints(request), *arguments)
         d.addCallbacks(self._issued, self._refused, callbackArgs=(host,),
                        errbackArgs=(host,))
         d.addCallback(self._reply, request, finished)
@@ -180,13 +188,15 @@ class EnrollmentAPI(Routes):
     """The enrollment API's root: /v1/enroll and /v1/renew.
 
     `store` runs `thd_*` functions (StoreService), `operator_identity` signs the Node records,
-    `signed_operator` is this operator's OperatorNode record; `rate` and `burst` bound requests
-    per client address.
+    `signed_operator` is this operator's OperatorNode record; `rpc_endpoints(request)` → the
+    "HOST:PORT" texts where the node that made `request` reaches the operator's RPC; `rate`
+    and `burst` bound requests per client address.
     """
 
-    def __init__(self, store, operator_identity, signed_operator, clock, rate=RATE,
-                 burst=BURST):
+    def __init__(self, store, operator_identity, signed_operator, clock, rpc_endpoints,
+                 rate=RATE, burst=BURST):
         super().__init__()
+        self.rpc_endpoints = lambda request: rpc_endpoints(request)[:OPERATOR_RPC_LIMIT]
         self._store = store
         self._operator = operator_identity
         self._signed_operator = signed_operator
@@ -198,11 +208,12 @@ class EnrollmentAPI(Routes):
         v1.putChild(b"enroll", _Action(self, "enroll", _enroll_arguments))
         v1.putChild(b"renew", _Action(self, "renew", _renew_arguments))
 
-    def issue(self, issue, *arguments):
+    def issue(self, issue, rpc_endpoints, *arguments):
         """Run a registry function that issues a Node record → Deferred[JSON answer]."""
         d = self._store.run(_thd_issue, issue, self._operator, *arguments,
                             records.now_ms(self._clock))
-        d.addCallback(lambda issued: _answer(self._signed_operator, issued))
+        d.addCallback(lambda issued: _answer(self._operator, self._signed_operator, issued,
+                                             rpc_endpoints))
         return d
 
 

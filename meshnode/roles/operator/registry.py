@@ -65,6 +65,13 @@ def thd_domain_serials(engine):
                 for row in connection.execute(sa.select(domains.c.domain, domains.c.serial))}
 
 
+def thd_domain_name(engine, domain):
+    with engine.connect() as connection:
+        row = connection.execute(sa.select(domains.c.name).where(
+            domains.c.domain == domain)).first()
+    return row.name if row is not None else None
+
+
 def thd_list_domains(engine):
     with engine.connect() as connection:
         rows = connection.execute(sa.select(domains).order_by(domains.c.name))
