@@ -184,6 +184,9 @@ def parse_replicas(text):
     return value
 
 
+NODE_CONFIG_FILE = "meshnode.conf"  # in the state directory: read when no --config is given
+
+
 def default_state_dir():
     if os.geteuid() == 0:
         return "/var/lib/meshnode"

@@ -49,7 +49,9 @@ class Options(usage.Options):
     optParameters = [
         ["partition", None, None, "DHT partition range offered, hex A-B within 0000-ffff "
                                   "(only with --super; default 0-ffff)"],
-        ["config", None, None, "INI configuration file; command-line flags override it"],
+        ["config", None, None, "INI configuration file (default: STATE-DIR/meshnode.conf, "
+                               "as `meshnode join` writes it, when it exists); command-line "
+                               "flags override it"],
         ["state-dir", None, None, "directory for keys, records and the database"],
         ["rpc-port", None, None, f"UDP (and TCP) port of the RPC (default "
                                  f"{config.DEFAULT_RPC_PORT}; 0 picks a free one)"],
@@ -92,8 +94,13 @@ class Options(usage.Options):
     def _settle(self):
         """Merge defaults, the config file and the command line into checked settings."""
         settings = dict(config.DEFAULTS)
-        if self["config"] is not None:
-            settings.update(config.read_config(self["config"]))
+        config_file = self["config"]
+        if config_file is None:  # the one `meshnode join` wrote, if any
+            joined = os.path.join(self["state-dir"] or config.default_state_dir(),
+                                  config.NODE_CONFIG_FILE)
+            config_file = joined if os.path.exists(joined) else None
+        if config_file is not None:
+            settings.update(config.read_config(config_file))
         for key in ("partition", "state-dir", "rpc-port", "listen-address", "database",
                     "operator-url", "operator-fingerprint", "operator-ca", "operator-rpc",
                     "enroll-token", "name", "enroll-listen", "replicas", "tunnel-port",

@@ -16,16 +16,20 @@ class DemoTests(TestCase):
 
     @defer.inlineCallbacks
     def test_demo_network_works_and_stops(self):
-        """The demo's nodes enroll, the super-node is placed, the users find each other
-        through it and ping, the demo printer's page comes through a tunnel, and all stop."""
+        """The demo's nodes join with the join line and start at once, the demo printer's
+        page comes through a tunnel within 15 s of their start, the super-node is placed, the
+        users find each other through it and ping, and all stop."""
         base = tempfile.mkdtemp(prefix="mn-demo-", dir="/tmp")
         self.addCleanup(shutil.rmtree, base, ignore_errors=True)
         state = os.path.join(base, "demo")
         code, output = yield run_command([sys.executable, "-m", "meshnode.cli.demo", "--dir", state,
                                           "--seconds", "0"], timeout=90)
         self.assertEqual(code, 0, output)
-        for line in ("super1 enrolled, was reached back", "placed on 0000-ffff",
+        for line in ("join:  meshnode join mnj1.", "wrote ", "super1 was reached back",
+                     "placed on 0000-ffff",
                      "alice → bob:", "bob → alice:", "answered by:", "Demo printer",
                      "(path: direct)", "through a meshnode tunnel.", "demo network stopped"):
             self.assertIn(line, output)
         self.assertNotIn("Traceback", output)
+        first = float(output.split("first page through the tunnel ")[1].split(" s ")[0])
+        self.assertLessEqual(first, 15, output)

@@ -1,12 +1,14 @@
 """`make run`: a local demo network on loopback, as far as meshnode is built.
 
-An operator issues an enrollment token with its admin command line; a super-node, a
-tunnel-node and two user-nodes enroll with it over HTTPS (pinning the operator's certificate).
+An operator starts and makes a join string with its admin command line; a super-node, a
+tunnel-node and two user-nodes join with that one line (`meshnode join`), start at once and
+enroll over HTTPS (pinning the operator's certificate; the operator's answer says where its
+RPC is). A demo device — a small web page standing in for a printer on the tunnel-node's LAN —
+is registered right after, and alice opens a local listener tunneled to it: the address to
+open is printed, with the time from the nodes' start to the first page through the tunnel.
 The operator places the super-node on the whole DHT (one replica per range in the demo); the
 nodes announce their NodeInfo to it, find each other through it and ping each other over the
-sealed RPC. A demo device — a small web page standing in for a printer on the tunnel-node's
-LAN — is registered with the operator, and alice opens a local listener tunneled to it: the
-address to open is printed. All real `twistd meshnode` processes.
+sealed RPC. All real `twistd meshnode` processes.
 """
 
 import argparse
@@ -106,11 +108,34 @@ def main():
     operator_dir = os.path.join(base, "operator")
     processes = {}
     try:
-        print("An operator: its identity, a domain and an enrollment token.")
+        print("An operator: its identity and a domain; it starts, and makes a join string.")
         meshnode("--state-dir", operator_dir, "operator", "init", "--domain", "0x10000")
         meshnode("--state-dir", operator_dir, "operator", "domain", "create", "acme")
-        token = meshnode("--state-dir", operator_dir, "operator", "token", "create",
-                         "--domain", "acme", "--uses", "4").strip()
+        rpc_port, enroll_port = free_port(), free_port()
+        processes["operator"] = start(operator_dir, rpc_port, "--operator", "--replicas", "1",
+                                      "--enroll-listen", f"ssl:{enroll_port}:interface=127.0.0.1",
+                                      "--fallback-port", "0")
+        wait_for(operator_dir, processes["operator"], lambda s: s["operator"]["enroll_port"],
+                 "start")
+        created = meshnode("--state-dir", operator_dir, "operator", "token", "create",
+                           "--domain", "acme", "--uses", "4", "--fallback-port", "0",
+                           "--url", f"https://127.0.0.1:{enroll_port}")
+        join_line = created.split("join:", 1)[1].split()[2]
+        print(f"\noperator running: RPC udp 127.0.0.1:{rpc_port}, enrollment "
+              f"https://127.0.0.1:{enroll_port}")
+
+        print("\nEach new node joins with that one line (it writes the node's configuration):")
+        nodes = {}
+        for name, flags, roles in (
+                ("super1", ("--relay-port", "0"), ("--super",)),
+                ("lan1", ("--tunnel-port", "0", "--location", DEMO_LOCATION), ("--tunnel",)),
+                ("alice", (), ()), ("bob", (), ())):
+            state_dir = os.path.join(base, name)
+            meshnode("--state-dir", state_dir, "join", join_line, "--name", name, *roles,
+                     show=name == "lan1")
+            nodes[name] = (state_dir, free_port(), flags)
+        print("  (super1, alice and bob the same way, with --super for super1)")
+
         device_dir = os.path.join(base, "printer")
         os.makedirs(device_dir)
         with open(os.path.join(device_dir, "index.html"), "w") as f:
@@ -119,52 +144,45 @@ def main():
         processes["printer"] = subprocess.Popen(
             [sys.executable, "-m", "http.server", str(device_port), "--bind", "127.0.0.1",
              "--directory", device_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        print("\nA demo device on the tunnel-node's LAN (a web page on 127.0.0.1:"
-              f"{device_port}), registered with the operator:")
+
+        print("\nsuper1 (a super-node), lan1 (a tunnel-node on the printer's LAN), alice and "
+              "bob start at once and enroll over HTTPS;")
+        started = time.monotonic()
+        for name, (state_dir, port, flags) in nodes.items():
+            processes[name] = start(state_dir, port, *flags)
+        print(f"a demo device (a web page on 127.0.0.1:{device_port}) is registered right "
+              f"after:")
         meshnode("--state-dir", operator_dir, "operator", "device", "add", "--domain", "acme",
                  "--name", "printer", "--mac", "02:00:00:00:00:01", "--address", "127.0.0.1",
                  "--location", DEMO_LOCATION, "--port", str(device_port))
-        fingerprint = json.loads(meshnode("--state-dir", operator_dir, "operator", "info",
-                                          "--json", show=False))["tls_fingerprint"]
-        rpc_port, enroll_port = free_port(), free_port()
-        processes["operator"] = start(operator_dir, rpc_port, "--operator", "--replicas", "1",
-                                      "--enroll-listen", f"ssl:{enroll_port}:interface=127.0.0.1")
-        wait_for(operator_dir, processes["operator"], lambda s: True, "start")
-        print(f"\noperator running: RPC udp 127.0.0.1:{rpc_port}, enrollment "
-              f"https://127.0.0.1:{enroll_port} (certificate SHA-256 {fingerprint[:16]}…)")
-        joining = ("--operator-url", f"https://127.0.0.1:{enroll_port}",
-                   "--operator-fingerprint", fingerprint, "--enroll-token", token,
-                   "--operator-rpc", f"127.0.0.1:{rpc_port}")
 
-        super_dir, super_port = os.path.join(base, "super1"), free_port()
-        processes["super1"] = start(super_dir, super_port, "--super", "--relay-port", "0",
-                                    *joining, "--name", "super1")
-        status = wait_for(super_dir, processes["super1"],
-                          lambda s: s.get("super", {}).get("ranges"), "get a DHT range")
-        print(f"\nsuper1 enrolled, was reached back on udp 127.0.0.1:{super_port} and placed "
-              f"on {', '.join(status['super']['ranges'])} by the operator")
+        print("\nalice opens a local listener tunneled to the printer:")
+        wait_for(nodes["alice"][0], processes["alice"], lambda s: True, "start")
+        listener = json.loads(meshnode(
+            "--state-dir", nodes["alice"][0], "tunnel", "printer", "--listen",
+            "tcp:0:interface=127.0.0.1", "--json"))
+        url = f"http://{listener['address']}/"
+        page = fetch_through_tunnel(url)
+        first = time.monotonic() - started
+        path = cli.control_request(nodes["alice"][0], "GET", "/v1/status")["user"]["paths"]
+        print(f"  GET {url} → {page.strip()[:60]}…  (path: {', '.join(path)})")
+        print(f"  first page through the tunnel {first:.1f} s after the nodes started")
 
-        nodes = {}
-        for name, flags in (("lan1", ("--tunnel", "--tunnel-port", "0", "--location",
-                                      DEMO_LOCATION)), ("alice", ()), ("bob", ())):
-            state_dir = os.path.join(base, name)
-            port = free_port()
-            processes[name] = start(state_dir, port, *joining, "--name", name, *flags)
-            nodes[name] = (state_dir, port)
-        print("\nlan1 (a tunnel-node on the printer's LAN), alice and bob start with the token "
-              "and enroll over HTTPS:")
-        for name, (state_dir, port) in nodes.items():
+        ids = {}
+        for name, (state_dir, port, _) in nodes.items():
             status = wait_for(state_dir, processes[name], lambda s: s["enrolled"], "enroll")
-            nodes[name] += (status["node_id"],)
-            print(f"  {name:6} {status['node_id'][:16]}…  domain {status['domain']:#010x}  "
-                  f"udp 127.0.0.1:{port}")
+            ids[name] = status["node_id"]
+        status = wait_for(nodes["super1"][0], processes["super1"],
+                          lambda s: s.get("super", {}).get("ranges"), "get a DHT range")
+        print(f"\nsuper1 was reached back on udp 127.0.0.1:{nodes['super1'][1]} and placed "
+              f"on {', '.join(status['super']['ranges'])} by the operator")
         print()
         meshnode("--state-dir", operator_dir, "operator", "node", "list")
 
         print("\nEach finds the other's Node record through the operator and pings it:")
         for source, target in (("alice", "bob"), ("bob", "alice")):
             result = cli.control_request(nodes[source][0], "POST", "/v1/ping", {
-                "address": f"127.0.0.1:{nodes[target][1]}", "node": nodes[target][2],
+                "address": f"127.0.0.1:{nodes[target][1]}", "node": ids[target],
                 "count": 3})
             print(f"  {source} → {target}: {', '.join(str(r) for r in result['rtt_ms'])} ms")
         print("\nEach announced its NodeInfo to the super-node; alice looks bob up there:")
@@ -179,19 +197,9 @@ def main():
                 time.sleep(0.2)
         meshnode("--state-dir", nodes["alice"][0], "lookup", "bob")
         print()
-        meshnode("--state-dir", super_dir, "status")
-
-        print("\nalice opens a local listener tunneled to the printer:")
-        listener = json.loads(meshnode(
-            "--state-dir", nodes["alice"][0], "tunnel", "printer", "--listen",
-            "tcp:0:interface=127.0.0.1", "--json"))
-        url = f"http://{listener['address']}/"
-        page = fetch_through_tunnel(url)
-        path = cli.control_request(nodes["alice"][0], "GET", "/v1/status")["user"]["paths"]
-        print(f"  GET {url} → {page.strip()[:60]}…  (path: {', '.join(path)})")
+        meshnode("--state-dir", nodes["alice"][0], "status")
         print(f"\nOpen {url} — the demo printer, through a meshnode tunnel.")
-        print(f"\nTry: PYTHONPATH=. .venv/bin/meshnode --state-dir {nodes['alice'][0]} ping "
-              f"127.0.0.1:{nodes['bob'][1]}")
+        print(f"\nTry: PYTHONPATH=. .venv/bin/meshnode --state-dir {nodes['alice'][0]} ping bob")
         print(f"     PYTHONPATH=. .venv/bin/meshnode --state-dir {operator_dir} operator "
               f"node list")
         print("\nThe network runs until Ctrl-C." if options.seconds is None

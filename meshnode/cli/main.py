@@ -14,6 +14,7 @@ import sys
 from twisted.python import usage
 
 from meshnode import config
+from meshnode.cli import join
 from meshnode.cli import operator as admin
 from meshnode.cli.base import Command, CommandError, print_result, table
 from meshnode.core import control, identity, store
@@ -162,6 +163,7 @@ class Options(usage.Options):
         ["tunnel", None, TunnelOptions, "open a local listener tunneled to an end-device"],
         ["punch", None, PunchOptions, "punch a UDP path to a peer node and hand it to a "
                                       "command"],
+        ["join", None, join.JoinOptions, "write this node's configuration from a join string"],
         ["operator", None, admin.OperatorOptions, "operator administration"],
     ]
 
@@ -361,7 +363,7 @@ def cmd_punch(options, global_options):
 
 COMMANDS = {"identity": cmd_identity, "status": cmd_status, "ping": cmd_ping,
             "lookup": cmd_lookup, "location": cmd_location, "tunnel": cmd_tunnel,
-            "punch": cmd_punch, "operator": admin.run}
+            "punch": cmd_punch, "join": join.cmd_join, "operator": admin.run}
 
 
 def main(argv=None):

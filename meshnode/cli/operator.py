@@ -5,10 +5,12 @@ Every command checks its input before it opens anything, so a refused command wr
 
 import os
 import re
+import socket
 
 from twisted.python import usage
 
-from meshnode import records
+from meshnode import config, records
+from meshnode.cli import join
 from meshnode.core import identity, store
 from meshnode.cli.base import (Command, CommandError, CommandGroup, parse_domain,
                                parse_duration, parse_name, print_result, table)
@@ -76,12 +78,19 @@ class DomainOptions(CommandGroup):
     ]
 
 
+DEFAULT_ENROLL_PORT = 8443
+
+
 class TokenCreateOptions(Command):
-    synopsis = "--domain NAME [--uses N] [--expires 7d] [--json]"
+    synopsis = "--domain NAME [--uses N] [--expires 7d] [--url URL] [--json]"
     optParameters = [
         ["domain", None, None, "the domain's name"],
         ["uses", None, "1", "how many nodes may enroll with it"],
         ["expires", None, "7d", "how long it is valid (s, m, h or d)"],
+        ["url", None, None, "the enrollment URL nodes reach this operator at, for the join "
+                            "string (default: https://THIS-HOST'S-NAME:ENROLL-PORT)"],
+        ["fallback-port", None, "443", "the operator's fallback port, for the join string "
+                                       "(0: none)"],
     ]
 
     def postOptions(self):
@@ -94,6 +103,12 @@ class TokenCreateOptions(Command):
         if not 1 <= self["uses"] <= 1_000_000:
             raise usage.UsageError("--uses must be 1 to 1000000")
         self["expires"] = parse_duration(self["expires"])
+        try:
+            if self["url"] is not None:
+                self["url"] = config.parse_https_url(self["url"])
+            self["fallback-port"] = config.parse_port(self["fallback-port"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 class TokenOptions(CommandGroup):
@@ -318,12 +333,32 @@ def _domain(sub, global_options, clock):
 
 
 def _token(sub, global_options, clock):
+    from meshnode.roles.operator import tls
+
     command = sub.subOptions
     me, engine = _open(global_options)
     now = records.now_ms(clock)
     data = registry.thd_create_token(engine, command["domain"], command["uses"],
                                      now + command["expires"] * 1000, now)
-    print_result(command, data, data["token"])
+    url = command["url"] or _enrollment_url(global_options)
+    fingerprint = tls.load_or_create_tls(global_options["state-dir"], clock).fingerprint
+    data["join"] = join.join_string(url, fingerprint, data["token"], command["fallback-port"])
+    print_result(command, data, f"token: {data['token']}\n"
+                                f"join:  meshnode join {data['join']}\n"
+                                f"(nodes reach this operator at {url}; --url sets another)")
+
+
+def _enrollment_url(global_options):
+    """https://HOST:PORT of this operator's enrollment API as far as this host knows: its
+    name, and the port the running operator listens on (else the default one)."""
+    from meshnode.cli.main import control_request
+
+    try:
+        status = control_request(global_options["state-dir"], "GET", "/v1/status", timeout=5)
+    except CommandError:
+        status = None
+    port = ((status or {}).get("operator") or {}).get("enroll_port") or DEFAULT_ENROLL_PORT
+    return f"https://{socket.getfqdn()}:{port}"
 
 
 def _node(sub, global_options, clock):

@@ -58,6 +58,13 @@ class EnrollmentError(Exception):
         self.reason = reason
 
 
+class MismatchedOperator(EnrollmentError):
+    """The server's certificate is not the pinned one, or not for its host name."""
+
+    def __init__(self, reason):
+        super().__init__(None, reason)
+
+
 class _FingerprintMismatch(Exception):
     """The server's certificate is not the pinned one."""
 
@@ -217,10 +224,10 @@ def _explain(failure, url, timeout):
         raise EnrollmentError(None, f"no answer from {url} within {timeout} s")
     for reason in _reasons(failure):
         if reason.check(_FingerprintMismatch):
-            raise EnrollmentError(None, str(reason.value))
+            raise MismatchedOperator(str(reason.value))
         if reason.check(VerificationError, CertificateError):
-            raise EnrollmentError(None, f"the certificate of {url} is not for its host name "
-                                        f"({reason.value})")
+            raise MismatchedOperator(f"the certificate of {url} is not for its host name "
+                                     f"({reason.value})")
         if reason.check(SSL.Error):
             raise EnrollmentError(None, f"TLS with {url} failed: {reason.value}")
         if reason.check(error.ConnectionRefusedError):
@@ -306,6 +313,16 @@ class EnrollmentClient:
         signature = identity.signing_key.sign(renew_message(node_id, now_ms))
         return self._post("renew", {"node_id": node_id.hex(), "timestamp": now_ms,
                                     "signature": signature.hex()})
+
+    def probe(self):
+        """Whether the operator answers with the trusted certificate → Deferred fired on any
+        HTTP answer; EnrollmentError (MismatchedOperator for another certificate) else."""
+        url = f"{self._url}/v1/enroll"
+        d = self._agent.request(b"GET", url.encode("ascii"))
+        d.addCallback(readBody)
+        d.addTimeout(self._timeout, self._reactor)
+        d.addCallbacks(lambda _: None, _explain, errbackArgs=(url, self._timeout))
+        return d
 
     def close(self):
         """Close idle connections to the operator → Deferred fired when they are closed."""
