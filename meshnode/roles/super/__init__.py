@@ -233,6 +233,10 @@ class SuperService(service.MultiService):
             "records": len(self.partition.records),
             "records_per_domain": {f"{domain:#010x}": count for domain, count
                                    in sorted(self.partition.records.counts().items())},
+            "end_devices_per_domain": {
+                f"{domain:#010x}": sum(isinstance(records.decode_signed(blob).record,
+                                                  records.EndDevice) for blob in blobs)
+                for domain, blobs in sorted(self.end_devices.items())},
             "replica_peers": {f"{low:04x}-{high:04x}": sorted(
                 replica.node_id.hex() for replica in listed.holders(low, high)
                 if replica.node_id != self._rpc.node_id) for low, high in ranges},
