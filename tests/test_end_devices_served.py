@@ -9,12 +9,14 @@ import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode.core.directory import DirectoryService
+from meshnode.core.directory import DirectoryService, Replica
+from meshnode.records import Role
 from meshnode.roles import super as super_role
 from meshnode.roles.operator import directory as operator_directory
 from meshnode.roles.operator import registry
 from meshnode.roles.super import SuperService, SuperSettings
-from meshnode.rpc.messages import MESSAGES, Command, EndDevices, GetEndDevices
+from meshnode.rpc.messages import (MESSAGES, Command, EndDevices, GetEndDevices,
+                                   RecordsChanged, Stored)
 from meshnode.rpc.service import CallTimeout, any_domain
 from meshnode.wire import DecodeError
 from tests.mesh import REPLICAS, Mesh, StoreStandIn
@@ -362,6 +364,36 @@ class SuperServiceTests(_Base):
         self.assertEqual(self.refreshes(), 0)
         self.mesh.advance(PAST_CALL_TIMEOUT)
         self.failureResultOf(d, CallTimeout)
+
+    def test_news_from_the_operator_refreshes_and_tells_tunnel_nodes(self):
+        """RecordsChanged from the operator: the domain's end-devices are read again at
+        once, then the domain's tunnel-nodes held here are told (its user-nodes are not);
+        news from anyone but an operator changes nothing."""
+        bob = self.mesh.user("bob")
+        self.hold(self.alice)
+        self.super.partition.records.put(entry_of(bob, roles=Role.USER | Role.TUNNEL),
+                                         self.sup.rpc.now_ms())
+        self.settle(self.super.refresh_end_devices())
+        self.mesh.add_devices("acme", ["camera-2"])
+        told = {}
+
+        def hears(name):
+            def handler(incoming):
+                told[name] = incoming.message
+                return Stored(0)
+            return handler
+
+        self.alice.rpc.register(Command.RECORDS_CHANGED, hears("alice"), any_domain)
+        bob.rpc.register(Command.RECORDS_CHANGED, hears("bob"), any_domain)
+        news = RecordsChanged(self.alice.rpc.domain, 9)
+        self.settle(self.super.records_changed(news, Replica(self.sup.node_id,
+                                                             self.sup.address)))
+        self.assertEqual(len(self.super.end_devices[self.alice.rpc.domain]), 3)
+        self.assertEqual(told, {})
+        operator = Replica(self.operator.node_id, self.operator.address)
+        self.settle(self.super.records_changed(news, operator))
+        self.assertEqual(len(self.super.end_devices[self.alice.rpc.domain]), 4)
+        self.assertEqual(told, {"bob": news})
 
     def test_directory_reads_from_the_super_service(self):
         """End to end: alice's DirectoryService reads the SuperService's cache, not the

@@ -535,7 +535,29 @@ class RegistryTestsMixin:
         self.trust.verify(records.decode_signed(stored[0]), NOW)
 
 
-class SQLiteRegistryTests(RegistryTestsMixin, SynchronousTestCase):
+class DomainSerialTestsMixin:
+    """Every change to a domain's end-devices or revocations raises its serial, and only its
+    own: operators sharing the database follow it to tell the nodes at once."""
+
+    def test_changes_raise_the_domain_serial(self):
+        other = registry.thd_create_domain(self.engine, "globex", NOW)
+        serials = [registry.thd_domain_serials(self.engine)]
+        registry.thd_add_device(self.engine, self.operator, "acme", "printer",
+                                bytes.fromhex("020000000001"), None, None, bytes(32), [631],
+                                NOW)
+        serials.append(registry.thd_domain_serials(self.engine))
+        registry.thd_remove_device(self.engine, "acme", "printer")
+        serials.append(registry.thd_domain_serials(self.engine))
+        node = Identity.generate()
+        self.enroll(self.token(), node, "laptop")
+        serials.append(registry.thd_domain_serials(self.engine))  # enrolling is no change
+        registry.thd_revoke_node(self.engine, self.operator, node.node_id.hex(), NOW)
+        serials.append(registry.thd_domain_serials(self.engine))
+        self.assertEqual([one[self.domain] for one in serials], [0, 1, 2, 2, 3])
+        self.assertEqual({one[other] for one in serials}, {0})
+
+
+class SQLiteRegistryTests(RegistryTestsMixin, DomainSerialTestsMixin, SynchronousTestCase):
     """The registry on a SQLite file of its own per database."""
 
     def make_url(self):
@@ -544,7 +566,7 @@ class SQLiteRegistryTests(RegistryTestsMixin, SynchronousTestCase):
         return store.sqlite_url(directory)
 
 
-class PostgresRegistryTests(RegistryTestsMixin, SynchronousTestCase):
+class PostgresRegistryTests(RegistryTestsMixin, DomainSerialTestsMixin, SynchronousTestCase):
     """The registry on a fresh database of the throwaway PostgreSQL cluster."""
 
     skip = postgres.skip_reason()
