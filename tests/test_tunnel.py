@@ -30,6 +30,7 @@ from meshnode.rpc.service import CallTimeout, Incoming, any_domain
 from meshnode.streams.splice import FRAME_HEADER
 from meshnode.wire import Endpoint
 from tests.mesh import LOCATION, Mesh
+from tests.test_directory import add_row
 from tests.test_punch import ConnectAttempts
 
 PINNED = "192.0.2.50"
@@ -787,12 +788,15 @@ class IntroductionTestCase(TunnelTestCase):
                                 lambda incoming: self.answers.append(incoming.message),
                                 any_domain)
 
-    def place(self, node):
-        """The operator placed `node` as a super-node, as the tunnel-node's list says."""
+    def place(self, node, listed=True):
+        """The operator placed `node` as a super-node (in its store), and (with `listed`)
+        the tunnel-node's list says so."""
         signed = self.mesh.me.sign(records.SuperNode(
             node.rpc.domain, node.node_id, 0, 0xFFFF, Endpoint(*node.address),
             self.node.rpc.now_ms()))
-        self.service._directory.super_node_list = SuperNodeList([signed])
+        add_row(self.mesh, signed, node.node_id, 0, 0xFFFF)
+        if listed:
+            self.service._directory.super_node_list = SuperNodeList([signed])
 
     def introduce(self, device_id, port, requester=None, tunnel_node=None, sender=None):
         """`sender` (the super-node) sends the tunnel-node an Introduction of `requester`."""
@@ -934,6 +938,20 @@ class IntroductionTests(IntroductionTestCase):
         self.introduce(self.printer, PRINTER_PORT)
         self.assertEqual([answer.result for answer in self.answers], [TunnelResult.OPENED])
         self.assertEqual(self.node.rpc.drops["not_allowed"], 1)
+
+    def test_super_node_placed_since_the_list_was_read(self):
+        """An Introduction from a super-node the operator placed after our list was read:
+        the list is read again (once) and the introduction is served."""
+        newcomer = self.mesh.user("super2", "infra")
+        self.place(newcomer, listed=False)
+        newcomer.rpc.register(Command.FORWARDED_TUNNEL_OPENED,
+                              lambda incoming: self.answers.append(incoming.message),
+                              any_domain)
+        reads = self.mesh.operator.rpc.accepted[Command.GET_SUPER_NODES]
+        self.introduce(self.printer, PRINTER_PORT, sender=newcomer)
+        self.assertEqual([answer.result for answer in self.answers], [TunnelResult.OPENED])
+        self.assertEqual(self.node.rpc.drops["not_allowed"], 0)
+        self.assertEqual(self.mesh.operator.rpc.accepted[Command.GET_SUPER_NODES], reads + 1)
 
     def test_stopped_service_does_not_handle(self):
         """After stopService an Introduction is dropped unanswered."""

@@ -26,7 +26,7 @@ from meshnode.rpc.messages import (Command, EndDevices, ForwardedTunnelOpened, G
                                    NodeInfoRecord, NodeRecord, Stored, SuperNodes, TunnelNodes,
                                    TunnelResult)
 from meshnode.rpc.paging import read_pages
-from meshnode.rpc.service import RPCError
+from meshnode.rpc.service import RPCError, any_domain
 from meshnode.wire import Writer
 
 _log = Logger()
@@ -156,8 +156,9 @@ class DirectoryService(service.MultiService):
 
     def startService(self):
         self.enrollment_changed(self._identity_service.enrollment)
-        self._rpc.register(Command.RECORDS_CHANGED, self._records_changed,
-                           self.from_operator_or_super_node)
+        self._rpc.register(Command.RECORDS_CHANGED,
+                           self.from_super_nodes(self._records_changed, operators=True),
+                           any_domain)
         d = self._store.run(store.thd_load_nodes)
         d.addCallback(self._restore_nodes)
         d.addErrback(lambda f: _log.failure("could not load cached Node records", f))
@@ -235,9 +236,27 @@ class DirectoryService(service.MultiService):
         return any(node.node_id == replica.node_id for replica, _
                    in self.super_node_list.super_nodes().values())
 
-    def from_operator_or_super_node(self, rpc, node):
-        """An RPC policy: news comes from an operator or a placed super-node."""
-        return rpc.trust.is_operator(node.node_id) or self.from_super_node(rpc, node)
+    def from_super_nodes(self, handler, operators=False):
+        """`handler` for requests that only placed super-nodes (with `operators`, operators
+        too) may send, to register with the `any_domain` policy: a request from a node our
+        list does not place makes us read the list again first, as it may be newer than
+        ours (a super-node placed a moment ago); still not placed, it is dropped."""
+        def allowed(node):
+            return ((operators and self._rpc.trust.is_operator(node.node_id))
+                    or self.from_super_node(self._rpc, node))
+
+        def handle(incoming):
+            if allowed(incoming.node):
+                return handler(incoming)
+
+            def listed(_):
+                if allowed(incoming.node):
+                    return handler(incoming)
+                self._rpc.drops["not_allowed"] += 1
+                return None
+
+            return self.recheck_list().addCallback(listed)
+        return handle
 
     @defer.inlineCallbacks
     def through_super_nodes(self, request, timeout=FORWARD_TIMEOUT_SECONDS):

@@ -25,7 +25,7 @@ from meshnode.core.directory import NotPassedOn
 from meshnode.core.web import HTTPError, JSONResource
 from meshnode.rpc.messages import (Command, ForwardedTunnelOpened, PunchRequest,
                                    TunnelResult)
-from meshnode.rpc.service import RPCError
+from meshnode.rpc.service import RPCError, any_domain
 from meshnode.wire import Endpoint
 
 _log = Logger()
@@ -183,8 +183,8 @@ class PunchService(service.Service):
 
     def startService(self):
         service.Service.startService(self)
-        self._rpc.register(Command.PUNCH_INTRODUCTION, self._introduction,
-                           self._directory.from_super_node)
+        self._rpc.register(Command.PUNCH_INTRODUCTION,
+                           self._directory.from_super_nodes(self._introduction), any_domain)
 
     def stopService(self):
         service.Service.stopService(self)

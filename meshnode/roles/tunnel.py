@@ -37,7 +37,7 @@ from meshnode.nat import location, punch
 from meshnode.nat.rules import spray_ports
 from meshnode.rpc.messages import (DEVICES_SEEN_LIMIT, Command, DevicesSeen,
                                    ForwardedTunnelOpened, Stored, TunnelOpened, TunnelResult)
-from meshnode.rpc.service import same_domain
+from meshnode.rpc.service import any_domain, same_domain
 from meshnode.streams import gate, tunnel_tls
 from meshnode.streams.splice import Leg
 from meshnode.wire import Endpoint
@@ -162,11 +162,11 @@ class TunnelService(service.MultiService):
         self._listen()
         self._rpc.register(Command.TUNNEL_REQUEST, self._once_known(self._tunnel_request),
                            same_domain)
+        placed = self._directory.from_super_nodes
         self._rpc.register(Command.RELAYED_TUNNEL_REQUEST,
-                           self._once_known(self._forwarded_request),
-                           self._directory.from_super_node)
-        self._rpc.register(Command.INTRODUCTION, self._once_known(self._introduction),
-                           self._directory.from_super_node)
+                           placed(self._once_known(self._forwarded_request)), any_domain)
+        self._rpc.register(Command.INTRODUCTION, placed(self._once_known(self._introduction)),
+                           any_domain)
         _log.info("tunnel port {port}; locations {locations}", port=self.port,
                   locations=[i.hex()[:16] for i in self.locations()])
         super().startService()
