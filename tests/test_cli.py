@@ -507,7 +507,7 @@ class StatusTextTests(SynchronousTestCase):
                                      "records_per_domain": {}})
         self.assertEqual(self.status(data).splitlines()[1], "domain:      0x00010000")
         self.assertEqual(self.status(data).splitlines()[-1],
-                         "operator:    enrollment on port 8443, TLS certificate SHA-256 "
+                         "operator:    enrollment on port 8443, TLS fingerprint "
                          "0a0a0a0a0a0a0a0a…, 1 super-node placed, serving 8000-ffff itself")
 
     def test_not_enrolled_summary(self):

@@ -245,8 +245,8 @@ class OperatorAdminTests(SynchronousTestCase):
     def test_token_for_unknown_domain_refused(self):
         """A token for a domain that does not exist is refused with one line, exit status 1."""
         self.init()
-        self.assertIn("nope", self.refused("operator", "token", "create", "--domain", "nope",
-                                           status=1))
+        err = self.refused("operator", "token", "create", "--domain", "nope", status=1)
+        self.assertIn("no domain 'nope' (`meshnode operator domain list` lists them)", err)
 
     # -- bad input -------------------------------------------------------------------------
 

@@ -247,7 +247,7 @@ def cmd_identity(options, global_options):
     me = identity.load_or_create(state_dir, reactor)
     data = me.public_json()
     data["public_key_file"] = os.path.join(state_dir, identity.PUBLIC_KEY_FILE)
-    print_result(options, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+    print_result(options, data, "\n".join(show.details(data, reactor.seconds())))
 
 
 def running_node(state_dir, method, path, body=None, timeout=30):

@@ -176,12 +176,10 @@ def _parse_hex32(option, text):
     return bytes.fromhex(text)
 
 
-class DeviceAddOptions(Command):
-    synopsis = ("--domain NAME --name NAME (--mac MAC | --address IP) --location HEX "
-                "--port N [--port N …] [--certificate-sha256 HEX] [--json]")
-    longdesc = ("Register an end-device: tunnel-nodes at its location find it by its MAC in "
-                "their neighbour table, or reach it at the address pinned here (give either, "
-                "or both).")
+class _DeviceOptions(Command):
+    """What `device add` and `device approve` both take: the device's name, how it is found,
+    its certificate and its ports."""
+
     optParameters = [
         ["domain", None, None, "the domain's name"],
         ["name", None, None, "the device's name, unique in its domain"],
@@ -189,15 +187,8 @@ class DeviceAddOptions(Command):
         ["address", None, None, "the device's IP address, pinned: used instead of looking "
                                 "the MAC up (a service on the tunnel-node itself, e.g. "
                                 "127.0.0.1, or a device with a fixed address)"],
-        ["location", None, None, "the location id of its LAN (`meshnode location` there)"],
         ["certificate-sha256", None, None, "SHA-256 of the device's TLS certificate"],
     ]
-    examples = [("a printer found by its MAC on the LAN",
-                 "meshnode operator device add --domain acme --name printer --mac "
-                 f"aa:bb:cc:dd:ee:ff --location {LOCATION_EXAMPLE} --port 631 --port 9100"),
-                ("CUPS on the tunnel-node itself, by address",
-                 "meshnode operator device add --domain acme --name cups --address 127.0.0.1 "
-                 f"--location {LOCATION_EXAMPLE} --port 631")]
 
     def __init__(self):
         super().__init__()
@@ -214,7 +205,7 @@ class DeviceAddOptions(Command):
         self["ports"].append(port)
 
     def postOptions(self):
-        for key in ("domain", "name", "location"):
+        for key in ("domain", "name"):
             if self[key] is None:
                 raise usage.UsageError(f"--{key} is required")
         if self["mac"] is None and self["address"] is None:
@@ -225,7 +216,6 @@ class DeviceAddOptions(Command):
         self["name"] = parse_name(self["name"])
         if self["mac"] is not None:
             self["mac"] = _parse_mac(self["mac"])
-        self["location"] = _parse_hex32("location", self["location"])
         if self["certificate-sha256"] is not None:
             self["certificate-sha256"] = _parse_hex32("certificate-sha256",
                                                       self["certificate-sha256"])
@@ -235,6 +225,30 @@ class DeviceAddOptions(Command):
             except ValueError:
                 raise usage.UsageError(f"--address: {self['address']!r} is not an IP address"
                                        ) from None
+
+
+class DeviceAddOptions(_DeviceOptions):
+    synopsis = ("--domain NAME --name NAME (--mac MAC | --address IP) --location HEX "
+                "--port N [--port N …] [--certificate-sha256 HEX] [--json]")
+    longdesc = ("Register an end-device: tunnel-nodes at its location find it by its MAC in "
+                "their neighbour table, or reach it at the address pinned here (give either, "
+                "or both).")
+    optParameters = [
+        ["location", None, None, "the location id of its LAN (`meshnode location` there)"],
+    ]
+    examples = [("a printer found by its MAC on the LAN",
+                 "meshnode operator device add --domain acme --name printer --mac "
+                 f"aa:bb:cc:dd:ee:ff --location {LOCATION_EXAMPLE} --port 631 --port 9100"),
+                ("CUPS on the tunnel-node itself, by address",
+                 "meshnode operator device add --domain acme --name cups --address 127.0.0.1 "
+                 f"--location {LOCATION_EXAMPLE} --port 631")]
+
+    def postOptions(self):
+        super().postOptions()
+        if self["location"] is None:
+            raise usage.UsageError("--location is required (`meshnode location` on its LAN "
+                                   "prints it)")
+        self["location"] = _parse_hex32("location", self["location"])
 
 
 class DeviceListOptions(Command):
@@ -273,7 +287,7 @@ class DevicePendingOptions(Command):
                                                       "--domain acme")]
 
 
-class DeviceApproveOptions(DeviceAddOptions):
+class DeviceApproveOptions(_DeviceOptions):
     synopsis = ("--domain NAME --mac MAC --name NAME --port N [--port N …] [--address IP] "
                 "[--certificate-sha256 HEX] [--json]")
     longdesc = ("Register a pending device (by the MAC it was seen with) at the location "
@@ -283,13 +297,9 @@ class DeviceApproveOptions(DeviceAddOptions):
                  "--name printer --port 631")]
 
     def postOptions(self):
-        if self["location"] is not None:
-            raise usage.UsageError("--location: approve registers the device where it was "
-                                   "seen (use `device add` to name another)")
         if self["mac"] is None:
             raise usage.UsageError("--mac is required: the MAC the device was seen with "
                                    "(`meshnode operator device pending`)")
-        self["location"] = "00" * 32  # taken from where the device was seen
         super().postOptions()
 
 

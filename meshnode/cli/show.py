@@ -182,7 +182,7 @@ def _counts(counter):
 def _operator(section, now):
     port = section["enroll_port"]
     parts = [f"enrollment on port {port}" if port is not None else "enrollment not listening",
-             f"TLS certificate SHA-256 {short_id(section['tls_fingerprint'])}",
+             f"TLS fingerprint {short_id(section['tls_fingerprint'])}",
              f"{plural(len(section['super_nodes']), 'super-node')} placed"]
     if section["ranges"]:
         parts.append(f"serving {', '.join(section['ranges'])} itself")

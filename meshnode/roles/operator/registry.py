@@ -60,7 +60,8 @@ def thd_list_domains(engine):
 def _domain_id(connection, name):
     row = connection.execute(sa.select(domains.c.domain).where(domains.c.name == name)).first()
     if row is None:
-        raise RegistryError(404, f"no domain {name!r}")
+        raise RegistryError(404, f"no domain {name!r} (`meshnode operator domain list` "
+                                 "lists them)")
     return row.domain
 
 
@@ -201,7 +202,8 @@ def _find_node(connection, node_id_prefix):
     rows = [row for row in connection.execute(sa.select(nodes))
             if row.node_id.hex().startswith(prefix)]
     if not rows:
-        raise RegistryError(404, f"no node {node_id_prefix}")
+        raise RegistryError(404, f"no node {node_id_prefix} (`meshnode operator node list` "
+                                 "lists them)")
     if len(rows) > 1:
         raise RegistryError(409, f"{node_id_prefix} matches {len(rows)} nodes")
     return rows[0]
@@ -362,7 +364,8 @@ def thd_approve_device(engine, operator, domain_name, mac, name, ports, now, add
         row = connection.execute(sa.select(pending_devices).where(
             pending_devices.c.domain == domain, pending_devices.c.mac == mac)).first()
         if row is None:
-            raise RegistryError(404, f"no pending device {mac.hex(':')} in {domain_name!r}")
+            raise RegistryError(404, f"no pending device {mac.hex(':')} in {domain_name!r} "
+                                     "(`meshnode operator device pending` lists them)")
         return _add_device(connection, operator, domain, domain_name, name, mac, address,
                            certificate_sha256, row.location_id, ports, now)
 
@@ -405,4 +408,5 @@ def thd_remove_device(engine, domain_name, name):
         removed = connection.execute(end_devices.delete().where(
             end_devices.c.domain == domain, end_devices.c.name == name))
         if removed.rowcount != 1:
-            raise RegistryError(404, f"no device {name!r} in {domain_name!r}")
+            raise RegistryError(404, f"no device {name!r} in {domain_name!r} (`meshnode "
+                                     "operator device list` lists them)")
