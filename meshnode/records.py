@@ -63,9 +63,25 @@ def node_id_for(signing_key):
     return hashlib.sha256(signing_key).digest()
 
 
-def device_id_for(mac, certificate_sha256=None):
-    """Device id = SHA-256(MAC ‖ TLS-certificate SHA-256, or 32 zero bytes)."""
-    return hashlib.sha256(mac + (certificate_sha256 or bytes(32))).digest()
+NO_MAC = bytes(6)  # an EndDevice's MAC when it has none: it is reached at its pinned address
+
+
+def device_id_for(mac, certificate_sha256=None, *, location_id=None, address=None):
+    """An EndDevice's id, stable for as long as what it is made of stays the same.
+
+    A device with a MAC: SHA-256(MAC ‖ TLS-certificate SHA-256, or 32 zero bytes); a pinned
+    address beside the MAC does not change it. A device without one (`mac` is NO_MAC):
+    SHA-256(location id ‖ the address's packed bytes, 4 for IPv4 or 16 for IPv6 ‖
+    TLS-certificate SHA-256, or 32 zero bytes). Neither holds the domain: ids are scoped by
+    domain wherever they are kept or named (records, the store, revocations).
+    """
+    certificate = certificate_sha256 or bytes(32)
+    if mac != NO_MAC:
+        return hashlib.sha256(mac + certificate).digest()
+    if location_id is None or address is None:
+        raise ValueError("a device without a MAC is known by its location and address")
+    return hashlib.sha256(location_id + ipaddress.ip_address(address).packed
+                          + certificate).digest()
 
 
 def partition_of(domain):
@@ -309,7 +325,8 @@ def _check_ports(instance, attribute, value):
 
 @attrs.frozen
 class EndDevice:
-    """A device the operator registered: found by MAC, or at an operator-pinned address."""
+    """A device the operator registered: found by MAC, or at an operator-pinned address (its
+    MAC then may be NO_MAC: none known)."""
 
     TYPE = RecordType.END_DEVICE
     SIGNED_BY_OPERATOR = True
@@ -356,8 +373,12 @@ class EndDevice:
         return cls(domain, device_id, name, mac, address, certificate, location_id, ports, r.u64())
 
     def check(self, now):
-        if device_id_for(self.mac, self.certificate_sha256) != self.device_id:
-            raise RecordError("bad_record", "device id is not the hash of its MAC and certificate")
+        if self.mac == NO_MAC and self.address is None:
+            raise RecordError("bad_record", "a device without a MAC needs a pinned address")
+        if device_id_for(self.mac, self.certificate_sha256, location_id=self.location_id,
+                         address=self.address) != self.device_id:
+            raise RecordError("bad_record", "device id is not the hash of its MAC (or location "
+                                            "and address) and certificate")
         if self.created > now + CLOCK_SKEW_MS:
             raise RecordError("not_yet_valid")
 

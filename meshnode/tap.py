@@ -36,8 +36,13 @@ ROLE_FLAGS = ("operator", "super", "tunnel", "user")
 
 class Options(usage.Options):
     synopsis = ("[--operator] [--super [--partition A-B]] [--tunnel] [--user] "
-                "[--config FILE] [--state-dir DIR] [--rpc-port N] [--listen-address IP]")
-    longdesc = "Run a meshnode node with the roles given; every node is at least a user-node."
+                "[--config FILE] [--state-dir DIR] [--rpc-port N] [--listen-address IP] "
+                "[options]")
+    longdesc = ("Run a meshnode node with the roles given; every node is at least a "
+                "user-node. A new node enrolls on its first start with --operator-url, "
+                "--operator-fingerprint (or --operator-ca), --enroll-token and --name. Add -n "
+                "to stay in the foreground. `meshnode --state-dir DIR status` shows the "
+                "running node; `meshnode --help` lists the other commands.")
 
     optFlags = [
         ["operator", None, "enroll nodes and sign records (the trusted party)"],

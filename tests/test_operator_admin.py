@@ -1,5 +1,6 @@
 """`meshnode operator …`: the operator's admin session, refusals that write nothing."""
 
+import hashlib
 import io
 import json
 import os
@@ -142,6 +143,81 @@ class OperatorAdminTests(SynchronousTestCase):
         self.assertIn("printer", self.refused("operator", "device", "remove", "--domain", "acme",
                                               "--name", "printer", status=1))
 
+    def add_device(self, name, *how, elsewhere=()):
+        """`device add --json` of device `name` at LOCATION, port 631, found `how` → its row;
+        `elsewhere`: global options naming another operator."""
+        return self.ok_json(*elsewhere, "operator", "device", "add", "--domain", "acme",
+                            "--name", name, *how, "--location", LOCATION, "--port", "631")
+
+    def test_device_by_mac_address_or_both(self):
+        """A device is added by MAC, by address or by both; its id is the documented hash:
+        of MAC and certificate with a MAC (an address beside it changes nothing), else of
+        location, address and certificate."""
+        self.init()
+        mac = "02:00:00:aa:bb:01"
+        certificate = "c0" * 32
+        by_mac = self.add_device("scanner", "--mac", mac)
+        both = self.add_device("printer", "--mac", "02:00:00:aa:bb:02", "--address",
+                               "192.168.1.20", "--certificate-sha256", certificate)
+        by_address = self.add_device("cups", "--address", "127.0.0.1")
+        v6 = self.add_device("cups6", "--address", "::1")
+        self.assertEqual((by_mac["mac"], by_mac["address"]), (mac, None))
+        self.assertEqual((both["mac"], both["address"]), ("02:00:00:aa:bb:02", "192.168.1.20"))
+        self.assertEqual((by_address["mac"], by_address["address"]), (None, "127.0.0.1"))
+        sha256 = lambda data: hashlib.sha256(data).hexdigest()  # noqa: E731
+        location = bytes.fromhex(LOCATION)
+        self.assertEqual(by_mac["device_id"], sha256(bytes.fromhex("020000aabb01") + bytes(32)))
+        self.assertEqual(both["device_id"], sha256(bytes.fromhex("020000aabb02")
+                                                   + bytes.fromhex(certificate)))
+        self.assertEqual(by_address["device_id"],
+                         sha256(location + bytes([127, 0, 0, 1]) + bytes(32)))
+        self.assertEqual(v6["device_id"], sha256(location + bytes(15) + b"\x01" + bytes(32)))
+        self.assertEqual([(d["name"], d["mac"], d["address"])
+                          for d in self.ok_json("operator", "device", "list")],
+                         [("cups", None, "127.0.0.1"), ("cups6", None, "::1"),
+                          ("printer", "02:00:00:aa:bb:02", "192.168.1.20"),
+                          ("scanner", mac, None)])
+
+    def test_device_list_shows_a_missing_mac_as_absent(self):
+        """`device list` shows no 00:00:… for a device added by address: its MAC is absent."""
+        self.init()
+        domain = self.ok_json("operator", "domain", "list")[0]["domain"]
+        self.add_device("cups", "--address", "127.0.0.1")
+        header, row = self.ok("operator", "device", "list").splitlines()
+        self.assertEqual(header.split(), ["NAME", "DOMAIN", "MAC", "ADDRESS", "PORTS",
+                                          "LOCATION_ID"])
+        self.assertEqual(row.split(), ["cups", "acme", f"({domain:#010x})", "-", "127.0.0.1",
+                                       "631", LOCATION[:16] + "…"])
+        self.assertNotIn("00:00:00", self.ok("operator", "device", "list"))
+
+    def test_device_ids_stable(self):
+        """The same device has the same id when added again after removal, and when another
+        operator adds it (another run, another store)."""
+        self.init()
+        other_dir = os.path.join(self.base, "other")
+        other = ("--state-dir", other_dir, "--database", store.sqlite_url(other_dir))
+        self.ok(*other, "operator", "init")
+        self.ok(*other, "operator", "domain", "create", "acme")
+        for how in (("--address", "127.0.0.1"), ("--mac", "02:00:00:aa:bb:01"),
+                    ("--mac", "02:00:00:aa:bb:01", "--address", "10.0.0.5")):
+            first = self.add_device("dev", *how)["device_id"]
+            self.ok("operator", "device", "remove", "--domain", "acme", "dev")
+            self.assertEqual(self.add_device("dev", *how)["device_id"], first, how)
+            self.ok("operator", "device", "remove", "--domain", "acme", "dev")
+            self.assertEqual(self.add_device("dev", *how, elsewhere=other)["device_id"],
+                             first, how)
+            self.ok(*other, "operator", "device", "remove", "--domain", "acme", "dev")
+
+    def test_same_address_twice_refused(self):
+        """A second device at the same address and location is refused, naming the first."""
+        self.init()
+        self.add_device("cups", "--address", "127.0.0.1")
+        err = self.refused("operator", "device", "add", "--domain", "acme", "--name", "lpd",
+                           "--address", "127.0.0.1", "--location", LOCATION, "--port", "515",
+                           status=1)
+        self.assertIn("that address at that location", err)
+        self.assertIn("'cups'", err)
+
     def test_device_list_json_ports(self):
         """`device list --json` gives the allowed ports as a list of numbers."""
         self.init()
@@ -169,8 +245,8 @@ class OperatorAdminTests(SynchronousTestCase):
     def test_token_for_unknown_domain_refused(self):
         """A token for a domain that does not exist is refused with one line, exit status 1."""
         self.init()
-        self.assertIn("nope", self.refused("operator", "token", "create", "--domain", "nope",
-                                           status=1))
+        err = self.refused("operator", "token", "create", "--domain", "nope", status=1)
+        self.assertIn("no domain 'nope' (`meshnode operator domain list` lists them)", err)
 
     # -- bad input -------------------------------------------------------------------------
 
@@ -194,6 +270,11 @@ class OperatorAdminTests(SynchronousTestCase):
             ((*device, *mac, *location, "--port", "0"), "--port"),
             ((*device, *mac, *location), "--port"),
             ((*device, *mac, *location, "--port", "1", "--address", "nowhere"), "--address"),
+            ((*device, *location, "--port", "631"), "--mac or --address is required"),
+            ((*device, "--mac", "00:00:00:00:00:00", *location, "--port", "631"),
+             "00:00:00:00:00:00 is no device's MAC"),
+            (("operator", "device", "approve", "--domain", "acme", "--name", "printer",
+              "--address", "192.168.1.9", "--port", "631"), "--mac is required"),
             (("operator", "domain", "create", "d" * 64), "1 to 63 bytes"),
             (("operator", "domain", "create"), "arguments"),
             (("operator", "device", "remove", "--domain", "acme"), "--name"),

@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from meshnode import records
 
 from meshnode.cli import main as cli
+from meshnode.cli import show
 
 from meshnode.core import store
 from meshnode.core.identity import Identity
@@ -112,6 +113,15 @@ class PendingRegistryTestsMixin:
         self.assertEqual(self.seen([(PRINTER, "192.168.1.20"), (CAMERA, "192.168.1.21"),
                                     (PHONE, "192.168.1.22")]), 1)
         self.assertEqual(self.pending(), [self.row(PHONE, "192.168.1.22")])
+
+    def test_zero_mac_never_pending(self):
+        """The all-zero MAC (a registered device without a MAC) names no device: a report of
+        it is not kept, and a device added by address hides no MAC that is seen."""
+        registry.thd_add_device(self.engine, self.operator, "acme", "cups", None, "192.168.1.20",
+                                None, HERE, [631], NOW)
+        self.assertEqual(self.seen([(records.NO_MAC, "192.168.1.20"),
+                                    (PRINTER, "192.168.1.20")]), 1)
+        self.assertEqual(self.pending(), [self.row(PRINTER, "192.168.1.20")])
 
     def test_known_pending_updated(self):
         """A MAC reported again is not new: its address, location, reporter and last_seen
@@ -452,6 +462,26 @@ class TunnelReportTests(TunnelTestCase):
         self.assertEqual(len(self.pending()), 2)
 
 
+    def test_device_without_a_mac_matches_no_neighbour(self):
+        """A device added by address alone hides no neighbour from the report (not even one
+        at its address), a neighbour entry of the all-zero MAC is never reported, and the
+        device is granted at its pinned address."""
+        device_id = bytes.fromhex(registry.thd_add_device(
+            self.mesh.engine, self.mesh.me, "acme", "cups", None, "192.168.1.31", None,
+            OFFICE.location_id, [631], self.node.rpc.now_ms())["device_id"])
+        d = self.service.refresh_devices()
+        self.mesh.network.flush()
+        self.successResultOf(d)
+        self.assertEqual(self.service.devices[device_id].mac, records.NO_MAC)
+        self.neighbours += arp(("192.168.1.40", records.NO_MAC, "eth0"))
+        self.assertEqual(self.service.unregistered_devices(), {
+            OFFICE.location_id: [(PRINTER, "192.168.1.31"), (CAMERA, "192.168.1.32")],
+            WIFI.location_id: [(PHONE, "10.9.0.7")]})
+        requester = self.mesh.user("alice").rpc.own_node.record
+        self.assertEqual(self.service.authorize(requester, device_id, 631),
+                         ("192.168.1.31", 631))
+
+
 class OverriddenTunnelReportTests(TunnelTestCase):
     """With --location given, which interface is that LAN is not known: nothing reported."""
 
@@ -527,22 +557,29 @@ class PendingAdminTests(SynchronousTestCase):
                 "printer", "--port", "631", "--port", "9100", *more)
 
     def test_pending_text(self):
-        """The table names each device's domain, MAC, address, location and reporter."""
+        """The table names each device's domain (name and id), MAC, address, the start of
+        its location id and of its reporter's node id, and how long ago it was seen."""
         lines = self.ok("pending").splitlines()
-        self.assertEqual(lines[0].split(), ["DOMAIN_NAME", "MAC", "ADDRESS", "LOCATION_ID",
-                                            "SEEN_BY"])
+        self.assertEqual(lines[0].split(), ["DOMAIN", "MAC", "ADDRESS", "LOCATION_ID",
+                                            "SEEN_BY", "LAST_SEEN"])
+        ago = show.relative(NOW / 1000, time.time()).split()
+        acme, globex = f"({self.acme:#010x})", f"({self.globex:#010x})"
         self.assertEqual([line.split() for line in lines[1:]], [
-            ["acme", PRINTER.hex(":"), "192.168.1.20", HERE.hex(), SEEN_BY.hex()],
-            ["acme", CAMERA.hex(":"), "192.168.1.21", HERE.hex(), SEEN_BY.hex()],
-            ["globex", PHONE.hex(":"), "172.16.0.9", THERE.hex(), SEEN_BY_2.hex()]])
-        self.assertEqual([line.split()[1] for line in
+            ["acme", acme, PRINTER.hex(":"), "192.168.1.20", HERE.hex()[:16] + "…",
+             SEEN_BY.hex()[:16] + "…", *ago],
+            ["acme", acme, CAMERA.hex(":"), "192.168.1.21", HERE.hex()[:16] + "…",
+             SEEN_BY.hex()[:16] + "…", *ago],
+            ["globex", globex, PHONE.hex(":"), "172.16.0.9", THERE.hex()[:16] + "…",
+             SEEN_BY_2.hex()[:16] + "…", *ago]])
+        self.assertEqual([line.split()[2] for line in
                           self.ok("pending", "--domain", "globex").splitlines()[1:]],
                          [PHONE.hex(":")])
 
     def test_pending_json(self):
         """--json gives every field, first and last seen included."""
         self.assertEqual(self.ok_json("pending", "--domain", "globex"), [
-            {"domain_name": "globex", "mac": PHONE.hex(":"), "address": "172.16.0.9",
+            {"domain": self.globex, "domain_name": "globex", "mac": PHONE.hex(":"),
+             "address": "172.16.0.9",
              "location_id": THERE.hex(), "seen_by": SEEN_BY_2.hex(), "first_seen": NOW,
              "last_seen": NOW}])
         self.assertEqual([row["mac"] for row in self.ok_json("pending")],

@@ -8,9 +8,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from meshnode.core.identity import Identity
 from meshnode.records import (
-    CLOCK_SKEW_MS, ID_SIZE, NAME_LIMIT, NODE_INFO_LIFETIME_MS, RECORD_VERSION, EndDevice,
-    NatBehaviour, Node, NodeInfo, OperatorNode, RecordError, RecordType, Revocation, Role,
-    SuperNode, Trust, decode_bundle, decode_signed, device_id_for, encode_bundle, sign)
+    CLOCK_SKEW_MS, ID_SIZE, NAME_LIMIT, NO_MAC, NODE_INFO_LIFETIME_MS, RECORD_VERSION,
+    EndDevice, NatBehaviour, Node, NodeInfo, OperatorNode, RecordError, RecordType, Revocation,
+    Role, SuperNode, Trust, decode_bundle, decode_signed, device_id_for, encode_bundle, sign)
 from meshnode.wire import DecodeError, Endpoint, Writer
 
 NOW = 1_800_000_000_000
@@ -97,12 +97,15 @@ def operator_nodes(draw, valid_at=None):
 
 @st.composite
 def end_devices(draw, valid_at=None):
-    mac = draw(_macs)
+    mac = draw(_macs | st.just(NO_MAC))
     certificate = draw(st.none() | _ids)
-    device_id = draw(_ids) if valid_at is None else device_id_for(mac, certificate)
+    address = draw(_hosts if mac == NO_MAC else st.none() | _hosts)
+    location_id = draw(_ids)
+    device_id = draw(_ids) if valid_at is None else device_id_for(
+        mac, certificate, location_id=location_id, address=address)
     ports = st.lists(st.integers(1, 65535), min_size=1, max_size=EndDevice.PORT_LIMIT)
-    return EndDevice(draw(_u32), device_id, draw(_names), mac, draw(st.none() | _hosts),
-                     certificate, draw(_ids), draw(ports), draw(_times(valid_at)))
+    return EndDevice(draw(_u32), device_id, draw(_names), mac, address, certificate,
+                     location_id, draw(ports), draw(_times(valid_at)))
 
 
 @st.composite
@@ -570,6 +573,28 @@ class TrustVerifyTests(SynchronousTestCase):
             DOMAIN, other_id, SECOND_OPERATOR.signing_public, SECOND_OPERATOR.agreement_public,
             NOW)))
         self.assertRejected("bad_record", OPERATOR.sign(_end_device(device_id=other_id)))
+
+    def test_address_only_device(self):
+        """A device without a MAC is valid with a pinned address, its id the hash of its
+        location, packed address and certificate; moved or without an address it is not."""
+        location = hashlib.sha256(b"lan").digest()
+        device_id = hashlib.sha256(location + bytes([127, 0, 0, 1]) + bytes(32)).digest()
+        self.assertEqual(device_id_for(NO_MAC, location_id=location, address="127.0.0.1"),
+                         device_id)
+        device = EndDevice(DOMAIN, device_id, "cups", NO_MAC, "127.0.0.1", None, location,
+                           [631], NOW)
+        self.assertEqual(self.trust.verify(OPERATOR.sign(device), NOW), device)
+        self.assertRejected("bad_record", OPERATOR.sign(attrs.evolve(device, address="::1")))
+        self.assertRejected("bad_record", OPERATOR.sign(attrs.evolve(device,
+                                                                     location_id=bytes(32))))
+        self.assertRejected("bad_record", OPERATOR.sign(attrs.evolve(device, address=None)))
+        self.assertRaises(ValueError, device_id_for, NO_MAC)
+
+    def test_device_id_with_a_mac_ignores_the_address(self):
+        """A device with a MAC keeps the id of its MAC and certificate, pinned address or not."""
+        mac = b"\x02\x00\x00\x00\x00\x01"
+        self.assertEqual(device_id_for(mac, location_id=bytes(32), address="10.0.0.1"),
+                         hashlib.sha256(mac + bytes(32)).digest())
 
     def test_revoked_ids_rejected(self):
         """After an operator revokes a node and a device, their records are rejected."""

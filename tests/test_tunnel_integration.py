@@ -82,7 +82,8 @@ class TunnelNetwork:
 
     @defer.inlineCallbacks
     def build(self, testcase, direct=True, device_size=1024, client_size=1024, marker=b"",
-              tunnel_flags=()):
+              tunnel_flags=(), found_by=("--mac", "02:00:00:00:00:01", "--address",
+                                         "127.0.0.1")):
         self.network = network = Network(testcase)
         code, output = yield run_command(meshnode_command(
             "--state-dir", network.operator_dir, "operator", "domain", "create", "acme",
@@ -97,8 +98,7 @@ class TunnelNetwork:
         testcase.addCleanup(self.device_port.stopListening)
         code, output = yield run_command(meshnode_command(
             "--state-dir", network.operator_dir, "operator", "device", "add", "--domain",
-            "acme", "--name", "printer", "--mac", "02:00:00:00:00:01", "--address",
-            "127.0.0.1", "--location", LOCATION, "--port",
+            "acme", "--name", "printer", *found_by, "--location", LOCATION, "--port",
             str(self.device_port.getHost().port)))
         testcase.assertEqual(code, 0, output)
         self.operator = yield network.start(network.operator_dir, "--operator", "--replicas",
@@ -173,6 +173,16 @@ class TunnelTests(TestCase):
     def test_direct(self):
         """A tunnel on the direct path carries 200 MB each way unchanged."""
         return self.check_path(True, 200 * 1024 * 1024)
+
+    @defer.inlineCallbacks
+    def test_device_added_by_address_alone(self):
+        """A device registered with an address and no MAC is reached through a tunnel."""
+        net = TunnelNetwork()
+        yield net.build(self, found_by=("--address", "127.0.0.1"))
+        answer, client = yield net.exchange((yield net.listener()))
+        self.assertEqual(answer, net.device_hash)
+        self.assertEqual(net.device_factory.connections[-1].hash.hexdigest(), net.client_hash)
+        client.transport.loseConnection()
 
     def test_relayed(self):
         """With the tunnel-node refusing direct connections, the tunnel goes through the

@@ -99,13 +99,18 @@ def node_config(joined, name=None, tunnel=False, super_node=False):
     return out.getvalue()
 
 
+EXAMPLE = join_string("https://operator.example.net:8443", "5c" * 32, "EXAMPLE-TOKEN", 443)
+
+
 class JoinOptions(Command):
     synopsis = "JOIN-STRING [--name NAME] [--tunnel] [--super] [--print] [--json]"
     longdesc = ("Write this node's configuration from the join string `meshnode operator "
                 "token create` printed; then start the node (`twistd meshnode`), which "
                 "enrolls with the operator.")
-    examples = ("meshnode join mnj1.eyJ1cmwiOi… --name laptop",
-                "meshnode --state-dir /var/lib/meshnode join mnj1.eyJ1cmwiOi… --tunnel")
+    examples = [("a laptop joins", f"meshnode join {EXAMPLE} --name laptop"),
+                ("an office machine joins as the tunnel-node of its LAN, then starts",
+                 f"meshnode --state-dir /var/lib/meshnode join {EXAMPLE} --name office-gw "
+                 f"--tunnel")]
     optFlags = [
         ["tunnel", None, "run this node as a tunnel-node (it serves its LAN's devices)"],
         ["super", None, "offer this node as a super-node (needs inbound UDP and TCP)"],

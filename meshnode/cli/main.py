@@ -1,7 +1,8 @@
 """The `meshnode` command: admin and user commands beside the `twistd meshnode` daemon.
 
 Global options come before the command: `meshnode [--config FILE] [--state-dir DIR] COMMAND`.
-A bad command line prints one line naming the problem and exits 2, before anything is written.
+A bad command line prints one line naming the problem and the help to read, and exits 2, before
+anything is written; `--help` anywhere prints that command's usage, options and examples.
 """
 
 import http.client
@@ -16,23 +17,37 @@ from twisted.python import usage
 from meshnode import config
 from meshnode.cli import join
 from meshnode.cli import operator as admin
-from meshnode.cli.base import Command, CommandError, print_result, table
+from meshnode.cli import show
+from meshnode.cli.base import (GLOBAL_SYNOPSIS, PROGRAM, Command, CommandError, CommandGroup,
+                               ShowText, command_path, print_result)
 from meshnode.core import control, identity, store
 from meshnode.nat import location
 
 
 class IdentityOptions(Command):
     synopsis = "[--json]"
-    longdesc = "Show this node's id and public keys, making the keys on first use."
+    longdesc = ("Show this node's id and public keys, making the keys on first use; an "
+                "operator signs the node.pub file it names (`meshnode operator sign-node`).")
+    examples = [("this node's id and public key file",
+                 "meshnode --state-dir /var/lib/meshnode identity")]
 
 
 class StatusOptions(Command):
-    synopsis = "[--json]"
-    longdesc = "Show the running node's identity, roles, peers and RPC counters."
+    synopsis = "[--verbose | --json]"
+    longdesc = ("Show the running node in a few lines: who it is, its domain and roles, how "
+                "long it is enrolled, its RPC endpoint and NAT, and what each role is doing.")
+    optFlags = [["verbose", "v", "show every section of the status in full"]]
+    examples = [("the summary", "meshnode status"),
+                ("every section, counters included", "meshnode --state-dir lan1 status -v"),
+                ("what the control API answers, for scripts", "meshnode status --json")]
+
+    def postOptions(self):
+        if self["verbose"] and self["json"]:
+            raise usage.UsageError("--verbose or --json, not both (--json is always in full)")
 
 
 class PingOptions(Command):
-    synopsis = "[--count N] [--timeout SECONDS] [--json] HOST:PORT | NAME-OR-ID"
+    synopsis = "(HOST:PORT | NAME-OR-ID) [--count N] [--timeout SECONDS] [--json]"
     longdesc = ("Send sealed Pings from this node's identity and print the round-trip times. "
                 "A node of this domain may be named instead of HOST:PORT: its address comes "
                 "from its NodeInfo (the running node must be enrolled).")
@@ -40,6 +55,8 @@ class PingOptions(Command):
         ["count", "c", "1", "number of pings (1-100)"],
         ["timeout", "t", "2", "seconds to wait for each answer"],
     ]
+    examples = [("a node by name, three times", "meshnode ping bob --count 3"),
+                ("whoever listens at an address", "meshnode ping 192.0.2.10:7400")]
 
     def parseArgs(self, target):
         self["address"] = self["node"] = None
@@ -70,6 +87,7 @@ class LookupOptions(Command):
     synopsis = "NAME-OR-ID [--json]"
     longdesc = ("Print the NodeInfo the directory finds for a node of this node's domain "
                 "(by overlay name or 64-hex-digit node id), and which replicas answered.")
+    examples = [("where bob is, as the DHT says", "meshnode lookup bob")]
 
     def parseArgs(self, node):
         try:
@@ -83,10 +101,11 @@ class LocationOptions(Command):
     synopsis = "[--json]"
     longdesc = ("Print this machine's location ids, one per interface with an IPv4 default "
                 "route whose gateway is in the neighbour table (/proc/net/route, /proc/net/arp).")
+    examples = [("the id to register this LAN's devices at", "meshnode location")]
 
 
 class TunnelOptions(Command):
-    synopsis = "DEVICE --listen tcp:PORT[:interface=IP]|unix:PATH [--port N] [--name NAME] [--json]"
+    synopsis = "DEVICE --listen ENDPOINT [--port N] [--name NAME] [--json]"
     longdesc = ("Open a local listener on the running node for an end-device of its domain "
                 "(by name or 64-hex-digit id): each connection to it is tunneled to the "
                 "device's port (--port, default the device's first allowed port).")
@@ -95,6 +114,8 @@ class TunnelOptions(Command):
         ["port", None, None, "the device's TCP port"],
         ["name", None, None, "a name for the listener (default DEVICE-N)"],
     ]
+    examples = [("print to the printer at 127.0.0.1:9100",
+                 "meshnode tunnel printer --port 9100 --listen tcp:9100:interface=127.0.0.1")]
 
     def parseArgs(self, device):
         self["device"] = device
@@ -124,6 +145,9 @@ class PunchOptions(Command):
         ["exec", None, None, "the command to start with the path (split as a shell would)"],
         ["wait", None, "60", "seconds to wait for the other side to start (at most 600)"],
     ]
+    examples = [("on bob's machine: wait for alice", "meshnode punch alice --accept --exec "
+                                                     "udp-peer"),
+                ("on alice's: punch to bob, print the path", "meshnode punch bob --json")]
 
     def parseArgs(self, peer):
         self["peer"] = peer
@@ -146,30 +170,36 @@ class PunchOptions(Command):
                 raise usage.UsageError("--exec: the command is empty")
 
 
-class Options(usage.Options):
-    synopsis = "[--config FILE] [--state-dir DIR] COMMAND [options]"
+class Options(CommandGroup):
+    synopsis = GLOBAL_SYNOPSIS + " COMMAND [options]"
+    longdesc = ("Talk to the meshnode node running in a state directory (`twistd meshnode`, "
+                "see `twistd meshnode --help`), and administer an operator's store.")
     optParameters = [
         ["config", None, None, "INI configuration file (the same as twistd meshnode's)"],
-        ["state-dir", None, None, "the node's state directory"],
+        ["state-dir", None, None, "the node's state directory (default: /var/lib/meshnode "
+                                  "as root, else $XDG_STATE_HOME/meshnode or "
+                                  "~/.local/state/meshnode)"],
         ["database", None, None, "the store's database URL (default: a SQLite file in the "
                                  "state directory)"],
     ]
     subCommands = [
+        ["status", None, StatusOptions, "show the running node: who it is and what it does"],
         ["identity", None, IdentityOptions, "show this node's id and public keys"],
-        ["status", None, StatusOptions, "show the running node's status"],
-        ["ping", None, PingOptions, "ping a node at HOST:PORT"],
+        ["ping", None, PingOptions, "ping a node by name or at HOST:PORT"],
         ["lookup", None, LookupOptions, "find a node's NodeInfo through the directory"],
-        ["location", None, LocationOptions, "show this machine's location ids"],
         ["tunnel", None, TunnelOptions, "open a local listener tunneled to an end-device"],
-        ["punch", None, PunchOptions, "punch a UDP path to a peer node and hand it to a "
-                                      "command"],
+        ["punch", None, PunchOptions, "punch a UDP path to a peer node for a command"],
+        ["location", None, LocationOptions, "show this machine's location ids"],
         ["join", None, join.JoinOptions, "write this node's configuration from a join string"],
-        ["operator", None, admin.OperatorOptions, "operator administration"],
+        ["operator", None, admin.OperatorOptions, "administer an operator: domains, tokens, "
+                                                  "nodes, end-devices"],
     ]
+    examples = [("the node in /var/lib/meshnode", "meshnode --state-dir /var/lib/meshnode "
+                                                  "status"),
+                ("a command's options and examples", "meshnode operator device add --help")]
 
     def postOptions(self):
-        if self.subCommand is None:
-            raise usage.UsageError("name a command: " + ", ".join(c[0] for c in self.subCommands))
+        super().postOptions()
         settings = {}
         try:
             if self["config"] is not None:
@@ -219,36 +249,32 @@ def cmd_identity(options, global_options):
     me = identity.load_or_create(state_dir, reactor)
     data = me.public_json()
     data["public_key_file"] = os.path.join(state_dir, identity.PUBLIC_KEY_FILE)
-    print_result(options, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+    print_result(options, data, "\n".join(show.details(data, reactor.seconds())))
+
+
+def running_node(state_dir, method, path, body=None, timeout=30):
+    """Ask the running node, or say how to start one when none runs in `state_dir`."""
+    data = control_request(state_dir, method, path, body, timeout)
+    if data is None:
+        raise CommandError(no_node_running(state_dir))
+    return data
+
+
+def no_node_running(state_dir):
+    return (f"no node is running with state directory {state_dir}: start it with "
+            f"`twistd meshnode --state-dir {state_dir}`")
+
+
+def _now():
+    from twisted.internet import reactor
+
+    return reactor.seconds()
 
 
 def cmd_status(options, global_options):
-    state_dir = global_options["state-dir"]
-    data = control_request(state_dir, "GET", "/v1/status")
-    if data is None:
-        raise CommandError(f"no node is running with state directory {state_dir}")
-    counters = {key: ", ".join(f"{k}={v}" for k, v in data[key].items()) or "none"
-                for key in ("accepted", "drops")}
-    print_result(options, data, "\n".join(_lines({**data, **counters})))
-
-
-def _lines(data, indent=""):
-    """Nested status data as indented text: sections, lists of records as tables."""
-    for key, value in data.items():
-        label = f"{indent}{key.replace('_', ' ')}"
-        if isinstance(value, dict) and value:
-            yield f"{label}:"
-            yield from _lines(value, indent + "  ")
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            yield f"{label}:"
-            columns = list(value[0])
-            rows = [{c: ", ".join(v[c]) if isinstance(v.get(c), list) else v.get(c)
-                     for c in columns} for v in value]
-            yield from (indent + "  " + line for line in table(rows, columns).splitlines())
-        elif isinstance(value, (list, dict)):
-            yield f"{label}: {', '.join(map(str, value)) or 'none'}"
-        else:
-            yield f"{label}: {value}"
+    data = running_node(global_options["state-dir"], "GET", "/v1/status")
+    lines = (show.details(data, _now()) if options["verbose"] else show.summary(data, _now()))
+    print_result(options, data, "\n".join(lines))
 
 
 def _standalone_ping(state_dir, host, port, count, timeout):
@@ -295,8 +321,8 @@ def cmd_ping(options, global_options):
                            timeout=options["count"] * options["timeout"] * 2 + 5)
     if data is None:
         if options["node"] is not None:
-            raise CommandError(f"no node is running with state directory {state_dir} "
-                               f"to find {options['node']!r} through")
+            raise CommandError(f"{no_node_running(state_dir)} (a node is found by name "
+                               f"through the running node; HOST:PORT needs none)")
         data = _standalone_ping(state_dir, host, port, options["count"], options["timeout"])
     lines = [f"Pong from {data['name']} ({data['node_id'][:16]}) at {data['address']}: "
              f"time={rtt} ms" for rtt in data["rtt_ms"]]
@@ -305,10 +331,8 @@ def cmd_ping(options, global_options):
 
 def cmd_lookup(options, global_options):
     state_dir = global_options["state-dir"]
-    data = control_request(state_dir, "POST", "/v1/lookup", {"node": options["node"]})
-    if data is None:
-        raise CommandError(f"no node is running with state directory {state_dir}")
-    print_result(options, data, "\n".join(_lines(data)))
+    data = running_node(state_dir, "POST", "/v1/lookup", {"node": options["node"]})
+    print_result(options, data, "\n".join(show.details(data, _now())))
 
 
 def cmd_location(options, global_options):
@@ -317,7 +341,7 @@ def cmd_location(options, global_options):
         raise CommandError("no location: no IPv4 default route whose gateway has a complete "
                            "entry in /proc/net/arp")
     print_result(options, {"locations": found},
-                 table(found, ["interface", "gateway", "gateway_mac", "network", "location_id"]))
+                 show.table(found, ["interface", "gateway", "gateway_mac", "network", "location_id"]))
 
 
 def cmd_tunnel(options, global_options):
@@ -326,9 +350,7 @@ def cmd_tunnel(options, global_options):
     for key in ("port", "name"):
         if options[key] is not None:
             request[key] = options[key]
-    data = control_request(state_dir, "POST", "/v1/tunnels", request)
-    if data is None:
-        raise CommandError(f"no node is running with state directory {state_dir}")
+    data = running_node(state_dir, "POST", "/v1/tunnels", request)
     print_result(options, data, f"{data['name']}: {data['device']} on {data['address']}")
 
 
@@ -337,11 +359,9 @@ PUNCH_FIELDS = ("local", "public", "peer")
 
 def cmd_punch(options, global_options):
     state_dir = global_options["state-dir"]
-    data = control_request(state_dir, "POST", "/v1/punch",
-                           {"peer": options["peer"], "accept": bool(options["accept"]),
-                            "wait": options["wait"]}, timeout=options["wait"] + 60)
-    if data is None:
-        raise CommandError(f"no node is running with state directory {state_dir}")
+    data = running_node(state_dir, "POST", "/v1/punch",
+                        {"peer": options["peer"], "accept": bool(options["accept"]),
+                         "wait": options["wait"]}, timeout=options["wait"] + 60)
     if options["exec"] is None:
         print_result(options, data, json.dumps(data))
         return
@@ -370,13 +390,23 @@ def main(argv=None):
     options = Options()
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
+    except ShowText as e:
+        print(e)
+        return 0
     except usage.UsageError as e:
-        print(f"meshnode: {e}", file=sys.stderr)
+        words = " ".join(filter(None, (PROGRAM, command_path(_deepest(options)))))
+        print(f"{PROGRAM}: {e} (see '{words} --help')", file=sys.stderr)
         return 2
     try:
         COMMANDS[options.subCommand](options.subOptions, options)
     except CommandError as e:
-        print(f"meshnode: {e}", file=sys.stderr)
+        print(f"{PROGRAM}: {e}", file=sys.stderr)
         return 1
     return 0
 
+
+def _deepest(options):
+    """The innermost command a command line got to (where a usage error is to be read)."""
+    while getattr(options, "subOptions", None) is not None:
+        options = options.subOptions
+    return options

@@ -12,24 +12,30 @@ from twisted.python import usage
 from meshnode import config, records
 from meshnode.cli import join
 from meshnode.core import identity, store
+from meshnode.cli import show
 from meshnode.cli.base import (Command, CommandError, CommandGroup, parse_domain,
-                               parse_duration, parse_name, print_result, table)
+                               parse_duration, parse_name, print_result)
 from meshnode.roles.operator import registry, signing
+
+
+LOCATION_EXAMPLE = "5a" * 32  # a location id as `meshnode location` prints it
 
 
 class OperatorInitOptions(Command):
     synopsis = "[--domain N] [--name NAME] [--json]"
-    longdesc = "Make this state directory an operator with a self-signed OperatorNode record."
+    longdesc = ("Make this state directory an operator with a self-signed OperatorNode record "
+                "(`twistd meshnode --operator` does it on its first start).")
     optParameters = [
         ["domain", None, 0, "the operator's own domain id", parse_domain],
         ["name", None, "operator", "the operator's overlay name", parse_name],
     ]
+    examples = [("a new operator in ./op", "meshnode --state-dir op operator init")]
 
 
 class SignNodeOptions(Command):
     synopsis = "--public-key FILE --domain N --name NAME --out FILE [--days D] [--json]"
     longdesc = ("Sign a Node record for the keys in FILE (a node's node.pub) and write the "
-                "enrollment file the node keeps as STATE/enrollment.")
+                "enrollment file the node keeps as STATE/enrollment: enrollment without HTTPS.")
     optParameters = [
         ["public-key", None, None, "the node's node.pub file"],
         ["domain", None, None, "the node's domain id", parse_domain],
@@ -37,6 +43,9 @@ class SignNodeOptions(Command):
         ["days", None, "30", "days the Node record is valid (1-365)"],
         ["out", None, None, "where to write the enrollment file"],
     ]
+    examples = [("enroll alice in domain 0x3da94c26 by hand",
+                 "meshnode --state-dir op operator sign-node --public-key alice/node.pub "
+                 "--domain 0x3da94c26 --name alice --out alice/enrollment")]
 
     def postOptions(self):
         for key in ("public-key", "domain", "name", "out"):
@@ -59,39 +68,57 @@ class SignNodeOptions(Command):
 
 class InfoOptions(Command):
     synopsis = "[--json]"
-    longdesc = "Show the operator's node id and the SHA-256 fingerprint of its TLS certificate."
+    longdesc = ("Show the operator's node id and the SHA-256 fingerprint of its TLS "
+                "certificate, which joining nodes pin (--operator-fingerprint).")
+    examples = [("the fingerprint to give joining nodes", "meshnode --state-dir op operator "
+                                                         "info")]
 
 
 class DomainCreateOptions(Command):
     synopsis = "NAME [--json]"
+    longdesc = "Create a domain (an organization's own part of the mesh) with a random 32-bit id."
+    examples = [("a domain for Acme", "meshnode operator domain create acme")]
 
     def parseArgs(self, name):
         self["name"] = parse_name(name)
 
 
+class DomainListOptions(Command):
+    synopsis = "[--json]"
+    longdesc = "List the domains with their ids and when they were created."
+    examples = [("every domain", "meshnode operator domain list")]
+
+
 class DomainOptions(CommandGroup):
-    group = "domain"
-    synopsis = "create NAME | list"
+    synopsis = "COMMAND"
+    longdesc = "Create and list domains."
     subCommands = [
         ["create", None, DomainCreateOptions, "create a domain with a random 32-bit id"],
-        ["list", None, Command, "list the domains"],
+        ["list", None, DomainListOptions, "list the domains"],
     ]
+    examples = DomainCreateOptions.examples + DomainListOptions.examples
 
 
 DEFAULT_ENROLL_PORT = 8443
 
 
 class TokenCreateOptions(Command):
-    synopsis = "--domain NAME [--uses N] [--expires 7d] [--url URL] [--json]"
+    synopsis = ("--domain NAME [--uses N] [--expires DURATION] [--url URL] "
+                "[--fallback-port N] [--json]")
+    longdesc = ("Make an enrollment token for a domain and print it (once: it is kept hashed) "
+                "with its join string: `meshnode join STRING` on a new node writes its "
+                "configuration.")
     optParameters = [
         ["domain", None, None, "the domain's name"],
         ["uses", None, "1", "how many nodes may enroll with it"],
-        ["expires", None, "7d", "how long it is valid (s, m, h or d)"],
+        ["expires", None, "7d", "how long it is valid: a number and s, m, h or d"],
         ["url", None, None, "the enrollment URL nodes reach this operator at, for the join "
                             "string (default: https://THIS-HOST'S-NAME:ENROLL-PORT)"],
         ["fallback-port", None, "443", "the operator's fallback port, for the join string "
                                        "(0: none)"],
     ]
+    examples = [("a token five nodes of acme may enroll with this week",
+                 "meshnode operator token create --domain acme --uses 5 --expires 7d")]
 
     def postOptions(self):
         if self["domain"] is None:
@@ -112,30 +139,38 @@ class TokenCreateOptions(Command):
 
 
 class TokenOptions(CommandGroup):
-    group = "token"
-    synopsis = "create --domain NAME [--uses N] [--expires 7d]"
+    synopsis = "COMMAND"
+    longdesc = "Make enrollment tokens."
     subCommands = [["create", None, TokenCreateOptions, "make an enrollment token"]]
+    examples = TokenCreateOptions.examples
 
 
 class NodeListOptions(Command):
     synopsis = "[--domain NAME] [--json]"
+    longdesc = "List the enrolled nodes with their domains, ids and when their records expire."
     optParameters = [["domain", None, None, "only this domain's nodes"]]
+    examples = [("acme's nodes", "meshnode operator node list --domain acme")]
 
 
 class NodeRevokeOptions(Command):
     synopsis = "NODE-ID [--json]"
+    longdesc = ("Revoke a node (by its id or 8 or more hex digits of it): its name is freed "
+                "and a new Revocation record tells the others.")
+    examples = [("revoke the node whose id starts 9e97d8c1", "meshnode operator node revoke "
+                                                            "9e97d8c1")]
 
     def parseArgs(self, node_id):
         self["node-id"] = node_id
 
 
 class NodeOptions(CommandGroup):
-    group = "node"
-    synopsis = "list [--domain NAME] | revoke NODE-ID"
+    synopsis = "COMMAND"
+    longdesc = "List and revoke enrolled nodes."
     subCommands = [
         ["list", None, NodeListOptions, "list enrolled nodes"],
         ["revoke", None, NodeRevokeOptions, "revoke a node (by id or 8+ hex digits of it)"],
     ]
+    examples = NodeListOptions.examples + NodeRevokeOptions.examples
 
 
 _MAC = re.compile(r"[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}")
@@ -145,7 +180,11 @@ _HEX32 = re.compile(r"[0-9A-Fa-f]{64}")
 def _parse_mac(text):
     if not _MAC.fullmatch(text):
         raise usage.UsageError(f"--mac: {text!r} is not a MAC address like aa:bb:cc:dd:ee:ff")
-    return bytes.fromhex(text.replace(":", "").replace("-", ""))
+    mac = bytes.fromhex(text.replace(":", "").replace("-", ""))
+    if mac == records.NO_MAC:
+        raise usage.UsageError("--mac: 00:00:00:00:00:00 is no device's MAC (give --address "
+                               "alone for a device without one)")
+    return mac
 
 
 def _parse_hex32(option, text):
@@ -154,16 +193,17 @@ def _parse_hex32(option, text):
     return bytes.fromhex(text)
 
 
-class DeviceAddOptions(Command):
-    synopsis = ("--domain NAME --name NAME --mac MAC --location ID --port P [--port P …] "
-                "[--address IP] [--certificate-sha256 HEX] [--json]")
+class _DeviceOptions(Command):
+    """What `device add` and `device approve` both take: the device's name, how it is found,
+    its certificate and its ports."""
+
     optParameters = [
         ["domain", None, None, "the domain's name"],
         ["name", None, None, "the device's name, unique in its domain"],
-        ["mac", None, None, "the device's MAC address (how tunnel-nodes find it)"],
-        ["location", None, None, "the location id of its LAN (`meshnode location`)"],
-        ["address", None, None, "an address pinned instead of the MAC (a service on the "
-                                "tunnel-node itself, e.g. 127.0.0.1)"],
+        ["mac", None, None, "the device's MAC address: how tunnel-nodes find it on the LAN"],
+        ["address", None, None, "the device's IP address, pinned: used instead of looking "
+                                "the MAC up (a service on the tunnel-node itself, e.g. "
+                                "127.0.0.1, or a device with a fixed address)"],
         ["certificate-sha256", None, None, "SHA-256 of the device's TLS certificate"],
     ]
 
@@ -182,36 +222,66 @@ class DeviceAddOptions(Command):
         self["ports"].append(port)
 
     def postOptions(self):
-        for key in ("domain", "name", "mac", "location"):
+        for key in ("domain", "name"):
             if self[key] is None:
                 raise usage.UsageError(f"--{key} is required")
+        if self["mac"] is None and self["address"] is None:
+            raise usage.UsageError("--mac or --address is required (the MAC finds the device "
+                                   "on its LAN; an address pins it)")
         if not self["ports"]:
             raise usage.UsageError("--port is required (at least one)")
         self["name"] = parse_name(self["name"])
-        self["mac"] = _parse_mac(self["mac"])
-        self["location"] = _parse_hex32("location", self["location"])
+        if self["mac"] is not None:
+            self["mac"] = _parse_mac(self["mac"])
         if self["certificate-sha256"] is not None:
             self["certificate-sha256"] = _parse_hex32("certificate-sha256",
                                                       self["certificate-sha256"])
         if self["address"] is not None:
-            from meshnode.records import canonical_address
-
             try:
-                self["address"] = canonical_address(self["address"])
+                self["address"] = records.canonical_address(self["address"])
             except ValueError:
                 raise usage.UsageError(f"--address: {self['address']!r} is not an IP address"
                                        ) from None
 
 
+class DeviceAddOptions(_DeviceOptions):
+    synopsis = ("--domain NAME --name NAME (--mac MAC | --address IP) --location HEX "
+                "--port N [--port N …] [--certificate-sha256 HEX] [--json]")
+    longdesc = ("Register an end-device: tunnel-nodes at its location find it by its MAC in "
+                "their neighbour table, or reach it at the address pinned here (give either, "
+                "or both).")
+    optParameters = [
+        ["location", None, None, "the location id of its LAN (`meshnode location` there)"],
+    ]
+    examples = [("a printer found by its MAC on the LAN",
+                 "meshnode operator device add --domain acme --name printer --mac "
+                 f"aa:bb:cc:dd:ee:ff --location {LOCATION_EXAMPLE} --port 631 --port 9100"),
+                ("CUPS on the tunnel-node itself, by address",
+                 "meshnode operator device add --domain acme --name cups --address 127.0.0.1 "
+                 f"--location {LOCATION_EXAMPLE} --port 631")]
+
+    def postOptions(self):
+        super().postOptions()
+        if self["location"] is None:
+            raise usage.UsageError("--location is required (`meshnode location` on its LAN "
+                                   "prints it)")
+        self["location"] = _parse_hex32("location", self["location"])
+
+
 class DeviceListOptions(Command):
     synopsis = "[--domain NAME] [--json]"
+    longdesc = "List the registered end-devices: domain, MAC or pinned address, ports, location."
     optParameters = [["domain", None, None, "only this domain's devices"]]
+    examples = [("acme's devices", "meshnode operator device list --domain acme")]
 
 
 class DeviceRemoveOptions(Command):
     synopsis = "--domain NAME (--name NAME | NAME) [--json]"
+    longdesc = "Remove an end-device's record: tunnel-nodes stop opening tunnels to it."
     optParameters = [["domain", None, None, "the domain's name"],
                      ["name", None, None, "the device's name"]]
+    examples = [("remove acme's printer", "meshnode operator device remove --domain acme "
+                                         "printer")]
 
     def parseArgs(self, name=None):
         if name is not None:
@@ -227,48 +297,58 @@ class DeviceRemoveOptions(Command):
 
 class DevicePendingOptions(Command):
     synopsis = "[--domain NAME] [--json]"
-    longdesc = "Devices tunnel-nodes see on their LAN that have no EndDevice record yet."
+    longdesc = ("List the devices tunnel-nodes see on their LAN that have no EndDevice record "
+                "yet, to approve.")
     optParameters = [["domain", None, None, "only this domain's"]]
+    examples = [("what acme's tunnel-nodes have seen", "meshnode operator device pending "
+                                                      "--domain acme")]
 
 
-class DeviceApproveOptions(DeviceAddOptions):
-    synopsis = ("--domain NAME --mac MAC --name NAME --port P [--port P …] [--address IP] "
+class DeviceApproveOptions(_DeviceOptions):
+    synopsis = ("--domain NAME --mac MAC --name NAME --port N [--port N …] [--address IP] "
                 "[--certificate-sha256 HEX] [--json]")
-    longdesc = "Register a pending device, at the location where it was seen, in one step."
+    longdesc = ("Register a pending device (by the MAC it was seen with) at the location "
+                "where it was seen, in one step.")
+    examples = [("register the printer a tunnel-node saw",
+                 "meshnode operator device approve --domain acme --mac aa:bb:cc:dd:ee:ff "
+                 "--name printer --port 631")]
 
     def postOptions(self):
-        if self["location"] is not None:
-            raise usage.UsageError("--location: approve registers the device where it was "
-                                   "seen (use `device add` to name another)")
-        self["location"] = "00" * 32  # taken from where the device was seen
+        if self["mac"] is None:
+            raise usage.UsageError("--mac is required: the MAC the device was seen with "
+                                   "(`meshnode operator device pending`)")
         super().postOptions()
 
 
 class DeviceOptions(CommandGroup):
-    group = "device"
-    synopsis = ("add … | list [--domain NAME] | remove --domain NAME NAME | pending | "
-                "approve …")
+    synopsis = "COMMAND"
+    longdesc = ("Register, list and remove end-devices, and approve the ones tunnel-nodes "
+                "have seen.")
     subCommands = [
-        ["add", None, DeviceAddOptions, "register an end-device"],
+        ["add", None, DeviceAddOptions, "register an end-device by MAC or address"],
         ["list", None, DeviceListOptions, "list end-devices"],
         ["remove", None, DeviceRemoveOptions, "remove an end-device"],
         ["pending", None, DevicePendingOptions, "devices seen by tunnel-nodes, unregistered"],
         ["approve", None, DeviceApproveOptions, "register a pending device"],
     ]
+    examples = DeviceAddOptions.examples[:1] + DevicePendingOptions.examples
 
 
 class OperatorOptions(CommandGroup):
-    group = "operator"
-    synopsis = "init | sign-node | info | domain | token | node | device"
+    synopsis = "COMMAND"
+    longdesc = ("Administer an operator, acting on its store directly (the operator node need "
+                "not run): domains, enrollment tokens, nodes and end-devices.")
     subCommands = [
-        ["init", None, OperatorInitOptions, "make this node an operator"],
-        ["sign-node", None, SignNodeOptions, "sign a Node record for a node's public keys"],
+        ["init", None, OperatorInitOptions, "make this state directory an operator"],
         ["info", None, InfoOptions, "the operator's id and TLS certificate fingerprint"],
         ["domain", None, DomainOptions, "create and list domains"],
         ["token", None, TokenOptions, "make enrollment tokens"],
         ["node", None, NodeOptions, "list and revoke nodes"],
-        ["device", None, DeviceOptions, "add, list and remove end-devices"],
+        ["device", None, DeviceOptions, "register, list, remove and approve end-devices"],
+        ["sign-node", None, SignNodeOptions, "sign a Node record for a node's public keys"],
     ]
+    examples = (OperatorInitOptions.examples + DomainCreateOptions.examples
+                + TokenCreateOptions.examples)
 
 
 _engines = []
@@ -295,7 +375,8 @@ def _init(sub, global_options, clock):
     me, signed = signing.init_operator(state_dir, sub["domain"], sub["name"], clock)
     data = {"node_id": me.node_id.hex(), "domain": sub["domain"], "name": sub["name"],
             "enrollment": os.path.join(state_dir, identity.ENROLLMENT_FILE)}
-    print_result(sub, data, f"operator {data['node_id']} initialised in {state_dir}")
+    print_result(sub, data, f"operator {data['node_id']} initialised in {state_dir} "
+                            f"(its own domain {show.domain(sub['domain'])})")
 
 
 def _sign_node(sub, global_options, clock):
@@ -305,7 +386,9 @@ def _sign_node(sub, global_options, clock):
     identity.write_private(sub["out"], bundle)
     data = {"node_id": node.record.node_id.hex(), "domain": sub["domain"], "name": sub["name"],
             "expires": node.record.expires, "out": sub["out"]}
-    print_result(sub, data, f"signed {sub['name']} ({data['node_id']}) into {sub['out']}")
+    print_result(sub, data, f"signed {sub['name']} ({data['node_id']}) of domain "
+                            f"{show.domain(sub['domain'])} into {sub['out']}, valid until "
+                            f"{show.moment(data['expires'], clock.seconds())}")
 
 
 def _info(sub, global_options, clock):
@@ -315,7 +398,7 @@ def _info(sub, global_options, clock):
     certificate = tls.load_or_create_tls(global_options["state-dir"], clock)
     data = {"node_id": me.node_id.hex(), "domain": operators[0].record.domain,
             "tls_fingerprint": certificate.fingerprint}
-    print_result(sub, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+    print_result(sub, data, "\n".join(show.details(data, clock.seconds())))
 
 
 def _domain(sub, global_options, clock):
@@ -324,12 +407,12 @@ def _domain(sub, global_options, clock):
     if sub.subCommand == "create":
         domain = registry.thd_create_domain(engine, command["name"], records.now_ms(clock))
         data = {"domain": domain, "name": command["name"]}
-        print_result(command, data, f"domain {command['name']} is {domain:#010x}")
+        print_result(command, data, f"created domain {show.domain(domain, command['name'])}")
     else:
         rows = registry.thd_list_domains(engine)
-        for row in rows:
-            row["id"] = f"{row['domain']:#010x}"
-        print_result(command, rows, table(rows, ["name", "id", "domain"]))
+        shown = [{"name": row["name"], "id": show.domain(row["domain"]),
+                  "created": show.iso(row["created"] / 1000)} for row in rows]
+        print_result(command, rows, show.table(shown, ["name", "id", "created"]))
 
 
 def _token(sub, global_options, clock):
@@ -366,7 +449,12 @@ def _node(sub, global_options, clock):
     me, engine = _open(global_options)
     if sub.subCommand == "list":
         rows = registry.thd_list_nodes(engine, command["domain"])
-        print_result(command, rows, table(rows, ["name", "domain_name", "node_id", "revoked"]))
+        shown = [{"name": row["name"], "domain": show.domain(row["domain"], row["domain_name"]),
+                  "node_id": row["node_id"],
+                  "expires": show.relative(row["expires"] / 1000, clock.seconds()),
+                  "revoked": "yes" if row["revoked"] else "no"} for row in rows]
+        print_result(command, rows, show.table(shown, ["name", "domain", "node_id", "expires",
+                                                       "revoked"]))
     else:
         data = registry.thd_revoke_node(engine, me, command["node-id"], records.now_ms(clock))
         print_result(command, data, f"revoked {data['name']} ({data['node_id']})")
@@ -389,13 +477,21 @@ def _device(sub, global_options, clock):
                                     f"location {data['location_id'][:16]}…")
     elif sub.subCommand == "pending":
         rows = registry.thd_pending_devices(engine, command["domain"])
-        print_result(command, rows, table(rows, ["domain_name", "mac", "address",
-                                                 "location_id", "seen_by"]))
+        shown = [{"domain": show.domain(row["domain"], row["domain_name"]), "mac": row["mac"],
+                  "address": row["address"], "location_id": show.short_id(row["location_id"]),
+                  "seen_by": show.short_id(row["seen_by"]),
+                  "last_seen": show.relative(row["last_seen"] / 1000, clock.seconds())}
+                 for row in rows]
+        print_result(command, rows, show.table(shown, ["domain", "mac", "address",
+                                                       "location_id", "seen_by", "last_seen"]))
     elif sub.subCommand == "list":
         rows = registry.thd_list_devices(engine, command["domain"])
-        shown = [dict(row, ports=",".join(map(str, row["ports"]))) for row in rows]
-        print_result(command, rows, table(shown, ["name", "domain_name", "mac", "address",
-                                                  "ports", "location_id"]))
+        shown = [{"name": row["name"], "domain": show.domain(row["domain"], row["domain_name"]),
+                  "mac": row["mac"], "address": row["address"],
+                  "ports": ",".join(map(str, row["ports"])),
+                  "location_id": show.short_id(row["location_id"])} for row in rows]
+        print_result(command, rows, show.table(shown, ["name", "domain", "mac", "address",
+                                                       "ports", "location_id"]))
     else:
         registry.thd_remove_device(engine, command["domain"], command["name"])
         print_result(command, {"removed": command["name"]}, f"removed {command['name']}")

@@ -81,7 +81,8 @@ def thd_list_domains(engine):
 def _domain_id(connection, name):
     row = connection.execute(sa.select(domains.c.domain).where(domains.c.name == name)).first()
     if row is None:
-        raise RegistryError(404, f"no domain {name!r}")
+        raise RegistryError(404, f"no domain {name!r} (`meshnode operator domain list` "
+                                 "lists them)")
     return row.domain
 
 
@@ -223,7 +224,8 @@ def _find_node(connection, node_id_prefix):
     rows = [row for row in connection.execute(sa.select(nodes))
             if row.node_id.hex().startswith(prefix)]
     if not rows:
-        raise RegistryError(404, f"no node {node_id_prefix}")
+        raise RegistryError(404, f"no node {node_id_prefix} (`meshnode operator node list` "
+                                 "lists them)")
     if len(rows) > 1:
         raise RegistryError(409, f"{node_id_prefix} matches {len(rows)} nodes")
     return rows[0]
@@ -281,6 +283,13 @@ def thd_super_node_records(engine):
 
 def thd_add_device(engine, operator, domain_name, name, mac, address, certificate_sha256,
                    location_id, ports, now):
+    """Sign and keep an EndDevice record → its row (`_device_row`).
+
+    `mac` (6 bytes, or None) finds the device on its LAN; `address` pins where it is reached.
+    One of them at least. The device id (`records.device_id_for`) comes from the MAC and
+    certificate, or for a device without a MAC from its location, address and certificate:
+    the same device added again, after removal or by another operator, has the same id.
+    """
     with engine.begin() as connection:
         domain = _domain_id(connection, domain_name)
         return _add_device(connection, operator, domain, domain_name, name, mac, address,
@@ -289,20 +298,30 @@ def thd_add_device(engine, operator, domain_name, name, mac, address, certificat
 
 def _add_device(connection, operator, domain, domain_name, name, mac, address,
                 certificate_sha256, location_id, ports, now):
+    if mac is None and address is None:
+        raise RegistryError(400, "a device needs a MAC or an address")
+    if mac == records.NO_MAC:
+        raise RegistryError(400, "00:00:00:00:00:00 is no device's MAC")
     if connection.execute(sa.select(end_devices.c.device_id).where(
             end_devices.c.domain == domain, end_devices.c.name == name)).first():
         raise RegistryError(409, f"a device named {name!r} exists in {domain_name!r}")
-    device_id = records.device_id_for(mac, certificate_sha256)
-    if connection.execute(sa.select(end_devices.c.name).where(
-            end_devices.c.domain == domain, end_devices.c.device_id == device_id)).first():
-        raise RegistryError(409, "that MAC (and certificate) is registered already")
-    signed = operator.sign(records.EndDevice(domain, device_id, name, mac, address,
-                                             certificate_sha256, location_id, ports, now))
+    device_id = records.device_id_for(mac or records.NO_MAC, certificate_sha256,
+                                      location_id=location_id, address=address)
+    holder = connection.execute(sa.select(end_devices.c.name).where(
+        end_devices.c.domain == domain, end_devices.c.device_id == device_id)).first()
+    if holder is not None:
+        what = ("that MAC (and certificate)" if mac is not None
+                else "that address at that location (and certificate)")
+        raise RegistryError(409, f"{what} is registered already, as {holder.name!r}")
+    signed = operator.sign(records.EndDevice(domain, device_id, name, mac or records.NO_MAC,
+                                             address, certificate_sha256, location_id, ports,
+                                             now))
     connection.execute(end_devices.insert().values(
         domain=domain, device_id=device_id, name=name, location_id=location_id,
         record=signed.encode(), created=now))
-    connection.execute(pending_devices.delete().where(
-        pending_devices.c.domain == domain, pending_devices.c.mac == mac))
+    if mac is not None:
+        connection.execute(pending_devices.delete().where(
+            pending_devices.c.domain == domain, pending_devices.c.mac == mac))
     _changed(connection, domain)
     return _device_row(signed.record, domain_name)
 
@@ -330,7 +349,7 @@ def _devices_seen(engine, domain, location_id, seen_by, devices, now):
         pending = {row.mac for row in connection.execute(sa.select(pending_devices.c.mac).where(
             pending_devices.c.domain == domain))}
         for mac, address in devices:
-            if mac in registered:
+            if mac in registered or mac == records.NO_MAC:  # the MAC of no device
                 continue
             values = dict(location_id=location_id, address=address, seen_by=seen_by,
                           last_seen=now)
@@ -353,7 +372,8 @@ def thd_pending_devices(engine, domain_name=None):
             domains.c.name, pending_devices.c.mac)
         if domain_name is not None:
             query = query.where(pending_devices.c.domain == _domain_id(connection, domain_name))
-        return [{"domain_name": row.name, "mac": row.mac.hex(":"), "address": row.address,
+        return [{"domain": row.domain, "domain_name": row.name, "mac": row.mac.hex(":"),
+                 "address": row.address,
                  "location_id": row.location_id.hex(), "seen_by": row.seen_by.hex(),
                  "first_seen": row.first_seen, "last_seen": row.last_seen}
                 for row in connection.execute(query)]
@@ -367,14 +387,16 @@ def thd_approve_device(engine, operator, domain_name, mac, name, ports, now, add
         row = connection.execute(sa.select(pending_devices).where(
             pending_devices.c.domain == domain, pending_devices.c.mac == mac)).first()
         if row is None:
-            raise RegistryError(404, f"no pending device {mac.hex(':')} in {domain_name!r}")
+            raise RegistryError(404, f"no pending device {mac.hex(':')} in {domain_name!r} "
+                                     "(`meshnode operator device pending` lists them)")
         return _add_device(connection, operator, domain, domain_name, name, mac, address,
                            certificate_sha256, row.location_id, ports, now)
 
 
 def _device_row(device, domain_name):
     return {"device_id": device.device_id.hex(), "domain": device.domain,
-            "domain_name": domain_name, "name": device.name, "mac": device.mac.hex(":"),
+            "domain_name": domain_name, "name": device.name,
+            "mac": device.mac.hex(":") if device.mac != records.NO_MAC else None,
             "address": device.address, "location_id": device.location_id.hex(),
             "ports": list(device.ports)}
 
@@ -409,5 +431,6 @@ def thd_remove_device(engine, domain_name, name):
         removed = connection.execute(end_devices.delete().where(
             end_devices.c.domain == domain, end_devices.c.name == name))
         if removed.rowcount != 1:
-            raise RegistryError(404, f"no device {name!r} in {domain_name!r}")
+            raise RegistryError(404, f"no device {name!r} in {domain_name!r} (`meshnode "
+                                     "operator device list` lists them)")
         _changed(connection, domain)
