@@ -94,6 +94,25 @@ def parse_https_url(text):
     return text.rstrip("/")
 
 
+def parse_proxy_url(text):
+    """An HTTP proxy, http://HOST:PORT (a bare HOST:PORT means the same) → 'http://HOST:PORT'.
+    Only plain-HTTP proxies that tunnel with CONNECT; no credentials in the URL."""
+    candidate = text.strip() if "://" in text else f"http://{text.strip()}"
+    parsed = urllib.parse.urlsplit(candidate)
+    try:
+        port = parsed.port
+    except ValueError:
+        raise ValueError(f"{text!r} has a bad port") from None
+    if parsed.scheme != "http" or not parsed.hostname or not port:
+        raise ValueError(f"{text!r} is not an HTTP proxy URL like http://HOST:PORT")
+    if parsed.username is not None or parsed.password is not None:
+        raise ValueError(f"{text!r}: proxy credentials are not supported")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        raise ValueError(f"{text!r}: a proxy URL has no path")
+    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+    return f"http://{host}:{port}"
+
+
 def parse_fingerprint(text):
     """A SHA-256 certificate fingerprint: 64 hex digits, colons allowed → lowercase hex."""
     digits = text.replace(":", "").strip().lower() if isinstance(text, str) else ""
@@ -217,6 +236,7 @@ SETTINGS = {
     ("node", "stun-server"): parse_host_port,
     ("node", "upnp"): parse_upnp,
     ("node", "fallback-port"): parse_port,
+    ("node", "proxy"): parse_proxy_url,
     ("tunnel", "tunnels-per-node"): parse_positive_int,
     ("tunnel", "tunnels-per-domain"): parse_positive_int,
     ("tunnel", "tunnels-total"): parse_positive_int,

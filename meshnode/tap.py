@@ -29,6 +29,7 @@ from meshnode.roles.tunnel import Limits, TunnelService, TunnelSettings
 from meshnode.roles.user import UserService, UserSettings
 from meshnode.rpc.carrier import FallbackListener
 from meshnode.rpc.service import RPCService
+from meshnode.streams.proxy import Dialer, Proxy, no_proxy_list
 from meshnode.streams.tunnel_tls import NodeTLS
 
 ROLE_FLAGS = ("operator", "super", "tunnel", "user")
@@ -87,6 +88,8 @@ class Options(usage.Options):
         ["fallback-port", None, None, "TLS port for nodes whose firewall passes nothing else: "
                                       "super-nodes and operators listen on it, others use it "
                                       "(default 443; 0: none)"],
+        ["proxy", None, None, "an HTTP proxy, http://HOST:PORT, for enrollment and the "
+                              "fallback port's streams (default: $https_proxy)"],
     ]
 
     def postOptions(self):
@@ -109,9 +112,11 @@ class Options(usage.Options):
         for key in ("partition", "state-dir", "rpc-port", "listen-address", "database",
                     "operator-url", "operator-fingerprint", "operator-ca", "operator-rpc",
                     "enroll-token", "name", "enroll-listen", "replicas", "tunnel-port",
-                    "relay-port", "location", "stun-server", "upnp", "fallback-port"):
+                    "relay-port", "location", "stun-server", "upnp", "fallback-port",
+                    "proxy"):
             if self[key] is not None:
                 settings[key] = config.parse_setting(key, self[key])
+        settings.update(_proxy_from_environment(settings, os.environ))
         for role in ROLE_FLAGS:
             settings[role] = bool(self[role]) or settings.get(role, False)
         if self["no-direct"]:
@@ -143,6 +148,30 @@ class Options(usage.Options):
         return settings
 
 
+def _proxy_from_environment(settings, environ):
+    """The proxy settings the environment adds: `https_proxy` (or HTTPS_PROXY) when neither
+    the file nor the command line set `proxy`, and `no_proxy` (or NO_PROXY) in any case."""
+    found = {"no-proxy": no_proxy_list(environ.get("no_proxy", environ.get("NO_PROXY")))}
+    if "proxy" in settings:
+        return found
+    for variable in ("https_proxy", "HTTPS_PROXY"):
+        if environ.get(variable):
+            try:
+                found["proxy"] = config.parse_proxy_url(environ[variable])
+            except ValueError as e:
+                raise config.ConfigError(f"{variable} (environment): {e}") from None
+            found["proxy-from-environment"] = True
+            break
+    return found
+
+
+def _proxy(settings):
+    if "proxy" not in settings:
+        return None
+    return Proxy(settings["proxy"], settings.get("no-proxy", ()),
+                 settings.get("proxy-from-environment", False))
+
+
 def roles_of(settings):
     roles = Role.USER
     for role in ("operator", "super", "tunnel"):
@@ -172,11 +201,13 @@ def build_node(settings, reactor):
     listen_address = settings["listen-address"]
 
     # -- the core ------------------------------------------------------------------------
+    dialer = Dialer(reactor, _proxy(settings))  # enrollment and fallback streams: maybe proxied
     enroller = None
     if "operator-url" in settings:
         enroller = EnrollmentClient(reactor, settings["operator-url"],
                                     fingerprint=settings.get("operator-fingerprint"),
-                                    ca_file=settings.get("operator-ca"))
+                                    ca_file=settings.get("operator-ca"),
+                                    fallback_port=settings["fallback-port"], dialer=dialer)
     identity = IdentityService(state_dir=state_dir, clock=reactor, enroller=enroller,
                                token=settings.get("enroll-token"),
                                name=settings.get("name") or socket.gethostname()[:63])
@@ -190,7 +221,7 @@ def build_node(settings, reactor):
                      port=settings["rpc-port"], roles=roles_of(settings),
                      call_timeout=settings["call-timeout"], rate=settings["rate-limit"],
                      burst=settings["rate-burst"], fallback_port=settings["fallback-port"],
-                     tls=tls.context, side_channel=stun_client, drops=drops)
+                     tls=tls.context, side_channel=stun_client, drops=drops, dialer=dialer)
     directory = DirectoryService(identity=identity, store=store, rpc=rpc,
                                  operator_address=_operator_rpc_address(settings),
                                  follow_enrollment="operator-rpc" not in settings,
@@ -230,13 +261,17 @@ def build_node(settings, reactor):
         described.append(("transport", fallback))
 
     # -- the roles -----------------------------------------------------------------------
-    relay_leg = lambda: None  # noqa: E731  (relay legs arriving on the fallback port)
+    # What the fallback port serves besides RPC frames: relay legs (super-nodes), and the
+    # enrollment API with the operator's certificate (operators).
+    relay_leg = lambda: None  # noqa: E731
+    web, fallback_tls = (lambda: None), tls.context
     if settings["operator"]:
         operator = OperatorService(core, OperatorSettings(
             enroll_listen=settings["enroll-listen"], replicas=settings["replicas"],
             quota=settings["quota"]))
         operator.setServiceParent(node)
         described.append(("operator", operator))
+        web, fallback_tls = (lambda: operator.site), (lambda: operator.tls_context)
     if settings["super"]:
         super_node = SuperService(core, SuperSettings(
             partition=settings["partition"], quota=settings["quota"],
@@ -251,8 +286,8 @@ def build_node(settings, reactor):
         described.append(("super", super_node))
     if settings["fallback-port"] and (settings["operator"] or settings["super"]):
         FallbackListener(reactor=reactor, port=settings["fallback-port"],
-                         interface=listen_address, receive=rpc.receive, tls=tls.context,
-                         relay_leg=relay_leg).setServiceParent(node)
+                         interface=listen_address, receive=rpc.receive, tls=fallback_tls,
+                         relay_leg=relay_leg, web=web).setServiceParent(node)
     if settings["tunnel"]:
         tunnel = TunnelService(core, TunnelSettings(
             port=settings["tunnel-port"], direct=settings["direct"],

@@ -18,7 +18,11 @@ OPERATOR_DOMAIN = 0x00010000
 
 
 def environment():
-    return dict(os.environ, PYTHONPATH=ROOT)
+    """The test's environment for a node, without the machine's proxy settings (a test that
+    wants a proxy gives it)."""
+    proxy_variables = ("https_proxy", "no_proxy")
+    return dict({name: value for name, value in os.environ.items()
+                 if name.lower() not in proxy_variables}, PYTHONPATH=ROOT)
 
 
 class _Exit(protocol.ProcessProtocol):

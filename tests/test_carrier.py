@@ -1,8 +1,11 @@
 """Tests for meshnode.rpc.carrier: RPC frames over TCP/TLS streams (StreamCarrier) and the
-fallback port's listener that tells TLS from relay legs by the first byte (FallbackFactory).
+fallback port's listener that tells TLS from relay legs by the first byte, and on an operator
+HTTP (the enrollment API) from RPC frames inside the TLS (FallbackFactory).
 
-StreamCarrier runs on a MemoryReactorClock: its connections show up in `tcpClients` and
-`sslClients` and are completed (or failed) by the test over StringTransports. The fallback
+StreamCarrier runs on a MemoryReactorClock: its connections show up in `tcpClients` (its TLS
+streams, through a stand-in dialer, in those of a reactor of their own, in the clear: TLS over
+a stream is the dialer's, tests/test_proxy.py) and are completed (or failed) by the test over
+StringTransports. The fallback
 listener's TLS runs for real, in memory: a StringTransport whose startTLS puts Twisted's
 TLSMemoryBIOProtocol in between, as a TCP transport's does, talking to a TLS client in the test.
 """
@@ -12,6 +15,7 @@ import datetime
 import struct
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -19,11 +23,14 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import resource, server
 
 from meshnode.streams import tunnel_tls
 from meshnode.core.identity import Identity
-from meshnode.rpc.carrier import (CONNECT_SECONDS, QUEUE_LIMIT, TLS_HANDSHAKE, FallbackFactory,
-                                  StreamCarrier, relay_token_allowed)
+from meshnode.rpc.carrier import (CONNECT_SECONDS, HTTP_METHOD_BYTES, QUEUE_LIMIT,
+                                  TLS_HANDSHAKE, FallbackFactory, StreamCarrier,
+                                  relay_token_allowed)
+from meshnode.rpc.frame import MAX_DATAGRAM
 from meshnode.rpc.protocol import RPCStreamProtocol
 from tests.mesh import EPOCH
 
@@ -39,14 +46,29 @@ def framed(*frames):
     return b"".join(struct.pack(">H", len(f)) + f for f in frames)
 
 
+class _ClearDialer:
+    """A Dialer stand-in whose TLS streams are plain TCP connections on a reactor of their
+    own (`reactor.tcpClients`); `asked`: each (host, port, TLS context, timeout) asked for."""
+
+    def __init__(self):
+        self.reactor = MemoryReactorClock()
+        self.asked = []
+
+    def tls_endpoint(self, host, port, tls, timeout):
+        self.asked.append((host, port, tls, timeout))
+        return TCP4ClientEndpoint(self.reactor, host, port, timeout=timeout)
+
+
 class StreamCarrierTestCase(SynchronousTestCase):
     def setUp(self):
         self.reactor = MemoryReactorClock()
         self.received = []
         self.drops = collections.Counter()
         self.contexts = []
+        self.dialer = _ClearDialer()
+        self.tls_clients = self.dialer.reactor.tcpClients
         self.carrier = StreamCarrier(self.reactor, self.receive, self.context, FALLBACK_PORT,
-                                     self.drops)
+                                     self.drops, self.dialer)
 
     def receive(self, data, source, send):
         self.received.append((data, source, send))
@@ -67,8 +89,7 @@ class StreamCarrierTestCase(SynchronousTestCase):
 
     def fail_connect(self, clients=None, index=-1):
         factory = (clients or self.reactor.tcpClients)[index][2]
-        factory.clientConnectionFailed(self.reactor.connectors[index],
-                                       Failure(ConnectionRefusedError()))
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
 
 
 class StreamCarrierTests(StreamCarrierTestCase):
@@ -81,15 +102,16 @@ class StreamCarrierTests(StreamCarrierTestCase):
         self.carrier.send("tcp", b"two", PEER)
         self.assertEqual([(host, port, timeout) for host, port, _, timeout, _
                           in self.reactor.tcpClients], [(PEER[0], PEER[1], CONNECT_SECONDS)])
-        self.assertEqual(self.reactor.sslClients, [])
+        self.assertEqual(self.tls_clients, [])
 
     def test_tls_connects_to_the_fallback_port(self):
-        """A frame by "tls" opens a TLS connection to the peer host's fallback port with the
-        node's TLS context."""
+        """A frame by "tls" asks the dialer for a TLS stream to the peer host's fallback port
+        with the node's TLS context, and connects it."""
         self.carrier.send("tls", b"one", PEER)
-        (host, port, _, context, timeout, _), = self.reactor.sslClients
+        ((host, port, context, timeout),) = self.dialer.asked
         self.assertEqual((host, port, timeout), (PEER[0], FALLBACK_PORT, CONNECT_SECONDS))
         self.assertEqual(self.contexts, [context])
+        self.assertEqual([client[:2] for client in self.tls_clients], [(PEER[0], FALLBACK_PORT)])
         self.assertEqual(self.reactor.tcpClients, [])
 
     def test_frames_queued_until_connected_then_flushed_in_order(self):
@@ -118,13 +140,13 @@ class StreamCarrierTests(StreamCarrierTestCase):
         self.carrier.send("tcp", b"b", OTHER_PEER)
         self.carrier.send("tls", b"c", PEER)
         self.assertEqual(len(self.reactor.tcpClients), 2)
-        self.assertEqual(len(self.reactor.sslClients), 1)
+        self.assertEqual(len(self.tls_clients), 1)
 
     def test_answers_come_from_the_peer_address(self):
         """A frame arriving on a TLS stream counts as from the peer's RPC address (not the
         fallback port), and its `send` answers on that stream."""
         self.carrier.send("tls", b"ask", PEER)
-        built, transport = self.connect(self.reactor.sslClients)
+        built, transport = self.connect(self.tls_clients)
         built.dataReceived(framed(b"answer"))
         ((data, source, send),) = self.received
         self.assertEqual((data, source), (b"answer", PEER))
@@ -147,7 +169,7 @@ class StreamCarrierTests(StreamCarrierTestCase):
     def test_failed_tls_connect_counted(self):
         """A TLS connection that fails is counted as tls_connect_failed."""
         self.carrier.send("tls", b"a", PEER)
-        self.fail_connect(self.reactor.sslClients)
+        self.fail_connect(self.tls_clients)
         self.assertEqual(self.drops, {"tls_connect_failed": 1})
 
     def test_lost_stream_forgotten(self):
@@ -170,7 +192,7 @@ class CloseTests(StreamCarrierTestCase):
         self.carrier.send("tcp", b"a", PEER)
         self.carrier.send("tls", b"b", PEER)
         _, tcp = self.connect()
-        _, tls = self.connect(self.reactor.sslClients)
+        _, tls = self.connect(self.tls_clients)
         self.carrier.close(keep="tls")
         self.assertTrue(tcp.disconnecting)
         self.assertFalse(tls.disconnecting)
@@ -217,6 +239,9 @@ class _InMemoryTLSTransport(StringTransport):
             self.tls.write(data)
         else:
             super().write(data)
+
+    def writeSequence(self, data):
+        self.write(b"".join(data))
 
 
 class _Ciphertext:
@@ -334,6 +359,51 @@ class FallbackListenerTests(SynchronousTestCase):
         self.transport.protocol.dataReceived(b"\x01" * 32)
         self.assertTrue(self.transport.disconnected)
         self.assertEqual(self.received, [])
+
+
+class _Hello(resource.Resource):
+    isLeaf = True
+
+    def render_POST(self, request):
+        return b"hello " + request.getClientAddress().host.encode() + b" " + request.content.read()
+
+
+class _Answer(Protocol):
+    def __init__(self):
+        self.data = b""
+
+    def dataReceived(self, data):
+        self.data += data
+
+
+class EnrollmentOnTheFallbackPortTests(FallbackListenerTests):
+    """On an operator (web() gives its Site), HTTP inside the fallback port's TLS goes to the
+    Site; RPC frames and relay legs still work as before (the tests inherited)."""
+
+    def setUp(self):
+        super().setUp()
+        self.site = server.Site(_Hello(), reactor=self.clock)
+        self.factory.web = lambda: self.site
+
+    def test_http_inside_tls_reaches_the_site(self):
+        """A request inside TLS is answered by the Site, which sees the client's address;
+        the RPC gets nothing."""
+        answer = _Answer()
+        factory = TLSMemoryBIOFactory(tunnel_tls.TunnelContext(Identity.generate(), NOW), True,
+                                      None, self.clock)
+        tls = factory.protocol(factory, answer)
+        transport = StringTransport()
+        tls.makeConnection(transport)
+        answer.transport.write(b"POST /v1/enroll HTTP/1.1\r\nHost: operator\r\n"
+                               b"Content-Length: 2\r\n\r\n{}")
+        self.pump(tls, transport)
+        self.assertTrue(answer.data.startswith(b"HTTP/1.1 200 OK\r\n"), answer.data)
+        self.assertTrue(answer.data.endswith(b"hello 203.0.113.5 {}"), answer.data)
+        self.assertEqual(self.received, [])
+
+    def test_http_method_bytes_never_start_a_frame(self):
+        """No RPC frame's first byte (its length's high byte) is an HTTP method's."""
+        self.assertEqual(HTTP_METHOD_BYTES & set(range((MAX_DATAGRAM >> 8) + 1)), set())
 
 
 class RelayTokenTests(SynchronousTestCase):

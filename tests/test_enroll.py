@@ -3,6 +3,7 @@
 import datetime
 import json
 import os
+import socket
 
 import sqlalchemy as sa
 from cryptography import x509
@@ -12,6 +13,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import defer, task
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
@@ -521,6 +523,103 @@ class ClientTests(_OperatorTestCase):
                           fingerprint=self.tls.fingerprint)
         self.assertRaises(ValueError, EnrollmentClient, self.reactor, self.url,
                           fingerprint="ab" * 31)
+
+
+class FallbackPortClientTests(_OperatorTestCase):
+    """Where the operator URL gives no answer, the client asks the same host's fallback port
+    (here the operator API's own port), with the same pin, and keeps to the one that
+    answered; a refusal is final."""
+
+    def closed_port(self):
+        """A loopback port held bound but not listening: connections to it are refused."""
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.addCleanup(sock.close)
+        return sock.getsockname()[1]
+
+    def logged(self):
+        """The log messages from now on, as text."""
+        messages = []
+
+        def observe(event):
+            messages.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return messages
+
+    def fallback_client(self, url, **options):
+        client = EnrollmentClient(self.reactor, url, fingerprint=self.tls.fingerprint,
+                                  fallback_port=self.port_number, **options)
+        self.addCleanup(client.close)
+        return client
+
+    async def test_refused_url_then_the_fallback_port(self):
+        """The URL refuses connections: the node enrolls through the fallback port, saying
+        which URLs it tried and why; the renewal goes straight to the fallback port."""
+        messages = self.logged()
+        closed = self.closed_port()
+        primary = f"https://127.0.0.1:{closed}"
+        client = self.fallback_client(primary)
+        self.assertEqual(client.urls, [primary, self.url])
+        me = identity.Identity.generate()
+        answer = await client.enroll(me, self.token, "laptop")
+        self.assertEqual(answer["node_id"], me.node_id.hex())
+        self.assertEqual([m for m in messages if m.startswith("enrolling")], [
+            f"enrolling at {primary}/v1/enroll",
+            f"enrolling through the fallback port {self.port_number}: {self.url}/v1/enroll "
+            f"(connection refused by {primary}/v1/enroll)"])
+        del messages[:]
+        self.clock.advance(60)
+        answer = await client.renew(me, me.node_id, self.now_ms())
+        self.assertEqual(answer["node_id"], me.node_id.hex())
+        self.assertEqual([m for m in messages if m.startswith("renewing")], [
+            f"renewing through the fallback port {self.port_number}: {self.url}/v1/renew"])
+
+    async def test_silent_url_then_the_fallback_port(self):
+        """The URL accepts but never answers: after the timeout, the fallback port."""
+        port = await _listen(self.reactor, "tcp:0:interface=127.0.0.1",
+                             Factory.forProtocol(Protocol), self)
+        client = self.fallback_client(f"https://127.0.0.1:{port.getHost().port}",
+                                      timeout=0.3)
+        answer = await client.enroll(identity.Identity.generate(), self.token, "laptop")
+        self.assertEqual(answer["name"], "laptop")
+
+    async def test_refusal_is_final(self):
+        """An HTTP error from the URL is the answer: the fallback port is not asked."""
+        messages = self.logged()
+        client = EnrollmentClient(self.reactor, self.url, fingerprint=self.tls.fingerprint,
+                                  fallback_port=self.closed_port())
+        self.addCleanup(client.close)
+        status, reason = await self.refusal(client.enroll(identity.Identity.generate(),
+                                                          "no such token", "laptop"))
+        self.assertEqual((status, reason), (401, "unknown enrollment token"))
+        self.assertEqual([m for m in messages if m.startswith("enrolling")],
+                         [f"enrolling at {self.url}/v1/enroll"])
+
+    async def test_neither_answers(self):
+        """Neither the URL nor the fallback port answers: one error naming both."""
+        primary = f"https://127.0.0.1:{self.closed_port()}"
+        fallback = self.closed_port()
+        client = EnrollmentClient(self.reactor, primary, fingerprint=self.tls.fingerprint,
+                                  fallback_port=fallback)
+        self.addCleanup(client.close)
+        status, reason = await self.refusal(client.enroll(identity.Identity.generate(),
+                                                          self.token, "laptop"))
+        self.assertIsNone(status)
+        self.assertEqual(reason, f"connection refused by {primary}/v1/enroll; connection "
+                                 f"refused by https://127.0.0.1:{fallback}/v1/enroll")
+
+    def test_no_fallback_when_it_is_the_url_port_or_none(self):
+        """No second URL when the fallback port is 0 or the URL's own port."""
+        for url, port in (("https://op.example:443", 443), ("https://op.example", 443),
+                          ("https://op.example:8443", 0)):
+            client = EnrollmentClient(self.reactor, url, fingerprint=self.tls.fingerprint,
+                                      fallback_port=port)
+            self.assertEqual(client.urls, [url])
+        client = EnrollmentClient(self.reactor, "https://[2001:db8::1]:8443/",
+                                  fingerprint=self.tls.fingerprint, fallback_port=443)
+        self.assertEqual(client.urls, ["https://[2001:db8::1]:8443", "https://[2001:db8::1]:443"])
 
 
 class TLSFileTests(TestCase):

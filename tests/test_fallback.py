@@ -298,8 +298,8 @@ class UseModeTests(SynchronousTestCase):
         carrier = self.node.rpc.transports.carrier
         carrier.send("tcp", b"a", self.operator.address)
         carrier.send("tls", b"b", self.operator.address)
-        tcp = self.connect(self.node.reactor.tcpClients)
-        tls = self.connect(self.node.reactor.sslClients)
+        tcp = self.connect(self.node.reactor.tcpClients[:1])
+        tls = self.connect(self.node.reactor.tcpClients)  # TLS over a TCP endpoint
         self.node.rpc.use_mode("tls")
         self.assertEqual(self.node.rpc.transports.mode, "tls")
         self.assertTrue(tcp.disconnecting)

@@ -42,7 +42,10 @@ class LabNetwork:
     """The four roles in a lab whose routers have the NAT types given."""
 
     @defer.inlineCallbacks
-    def build(self, testcase, tunnel_side, user_side, upnp=False):
+    def build(self, testcase, tunnel_side, user_side, upnp=False, enroll_tunnel=False):
+        """`enroll_tunnel`: the tunnel-node starts with a fresh state directory and enrolls
+        over the network with a token, at the operator's enrollment port (not 443), instead
+        of an enrollment signed beforehand."""
         self.lab = lab = Lab(testcase, tunnel_side, user_side, upnp=1 if upnp else None,
                              stun=True)
         self.network = network = Network(testcase)
@@ -72,9 +75,19 @@ class LabNetwork:
                                          **public)
         yield wait_for(self._placed, 30, "super-node placed")
         gateway = lab.upnp_url if upnp else "off"
+        if enroll_tunnel:
+            tunnel_dir = os.path.join(network.base, "tunnel1")
+            joining = yield self._joining(testcase)
+        else:
+            tunnel_dir, joining = network.enroll("tunnel1", domain), ()
         self.tunnel = yield network.start(
-            network.enroll("tunnel1", domain), "--tunnel", "--location", LOCATION, "--upnp",
-            gateway, *stun, *at_operator, host=lab.address("h1"), lab=lab, role="h1")
+            tunnel_dir, "--tunnel", "--location", LOCATION, "--upnp", gateway, *stun,
+            *at_operator, *joining, host=lab.address("h1"), lab=lab, role="h1")
+        if enroll_tunnel:
+            try:
+                yield self.tunnel.wait_enrolled(timeout=60)
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{self.operator.log()[-2000:]}") from None
         self.user = yield network.start(
             network.enroll("user1", domain), "--upnp", "off", *stun, *at_operator,
             host=lab.address("h2"), lab=lab, role="h2")
@@ -86,6 +99,23 @@ class LabNetwork:
             yield wait_for(self._announced, 30, "the tunnel-node announced with its devices")
         except AssertionError as e:
             raise AssertionError(f"{e}; reachability: {self.classified}\n{self.logs()}") from None
+
+    @defer.inlineCallbacks
+    def _joining(self, testcase):
+        """The tunnel-node's flags to enroll with a token of its own at the operator's
+        enrollment URL."""
+        admin = ("--state-dir", self.network.operator_dir, "operator")
+        code, output = yield run_command(meshnode_command(
+            *admin, "token", "create", "--domain", "acme", "--json"))
+        testcase.assertEqual(code, 0, output)
+        token = json.loads(output)["token"]
+        code, output = yield run_command(meshnode_command(*admin, "info", "--json"))
+        testcase.assertEqual(code, 0, output)
+        fingerprint = json.loads(output)["tls_fingerprint"]
+        enroll_port = yield self.operator.enroll_port()
+        return ("--operator-url", f"https://{Lab.PUBLIC_ALT}:{enroll_port}",
+                "--operator-fingerprint", fingerprint, "--enroll-token", token,
+                "--name", "tunnel1")
 
     @defer.inlineCallbacks
     def _placed(self):
@@ -162,9 +192,9 @@ class NatMatrixTests(TestCase):
     timeout = 180
 
     @defer.inlineCallbacks
-    def check(self, tunnel_side, user_side, expected_path, upnp=False):
+    def check(self, tunnel_side, user_side, expected_path, upnp=False, enroll_tunnel=False):
         net = LabNetwork()
-        yield net.build(self, tunnel_side, user_side, upnp)
+        yield net.build(self, tunnel_side, user_side, upnp, enroll_tunnel)
         path = yield net.listener()
         for attempt in range(2):
             won = yield net.exchange(path)
@@ -210,6 +240,20 @@ class NatMatrixTests(TestCase):
         transport = (yield net.tunnel.status())["transport"]
         self.assertEqual(transport["mode"], "tls")
         self.assertEqual((yield net.user.status())["transport"]["mode"], "udp")
+
+    @defer.inlineCallbacks
+    def test_firewall_443_enrolls_by_token_and_serves(self):
+        """A fresh tunnel-node behind the 443-only firewall, given the operator's enrollment
+        URL on another port, finds the fallback port 443 by itself, enrolls there with its
+        token, and then serves the device through the relay on 443."""
+        net = yield self.check("fw", "eim", "relayed", enroll_tunnel=True)
+        log = net.tunnel.log()
+        enroll_port = yield net.operator.enroll_port()
+        self.assertIn(f"enrolling through the fallback port 443: https://{Lab.PUBLIC_ALT}:443"
+                      f"/v1/enroll (no answer from https://{Lab.PUBLIC_ALT}:{enroll_port}"
+                      f"/v1/enroll within ", log)
+        self.assertIn("enrollment done", log)
+        self.assertEqual((yield net.tunnel.status())["transport"]["mode"], "tls")
 
     @defer.inlineCallbacks
     def test_gateway_lost_mid_run_falls_back(self):

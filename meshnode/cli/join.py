@@ -165,6 +165,7 @@ def _probe(joined):
     @defer.inlineCallbacks
     def run(reactor):
         client = EnrollmentClient(reactor, joined["url"], fingerprint=joined["fingerprint"],
+                                  fallback_port=joined["fallback-port"],
                                   connect_timeout=PROBE_SECONDS, timeout=PROBE_SECONDS)
         try:
             yield client.probe()

@@ -1,7 +1,9 @@
 """The node side of enrollment: asks the operator over HTTPS for a Node record, and renews it.
 
 The operator is trusted by the SHA-256 fingerprint of its TLS certificate (pinned), or by a CA
-bundle and the host name in its URL (checked with service-identity).
+bundle and the host name in its URL (checked with service-identity). When its URL cannot be
+reached, the same host's fallback port (443) is tried, with the same trust; the connections
+go through the node's HTTP proxy when it has one.
 """
 
 import base64
@@ -10,6 +12,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import urllib.parse
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -24,10 +27,11 @@ from twisted.python.failure import Failure
 from twisted.web.client import (Agent, HTTPConnectionPool, RequestTransmissionFailed,
                                 ResponseFailed, ResponseNeverReceived, readBody)
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 from meshnode.config import parse_fingerprint
+from meshnode.streams.proxy import Dialer, ProxyError
 
 _log = Logger()
 
@@ -60,6 +64,14 @@ class EnrollmentError(Exception):
 
 class MismatchedOperator(EnrollmentError):
     """The server's certificate is not the pinned one, or not for its host name."""
+
+    def __init__(self, reason):
+        super().__init__(None, reason)
+
+
+class OperatorUnreachable(EnrollmentError):
+    """No answer at an operator URL: no connection, or it broke or timed out before an
+    answer (another URL may answer: a firewall or proxy may pass only the fallback port)."""
 
     def __init__(self, reason):
         super().__init__(None, reason)
@@ -217,11 +229,12 @@ def _reasons(failure):
 
 
 def _explain(failure, url, timeout):
-    """Turn a failure to talk to the operator into EnrollmentError(None, why)."""
+    """Turn a failure to talk to the operator into EnrollmentError(None, why), or
+    OperatorUnreachable where no answer came (the next URL may give one)."""
     if failure.check(EnrollmentError):
         return failure
     if failure.check(defer.TimeoutError):
-        raise EnrollmentError(None, f"no answer from {url} within {timeout} s")
+        raise OperatorUnreachable(f"no answer from {url} within {timeout} s")
     for reason in _reasons(failure):
         if reason.check(_FingerprintMismatch):
             raise MismatchedOperator(str(reason.value))
@@ -230,16 +243,18 @@ def _explain(failure, url, timeout):
                                      f"({reason.value})")
         if reason.check(SSL.Error):
             raise EnrollmentError(None, f"TLS with {url} failed: {reason.value}")
+        if reason.check(ProxyError):
+            raise OperatorUnreachable(str(reason.value))
         if reason.check(error.ConnectionRefusedError):
-            raise EnrollmentError(None, f"connection refused by {url}")
+            raise OperatorUnreachable(f"connection refused by {url}")
         if reason.check(error.DNSLookupError):
             raise EnrollmentError(None, f"cannot resolve the host of {url}")
         if reason.check(error.TimeoutError, defer.CancelledError):
-            raise EnrollmentError(None, f"no answer from {url} within {timeout} s")
+            raise OperatorUnreachable(f"no answer from {url} within {timeout} s")
         if reason.check(error.ConnectError, error.ConnectionLost, error.ConnectionDone):
-            raise EnrollmentError(None, f"cannot talk to {url}: {reason.value}")
+            raise OperatorUnreachable(f"cannot talk to {url}: {reason.value}")
     if failure.check(ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed):
-        raise EnrollmentError(None, f"cannot talk to {url}: {_reasons(failure)[0].value}")
+        raise OperatorUnreachable(f"cannot talk to {url}: {_reasons(failure)[0].value}")
     return failure
 
 
@@ -277,15 +292,43 @@ def _parse_answer(body):
     return answer
 
 
+@implementer(IAgentEndpointFactory)
+class _OperatorEndpoints:
+    """The web client's connections: TLS checked by `policy`, over a stream from `dialer`
+    (straight, or through the HTTP proxy)."""
+
+    def __init__(self, policy, dialer, connect_timeout):
+        self._policy = policy
+        self._dialer = dialer
+        self._connect_timeout = connect_timeout
+
+    def endpointForURI(self, uri):
+        return self._dialer.tls_endpoint(uri.host.decode("ascii"), uri.port,
+                                         self._policy.creatorForNetloc(uri.host, uri.port),
+                                         self._connect_timeout)
+
+
+def _with_port(url, port):
+    """https://HOST:PORT, the host of `url` with another port (and no path)."""
+    host = urllib.parse.urlsplit(url).hostname
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
+_DOING = {"enroll": "enrolling", "renew": "renewing"}
+
+
 class EnrollmentClient:
     """Talks to one operator's enrollment API at `operator_url` ("https://host:port").
 
     Give exactly one of `fingerprint` (the SHA-256 of the operator's certificate, hex) or
-    `ca_file` (PEM CA bundle; the URL's host name must then match the certificate).
+    `ca_file` (PEM CA bundle; the URL's host name must then match the certificate). Where
+    `operator_url` gives no answer, the same host's `fallback_port` (0: none) is tried; the
+    one that answered is tried first from then on. `dialer` (meshnode.streams.proxy.Dialer)
+    opens the connections, through the node's HTTP proxy when it has one.
     """
 
-    def __init__(self, reactor, operator_url, fingerprint=None, ca_file=None,
-                 connect_timeout=CONNECT_TIMEOUT, timeout=TIMEOUT):
+    def __init__(self, reactor, operator_url, fingerprint=None, ca_file=None, fallback_port=0,
+                 dialer=None, connect_timeout=CONNECT_TIMEOUT, timeout=TIMEOUT):
         if (fingerprint is None) == (ca_file is None):
             raise ValueError("give exactly one of an operator fingerprint or a CA file")
         if not operator_url.lower().startswith("https://"):
@@ -293,13 +336,20 @@ class EnrollmentClient:
         if not operator_url.isascii():
             raise ValueError(f"the operator URL {operator_url!r} is not ASCII (use punycode)")
         self._reactor = reactor
-        self._url = operator_url.rstrip("/")
         self._timeout = timeout
+        primary = operator_url.rstrip("/")
+        self.urls = [primary]  # tried in this order, from the one that answered last
+        self._fallback = None
+        if fallback_port and fallback_port != (urllib.parse.urlsplit(primary).port or 443):
+            self._fallback = _with_port(primary, fallback_port)
+            self.urls.append(self._fallback)
+        self._answered = primary
         policy = FingerprintPolicy(fingerprint) if fingerprint is not None else (
             CAPolicy(ca_file))
+        self._dialer = Dialer(reactor) if dialer is None else dialer
         self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._agent = Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout,
-                            pool=self._pool)
+        self._agent = Agent.usingEndpointFactory(
+            reactor, _OperatorEndpoints(policy, self._dialer, connect_timeout), pool=self._pool)
 
     def enroll(self, identity, token, name):
         """Spend `token` on a Node record for `identity`'s keys → Deferred[dict]."""
@@ -315,25 +365,59 @@ class EnrollmentClient:
                                     "signature": signature.hex()})
 
     def probe(self):
-        """Whether the operator answers with the trusted certificate → Deferred fired on any
-        HTTP answer; EnrollmentError (MismatchedOperator for another certificate) else."""
-        url = f"{self._url}/v1/enroll"
-        d = self._agent.request(b"GET", url.encode("ascii"))
-        d.addCallback(readBody)
-        d.addTimeout(self._timeout, self._reactor)
-        d.addCallbacks(lambda _: None, _explain, errbackArgs=(url, self._timeout))
-        return d
+        """Whether the operator answers, at one of its URLs, with the trusted certificate →
+        Deferred fired on any HTTP answer; EnrollmentError (MismatchedOperator for another
+        certificate, OperatorUnreachable when none answers) else."""
+        return defer.Deferred.fromCoroutine(self._probe_any())
+
+    async def _probe_any(self):
+        unreachable = []
+        for base in self.urls:
+            url = f"{base}/v1/enroll"
+            d = self._agent.request(b"GET", url.encode("ascii"))
+            d.addCallback(readBody)
+            d.addTimeout(self._timeout, self._reactor)
+            d.addErrback(_explain, url, self._timeout)
+            try:
+                await d
+            except OperatorUnreachable as e:
+                unreachable.append(str(e))
+                continue
+            return None
+        raise OperatorUnreachable("; ".join(unreachable))
 
     def close(self):
         """Close idle connections to the operator → Deferred fired when they are closed."""
         return self._pool.closeCachedConnections()
 
     def _post(self, action, body):
-        url = f"{self._url}/v1/{action}"
-        d = defer.Deferred.fromCoroutine(self._exchange(url, json.dumps(body).encode()))
-        d.addTimeout(self._timeout, self._reactor)
-        d.addErrback(_explain, url, self._timeout)
-        return d
+        return defer.Deferred.fromCoroutine(self._post_any(action, json.dumps(body).encode()))
+
+    async def _post_any(self, action, body):
+        """POST to each URL in turn, from the one that answered last, until one answers;
+        a refusal (an HTTP error, a certificate not pinned) is final."""
+        first = self.urls.index(self._answered)
+        unreachable = []
+        for base in self.urls[first:] + self.urls[:first]:
+            url = f"{base}/v1/{action}"
+            where = urllib.parse.urlsplit(base)
+            how = f"through the fallback port {where.port}:" if base == self._fallback else "at"
+            by = (f" through the proxy {self._dialer.proxy.url}"
+                  if self._dialer.proxied(where.hostname) else "")
+            after = f" ({'; '.join(unreachable)})" if unreachable else ""
+            _log.info("{doing} {how} {url}{by}{after}", doing=_DOING[action], how=how, url=url,
+                      by=by, after=after)
+            d = defer.Deferred.fromCoroutine(self._exchange(url, body))
+            d.addTimeout(self._timeout, self._reactor)
+            d.addErrback(_explain, url, self._timeout)
+            try:
+                answer = await d
+            except OperatorUnreachable as e:
+                unreachable.append(str(e))
+                continue
+            self._answered = base
+            return answer
+        raise OperatorUnreachable("; ".join(unreachable))
 
     async def _exchange(self, url, body):
         response = await self._agent.request(

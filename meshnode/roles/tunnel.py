@@ -413,8 +413,9 @@ class TunnelService(service.MultiService):
         grant = _Grant(requester, address, port, self._clock.seconds() + TOKEN_SECONDS,
                        "relayed")
         relay = self._rpc.transports.relay_endpoint(forwarding.relay)
-        dialing = protocol.ClientCreator(self._clock, _RelayLeg, self, grant, forwarding.token)
-        d = dialing.connectTCP(relay.host, relay.port, timeout=DIAL_TIMEOUT_SECONDS)
+        d = self._rpc.transports.dial(relay.host, relay.port,
+                                      lambda: _RelayLeg(self, grant, forwarding.token),
+                                      DIAL_TIMEOUT_SECONDS)
 
         def dialled(leg):
             answer(TunnelResult.OPENED, "", relay, forwarding.token)

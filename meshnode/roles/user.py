@@ -271,9 +271,8 @@ class UserService(service.Service):
     def _dial(self, endpoint, token, node):
         """Connect, pass the gate with `token`, run TLS → Deferred[the verified leg]."""
         ready = defer.Deferred()
-        dialing = protocol.ClientCreator(self._clock, _TunnelLeg, self._tls.context(), token,
-                                         node.signing_key, ready)
-        d = dialing.connectTCP(endpoint.host, endpoint.port, timeout=CONNECT_TIMEOUT_SECONDS)
+        d = self._rpc.transports.dial(endpoint.host, endpoint.port, lambda: _TunnelLeg(
+            self._tls.context(), token, node.signing_key, ready), CONNECT_TIMEOUT_SECONDS)
         d.addErrback(lambda f: ready.called or ready.errback(
             TunnelFailed(f"cannot connect to {endpoint}: {f.getErrorMessage()}")))
         return ready

@@ -105,8 +105,9 @@ class RPCService(service.Service):
 
     def __init__(self, *, identity, reactor, interface="", port=0, roles=Role.USER,
                  call_timeout=2.0, rate=2000, burst=4000, fallback_port=0, tls=None,
-                 side_channel=None, drops=None):
-        """`tls`: → the node's TLS context (for streams to fallback ports); `side_channel`:
+                 side_channel=None, drops=None, dialer=None):
+        """`tls`: → the node's TLS context (for streams to fallback ports); `dialer`: how those
+        streams connect (meshnode.streams.proxy.Dialer: maybe through a proxy); `side_channel`:
         an object whose `receive(data, source)` takes the UDP socket's datagrams that are not
         RPC frames (STUN's, nat/stun.py) and says whether it consumed them; `drops`: the
         counter of dropped datagrams by reason, when shared with the side channel."""
@@ -128,6 +129,7 @@ class RPCService(service.Service):
         self.fallback_port = fallback_port
         self._tls = tls
         self._side_channel = side_channel
+        self._dialer = dialer
         self.heard_at = float("-inf")  # when the last answer to one of our calls came
         self.transports = None  # made at start, once the UDP socket is there
         self._udp_port = self._tcp_port = None
@@ -164,7 +166,7 @@ class RPCService(service.Service):
         self._ids = frame.MessageIds(self._clock)
         self.transports = Transports(
             self._send, carrier.StreamCarrier(self._reactor, self.receive, self._tls,
-                                              self.fallback_port, self.drops))
+                                              self.fallback_port, self.drops, self._dialer))
         service.Service.startService(self)
         if not self.enrolled:
             _log.warn("not enrolled: datagrams from peers cannot be authenticated and are dropped")

@@ -1,6 +1,8 @@
 """How the RPC's frames travel: UDP datagrams from the RPC socket, or TCP or TLS streams (the
 stream carrier) while the firewall fallback (nat/fallback.py) finds UDP unanswered."""
 
+from twisted.internet import endpoints, protocol
+
 from meshnode.wire import Endpoint
 
 MODES = ("udp", "tcp", "tls")
@@ -41,6 +43,17 @@ class Transports:
         if self.mode == "tls":
             return Endpoint(relay.host, self.carrier.fallback_port)
         return relay
+
+    def dial(self, host, port, make_protocol, timeout):
+        """A TCP stream to host:port (a relay, a tunnel-node) for `make_protocol()` → Deferred
+        firing with that protocol once connected: through the HTTP proxy, when there is one,
+        while only TLS on the fallback port passes (mode "tls"), else straight."""
+        dialer = self.carrier.dialer
+        if self.mode == "tls" and dialer.proxied(host):
+            return endpoints.connectProtocol(dialer.endpoint(host, port, timeout),
+                                             make_protocol())
+        return protocol.ClientCreator(dialer.reactor, make_protocol).connectTCP(
+            host, port, timeout=timeout)
 
     def close(self):
         self.carrier.close()

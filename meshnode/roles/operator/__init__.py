@@ -55,6 +55,10 @@ class OperatorService(service.MultiService):
         self._directory = core.directory
         self._listen_address = core.listen_address
         self._serials = None  # domain → the change serial last followed
+        # Made at start: the enrollment API's Site and its certificate's TLS context, which
+        # the fallback port serves too (wired in build_node).
+        self.site = None
+        self.tls_context = None
         # The operator serves the DHT ranges that have fewer than K super-nodes.
         self._partition = PartitionService(rpc=core.rpc, store=core.store, clock=core.reactor,
                                            quota=settings.quota,
@@ -92,11 +96,12 @@ class OperatorService(service.MultiService):
         self._operator = me, own
         certificate = tls.load_or_create_tls(self._state_dir, self._reactor)
         self.fingerprint = certificate.fingerprint
-        site = enrollment_site(EnrollmentAPI(self._store, me, own, self._reactor,
-                                             self._rpc_endpoints))
+        self.site = enrollment_site(EnrollmentAPI(self._store, me, own, self._reactor,
+                                                  self._rpc_endpoints))
+        self.tls_context = tls.context_for(certificate)
         description = tls.server_endpoint_string(self._enroll_listen, certificate.key_path,
                                                  certificate.cert_path)
-        self._port = ports.listen_endpoint(self._reactor, description, site,
+        self._port = ports.listen_endpoint(self._reactor, description, self.site,
                                            "the enrollment API", shown=self._enroll_listen)
         _log.info("enrollment API listening on {address}", address=self._port.getHost())
         _log.info("operator TLS certificate SHA-256 fingerprint: {fingerprint}",

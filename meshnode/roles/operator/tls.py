@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet import ssl
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.logger import Logger
 
@@ -142,6 +143,20 @@ def load_or_create_tls(state_dir, clock, hostnames=()):
         _log.info("made the operator's TLS certificate {path}, SHA-256 {fingerprint}",
                   path=cert_path, fingerprint=fingerprint_of(pem))
     return OperatorTLS(key_path, cert_path, fingerprint_of(pem))
+
+
+def context_for(certificate):
+    """A TLS server context with the operator's key and certificate (an OperatorTLS), for its
+    fallback port: the enrollment API there shows the certificate nodes pin. ALPN: HTTP/1.1
+    for clients that offer it (RPC clients offer nothing)."""
+    with open(certificate.key_path, "rb") as f:
+        key = f.read()
+    with open(certificate.cert_path, "rb") as f:
+        pem = f.read()
+    private = ssl.PrivateCertificate.loadPEM(key + pem)
+    return ssl.CertificateOptions(privateKey=private.privateKey.original,
+                                  certificate=private.original,
+                                  acceptableProtocols=[b"http/1.1"])
 
 
 def _split_description(description):
