@@ -43,9 +43,9 @@ class LabNetwork:
 
     @defer.inlineCallbacks
     def build(self, testcase, tunnel_side, user_side, upnp=False, enroll_tunnel=False):
-        """`enroll_tunnel`: the tunnel-node starts with a fresh state directory and enrolls
-        over the network with a token, at the operator's enrollment port (not 443), instead
-        of an enrollment signed beforehand."""
+        """`enroll_tunnel`: the tunnel-node starts with a fresh state directory, joined with
+        a join string naming the operator's enrollment port (not 443), and enrolls over the
+        network, instead of with an enrollment signed beforehand."""
         self.lab = lab = Lab(testcase, tunnel_side, user_side, upnp=1 if upnp else None,
                              stun=True)
         self.network = network = Network(testcase)
@@ -75,14 +75,14 @@ class LabNetwork:
                                          **public)
         yield wait_for(self._placed, 30, "super-node placed")
         gateway = lab.upnp_url if upnp else "off"
-        if enroll_tunnel:
-            tunnel_dir = os.path.join(network.base, "tunnel1")
-            joining = yield self._joining(testcase)
+        if enroll_tunnel:  # as a newcomer: the join string alone, no --operator-rpc
+            tunnel_dir, flags = os.path.join(network.base, "tunnel1"), ()
+            yield self._join(testcase, tunnel_dir)
         else:
-            tunnel_dir, joining = network.enroll("tunnel1", domain), ()
+            tunnel_dir, flags = network.enroll("tunnel1", domain), ("--tunnel", *at_operator)
         self.tunnel = yield network.start(
-            tunnel_dir, "--tunnel", "--location", LOCATION, "--upnp", gateway, *stun,
-            *at_operator, *joining, host=lab.address("h1"), lab=lab, role="h1")
+            tunnel_dir, *flags, "--location", LOCATION, "--upnp", gateway, *stun,
+            host=lab.address("h1"), lab=lab, role="h1")
         if enroll_tunnel:
             try:
                 yield self.tunnel.wait_enrolled(timeout=60)
@@ -101,21 +101,25 @@ class LabNetwork:
             raise AssertionError(f"{e}; reachability: {self.classified}\n{self.logs()}") from None
 
     @defer.inlineCallbacks
-    def _joining(self, testcase):
-        """The tunnel-node's flags to enroll with a token of its own at the operator's
-        enrollment URL."""
+    def _join(self, testcase, state_dir):
+        """`meshnode join` on the tunnel-node's machine (in its namespace, behind its
+        router) with a join string of its own: the operator's enrollment URL (not 443) and
+        fallback port 443 in it, nothing else."""
         admin = ("--state-dir", self.network.operator_dir, "operator")
-        code, output = yield run_command(meshnode_command(
-            *admin, "token", "create", "--domain", "acme", "--json"))
-        testcase.assertEqual(code, 0, output)
-        token = json.loads(output)["token"]
-        code, output = yield run_command(meshnode_command(*admin, "info", "--json"))
-        testcase.assertEqual(code, 0, output)
-        fingerprint = json.loads(output)["tls_fingerprint"]
         enroll_port = yield self.operator.enroll_port()
-        return ("--operator-url", f"https://{Lab.PUBLIC_ALT}:{enroll_port}",
-                "--operator-fingerprint", fingerprint, "--enroll-token", token,
-                "--name", "tunnel1")
+        code, output = yield run_command(meshnode_command(
+            *admin, "token", "create", "--domain", "acme", "--url",
+            f"https://{Lab.PUBLIC_ALT}:{enroll_port}", "--json"))
+        testcase.assertEqual(code, 0, output)
+        joined = _Quiet()
+        joined.ended = defer.Deferred()
+        joined.processEnded = lambda reason: joined.ended.callback(reason.value.exitCode)
+        self.lab.spawn("h1", meshnode_command("--state-dir", state_dir, "join",
+                                              json.loads(output)["join"], "--name", "tunnel1",
+                                              "--tunnel"), joined, env=environment(),
+                       path=ROOT)
+        code = yield joined.ended
+        testcase.assertEqual(code, 0, joined.output.decode(errors="replace"))
 
     @defer.inlineCallbacks
     def _placed(self):
@@ -242,10 +246,10 @@ class NatMatrixTests(TestCase):
         self.assertEqual((yield net.user.status())["transport"]["mode"], "udp")
 
     @defer.inlineCallbacks
-    def test_firewall_443_enrolls_by_token_and_serves(self):
-        """A fresh tunnel-node behind the 443-only firewall, given the operator's enrollment
-        URL on another port, finds the fallback port 443 by itself, enrolls there with its
-        token, and then serves the device through the relay on 443."""
+    def test_firewall_443_joins_with_the_join_string_and_serves(self):
+        """A fresh tunnel-node behind the 443-only firewall joins with the join string alone
+        (its URL names the operator's enrollment port, not 443), finds the fallback port 443
+        by itself, enrolls there, and serves the device through the relay on 443."""
         net = yield self.check("fw", "eim", "relayed", enroll_tunnel=True)
         log = net.tunnel.log()
         enroll_port = yield net.operator.enroll_port()
