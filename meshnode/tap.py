@@ -270,6 +270,7 @@ def build_node(settings, reactor):
             enroll_listen=settings["enroll-listen"], replicas=settings["replicas"],
             quota=settings["quota"]))
         operator.setServiceParent(node)
+        operator.partition.handover_observers.append(directory.handed_over)
         described.append(("operator", operator))
         web, fallback_tls = (lambda: operator.site), (lambda: operator.tls_context)
     if settings["super"]:
@@ -282,6 +283,7 @@ def build_node(settings, reactor):
         identity.observers.append(super_node.enrollment_changed)
         directory.list_observers.append(super_node.list_changed)
         directory.news_observers.append(super_node.records_changed)
+        super_node.partition.handover_observers.append(directory.handed_over)
         relay_leg = super_node.relay.leg
         described.append(("super", super_node))
     if settings["fallback-port"] and (settings["operator"] or settings["super"]):

@@ -667,6 +667,24 @@ class ServeTests(_PartitionTestCase):
         self.ask_unanswered(self.bob, GetNodeInfo(name="alice"), NodeInfoRecord)
         self.assertEqual(self.operator.rpc.drops["not_served"], 2)
 
+    def test_ranges_given_up_are_handed_over(self):
+        """Giving up a range tells the handover observers the entries held there, by
+        domain; keeping it, or gaining one, tells them nothing."""
+        for node in (self.alice, self.bob, self.carol):
+            self.put(node, node.identity.sign(node_info(node)))
+        handed = []
+        self.service.handover_observers.append(handed.append)
+        self.service.serve([EVERY_KEY])
+        key = partition(self.carol)
+        self.service.serve([(key, key)])
+        self.assertEqual(len(handed), 1)
+        (held,) = handed
+        self.assertEqual(set(held), {self.alice.rpc.domain})
+        self.assertEqual(sorted(node.record.name for node, _ in held[self.alice.rpc.domain]),
+                         ["alice", "bob"])
+        self.service.serve([(key, key)])
+        self.assertEqual(len(handed), 1)
+
     def test_ranges_are_inclusive(self):
         """A range ending at or starting from a partition key serves that key."""
         key = partition(self.alice)

@@ -158,6 +158,79 @@ class FirstHourTests(TestCase):
         print(f"a device added reached the tunnel-node and the super-node in {seconds:.1f} s")
 
 
+    @defer.inlineCallbacks
+    def test_nodes_started_before_the_super_node_relay_soon_after_its_placement(self):
+        """A tunnel-node (direct connections off) and a user-node enrolled before any
+        super-node was placed: once one is, the operator, handing the partition over, tells
+        them; they read the list at once, and a relayed tunnel works within 20 s of the
+        placement."""
+        network = Network(self)
+        yield admin(network, "domain", "create", "acme")
+        operator = yield network.start(network.operator_dir, "--operator", "--replicas", "1",
+                                       "--fallback-port", "0", "--enroll-listen",
+                                       "ssl:0:interface=127.0.0.1")
+        enroll_port = yield operator.enroll_port()
+        created = yield admin(network, "token", "create", "--domain", "acme", "--uses", "3",
+                              "--fallback-port", "0", "--url",
+                              f"https://127.0.0.1:{enroll_port}")
+        device = reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo),
+                                   interface="127.0.0.1")
+        self.addCleanup(device.stopListening)
+        yield admin(network, "device", "add", "--domain", "acme", "--name", "printer",
+                    "--address", "127.0.0.1", "--location", LOCATION, "--port",
+                    str(device.getHost().port))
+        nodes = {}
+        for name, flags in (("tunnel1", ("--tunnel",)), ("user1", ()), ("super1", ("--super",))):
+            code, output = yield run_command(meshnode_command(
+                "--state-dir", os.path.join(network.base, name), "join", created["join"],
+                "--name", name, *flags))
+            self.assertEqual(code, 0, output)
+        tunnel, user = yield defer.gatherResults([
+            network.start(os.path.join(network.base, "tunnel1"), "--location", LOCATION,
+                          "--no-direct", "--fallback-port", "0"),
+            network.start(os.path.join(network.base, "user1"), "--fallback-port", "0")])
+        for node in (tunnel, user):
+            yield node.wait_enrolled()
+
+        @defer.inlineCallbacks
+        def device_known():
+            return (yield tunnel.status())["tunnel"]["devices"] == 1
+        yield wait_for(device_known, 30, "the tunnel-node read its device")
+        self.assertEqual((yield user.status())["directory"]["super_nodes"], [])
+
+        super_node = yield network.start(os.path.join(network.base, "super1"),
+                                         "--fallback-port", "0")
+
+        @defer.inlineCallbacks
+        def placed():
+            return (yield super_node.status())["super"]["ranges"]
+        yield wait_for(placed, 30, "the super-node placed")
+        placed_at = reactor.seconds()
+
+        @defer.inlineCallbacks
+        def listed():
+            tunnel_list = (yield tunnel.status())["directory"]["super_nodes"]
+            user_list = (yield user.status())["directory"]["super_nodes"]
+            return tunnel_list and user_list
+        try:
+            yield wait_for(listed, 20, "both nodes listing the super-node (told by the "
+                                       "operator)")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{operator.log()[-3000:]}\n{user.log()[-2000:]}")
+        told = reactor.seconds() - placed_at
+        code, output = yield run_command(meshnode_command(
+            "--state-dir", user.state_dir, "tunnel", "printer", "--listen",
+            "tcp:0:interface=127.0.0.1", "--json"))
+        self.assertEqual(code, 0, output)
+        host, port = json.loads(output)["address"].rsplit(":", 1)
+        arrived = yield first_byte((host, int(port)), placed_at + 60)
+        seconds = arrived - placed_at
+        status = yield user.status()
+        self.assertEqual(status["user"]["listeners"][0]["last_path"], "relayed")
+        self.assertLessEqual(seconds, 20, f"first byte {seconds:.1f} s after the placement")
+        print(f"listed {told:.1f} s and first relayed byte {seconds:.1f} s after the placement")
+
+
 class JoinStringTests(TestCase):
     timeout = 60
 

@@ -125,12 +125,14 @@ class MessageRoundTripTests(SynchronousTestCase):
         self.round_trip(NodeInfoRecord())
         self.assertEqual(NodeInfoRecord().encode(), b"")
 
-    @given(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1))
-    def test_records_changed_round_trips(self, domain, serial):
-        """RecordsChanged carries a domain and its change serial, in exactly 12 bytes."""
-        self.round_trip(messages.RecordsChanged(domain, serial))
-        encoded = messages.RecordsChanged(domain, serial).encode()
-        for bad in (encoded[:-1], encoded + b"\0"):
+    @given(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1),
+           st.sampled_from(list(messages.Changed)))
+    def test_records_changed_round_trips(self, domain, serial, what):
+        """RecordsChanged carries a domain, a serial and what changed, in exactly 13
+        bytes; an unknown kind of change does not decode."""
+        self.round_trip(messages.RecordsChanged(domain, serial, what))
+        encoded = messages.RecordsChanged(domain, serial, what).encode()
+        for bad in (encoded[:-1], encoded + b"\0", encoded[:-1] + b"\x09"):
             self.assertRaises(DecodeError, messages.RecordsChanged.decode, bad)
 
     def test_who_am_i_round_trips(self):

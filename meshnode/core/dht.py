@@ -241,6 +241,8 @@ class PartitionService(service.MultiService):
         self._rng = rng or random.Random()
         self.records = PartitionStore(quota)
         self.ranges = ()
+        # called with {domain: [(Node, NodeInfo)]} of the domains of ranges given up
+        self.handover_observers = []
         self._new_ranges = set()
         self.pulled = collections.Counter()  # entries stored by anti-entropy, per source id
         self.last_sync = {}  # range → (time, replica id, pulled entries) of the last exchange
@@ -256,12 +258,25 @@ class PartitionService(service.MultiService):
         if ranges == self.ranges:
             return
         gained = set(ranges) - set(self.ranges)
-        self.ranges = ranges
+        previous, self.ranges = self.ranges, ranges
         self._new_ranges |= gained
         self._new_ranges &= set(ranges)
         _log.info("serving DHT partition ranges {ranges}", ranges=format_ranges(ranges))
         if gained and self.running and self._co_replicas is not None:
             periodic.guarded(self.anti_entropy, "anti-entropy")
+        handed = self._handed_over(previous)
+        if handed and self.running:
+            for observer in list(self.handover_observers):
+                periodic.guarded(lambda: observer(handed), "telling the nodes of ranges "
+                                                           "handed over")
+
+    def _handed_over(self, previous):
+        """{domain: its entries} held of domains in `previous` ranges that we serve no more:
+        their nodes still take us for their replica."""
+        return {domain: [(entry.node, entry.info) for entry in self.records.entries_of(domain)]
+                for domain in self.records.counts()
+                if served(previous, records.partition_of(domain))
+                and not served(self.ranges, records.partition_of(domain))}
 
     def startService(self):
         self._rpc.register(Command.PUT_RECORD, self._put, any_domain)

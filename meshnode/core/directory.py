@@ -21,10 +21,10 @@ from twisted.logger import Logger
 from meshnode import records
 from meshnode.core import periodic, store
 from meshnode.core.schema import kept_lists
-from meshnode.rpc.messages import (Command, EndDevices, ForwardedTunnelOpened, GetEndDevices,
-                                   GetNode, GetNodeInfo, GetSuperNodes, GetTunnelNodes,
-                                   NodeInfoRecord, NodeRecord, Stored, SuperNodes, TunnelNodes,
-                                   TunnelResult)
+from meshnode.rpc.messages import (Changed, Command, EndDevices, ForwardedTunnelOpened,
+                                   GetEndDevices, GetNode, GetNodeInfo, GetSuperNodes,
+                                   GetTunnelNodes, NodeInfoRecord, NodeRecord, RecordsChanged,
+                                   Stored, SuperNodes, TunnelNodes, TunnelResult)
 from meshnode.rpc.paging import read_pages
 from meshnode.rpc.service import RPCError, any_domain
 from meshnode.wire import Writer
@@ -326,10 +326,15 @@ class DirectoryService(service.MultiService):
     # -- news of changed records ----------------------------------------------------------------
 
     def _records_changed(self, incoming):
-        """An operator or a placed super-node tells us a domain's records changed; the
-        observers (wired by build_node) read them again, once per new serial."""
+        """An operator or a placed super-node tells us a domain's records changed: the
+        placement (we read the super-node list again), or its end-devices (the observers,
+        wired by build_node, read them again, once per new serial)."""
         message = incoming.message
-        if message.serial > self._news_serials.get(message.domain, -1):
+        if message.what == Changed.PLACEMENT:
+            if message.domain == self._rpc.domain:
+                self._list_read_at = float("-inf")  # however recent, ours is older
+                self.recheck_list()
+        elif message.serial > self._news_serials.get(message.domain, -1):
             self._news_serials[message.domain] = message.serial
             told_by = Replica(incoming.node.node_id, incoming.source)
             for observer in list(self.news_observers):
@@ -373,6 +378,16 @@ class DirectoryService(service.MultiService):
                 address = (endpoints[0].host, endpoints[0].port)
             told.append(self.tell(Replica(node_id, address), message))
         return defer.gatherResults(told)
+
+    def handed_over(self, held):
+        """(Wired to a partition's handover_observers.) We gave up the ranges of these
+        domains' entries ({domain: [(Node, NodeInfo)]}): their nodes, who still take us for
+        their replica — and whose NATs still let us through — read the super-node list
+        again now rather than at their next periodic read."""
+        now = self._rpc.now_ms()
+        return defer.gatherResults([
+            self.tell_entries(entries, RecordsChanged(domain, now, Changed.PLACEMENT))
+            for domain, entries in held.items()])
 
     # -- the super-node list ------------------------------------------------------------------
 

@@ -918,25 +918,42 @@ class DevicesSeen:
         return cls(location, devices)
 
 
+class Changed(enum.IntEnum):
+    """What a RecordsChanged is news of."""
+
+    END_DEVICES = 1  # the domain's EndDevice and Revocation records
+    PLACEMENT = 2  # the super-node list: who holds the domain's partition
+
+
 @attrs.frozen
 class RecordsChanged:
-    """News that a domain's operator-signed records for tunnel-nodes (EndDevice, Revocation)
-    changed: the operator tells the super-nodes serving the domain, and each replica the
-    tunnel-nodes of the domain it holds; a receiver reads them again from whoever told it
-    unless it has read `serial` (the domain's change serial) already. Answered with Stored."""
+    """News that records a node acts on changed, so it reads them again now:
+
+    * END_DEVICES: the operator tells the super-nodes serving the domain, and each replica
+      the domain's tunnel-nodes it holds; a receiver reads them again from whoever told it,
+      unless it has read `serial` (the domain's change serial) already;
+    * PLACEMENT: a replica handing a partition range over (the operator when super-nodes
+      take it) tells the nodes it holds there to read the super-node list again.
+
+    Answered with Stored."""
 
     COMMAND = Command.RECORDS_CHANGED
     domain: int
     serial: int
+    what: Changed = attrs.field(default=Changed.END_DEVICES, converter=Changed)
 
     def encode(self):
-        return struct.pack(">IQ", self.domain, self.serial)
+        return struct.pack(">IQB", self.domain, self.serial, self.what)
 
     @classmethod
     def decode(cls, payload):
-        if len(payload) != 12:
-            raise DecodeError("a RecordsChanged is 12 bytes")
-        return cls(*struct.unpack(">IQ", payload))
+        if len(payload) != 13:
+            raise DecodeError("a RecordsChanged is 13 bytes")
+        domain, serial, what = struct.unpack(">IQB", payload)
+        try:
+            return cls(domain, serial, what)
+        except ValueError:
+            raise DecodeError(f"unknown kind of change {what}") from None
 
 
 def _ipv4_text(text):

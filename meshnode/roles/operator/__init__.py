@@ -60,14 +60,14 @@ class OperatorService(service.MultiService):
         self.site = None
         self.tls_context = None
         # The operator serves the DHT ranges that have fewer than K super-nodes.
-        self._partition = PartitionService(rpc=core.rpc, store=core.store, clock=core.reactor,
+        self.partition = PartitionService(rpc=core.rpc, store=core.store, clock=core.reactor,
                                            quota=settings.quota,
                                            may_transfer=self._may_transfer)
         self.placement = placement.PlacementService(rpc=core.rpc, store=core.store,
                                                     clock=core.reactor,
-                                                    partition=self._partition,
+                                                    partition=self.partition,
                                                     replicas=settings.replicas)
-        self._partition.setServiceParent(self)
+        self.partition.setServiceParent(self)
         self.placement.setServiceParent(self)
         for interval, work, what in (
                 (CHANGES_POLL_SECONDS, self._follow_changes, "following changes"),
@@ -131,10 +131,10 @@ class OperatorService(service.MultiService):
 
     def status(self):
         """The operator's part of `meshnode status`."""
-        counts = sorted(self._partition.records.counts().items())
+        counts = sorted(self.partition.records.counts().items())
         return {"enroll_port": self.enroll_port, "tls_fingerprint": self.fingerprint,
                 "replicas_per_range": self.placement.replicas,
-                "ranges": [f"{low:04x}-{high:04x}" for low, high in self._partition.ranges],
+                "ranges": [f"{low:04x}-{high:04x}" for low, high in self.partition.ranges],
                 "super_nodes": self.placement.status(),
                 "records_per_domain": {f"{domain:#010x}": count for domain, count in counts}}
 
@@ -191,7 +191,7 @@ class OperatorService(service.MultiService):
         _log.info("records of domain {domain:#010x} changed (serial {serial}): telling "
                   "{count} super-nodes", domain=domain, serial=serial, count=len(told))
         sent = [self._directory.tell(replica, news) for replica in told.values()]
-        if served(self._partition.ranges, key):
-            sent.append(self._directory.tell_entries(self._partition.tunnel_nodes(domain),
+        if served(self.partition.ranges, key):
+            sent.append(self._directory.tell_entries(self.partition.tunnel_nodes(domain),
                                                      news))
         return defer.gatherResults(sent)
