@@ -559,9 +559,12 @@ class Trust:
         self._operators[signed.record.node_id] = signed.record.signing_key
 
     def add_revocation(self, signed, now):
+        """Apply a Revocation record → the ids it revoked that were not revoked before."""
         self.verify(signed, now)
-        self.revoked.update(signed.record.node_ids)
-        self.revoked.update(signed.record.device_ids)
+        named = set(signed.record.node_ids) | set(signed.record.device_ids)
+        new = named - self.revoked
+        self.revoked |= new
+        return new
 
     def verify(self, signed, now, subject_node=None):
         """Check `signed` and return its record.

@@ -271,6 +271,7 @@ def build_node(settings, reactor):
             quota=settings["quota"]))
         operator.setServiceParent(node)
         operator.partition.handover_observers.append(directory.handed_over)
+        rpc.revocation_observers.append(operator.partition.revoked)
         described.append(("operator", operator))
         web, fallback_tls = (lambda: operator.site), (lambda: operator.tls_context)
     if settings["super"]:
@@ -284,6 +285,8 @@ def build_node(settings, reactor):
         directory.list_observers.append(super_node.list_changed)
         directory.news_observers.append(super_node.records_changed)
         super_node.partition.handover_observers.append(directory.handed_over)
+        rpc.revocation_observers.append(super_node.partition.revoked)
+        rpc.revocation_observers.append(super_node.relay.revoked)
         relay_leg = super_node.relay.leg
         described.append(("super", super_node))
     if settings["fallback-port"] and (settings["operator"] or settings["super"]):
@@ -298,6 +301,7 @@ def build_node(settings, reactor):
         tunnel.setServiceParent(node)
         identity.observers.append(tunnel.enrollment_changed)
         directory.news_observers.append(tunnel.records_changed)
+        rpc.revocation_observers.append(tunnel.revoked)
         if fallback is not None:
             fallback.observers.append(tunnel.refresh_soon)
         if settings["direct"]:

@@ -118,6 +118,12 @@ def thd_delete_expired(engine, now):
         connection.execute(dht_records.delete().where(dht_records.c.expires <= now))
 
 
+def thd_delete_nodes(engine, node_ids):
+    """Delete the rows of these nodes (revoked)."""
+    with engine.begin() as connection:
+        connection.execute(dht_records.delete().where(dht_records.c.key.in_(list(node_ids))))
+
+
 def thd_load(engine, now):
     with engine.connect() as connection:
         return [(row.subject_node, row.record) for row in connection.execute(
@@ -183,6 +189,14 @@ class PartitionStore:
         if not entries:
             del self._domains[domain]
             del self._digest[domain]
+
+    def drop(self, node_ids):
+        """Remove the entries of these nodes (revoked), in any domain → how many."""
+        held = [(domain, node_id) for domain, entries in self._domains.items()
+                for node_id in entries if node_id in node_ids]
+        for domain, node_id in held:
+            self._remove(domain, node_id)
+        return len(held)
 
     def get(self, domain, node_id, now):
         entry = self._domains.get(domain, {}).get(node_id)
@@ -269,6 +283,13 @@ class PartitionService(service.MultiService):
             for observer in list(self.handover_observers):
                 periodic.guarded(lambda: observer(handed), "telling the nodes of ranges "
                                                            "handed over")
+
+    def revoked(self, node_ids):
+        """(Wired to the RPC's revocation observers.) Revoked nodes' records are served no
+        more, from memory or, after a restart, from the table."""
+        if self.records.drop(node_ids):
+            d = self._store.run(thd_delete_nodes, node_ids)
+            d.addErrback(lambda f: _log.failure("could not delete revoked nodes' records", f))
 
     def _handed_over(self, previous):
         """{domain: its entries} held of domains in `previous` ranges that we serve no more:

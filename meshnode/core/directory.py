@@ -640,7 +640,7 @@ class DirectoryService(service.MultiService):
         for one in signed:
             try:
                 if isinstance(one.record, records.Revocation):
-                    self._rpc.trust.add_revocation(one, now)  # the domain's, sent along
+                    self._rpc.add_revocation(one, now)  # the domain's, sent along
                     continue
                 device = self._rpc.trust.verify(one, now)
             except records.RecordError:

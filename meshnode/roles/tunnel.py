@@ -82,6 +82,7 @@ class _Grant:
     expires: float
     path: str = "direct"
     puncher: object = None  # the punched path's own connection attempts, stopped once used
+    device_id: bytes = None
 
 
 class TunnelCounts:
@@ -134,6 +135,8 @@ class TunnelService(service.MultiService):
         self.counts = TunnelCounts(self.limits)
         self.refusals = collections.Counter()
         self.opened = collections.Counter()  # by path
+        self.closed_by = collections.Counter()  # open tunnels closed, by reason
+        self._open = {}  # the requester's leg of each open tunnel → its grant
         self.devices = {}
         self._grants = {}
         self._last_miss_refresh = float("-inf")
@@ -219,7 +222,10 @@ class TunnelService(service.MultiService):
 
         def done(result):
             if not isinstance(result, Failure):
+                gone = set(self.devices) - set(result)
                 self.devices = result
+                if gone:  # removed by the operator: their open tunnels close
+                    self._close_where(lambda grant: grant.device_id in gone, "device_removed")
             waiting, self._reading = self._reading, None
             for one in waiting:
                 one.callback(None)
@@ -343,7 +349,8 @@ class TunnelService(service.MultiService):
         token = os.urandom(tunnel_tls.TOKEN_SIZE)
         self._expire_grants()
         self._grants[token] = _Grant(requester, address, port,
-                                     self._clock.seconds() + TOKEN_SECONDS)
+                                     self._clock.seconds() + TOKEN_SECONDS,
+                                     device_id=message.device_id)
         return TunnelOpened(TunnelResult.OPENED, "", endpoint, token)
 
     def _tunnel_endpoint(self, requester_host):
@@ -411,7 +418,7 @@ class TunnelService(service.MultiService):
             return None
         requester, address, port, answer = authorized
         grant = _Grant(requester, address, port, self._clock.seconds() + TOKEN_SECONDS,
-                       "relayed")
+                       "relayed", device_id=message.device_id)
         relay = self._rpc.transports.relay_endpoint(forwarding.relay)
         d = self._rpc.transports.dial(relay.host, relay.port,
                                       lambda: _RelayLeg(self, grant, forwarding.token),
@@ -460,7 +467,8 @@ class TunnelService(service.MultiService):
             puncher = punch.Puncher(self._clock, self.port, (peer.host, peer.port),
                                     punched_gate, interface=self._listen_address)
         self._grants[token] = _Grant(requester, address, port,
-                                     self._clock.seconds() + TOKEN_SECONDS, "punched", puncher)
+                                     self._clock.seconds() + TOKEN_SECONDS, "punched", puncher,
+                                     device_id=message.device_id)
         # Its failure is no error: the requester's connection may reach the tunnel port
         # instead (an endpoint-independent filter), or the requester falls back to a relay.
         puncher.start().addErrback(lambda failure: _log.info(
@@ -499,6 +507,7 @@ class TunnelService(service.MultiService):
             device_leg.idle_timeout = leg.idle_timeout = self.limits.idle_timeout
             leg.join(device_leg)
             self.opened[path] += 1
+            self._open[leg] = grant
 
         def failed(failure):
             self.refusals["device_unreachable"] += 1
@@ -509,13 +518,33 @@ class TunnelService(service.MultiService):
         d.addCallbacks(connected, failed)
 
     def closed(self, leg):
+        self._open.pop(leg, None)
         if getattr(leg, "counted", False):
             self.counts.closed(leg.grant.requester)
+
+    def revoked(self, ids):
+        """(Wired to the RPC's revocation observers.) Open tunnels of revoked nodes or
+        devices are closed, and their unused tokens no longer work."""
+        self._close_where(lambda grant: grant.requester.node_id in ids
+                          or grant.device_id in ids, "revoked")
+        for token in [t for t, grant in self._grants.items()
+                      if grant.requester.node_id in ids or grant.device_id in ids]:
+            del self._grants[token]
+
+    def _close_where(self, test, reason):
+        for leg, grant in list(self._open.items()):
+            if test(grant):
+                _log.info("closing the tunnel of {node} to {address}:{port}: {reason}",
+                          node=grant.requester.name, address=grant.address, port=grant.port,
+                          reason=reason)
+                self.closed_by[reason] += 1
+                leg.transport.abortConnection()
 
     def status(self):
         return {"port": self.port, "locations": [i.hex() for i in self.locations()],
                 "devices": len(self.devices), "open": self.counts.total,
-                "opened": dict(self.opened), "refused": dict(self.refusals)}
+                "opened": dict(self.opened), "refused": dict(self.refusals),
+                "closed": dict(self.closed_by)}
 
 
 class _Gate(tunnel_tls.GatedLeg):

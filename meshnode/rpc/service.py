@@ -125,6 +125,7 @@ class RPCService(service.Service):
         self.drops = collections.Counter() if drops is None else drops
         self.accepted = collections.Counter()
         self.learned = []  # called with each new or renewed Node record learned
+        self.revocation_observers = []  # called with the ids each Revocation newly revokes
         self.peers = None
         self.fallback_port = fallback_port
         self._tls = tls
@@ -174,6 +175,9 @@ class RPCService(service.Service):
 
     def use_enrollment(self, enrollment):
         """Speak as the node this enrollment makes us (on start, enrollment and renewal)."""
+        known = getattr(self, "trust", None)
+        if known is not None and known is not enrollment.trust:
+            enrollment.trust.revoked |= known.revoked  # learned since: still revoked
         self.trust = enrollment.trust
         self.own_node = enrollment.node
         self.domain = enrollment.node.record.domain if enrollment.enrolled else 0
@@ -427,6 +431,17 @@ class RPCService(service.Service):
             for observer in self.learned:
                 observer(signed)
         return peer
+
+    def add_revocation(self, signed, now=None):
+        """Apply an operator's Revocation record (RecordError if it fails the checks): from
+        now on the revoked nodes' datagrams are dropped (sender_invalid); the ids it newly
+        revokes are told to revocation_observers (wired by build_node: open tunnels and
+        relayed legs are closed, DHT records dropped) → those ids."""
+        new = self.trust.add_revocation(signed, self.now_ms() if now is None else now)
+        if new:
+            for observer in list(self.revocation_observers):
+                observer(new)
+        return new
 
     def _track(self, message_id, peer_id, answer, address, datagram, timeout):
         return self._pending.track(message_id, peer_id, answer, address, datagram,

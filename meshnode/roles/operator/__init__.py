@@ -170,7 +170,7 @@ class OperatorService(service.MultiService):
         now = records.now_ms(self._reactor)
         for blob in blobs:
             try:
-                self._rpc.trust.add_revocation(records.decode_signed(blob), now)
+                self._rpc.add_revocation(records.decode_signed(blob), now)
             except (ValueError, records.RecordError) as e:
                 _log.error("a stored Revocation record is unusable: {reason}", reason=e)
         if previous is None:

@@ -113,7 +113,7 @@ def _answer(operator, signed_operator, issued, rpc_endpoints):
         operators.append(signed_operator)
     revocations = [s for s in map(records.decode_signed, revocation_records)
                    if s.record.domain == node.domain]
-    bundle = records.encode_bundle([signed] + operators + revocations[:1])
+    bundle = records.encode_bundle([signed] + operators + revocations)
     return {"node_id": node.node_id.hex(), "domain": node.domain, "name": node.name,
             "expires": node.expires, "enrollment": base64.b64encode(bundle).decode("ascii"),
             "super_nodes": [base64.b64encode(data).decode("ascii")

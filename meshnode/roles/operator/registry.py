@@ -204,16 +204,26 @@ def thd_list_nodes(engine, domain_name=None):
                 for row in connection.execute(query)]
 
 
+# Node ids per Revocation record: one record, signed, fits one RPC page (EndDevices), so a
+# domain with any number of revocations has them all reach its nodes, page by page.
+REVOCATION_PAGE_IDS = 29
+
+
 def _resign_revocation(connection, operator, domain, now):
-    """The domain's Revocation record anew: every revoked node and device still current."""
-    node_ids = [row.node_id for row in connection.execute(sa.select(nodes.c.node_id).where(
-        nodes.c.domain == domain, nodes.c.revoked == sa.true(), nodes.c.expires > now))]
-    signed = operator.sign(records.Revocation(domain, node_ids[:records.Revocation.ID_LIMIT],
+    """The domain's Revocation records anew, replacing the last ones: every revoked node
+    still current, REVOCATION_PAGE_IDS to a record → the Signed records."""
+    node_ids = sorted(row.node_id for row in connection.execute(
+        sa.select(nodes.c.node_id).where(nodes.c.domain == domain, nodes.c.revoked == sa.true(),
+                                          nodes.c.expires > now)))
+    pages = [operator.sign(records.Revocation(domain, node_ids[start:start + REVOCATION_PAGE_IDS],
                                               (), now))
-    connection.execute(revocations.insert().values(domain=domain, record=signed.encode(),
-                                                   created=now))
+             for start in range(0, len(node_ids), REVOCATION_PAGE_IDS)]
+    connection.execute(revocations.delete().where(revocations.c.domain == domain))
+    for signed in pages:
+        connection.execute(revocations.insert().values(domain=domain, record=signed.encode(),
+                                                       created=now))
     _changed(connection, domain)
-    return signed
+    return pages
 
 
 def _find_node(connection, node_id_prefix):
@@ -243,12 +253,13 @@ def thd_revoke_node(engine, operator, node_id_prefix, now):
         return {"node_id": row.node_id.hex(), "name": row.name, "domain": row.domain}
 
 
-def thd_revocations(engine):
-    """The newest Revocation record of each domain, as bytes."""
+def thd_revocations(engine, domain=None):
+    """The Revocation records of every domain (or of `domain`), as bytes."""
     with engine.connect() as connection:
-        newest = sa.select(revocations.c.domain, sa.func.max(revocations.c.id).label("id")
-                           ).group_by(revocations.c.domain).subquery()
-        query = sa.select(revocations.c.record).join(newest, revocations.c.id == newest.c.id)
+        query = sa.select(revocations.c.record).order_by(revocations.c.domain,
+                                                         revocations.c.id)
+        if domain is not None:
+            query = query.where(revocations.c.domain == domain)
         return [row.record for row in connection.execute(query)]
 
 
@@ -413,16 +424,13 @@ def thd_list_devices(engine, domain_name=None):
 
 
 def thd_end_device_records(engine, domain):
-    """The domain's EndDevice records, then its newest Revocation record if it has one: the
-    nodes that act on devices (tunnel-nodes) learn revocations with them."""
+    """The domain's EndDevice records, then its Revocation records: the nodes that act on
+    devices (tunnel-nodes) and their super-nodes learn revocations with them."""
     with engine.connect() as connection:
         found = [row.record for row in connection.execute(
             sa.select(end_devices.c.record).where(end_devices.c.domain == domain)
             .order_by(end_devices.c.name))]
-        revocation = connection.execute(
-            sa.select(revocations.c.record).where(revocations.c.domain == domain)
-            .order_by(revocations.c.id.desc()).limit(1)).first()
-    return found + ([revocation.record] if revocation is not None else [])
+    return found + thd_revocations(engine, domain)
 
 
 def thd_remove_device(engine, domain_name, name):

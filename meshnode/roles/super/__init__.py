@@ -176,12 +176,22 @@ class SuperService(service.MultiService):
 
     @defer.inlineCallbacks
     def _fetch_end_devices(self, operator, domain):
-        blobs = []
+        """The domain's EndDevice and Revocation records from the operator, as bytes; the
+        revocations are applied here too: a relay and a replica act on them."""
+        signed = []
         yield read_pages(
             lambda offset: self._directory.call(operator, GetEndDevices(offset, domain),
                                                 EndDevices),
-            "signed", lambda signed: blobs.extend(one.encode() for one in signed))
-        return blobs
+            "signed", signed.extend)
+        now = self._rpc.now_ms()
+        for one in signed:
+            if isinstance(one.record, records.Revocation) and one.record.domain == domain:
+                try:
+                    self._rpc.add_revocation(one, now)
+                except records.RecordError as e:
+                    _log.info("a Revocation of {domain:#010x} is unusable: {reason}",
+                              domain=domain, reason=e)
+        return [one.encode() for one in signed]
 
     @defer.inlineCallbacks
     def records_changed(self, news, told_by):

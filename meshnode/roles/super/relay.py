@@ -54,6 +54,8 @@ class RelayService(service.Service):
         self.total = total
         self._advertised = advertised  # → the host others reach this node on, or None
         self._tokens = {}
+        self._ends = {}  # RelayToken → the ids of the two nodes it joins, until both left
+        self._open = {}  # RelayToken → its two spliced legs
         self._port = None
         self.open_per_domain = collections.Counter()
         self.open = 0
@@ -152,8 +154,9 @@ class RelayService(service.Service):
         token = os.urandom(tunnel_tls.TOKEN_SIZE)
         while not carrier.relay_token_allowed(token):
             token = os.urandom(tunnel_tls.TOKEN_SIZE)
-        self._tokens[token] = gate.RelayToken(requester.domain,
-                                              self._clock.seconds() + TOKEN_SECONDS, self)
+        held = self._tokens[token] = gate.RelayToken(requester.domain,
+                                                     self._clock.seconds() + TOKEN_SECONDS, self)
+        self._ends[held] = frozenset((requester.node_id, message.tunnel_node))
         forwarding = Forwarding(incoming.peer.signed, Endpoint(*incoming.source[:2]),
                                 incoming.message_id, Endpoint(host, self.port), token)
         self._rpc.send(peer, target,
@@ -230,6 +233,8 @@ class RelayService(service.Service):
             held.expire(now)
             if not held.usable:
                 del self._tokens[token]
+                if held not in self._open:
+                    self._ends.pop(held, None)
 
     def arrive(self, leg, token):
         """A leg sent its token: its RelayToken parks it, pairs it with the one waiting or
@@ -247,9 +252,24 @@ class RelayService(service.Service):
     def left(self, leg):
         if leg.pairing is not None:
             leg.pairing.leave(leg)
+            if self._open.pop(leg.pairing, None) is not None:
+                self._ends.pop(leg.pairing, None)
         self.bytes_relayed += leg.bytes_forwarded
 
+    def revoked(self, node_ids):
+        """(Wired to the RPC's revocation observers.) Relayed tunnels of revoked nodes are
+        closed, and their tokens no longer pair."""
+        for held, ends in list(self._ends.items()):
+            if ends & node_ids:
+                for leg in self._open.pop(held, ()):
+                    leg.transport.abortConnection()
+                self._ends.pop(held, None)
+                for token in [t for t, one in self._tokens.items() if one is held]:
+                    del self._tokens[token]
+                self.refusals["revoked"] += 1
+
     def paired(self, first, second, domain):
+        self._open[first.pairing] = (first, second)
         for one in (first, second):
             one.handshake.go_ahead()
         self.open += 1

@@ -1,0 +1,174 @@
+"""Revocations in seconds, whatever their number: with 40 nodes of the domain revoked before
+(two Revocation records: one does not fit a datagram past 29 ids), a user-node revoked with
+`meshnode operator node revoke` while its tunnel is open has that tunnel closed, and every new
+one refused, within 10 s; `operator device remove` closes the device's open tunnels the same
+way. Real processes, joined over the network; the revoked nodes beforehand go straight into
+the operator's store."""
+
+import json
+import os
+
+from twisted.internet import defer, protocol, reactor, task
+from twisted.trial.unittest import TestCase
+
+from meshnode import records
+from meshnode.core import store
+from meshnode.core.identity import Identity
+from meshnode.roles.operator import registry, signing
+from tests.nodes import Network, meshnode_command, run_command
+from tests.test_first_hour import LOCATION, _Echo, admin, first_byte
+from tests.test_super_integration import wait_for
+
+EARLIER_REVOKED = 40
+ACT_SECONDS = 10
+
+
+class _Held(protocol.Protocol):
+    """A client that keeps its tunnel open: `echoed` fires at the first echo, `closed` when
+    the connection ends."""
+
+    def __init__(self):
+        self.echoed = defer.Deferred()
+        self.closed = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(b"are you there")
+
+    def dataReceived(self, data):
+        if not self.echoed.called:
+            self.echoed.callback(data)
+
+    def connectionLost(self, reason):
+        self.closed.callback(reactor.seconds())
+
+
+def revoke_beforehand(operator_dir, count):
+    """`count` nodes enrolled in the operator's store and revoked, as weeks of an
+    organization's revocations leave it."""
+    engine = store.open_engine(store.sqlite_url(operator_dir))
+    try:
+        me, _ = signing.load_operator(operator_dir, reactor)
+        now = records.now_ms(reactor)
+        token = registry.thd_create_token(engine, "acme", count, now + 3_600_000, now)["token"]
+        for n in range(count):
+            node = Identity.generate()
+            signed = registry.thd_enroll(engine, me, token, node.signing_public,
+                                         node.agreement_public, f"old-laptop-{n}", now)
+            registry.thd_revoke_node(engine, me, signed.record.node_id.hex(), now)
+    finally:
+        engine.dispose()
+
+
+class RevocationTests(TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def build(self):
+        self.network = network = Network(self)
+        yield admin(network, "domain", "create", "acme")
+        revoke_beforehand(network.operator_dir, EARLIER_REVOKED)
+        self.operator = yield network.start(network.operator_dir, "--operator", "--replicas",
+                                            "1", "--fallback-port", "0", "--enroll-listen",
+                                            "ssl:0:interface=127.0.0.1")
+        enroll_port = yield self.operator.enroll_port()
+        created = yield admin(network, "token", "create", "--domain", "acme", "--uses", "3",
+                              "--fallback-port", "0", "--url",
+                              f"https://127.0.0.1:{enroll_port}")
+        self.device = reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo),
+                                        interface="127.0.0.1")
+        self.addCleanup(self.device.stopListening)
+        yield admin(network, "device", "add", "--domain", "acme", "--name", "printer",
+                    "--address", "127.0.0.1", "--location", LOCATION, "--port",
+                    str(self.device.getHost().port))
+        for name, flags in (("super1", ("--super",)), ("tunnel1", ("--tunnel",)),
+                            ("user1", ())):
+            code, output = yield run_command(meshnode_command(
+                "--state-dir", os.path.join(network.base, name), "join", created["join"],
+                "--name", name, *flags))
+            self.assertEqual(code, 0, output)
+        self.super, self.tunnel, self.user = yield defer.gatherResults([
+            network.start(os.path.join(network.base, "super1"), "--fallback-port", "0"),
+            network.start(os.path.join(network.base, "tunnel1"), "--location", LOCATION,
+                          "--fallback-port", "0"),
+            network.start(os.path.join(network.base, "user1"), "--fallback-port", "0")])
+        user_status = yield self.user.wait_enrolled()
+        self.user_id = user_status["node_id"]
+
+        @defer.inlineCallbacks
+        def placed():
+            return (yield self.super.status())["super"]["ranges"]
+        yield wait_for(placed, 30, "the super-node placed")
+        code, output = yield run_command(meshnode_command(
+            "--state-dir", self.user.state_dir, "tunnel", "printer", "--listen",
+            "tcp:0:interface=127.0.0.1", "--json"))
+        self.assertEqual(code, 0, output)
+        host, port = json.loads(output)["address"].rsplit(":", 1)
+        self.listener = (host, int(port))
+        yield first_byte(self.listener, reactor.seconds() + 30)
+
+    @defer.inlineCallbacks
+    def hold_tunnel(self):
+        held = _Held()
+        yield protocol.ClientCreator(reactor, lambda: held).connectTCP(*self.listener)
+        self.addCleanup(lambda: held.transport.loseConnection())
+        held.echoed.addTimeout(10, reactor)
+        yield held.echoed
+        return held
+
+    @defer.inlineCallbacks
+    def refused_within(self, started, what):
+        """The next connection through the listener gets no byte from the device."""
+        held = _Held()
+        yield protocol.ClientCreator(reactor, lambda: held).connectTCP(*self.listener)
+        closed_at = yield held.closed
+        self.assertFalse(held.echoed.called, f"a new tunnel still echoed {what}")
+        return closed_at - started
+
+    @defer.inlineCallbacks
+    def test_revoked_node_cut_off_in_seconds_past_a_page_of_revocations(self):
+        """With 40 earlier revocations, `node revoke` of a user-node with an open tunnel:
+        the tunnel is closed and a new one refused within 10 s, and the super-node serves
+        the revoked node's NodeInfo no more."""
+        yield self.build()
+        held = yield self.hold_tunnel()
+
+        @defer.inlineCallbacks
+        def records_held():
+            return (yield self.super.status())["super"]["records"]
+        yield wait_for(records_held, 30, "the super-node holding the nodes' NodeInfo")
+        before = yield records_held()
+        started = reactor.seconds()
+        yield admin(self.network, "node", "revoke", self.user_id)
+        closed_at = yield held.closed.addTimeout(30, reactor)
+        closed = closed_at - started
+        self.assertLessEqual(closed, ACT_SECONDS, f"the open tunnel closed after {closed:.1f} s")
+        tunnel = (yield self.tunnel.status())["tunnel"]
+        self.assertEqual(tunnel["closed"], {"revoked": 1})
+        refused = yield self.refused_within(started, "after the revocation")
+        self.assertLessEqual(refused, ACT_SECONDS + 5)
+
+        @defer.inlineCallbacks
+        def dropped():  # the replica serves the revoked node's NodeInfo no more
+            return (yield records_held()) == before - 1
+        yield wait_for(dropped, ACT_SECONDS, "the super-node dropping the revoked NodeInfo")
+        print(f"open tunnel closed {closed:.1f} s after node revoke (with "
+              f"{EARLIER_REVOKED} earlier revocations)")
+
+    @defer.inlineCallbacks
+    def test_device_removed_closes_its_tunnels(self):
+        """`device remove` closes the device's open tunnel within 10 s, and the next
+        connection to it is refused."""
+        yield self.build()
+        held = yield self.hold_tunnel()
+        started = reactor.seconds()
+        code, output = yield run_command(meshnode_command(
+            "--state-dir", self.network.operator_dir, "operator", "device", "remove",
+            "--domain", "acme", "--name", "printer"))
+        self.assertEqual(code, 0, output)
+        closed_at = yield held.closed.addTimeout(30, reactor)
+        closed = closed_at - started
+        self.assertLessEqual(closed, ACT_SECONDS, f"the open tunnel closed after {closed:.1f} s")
+        tunnel = (yield self.tunnel.status())["tunnel"]
+        self.assertEqual(tunnel["closed"], {"device_removed": 1})
+        yield self.refused_within(started, "after the removal")
+        print(f"open tunnel closed {closed:.1f} s after device remove")
