@@ -530,6 +530,14 @@ class DiscoverTests(SynchronousTestCase):
         report = self.discover(APDM, EIF, on_change="refuse")
         self.assertEqual((report.mapping, report.filtering), (APDM, Behaviour.UNKNOWN))
 
+    def test_port_dependent_filtering_costs_one_timeout(self):
+        """Behind a filter that wants the port neither filtering test is answered: they are
+        asked at once, so discovery waits out one transaction's timeout, not two."""
+        lab = _Lab(EIM, APDF)
+        report = self.successResultOf(lab.run(discover(lab.client, SERVER)))
+        self.assertEqual((report.mapping, report.filtering), (EIM, APDF))
+        self.assertLess(lab.clock.seconds(), 2 * lab.client.timeout)
+
     def test_no_answer_fails(self):
         """With no answer to the first request, discover fails with StunTimeout."""
         lab = _Lab(EIM, EIF)

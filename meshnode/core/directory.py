@@ -54,6 +54,16 @@ class NotPassedOn(DirectoryError):
         self.refusals = refusals
 
 
+class NoSuperNode(NotPassedOn):
+    """No super-node is placed for our domain yet (as far as a fresh look at the list
+    tells): nobody could be asked to pass a request on."""
+
+    def __init__(self):
+        super().__init__("no super-node of this domain yet: the operator serves the DHT until "
+                         "one is placed, but only super-nodes introduce and relay; see "
+                         "`meshnode status`", [])
+
+
 @attrs.frozen
 class Replica:
     """A node that serves DHT partitions (a super-node or an operator) and where it listens."""
@@ -281,9 +291,9 @@ class DirectoryService(service.MultiService):
                 return opened
             errors.append(f"refused: {opened.reason}")
             refusals.append(opened.reason)
-        raise NotPassedOn(", ".join(errors) or (
-            "no super-node of this domain yet: the operator serves the DHT until one is "
-            "placed, but only super-nodes introduce and relay; see `meshnode status`"), refusals)
+        if not errors:
+            raise NoSuperNode()
+        raise NotPassedOn(", ".join(errors), refusals)
 
     def retry_operator(self):
         """The way to the operator changed (meshnode/nat/fallback.py): try it again at once."""

@@ -197,6 +197,11 @@ class ReachabilityService(service.MultiService):
         yield self._discover()
         if self._unanswered:
             self._retry_in(RETRY_SECONDS)
+        if all(self._rpc.trust.is_operator(replica.node_id) for replica in replicas):
+            # No super-node placed when we looked, seconds ago (STUN): one placed since has
+            # taken the range from the operator, which would meet our put with silence.
+            yield self._directory.recheck_list()
+            replicas = yield self._directory.replicas()
         signed = self._identity_service.identity.sign(self.node_info(observed))
         results = yield defer.DeferredList(
             [self._directory.call(replica, PutRecord(signed), Stored) for replica in replicas],

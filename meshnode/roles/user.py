@@ -29,7 +29,7 @@ from meshnode.errors import StartupError
 from meshnode.nat import punch
 from meshnode.nat.rules import (BIRTHDAY_OPENERS, BIRTHDAY_SECONDS, PunchRole, paths,
                                 punch_role, same_lan)
-from meshnode.core.directory import NotPassedOn
+from meshnode.core.directory import NoSuperNode, NotPassedOn
 from meshnode.rpc.messages import (AUTHORIZATION_REFUSALS, ForwardedTunnelRequest, Introduce,
                                    TunnelOpened, TunnelRequest, TunnelResult)
 from meshnode.rpc.service import RPCError
@@ -192,7 +192,8 @@ class UserService(service.Service):
                     errors.append(f"{path} to {node.name}: {e}")
                     _log.info("{path} tunnel to {node} failed: {reason}", path=path,
                               node=node.name, reason=e)
-                    if path != "relayed":  # only a path that failed sends it to the relay
+                    if path != "relayed" and _tried(e):
+                        # only a path that failed sends it to the relay
                         self._relay_only[node.node_id] = now + RELAY_ONLY_SECONDS
         raise TunnelFailed("; ".join(errors))
 
@@ -306,6 +307,20 @@ class UserService(service.Service):
              "connections": one.connections, "failures": one.failures,
              "last_path": one.last_path or None, "last_error": one.last_error or None}
             for one in self.listeners.values()]}
+
+
+# Super-nodes' refusals to pass an introduction on (they hold no NodeInfo of the tunnel-node,
+# or have no way to it yet): the tunnel-node was never asked, so no path to it failed.
+NOT_INTRODUCED = frozenset(("unknown_tunnel_node", "tunnel_node_unreachable"))
+
+
+def _tried(failure):
+    """Whether a path failed by trying it: not when no super-node was there to introduce us
+    (none placed yet, or none knew the tunnel-node) — the next connection tries it again."""
+    if isinstance(failure, NoSuperNode):
+        return False
+    return not (isinstance(failure, NotPassedOn) and failure.refusals
+                and set(failure.refusals) <= NOT_INTRODUCED)
 
 
 class _LocalLeg(Leg):
