@@ -344,15 +344,6 @@ class LateSuperNodeTests(TestCase):
         """Symmetric NATs, super-node placed last: relayed within 20 s."""
         return self.check("sym", "sym", "relayed")
 
-    # A tunnel-node that announced to the operator before any super-node was placed is not
-    # told when one takes the range: it keeps the operator-only list (read again every
-    # 300 s), never sends to the super-node, whose introductions and relay requests then
-    # find it unreachable through its NAT ("tunnel_node_unreachable").
-    _NOT_TOLD = ("a tunnel-node is not told of the first super-node's placement (it reads "
-                 "the list again only after 300 s): tunnel_node_unreachable until then")
-    test_eim_to_eim_punched_after_a_late_super_node.todo = _NOT_TOLD
-    test_symmetric_to_symmetric_relayed_after_a_late_super_node.todo = _NOT_TOLD
-
 
 class RelayOnlyTests(SynchronousTestCase):
     """A punch that no super-node could introduce (none placed yet, or none knows the
