@@ -12,6 +12,7 @@ from meshnode import records
 
 from meshnode.core import store
 from meshnode.core.identity import Identity
+from meshnode.rpc.messages import EndDevices
 from meshnode.roles.operator import registry
 from meshnode.roles.operator.registry import RegistryError
 from meshnode.core.schema import enrollment_tokens, nodes
@@ -557,7 +558,36 @@ class DomainSerialTestsMixin:
         self.assertEqual({one[other] for one in serials}, {0})
 
 
-class SQLiteRegistryTests(RegistryTestsMixin, DomainSerialTestsMixin, SynchronousTestCase):
+class RevocationPagesTestsMixin:
+    """A domain's revocations of any number, signed REVOCATION_PAGE_IDS to a record, each
+    record small enough for one RPC page; a new revocation replaces the domain's records."""
+
+    def test_forty_revocations_in_two_pages_each_fitting_a_datagram(self):
+        token = self.token(uses=45)
+        revoked = []
+        for n in range(40):
+            node = Identity.generate()
+            self.enroll(token, node, f"laptop-{n}")
+            registry.thd_revoke_node(self.engine, self.operator, node.node_id.hex(), NOW)
+            revoked.append(node.node_id)
+        blobs = registry.thd_revocations(self.engine, self.domain)
+        self.assertEqual(len(blobs), 2)
+        pages = [records.decode_signed(blob) for blob in blobs]
+        trust = self.trust_of(self.operator_record)
+        for page in pages:
+            trust.add_revocation(page, NOW)
+        self.assertEqual(trust.revoked, set(revoked))
+        self.assertEqual([len(page.record.node_ids) for page in pages],
+                         [registry.REVOCATION_PAGE_IDS, 40 - registry.REVOCATION_PAGE_IDS])
+        # every record fits the page a node reads them in
+        self.assertEqual(list(EndDevices.fill(blobs, 0).signed), pages[:1])
+        self.assertEqual(list(EndDevices.fill(blobs, 1).signed), pages[1:])
+        devices = registry.thd_end_device_records(self.engine, self.domain)
+        self.assertEqual(devices[-2:], blobs)
+
+
+class SQLiteRegistryTests(RegistryTestsMixin, DomainSerialTestsMixin, RevocationPagesTestsMixin,
+                          SynchronousTestCase):
     """The registry on a SQLite file of its own per database."""
 
     def make_url(self):

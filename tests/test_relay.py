@@ -441,6 +441,24 @@ class PairingTests(RelayTestCase):
         self.assertEqual((self.relay.open, dict(self.relay.open_per_domain)), (0, {}))
         self.assertEqual(self.relay.status()["bytes"], 8)
 
+    def test_revoked_end_closes_its_relayed_tunnel(self):
+        """A revocation naming either end of a relayed tunnel closes both legs; one naming
+        neither leaves it; a token not yet paired stops working."""
+        first, first_transport = self.leg()
+        second, second_transport = self.leg()
+        first.dataReceived(self.tok)
+        second.dataReceived(self.tok)
+        self.relay.revoked({bytes(32)})
+        self.assertFalse(first_transport.disconnecting or second_transport.disconnecting)
+        self.relay.revoked({self.tunnel.node_id})
+        self.assertTrue(first_transport.disconnecting and second_transport.disconnecting)
+        waiting = self.token()
+        self.relay.revoked({self.user.node_id})
+        leg, transport = self.leg()
+        leg.dataReceived(waiting)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.relay.refusals["revoked"], 2)
+
     def test_stop(self):
         """stopService unregisters the relay's commands: requests go unanswered."""
         self.relay.stopService()
