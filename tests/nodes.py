@@ -8,6 +8,7 @@ import tempfile
 
 from twisted.internet import defer, protocol, reactor, task, threads
 
+from meshnode import config
 from meshnode.cli import main as cli
 
 from meshnode.core import identity
@@ -158,7 +159,7 @@ class Network:
         The node itself picks the free port (--rpc-port 0), read back from its status: a
         port picked here and bound later by the child could be taken in between."""
         os.makedirs(state_dir, mode=0o700, exist_ok=True)  # for the log file
-        flags = _free_role_ports(flags)
+        flags = _free_role_ports(flags, state_dir)
         args = [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=",
                 "--logfile", os.path.join(state_dir, "twistd.log"), "meshnode",
                 "--state-dir", state_dir, "--listen-address", host,
@@ -189,12 +190,15 @@ class Network:
         return _started(nodes, timeout)
 
 
-def _free_role_ports(flags):
+def _free_role_ports(flags, state_dir=None):
     """Super-nodes' relay and tunnel-nodes' tunnel ports on free ports unless a test set them,
-    so several run on one host."""
+    so several run on one host (roles from the flags, or from the configuration `meshnode
+    join` wrote in `state_dir`)."""
     flags = list(flags)
-    for role, option in (("--super", "--relay-port"), ("--tunnel", "--tunnel-port")):
-        if role in flags and option not in flags:
+    joined = os.path.join(state_dir or "", config.NODE_CONFIG_FILE)
+    roles = config.read_config(joined) if state_dir and os.path.exists(joined) else {}
+    for role, option in (("super", "--relay-port"), ("tunnel", "--tunnel-port")):
+        if (f"--{role}" in flags or roles.get(role)) and option not in flags:
             flags += [option, "0"]
     return flags
 
