@@ -179,7 +179,6 @@ class FirstHourTests(TestCase):
         yield admin(network, "device", "add", "--domain", "acme", "--name", "printer",
                     "--address", "127.0.0.1", "--location", LOCATION, "--port",
                     str(device.getHost().port))
-        nodes = {}
         for name, flags in (("tunnel1", ("--tunnel",)), ("user1", ()), ("super1", ("--super",))):
             code, output = yield run_command(meshnode_command(
                 "--state-dir", os.path.join(network.base, name), "join", created["join"],

@@ -8,7 +8,7 @@ the operator's store."""
 import json
 import os
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.trial.unittest import TestCase
 
 from meshnode import records
