@@ -1,9 +1,11 @@
 """The NAT behaviour the announcer announces and shows (DESIGN.md §7); the rules it follows
 are tested in tests.test_nat_rules."""
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from meshnode.core.directory import DirectoryError
 from meshnode.core.reachability import ReachabilityService
 from meshnode.nat.rules import Behaviour
 from meshnode.records import NatBehaviour, Role
@@ -90,3 +92,40 @@ class AnnouncerNatTests(SynchronousTestCase):
     def test_status_without_stun_server(self):
         """Without a STUN server configured, status has no STUN part."""
         self.assertNotIn("stun", self.announcer(stun_server=None).status())
+
+
+class _Unplaced:
+    """A directory that cannot name a replica yet (its list read failed): each call is timed."""
+
+    operator_address = ("192.0.2.1", 7400)
+
+    def __init__(self, clock):
+        self._clock = clock
+        self.asked_at = []
+
+    def replicas(self):
+        self.asked_at.append(self._clock.seconds())
+        return defer.fail(DirectoryError("the operator did not answer"))
+
+    def recheck_list(self):
+        return defer.succeed(None)
+
+
+class _EnrolledRPC(_RPC):
+    enrolled = True
+
+
+class AnnouncementRetryTests(SynchronousTestCase):
+    def test_an_announcement_that_went_nowhere_is_tried_again_soon(self):
+        """No replica to put the NodeInfo to (the list cannot be read): it is tried again
+        after 2, 4, 8 … s, not at the next 5-minute announcement."""
+        clock = Clock()
+        directory = _Unplaced(clock)
+        announcer = ReachabilityService(identity=_Identity(), rpc=_EnrolledRPC(),
+                                        directory=directory, clock=clock,
+                                        listen_address="10.0.0.5")
+        announcer.startService()
+        self.addCleanup(announcer.stopService)
+        for _ in range(40):
+            clock.advance(1)
+        self.assertEqual(directory.asked_at, [0, 2, 6, 14, 30])

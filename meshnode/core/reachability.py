@@ -104,8 +104,20 @@ class ReachabilityService(service.MultiService):
             self.reannounce()
 
     def _retry_in(self, seconds):
-        if self._retry is None or not self._retry.active():
-            self._retry = self._clock.callLater(seconds, self.reannounce)
+        """Announce again in `seconds`, or sooner if a retry is due sooner already."""
+        if self._retry is not None and self._retry.active():
+            if self._retry.getTime() <= self._clock.seconds() + seconds:
+                return
+            self._retry.cancel()
+        self._retry = self._clock.callLater(seconds, self.reannounce)
+
+    def _went_nowhere(self, why):
+        """No replica took our NodeInfo: read the list again and put it again soon, later
+        each time (NOT_TAKEN_RETRY_SECONDS)."""
+        _log.warn("no replica took our NodeInfo: {why}", why=why)
+        self._retry_in(NOT_TAKEN_RETRY_SECONDS[min(self._not_taken,
+                                                   len(NOT_TAKEN_RETRY_SECONDS) - 1)])
+        self._not_taken += 1
 
     def addresses(self):
         """Where to reach our RPC port: its UPnP mapping first, then our own address."""
@@ -192,7 +204,11 @@ class ReachabilityService(service.MultiService):
             return None
         if self._not_taken:
             yield self._directory.recheck_list()  # the last went nowhere: the list is stale?
-        replicas = yield self._directory.replicas()
+        try:
+            replicas = yield self._directory.replicas()
+        except RPCError as e:
+            self._went_nowhere(e)
+            raise
         observed = yield self._observe(replicas)
         yield self._discover()
         if self._unanswered:
@@ -214,8 +230,5 @@ class ReachabilityService(service.MultiService):
         if self._announced_to:
             self._not_taken = 0
         else:
-            _log.warn("no replica took our NodeInfo: {results}", results=self.last_result)
-            self._retry_in(NOT_TAKEN_RETRY_SECONDS[min(self._not_taken,
-                                                       len(NOT_TAKEN_RETRY_SECONDS) - 1)])
-            self._not_taken += 1
+            self._went_nowhere(self.last_result)
         return self.last_result
