@@ -268,7 +268,7 @@ def build_node(settings, reactor):
     if settings["operator"]:
         operator = OperatorService(core, OperatorSettings(
             enroll_listen=settings["enroll-listen"], replicas=settings["replicas"],
-            quota=settings["quota"]))
+            quota=settings["quota"], renew_grace_days=settings["renew-grace-days"]))
         operator.setServiceParent(node)
         operator.partition.handover_observers.append(directory.handed_over)
         described.append(("operator", operator))

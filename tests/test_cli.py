@@ -462,6 +462,13 @@ class StatusTextTests(SynchronousTestCase):
             "super-nodes: 1 known, 1 replica per range",
             "super:       serving 0000-ffff, 4 records; relay port 36391, 0 open, 2 relayed"])
 
+    def test_expired_enrollment_says_so(self):
+        """A node whose Node record expired says when, and that it renews."""
+        out = self.status(node_status(enrolled=False, name=None, domain=None, expires=None,
+                                      expired=int(NOW * 1000) - 40 * DAY_MS))
+        self.assertIn("\nenrolled:    no: the Node record expired 2026-10-23T01:00:00Z "
+                      "(40 days ago) — renewing, see the log\n", out)
+
     def test_domain_name_shown_when_given(self):
         """With the status's domain_name the domain is its name with the id beside it."""
         out = self.status(node_status(domain_name="acme"))

@@ -36,6 +36,7 @@ class OperatorSettings:
     enroll_listen: str = "ssl:8443"  # the enrollment API's endpoint (TLS added from the state)
     replicas: int = assignment.DEFAULT_K  # super-nodes per partition range
     quota: int = DEFAULT_QUOTA
+    renew_grace_days: int = registry.RENEW_GRACE_DAYS  # renewal with the key after expiry
 
 
 class OperatorService(service.MultiService):
@@ -49,6 +50,7 @@ class OperatorService(service.MultiService):
         self._rpc = core.rpc
         self._reactor = core.reactor
         self._enroll_listen = settings.enroll_listen
+        self._renew_grace_days = settings.renew_grace_days
         self._port = None
         self._operator = None  # (this operator's Identity, its OperatorNode records)
         self.fingerprint = None
@@ -97,7 +99,8 @@ class OperatorService(service.MultiService):
         certificate = tls.load_or_create_tls(self._state_dir, self._reactor)
         self.fingerprint = certificate.fingerprint
         self.site = enrollment_site(EnrollmentAPI(self._store, me, own, self._reactor,
-                                                  self._rpc_endpoints))
+                                                  self._rpc_endpoints,
+                                                  renew_grace_days=self._renew_grace_days))
         self.tls_context = tls.context_for(certificate)
         description = tls.server_endpoint_string(self._enroll_listen, certificate.key_path,
                                                  certificate.cert_path)

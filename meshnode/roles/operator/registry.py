@@ -18,10 +18,19 @@ from meshnode.core.schema import pending_devices, revocations, super_nodes
 
 DAY_MS = 86_400_000
 NODE_LIFETIME_MS = 30 * DAY_MS
+# How long after its Node record expired a node may still renew with its own key (a laptop
+# back from a long holiday); after that it enrolls again with a token. `[operator]
+# renew-grace-days`.
+RENEW_GRACE_DAYS = 90
 
 
 class RegistryError(HTTPError):
-    """A refused request; `status` is the HTTP status it maps to, `reason` the one line why."""
+    """A refused request; `status` is the HTTP status it maps to, `reason` the one line why;
+    `details`: more fields for the JSON answer, for the node to act on."""
+
+    def __init__(self, status, reason, **details):
+        super().__init__(status, reason)
+        self.details = details
 
 
 def token_hash(token):
@@ -126,13 +135,15 @@ def thd_enroll(engine, operator, token, signing_key, agreement_key, name, now):
                                           ).first()
             if existing is not None and existing.revoked:
                 raise RegistryError(403, "these keys were revoked")
-            if existing is not None:
+            if existing is not None and existing.expires > now:
                 raise RegistryError(409, f"these keys are enrolled already as "
                                          f"{existing.name!r}: renew instead")
+            # Keys whose Node record expired enroll again like new ones (beyond the renewal
+            # grace a token is what lets them back).
             holder = connection.execute(sa.select(nodes.c.node_id).where(
                 nodes.c.domain == row.domain, nodes.c.name == name,
                 nodes.c.revoked == sa.false())).first()
-            if holder is not None:
+            if holder is not None and holder.node_id != node_id:
                 raise RegistryError(409, f"the name {name!r} is taken in this domain")
             spent = connection.execute(enrollment_tokens.update().where(
                 enrollment_tokens.c.token_hash == row.token_hash,
@@ -141,18 +152,26 @@ def thd_enroll(engine, operator, token, signing_key, agreement_key, name, now):
             if spent.rowcount != 1:
                 raise RegistryError(403, "the enrollment token is used up")
             signed = _sign_node(operator, row.domain, signing_key, agreement_key, name, now)
-            connection.execute(nodes.insert().values(
-                node_id=node_id, domain=row.domain, name=name, signing_key=signing_key,
-                agreement_key=agreement_key, record=signed.encode(), issued=now,
-                expires=signed.record.expires, revoked=False))
+            values = dict(domain=row.domain, name=name, signing_key=signing_key,
+                          agreement_key=agreement_key, record=signed.encode(), issued=now,
+                          expires=signed.record.expires, revoked=False)
+            if existing is None:
+                connection.execute(nodes.insert().values(node_id=node_id, **values))
+            else:
+                connection.execute(nodes.update().where(nodes.c.node_id == node_id,
+                                                        nodes.c.revoked == sa.false())
+                                   .values(**values))
             return signed
     except sa.exc.IntegrityError:
         # Another enrollment (perhaps on another operator sharing the database) won the race.
         raise RegistryError(409, f"the name {name!r} is taken in this domain") from None
 
 
-def thd_renew(engine, operator, node_id, timestamp, signature, now):
-    """A fresh Node record for an enrolled node that signed `renew_message` with its key."""
+def thd_renew(engine, operator, node_id, timestamp, signature, now,
+              grace_days=RENEW_GRACE_DAYS):
+    """A fresh Node record for an enrolled node that signed `renew_message` with its key:
+    while its record is current, and up to `grace_days` after it expired (403 after that,
+    with `expired` and `grace_days` in the details: the node enrolls again with a token)."""
     if abs(timestamp - now) > records.CLOCK_SKEW_MS:
         raise RegistryError(400, "the renewal timestamp is off by more than 60 seconds")
     with engine.begin() as connection:
@@ -161,11 +180,14 @@ def thd_renew(engine, operator, node_id, timestamp, signature, now):
             raise RegistryError(404, "no such node: enroll instead")
         if row.revoked:
             raise RegistryError(403, "this node is revoked")
-        if row.expires <= now:
-            raise RegistryError(403, "the Node record has expired: enroll again with a token")
         if not records.signature_holds(row.signing_key, signature,
                                        renew_message(node_id, timestamp)):
             raise RegistryError(401, "the renewal is not signed by the node's key")
+        if now - row.expires > grace_days * DAY_MS:
+            raise RegistryError(
+                403, f"the Node record expired {(now - row.expires) // DAY_MS} days ago, "
+                     f"beyond the {grace_days}-day grace for renewal: enroll again with a "
+                     f"token", expired=row.expires, grace_days=grace_days)
         signed = _sign_node(operator, row.domain, row.signing_key, row.agreement_key, row.name,
                             now)
         connection.execute(nodes.update().where(nodes.c.node_id == node_id).values(
