@@ -122,7 +122,7 @@ class CommandLineTests(SynchronousTestCase):
             self.assertIn(name, err)
         err = self.refused("operator", "device", "ad", "--name", "x")
         self.assertIn("unknown command 'ad'; the commands are: add, list, remove, pending, "
-                      "approve (see 'meshnode operator device --help')", err)
+                      "approve, dismiss (see 'meshnode operator device --help')", err)
 
     def test_usage_error_names_the_help_of_its_command(self):
         """A bad command line names the --help of the command it got to."""
