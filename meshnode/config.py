@@ -83,6 +83,17 @@ def parse_positive_int(text):
     return _parse_positive(text, int, "a whole number")
 
 
+def parse_days(text):
+    """A whole number of days, zero or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number of days") from None
+    if value < 0:
+        raise ValueError(f"{text!r} is below zero")
+    return value
+
+
 def parse_https_url(text):
     parsed = urllib.parse.urlsplit(text)
     if parsed.scheme != "https" or not parsed.hostname:
@@ -246,6 +257,10 @@ SETTINGS = {
     ("relay", "relayed-total"): parse_positive_int,
     ("operator", "enroll-listen"): parse_server_endpoint,
     ("operator", "replicas"): parse_replicas,
+    ("operator", "renew-grace-days"): parse_days,
+    ("operator", "pending-expiry-days"): parse_positive_int,
+    ("operator", "pending-per-location"): parse_positive_int,
+    ("operator", "pending-reports-per-minute"): parse_positive_int,
     ("dht", "quota"): parse_positive_int,
     ("rpc", "call-timeout"): parse_positive_float,
     ("rpc", "rate-limit"): parse_positive_int,
@@ -260,6 +275,10 @@ DEFAULTS = {
     "rate-burst": 4000,
     "enroll-listen": "ssl:8443",
     "replicas": 3,
+    "renew-grace-days": 90,
+    "pending-expiry-days": 7,
+    "pending-per-location": 256,
+    "pending-reports-per-minute": 12,
     "tunnel-port": 7401,
     "relay-port": 7402,
     "tunnels-per-node": 16,

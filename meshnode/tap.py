@@ -24,6 +24,7 @@ from meshnode.nat.upnp import PortMapper
 from meshnode.node import MeshNode
 from meshnode.records import Role
 from meshnode.roles.operator import OperatorService, OperatorSettings
+from meshnode.roles.operator.pending import PendingSettings
 from meshnode.roles.super import SuperService, SuperSettings
 from meshnode.roles.tunnel import Limits, TunnelService, TunnelSettings
 from meshnode.roles.user import UserService, UserSettings
@@ -268,7 +269,11 @@ def build_node(settings, reactor):
     if settings["operator"]:
         operator = OperatorService(core, OperatorSettings(
             enroll_listen=settings["enroll-listen"], replicas=settings["replicas"],
-            quota=settings["quota"]))
+            quota=settings["quota"], renew_grace_days=settings["renew-grace-days"],
+            pending=PendingSettings(
+                expiry_days=settings["pending-expiry-days"],
+                per_location=settings["pending-per-location"],
+                reports_per_minute=settings["pending-reports-per-minute"])))
         operator.setServiceParent(node)
         operator.partition.handover_observers.append(directory.handed_over)
         rpc.revocation_observers.append(operator.partition.revoked)

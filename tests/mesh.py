@@ -15,8 +15,10 @@ from meshnode.core.directory import DirectoryService
 from meshnode.core.identity import Enrollment, Identity
 from meshnode.records import Role
 from meshnode.roles.operator import directory, registry
+from meshnode.roles.operator.pending import Announcements, PendingReports, PendingSettings
+from meshnode.rpc.messages import Command
 from meshnode.nat.location import LAN
-from meshnode.rpc.service import RPCService
+from meshnode.rpc.service import RPCService, any_domain
 from meshnode.streams.tunnel_tls import NodeTLS
 from meshnode.core.schema import dht_records
 from tests.fakes import FakeNetwork, FakeReactor
@@ -150,6 +152,20 @@ class Mesh:
         service.startService()
         self._testcase.addCleanup(lambda: service.running and service.stopService())
         return service
+
+    def pending_reports(self, partition, settings=None):
+        """The operator's DEVICES_SEEN handler as OperatorService wires it: reports checked
+        against the NodeInfos `partition` (the operator's, see `partition()`), its store
+        and the placed super-nodes hold → the PendingReports."""
+        announcements = Announcements(rpc=self.operator.rpc, store=self.store,
+                                      partition=partition,
+                                      directory=self.directory_of(self.operator))
+        reports = PendingReports(store=self.store, clock=self.operator.reactor,
+                                 settings=settings or PendingSettings(),
+                                 node_info=announcements.node_info)
+        reports.announcements = announcements
+        self.operator.rpc.register(Command.DEVICES_SEEN, reports.devices_seen, any_domain)
+        return reports
 
     def directory_of(self, node, operator_address=None):
         """A started DirectoryService of `node`, caching Node records in a store of its own."""

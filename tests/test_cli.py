@@ -122,7 +122,7 @@ class CommandLineTests(SynchronousTestCase):
             self.assertIn(name, err)
         err = self.refused("operator", "device", "ad", "--name", "x")
         self.assertIn("unknown command 'ad'; the commands are: add, list, remove, pending, "
-                      "approve (see 'meshnode operator device --help')", err)
+                      "approve, dismiss (see 'meshnode operator device --help')", err)
 
     def test_usage_error_names_the_help_of_its_command(self):
         """A bad command line names the --help of the command it got to."""
@@ -461,6 +461,13 @@ class StatusTextTests(SynchronousTestCase):
             "rpc:         127.0.0.1:50535 (udp), NAT public, 4 peers",
             "super-nodes: 1 known, 1 replica per range",
             "super:       serving 0000-ffff, 4 records; relay port 36391, 0 open, 2 relayed"])
+
+    def test_expired_enrollment_says_so(self):
+        """A node whose Node record expired says when, and that it renews."""
+        out = self.status(node_status(enrolled=False, name=None, domain=None, expires=None,
+                                      expired=int(NOW * 1000) - 40 * DAY_MS))
+        self.assertIn("\nenrolled:    no: the Node record expired 2026-10-23T01:00:00Z "
+                      "(40 days ago) — renewing, see the log\n", out)
 
     def test_domain_name_shown_when_given(self):
         """With the status's domain_name the domain is its name with the id beside it."""

@@ -410,6 +410,21 @@ class RenewTests(_OperatorTestCase):
         status, reason = await self.refusal(client.renew(me, me.node_id, self.now_ms()))
         self.assertEqual((status, reason), (403, "this node is revoked"))
 
+    async def test_renewal_within_and_beyond_the_grace(self):
+        """40 days after the record expired the renewal is granted; 100 days after, 403
+        with the grace and the expiry for the node to say why."""
+        client = self.client()
+        me, first = await self.enrolled(client)
+        self.clock.advance((30 + 40) * 86_400)
+        answer = await client.renew(me, me.node_id, self.now_ms())
+        self.assertEqual(answer["expires"], self.now_ms() + 30 * 86_400_000)
+        self.clock.advance((30 + 100) * 86_400)
+        failure = await self.assertFailure(client.renew(me, me.node_id, self.now_ms()),
+                                           EnrollmentError)
+        self.assertEqual((failure.status, failure.details),
+                         (403, {"expired": answer["expires"], "grace_days": 90}))
+        self.assertIn("90-day grace", failure.reason)
+
     async def test_unknown_node_and_stale_timestamp(self):
         """An unknown node gets 404; a timestamp far from the operator's clock gets 400."""
         client = self.client()
@@ -419,6 +434,101 @@ class RenewTests(_OperatorTestCase):
         me, _ = await self.enrolled(client)
         status, _ = await self.refusal(client.renew(me, me.node_id, self.now_ms() - 120_000))
         self.assertEqual(status, 400)
+
+
+DAY_S = 86_400
+
+
+class LongAbsenceTests(_OperatorTestCase):
+    """A node stopped longer than its Node record's 30 days (Clock-driven, for the node and
+    the API alike), started again: IdentityService with the real client and API."""
+
+    def logged(self):
+        """The log messages from now on, as text."""
+        messages = []
+
+        def observe(event):
+            messages.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return messages
+
+    async def run_node(self, token=None, outcomes=1):
+        """IdentityService on the node's state directory, started at the API's clock; →
+        it, once it is enrolled or has had `outcomes` answers (bounded by the test's
+        timeout), stopped, and the actions it asked for; `self.scheduled`: what it had
+        scheduled on the clock then."""
+        done, seen = defer.Deferred(), []
+
+        def answered(result, action):
+            seen.append(action)
+            if len(seen) >= outcomes and not done.called:
+                done.callback(None)
+            # What the node schedules at once after the answer runs on the next turn.
+            self.reactor.callLater(0, self.clock.advance, 0)
+            return result
+
+        class Enroller(EnrollmentClient):
+            def _post(inner, action, body):
+                return super()._post(action, body).addBoth(answered, action)
+
+        client = Enroller(self.reactor, self.url, fingerprint=self.tls.fingerprint)
+        self.addCleanup(client.close)
+        node = identity.IdentityService(state_dir=self.node_dir, clock=self.clock,
+                                        enroller=client, token=token, name="laptop")
+        node.observers.append(lambda enrollment: done.called or done.callback(None))
+        node.startService()
+        self.clock.advance(0)
+        await done
+        self.scheduled = [call for call in self.clock.getDelayedCalls() if call.active()]
+        await node.stopService()
+        return node, seen
+
+    async def setUp(self):
+        await super().setUp()
+        self.node_dir = self.mktemp()
+        node, actions = await self.run_node(token=self.token)
+        self.assertEqual((node.enrollment.enrolled, actions), (True, ["enroll"]))
+        self.first = node.enrollment.node.record
+
+    async def test_stopped_40_days_renews_without_a_token(self):
+        """Started again 40 days on (its record expired 10 days ago) and with no token, the
+        node renews with its key: a record issued now, the token's uses untouched."""
+        uses = self.uses_left(self.token)
+        self.clock.advance(40 * DAY_S)
+        node, actions = await self.run_node()
+        self.assertEqual(actions, ["renew"])
+        self.assertTrue(node.enrollment.enrolled)
+        record = node.enrollment.node.record
+        self.assertEqual((record.node_id, record.name, record.issued),
+                         (self.first.node_id, "laptop", self.now_ms()))
+        self.assertEqual(self.uses_left(self.token), uses)
+        reloaded = identity.load_enrollment(self.node_dir, node.identity, self.now_ms())
+        self.assertEqual(reloaded.node.record, record)
+
+    async def test_expired_100_days_ago_is_told_to_enroll_again(self):
+        """100 days after its record expired the operator refuses the renewal; the node says
+        so in one line, and without a token it asks nothing more."""
+        messages = self.logged()
+        self.clock.advance((30 + 100) * DAY_S)
+        node, actions = await self.run_node()
+        self.assertEqual(actions, ["renew"])
+        self.assertFalse(node.enrollment.enrolled)
+        self.assertIn("enrollment expired 100 days ago, beyond the operator's 90-day grace: "
+                      "enroll again with a token (`meshnode join …`)", messages)
+        self.assertEqual(self.scheduled, [])  # no retry: only a person can help now
+
+    async def test_beyond_the_grace_a_new_token_enrolls_the_same_keys(self):
+        """Given a token then (as `meshnode join` writes it), the node is refused the
+        renewal, then enrolls with the token, keeping its keys and name."""
+        self.clock.advance((30 + 100) * DAY_S)
+        token = self.new_token()
+        node, actions = await self.run_node(token=token, outcomes=2)
+        self.assertEqual(actions, ["renew", "enroll"])
+        self.assertTrue(node.enrollment.enrolled)
+        self.assertEqual((node.enrollment.node.record.node_id, self.uses_left(token)),
+                         (self.first.node_id, 0))
 
 
 class ClientTests(_OperatorTestCase):

@@ -123,10 +123,23 @@ class EnrollmentTests(SynchronousTestCase):
         self.assertFalse(self.load().enrolled)
 
     def test_expired_bundle_does_not_enroll(self):
-        """An expired Node record does not enroll."""
+        """An expired Node record does not enroll, but is kept to renew from."""
         self.install(self.sign(self.me, days=1))
         self.clock.advance(2 * 86400)
-        self.assertFalse(self.load().enrolled)
+        enrollment = self.load()
+        self.assertFalse(enrollment.enrolled)
+        self.assertEqual((enrollment.expired.record.name, enrollment.expired.record.expires),
+                         ("alice", (NOW_S + 86400) * 1000))
+
+    def test_expired_bundle_for_other_keys_is_not_kept(self):
+        """An expired record of other keys, or a damaged one, is not kept to renew from."""
+        self.install(self.sign(identity.Identity.generate(), days=1))
+        self.clock.advance(2 * 86400)
+        self.assertIsNone(self.load().expired)
+        bundle = bytearray(self.sign(self.me, days=1))
+        bundle[-1] ^= 1
+        self.install(bytes(bundle))
+        self.assertIsNone(self.load().expired)
 
     def test_corrupt_bundle_does_not_enroll(self):
         """A damaged enrollment file is not used."""

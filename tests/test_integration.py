@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 from meshnode.cli import main as cli
 from meshnode.core.identity import IdentityService
 from meshnode.rpc.messages import Command, Ping
-from meshnode.rpc.service import RPCService
+from meshnode.rpc.service import RESTART_SKEW_MS, RPCService
 from tests.nodes import Network, meshnode_command, run_command
 
 DOMAIN = 0x00020001
@@ -227,3 +227,56 @@ class RobustnessTests(TestCase):
             self.assertGreater(after["drops"].get(reason, 0), 0, reason)
         rtt = yield rpc.ping(peer, address)
         self.assertGreater(rtt, 0)
+
+
+class RestartReplayTests(TestCase):
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def _counted(self, node, done, what, seconds=10):
+        """`node`'s status once `done(status)` holds; fails after `seconds` naming `what`."""
+        deadline = reactor.seconds() + seconds
+        while True:
+            status = yield node.status()
+            if done(status):
+                return status
+            if reactor.seconds() > deadline:
+                self.fail(f"{what} not counted within {seconds} s: drops {status['drops']}, "
+                          f"accepted {status['accepted']}")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_datagrams_captured_before_a_restart_are_dropped_after_it(self):
+        """Sealed Pings a node took over real UDP, sent again from a raw socket after it
+        restarted (same identity, fresh replay windows), are dropped as replays; a fresh Ping
+        from the same sender is answered."""
+        network = Network(self)
+        state_dir = network.enroll("target", DOMAIN)
+        target = yield network.start(state_dir)
+        identity_service = IdentityService(state_dir=network.enroll("sender", DOMAIN),
+                                           clock=reactor)
+        rpc = RPCService(identity=identity_service, reactor=reactor, interface="127.0.0.1")
+        identity_service.startService()
+        rpc.startService()
+        self.addCleanup(rpc.stopService)
+        address = ("127.0.0.1", target.port)
+        peer = yield rpc.fetch_node(address)
+        yield rpc.ping(peer, address)
+        captured = [rpc._seal(peer, Command.PING, 0, Ping(b"captured %d" % i).encode())[1]
+                    for i in range(3)]
+        _send_all(captured, address)
+        yield self._counted(target, lambda s: s["accepted"].get("PING", 0) >= 4,
+                            "the captured Pings")
+        # Past the skew a restarted node allows for: captured well before it starts again.
+        yield task.deferLater(reactor, RESTART_SKEW_MS / 1000 + 0.5, lambda: None)
+        yield target.stop()
+        target = yield network.start(state_dir)
+        address = ("127.0.0.1", target.port)
+        rtt = yield rpc.ping(peer, address)
+        self.assertGreater(rtt, 0)
+        _send_all(captured, address)
+        status = yield self._counted(target, lambda s: s["drops"].get("replay", 0) >= 3,
+                                     "three replays")
+        self.assertEqual(status["drops"]["replay"], 3)
+        self.assertEqual(status["accepted"].get("PING", 0), 1)
+        self.assertGreater((yield rpc.ping(peer, address)), 0)

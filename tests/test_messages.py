@@ -114,9 +114,11 @@ class MessageRoundTripTests(SynchronousTestCase):
         self.round_trip(GetNodeInfo(name=name))
 
     def test_get_node_info_takes_one_key(self):
-        """GetNodeInfo takes exactly one of a node id and a name."""
+        """GetNodeInfo takes exactly one of a node id and a name; a domain only with an id."""
         self.assertRaises(ValueError, GetNodeInfo)
         self.assertRaises(ValueError, GetNodeInfo, bytes(32), "alice")
+        self.assertRaises(ValueError, GetNodeInfo, name="alice", domain=7)
+        self.round_trip(GetNodeInfo(node_id=bytes(range(32)), domain=0xFFFFFFFF))
 
     def test_node_info_record_round_trips(self):
         """NodeInfoRecord carries a Node record and a NodeInfo, or neither (as no bytes)."""
@@ -213,6 +215,7 @@ def _samples():
         SuperNodes(1, [_operator_record(Identity.generate())], 3),
         PutRecord(info), Stored(2, "the domain's quota is full"),
         GetNodeInfo(node_id=bytes(range(32))), GetNodeInfo(name="alice"),
+        GetNodeInfo(node_id=bytes(range(32)), domain=0x0A1B2C3D),
         NodeInfoRecord(node, info), YouAre(Endpoint("192.0.2.7", 4000)),
         YouAre(Endpoint("2001:db8::7", 4000)),
         SubmitSuperNode(0x10, 0x7FFF, Endpoint("192.0.2.7", 4000)),
@@ -261,10 +264,11 @@ class MalformedPayloadTests(SynchronousTestCase):
                          TransferPartition(9, 9))
 
     def test_bad_lookup_kind_refused(self):
-        """GetNodeInfo with a lookup kind other than 1 (id) or 2 (name) is refused."""
+        """GetNodeInfo with a lookup kind other than 1 (id), 2 (name) or 3 (domain and id)
+        is refused."""
         by_id = GetNodeInfo(node_id=bytes(32)).encode()
         by_name = GetNodeInfo(name="alice").encode()
-        for kind in (0, 3, 255):
+        for kind in (0, 4, 255):
             self.assertRaises(DecodeError, GetNodeInfo.decode, bytes([kind]) + by_id[1:])
             self.assertRaises(DecodeError, GetNodeInfo.decode, bytes([kind]) + by_name[1:])
         # the kind is what decides how the rest is read

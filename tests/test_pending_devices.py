@@ -12,7 +12,11 @@ import os
 import sys
 import time
 
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshnode import records
@@ -21,16 +25,23 @@ from meshnode.cli import main as cli
 from meshnode.cli import show
 
 from meshnode.core import store
+from meshnode.core.schema import dismissed_devices
 from meshnode.core.identity import Identity
 from meshnode.nat.location import Location, location_id_for
 from meshnode.roles.operator import registry, signing
 from meshnode.roles.operator.registry import RegistryError
 from meshnode.nat.location import LAN
 from meshnode.roles.tunnel import TunnelService, TunnelSettings
-from meshnode.rpc.messages import DEVICES_SEEN_LIMIT, DevicesSeen, Stored
+from meshnode.core.dht import Entry, PartitionService, PutResult, thd_save
+from meshnode.records import NatBehaviour, Role
+from meshnode.roles.operator.pending import LOOKUP_TIMEOUT, PendingSettings
+from meshnode.rpc.messages import (DEVICES_SEEN_LIMIT, Command, DevicesSeen, GetNodeInfo,
+                                   NodeInfoRecord, PutRecord, Stored)
+from meshnode.wire import Endpoint
 from meshnode.wire import DecodeError
 from tests import postgres
-from tests.mesh import Mesh
+from tests.mesh import Mesh, StoreStandIn
+from tests.test_directory import answer_node_info, place
 
 NOW = 1_800_000_000_000
 HERE = hashlib.sha256(b"the office LAN").digest()
@@ -42,8 +53,18 @@ CAMERA = bytes.fromhex("02000000a002")
 PHONE = bytes.fromhex("02000000a003")
 
 
+DAY_MS = 86_400_000
+
+
 def mac(n):
     return bytes([2, 0, 0, 1, n >> 8, n & 0xFF])
+
+
+def registry_dismissals(engine):
+    """The dismissed MACs as (MAC, until), in MAC order."""
+    with engine.connect() as connection:
+        return [(row.mac, row.until) for row in connection.execute(
+            sa.select(dismissed_devices).order_by(dismissed_devices.c.mac))]
 
 
 # -- the registry --------------------------------------------------------------------------
@@ -63,9 +84,10 @@ class PendingRegistryTestsMixin:
         self.acme = registry.thd_create_domain(self.engine, "acme", NOW)
         self.globex = registry.thd_create_domain(self.engine, "globex", NOW)
 
-    def seen(self, devices, domain=None, location_id=HERE, seen_by=SEEN_BY, now=NOW):
+    def seen(self, devices, domain=None, location_id=HERE, seen_by=SEEN_BY, now=NOW,
+             **bounds):
         return registry.thd_devices_seen(self.engine, domain or self.acme, location_id, seen_by,
-                                         devices, now)
+                                         devices, now, **bounds)
 
     def pending(self, domain_name=None):
         """The pending rows as (domain name, MAC, address, location, seen by, first, last)."""
@@ -156,6 +178,130 @@ class PendingRegistryTestsMixin:
                          [(mac(1).hex(":"), "192.168.1.101"), (mac(2).hex(":"), "192.168.1.2"),
                           (mac(3).hex(":"), "192.168.1.3")])
         self.assertEqual(self.seen([(mac(9), "172.16.0.9")], domain=self.globex), 1)
+
+    # -- expiry, the bound per location, dismissal ---------------------------------------
+
+    def listed(self, now, domain_name="acme"):
+        """The MACs listed (as hex) at `now`."""
+        return [row["mac"] for row in registry.thd_pending_devices(self.engine, domain_name,
+                                                                    now)]
+
+    def test_reports_expire_after_a_week_unless_seen_again(self):
+        """A device not reported again for 7 days is no longer listed or approved; one
+        reported again stays 7 days from its last report; reported after it expired, a
+        device is new again."""
+        self.seen([(PRINTER, "192.168.1.20"), (CAMERA, "192.168.1.21")])
+        self.seen([(CAMERA, "192.168.1.21")], now=NOW + 6 * DAY_MS)
+        week = NOW + 7 * DAY_MS
+        self.assertEqual(self.listed(week - 1), [PRINTER.hex(":"), CAMERA.hex(":")])
+        self.assertEqual(self.listed(week), [CAMERA.hex(":")])
+        self.refused(404, registry.thd_approve_device, self.engine, self.operator, "acme",
+                     PRINTER, "printer", [631], week)
+        self.assertEqual(self.listed(NOW + 13 * DAY_MS - 1), [CAMERA.hex(":")])
+        self.assertEqual(self.listed(NOW + 13 * DAY_MS), [])
+        self.assertEqual(self.seen([(PRINTER, "192.168.1.20")], now=week), 1)
+        self.assertEqual(self.pending(), [
+            self.row(PRINTER, "192.168.1.20", first=week, last=week),
+            self.row(CAMERA, "192.168.1.21", last=NOW + 6 * DAY_MS)])
+
+    def test_expiry_is_the_operators_choice(self):
+        """With an expiry of one day a report is listed for a day."""
+        self.seen([(PRINTER, "192.168.1.20")], expiry_days=1)
+        self.assertEqual(self.listed(NOW + DAY_MS - 1), [PRINTER.hex(":")])
+        self.assertEqual(self.listed(NOW + DAY_MS), [])
+
+    def test_pending_bound_per_location(self):
+        """At most `per_location` pending at a location: further new MACs there are not
+        kept, those pending are still refreshed, another location has room of its own, and
+        expired ones make room again."""
+        self.assertEqual(self.seen([(mac(i), f"192.168.1.{i}") for i in range(1, 6)],
+                                   per_location=3), 3)
+        self.assertEqual(self.seen([(mac(1), "192.168.1.101"), (mac(9), "192.168.1.9")],
+                                   per_location=3, now=NOW + 1), 0)
+        self.assertEqual([(row[1], row[2]) for row in self.pending()],
+                         [(mac(1).hex(":"), "192.168.1.101"), (mac(2).hex(":"), "192.168.1.2"),
+                          (mac(3).hex(":"), "192.168.1.3")])
+        self.assertEqual(self.seen([(mac(9), "10.0.0.9")], location_id=THERE, per_location=3),
+                         1)
+        self.assertEqual(self.seen([(mac(4), "192.168.1.4"), (mac(5), "192.168.1.5")],
+                                   per_location=3, now=NOW + 7 * DAY_MS + 1), 2)
+
+    def test_bound_per_location_default(self):
+        """By default a location holds PENDING_PER_LOCATION pending devices."""
+        count = registry.PENDING_PER_LOCATION + 4
+        self.assertEqual(self.seen([(mac(i), "192.168.1.1") for i in range(count)]),
+                         registry.PENDING_PER_LOCATION)
+
+    def dismiss(self, device, now=NOW + 10, domain_name="acme", **days):
+        return registry.thd_dismiss_device(self.engine, domain_name, device, now, **days)
+
+    def test_dismissed_mac_not_kept_for_30_days(self):
+        """A dismissed device leaves the list; reports of it in that domain are not kept for
+        30 days, then they are again; another domain's reports of that MAC are kept."""
+        self.seen([(PRINTER, "192.168.1.20"), (CAMERA, "192.168.1.21")])
+        self.assertEqual(self.dismiss(PRINTER), {
+            "domain": self.acme, "domain_name": "acme", "mac": PRINTER.hex(":"),
+            "was_pending": True, "until": NOW + 10 + 30 * DAY_MS})
+        self.assertEqual(self.pending(), [self.row(CAMERA, "192.168.1.21")])
+        self.assertEqual(self.seen([(PRINTER, "192.168.1.20")], now=NOW + 29 * DAY_MS), 0)
+        self.assertEqual(self.seen([(PRINTER, "172.16.0.9")], domain=self.globex), 1)
+        self.assertEqual(self.listed(NOW + 29 * DAY_MS), [])
+        self.assertEqual(self.seen([(PRINTER, "192.168.1.20")], now=NOW + 10 + 30 * DAY_MS), 1)
+        self.assertEqual(self.listed(NOW + 10 + 30 * DAY_MS), [PRINTER.hex(":")])
+
+    def test_dismiss_for_days_or_end_it(self):
+        """--days sets how long; 0 ends a dismissal, and the next report lists it again."""
+        self.seen([(PRINTER, "192.168.1.20")])
+        self.assertEqual(self.dismiss(PRINTER, days=2)["until"], NOW + 10 + 2 * DAY_MS)
+        self.assertEqual(self.seen([(PRINTER, "192.168.1.20")], now=NOW + DAY_MS), 0)
+        self.assertEqual(self.dismiss(PRINTER, now=NOW + DAY_MS, days=0), {
+            "domain": self.acme, "domain_name": "acme", "mac": PRINTER.hex(":"),
+            "was_pending": False, "until": None})
+        self.assertEqual(self.seen([(PRINTER, "192.168.1.20")], now=NOW + DAY_MS), 1)
+
+    def test_dismiss_unknown_refused(self):
+        """Dismissing a MAC neither pending nor dismissed there, or in an unknown domain, is
+        refused with 404 and writes nothing."""
+        self.seen([(PRINTER, "172.16.0.9")], domain=self.globex)
+        self.assertIn(PRINTER.hex(":"), self.refused(404, self.dismiss, PRINTER))
+        self.refused(404, self.dismiss, PRINTER, domain_name="nope")
+        self.assertEqual(registry_dismissals(self.engine), [])
+        self.assertEqual(self.pending(), [self.row(PRINTER, "172.16.0.9", "globex")])
+
+    def test_registering_ends_a_dismissal(self):
+        """A dismissed MAC registered with `device add` and removed again is reported as new:
+        the registration ended the dismissal."""
+        self.seen([(PRINTER, "192.168.1.20")])
+        self.dismiss(PRINTER)
+        registry.thd_add_device(self.engine, self.operator, "acme", "printer", PRINTER, None,
+                                None, HERE, [631], NOW + 20)
+        registry.thd_remove_device(self.engine, "acme", "printer")
+        self.assertEqual(registry_dismissals(self.engine), [])
+        self.assertEqual(self.seen([(PRINTER, "192.168.1.20")], now=NOW + 30), 1)
+
+    def test_rows_reported_before_expire_a_week_after_last_seen(self):
+        """A database at revision 0005 with a pending row, migrated: the row expires 7 days
+        after it was last seen, and no MAC is dismissed."""
+        engine = sa.create_engine(self.make_url())
+        self.addCleanup(engine.dispose)
+        with engine.begin() as connection:
+            config = Config()
+            config.set_main_option("script_location", store.MIGRATIONS)
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0005")
+        with engine.begin() as connection:
+            connection.execute(sa.text(
+                "INSERT INTO pending_devices (domain, mac, location_id, address, seen_by, "
+                "first_seen, last_seen) VALUES (7, :mac, :here, '10.0.0.1', :by, 5, 60)"),
+                {"mac": PRINTER, "here": HERE, "by": SEEN_BY})
+        engine.dispose()
+        migrated = store.open_engine(engine.url.render_as_string(hide_password=False))
+        self.addCleanup(migrated.dispose)
+        with migrated.connect() as connection:
+            self.assertEqual(connection.execute(sa.text(
+                "SELECT mac, last_seen, expires FROM pending_devices")).all(),
+                [(PRINTER, 60, 60 + 7 * DAY_MS)])
+        self.assertEqual(registry_dismissals(migrated), [])
 
     # -- thd_pending_devices -------------------------------------------------------------
 
@@ -282,44 +428,114 @@ class DevicesSeenCodecTests(SynchronousTestCase):
             self.assertRaises(DecodeError, DevicesSeen.decode, payload)
 
 
+def announce(mesh, node, locations, roles=Role.USER | Role.TUNNEL, to=None):
+    """`node` puts a NodeInfo announcing `roles` at `locations` to `to`'s DHT partition (the
+    operator's by default), as its reachability service would."""
+    info = node.identity.sign(records.NodeInfo(
+        node.rpc.domain, node.node_id, [Endpoint(node.host, node.rpc.port)], node.rpc.port,
+        (), NatBehaviour.UNKNOWN, tuple(locations), roles, node.rpc.now_ms()))
+    answer = mesh.ask(node, PutRecord(info), Stored, to)
+    assert answer.result == PutResult.STORED, answer
+    return info
+
+
 class DevicesSeenHandlerTests(SynchronousTestCase):
-    """The operator's DEVICES_SEEN handler on tests.mesh."""
+    """The operator's DEVICES_SEEN handler on tests.mesh, the operator serving every
+    partition key: reports of tunnel-nodes announcing the location are kept."""
+
+    settings = PendingSettings()
 
     def setUp(self):
         self.mesh = Mesh(self)
+        self.partition = self.mesh.partition()
+        self.reports = self.mesh.pending_reports(self.partition, self.settings)
         self.tunnel = self.mesh.user("tunnel1", "acme")
+        announce(self.mesh, self.tunnel, [HERE])
 
     def pending(self, domain_name=None):
         return [(row["domain_name"], row["mac"], row["address"], row["location_id"],
                  row["seen_by"])
                 for row in registry.thd_pending_devices(self.mesh.engine, domain_name)]
 
+    def report(self, node, location=HERE, devices=((PRINTER, "192.168.1.20"),)):
+        return self.mesh.ask(node, DevicesSeen(location, list(devices)), Stored)
+
+    def assertRefused(self, answer, reason, counted):
+        self.assertEqual(answer.result, PutResult.REFUSED)
+        self.assertIn(reason, answer.reason)
+        self.assertEqual(self.reports.counts[counted], 1)
+        self.assertEqual(self.pending(), [])
+
     def test_kept_under_the_senders_domain(self):
         """The rows are the sender's domain's, with its node id and the location it named."""
         stranger = self.mesh.user("carol", "globex")
-        answer = self.mesh.ask(self.tunnel, DevicesSeen(HERE, [(PRINTER, "192.168.1.20"),
-                                                               (CAMERA, "192.168.1.21")]),
-                               Stored)
+        announce(self.mesh, stranger, [THERE, HERE])
+        answer = self.report(self.tunnel, devices=[(PRINTER, "192.168.1.20"),
+                                                   (CAMERA, "192.168.1.21")])
         self.assertEqual(answer, Stored(0, "2 new"))
-        self.assertEqual(self.mesh.ask(stranger, DevicesSeen(THERE, [(PHONE, "10.0.0.9")]),
-                                       Stored), Stored(0, "1 new"))
+        self.assertEqual(self.report(stranger, THERE, [(PHONE, "10.0.0.9")]),
+                         Stored(0, "1 new"))
         tunnel, carol = self.tunnel.node_id.hex(), stranger.node_id.hex()
         self.assertEqual(self.pending(), [
             ("acme", PRINTER.hex(":"), "192.168.1.20", HERE.hex(), tunnel),
             ("acme", CAMERA.hex(":"), "192.168.1.21", HERE.hex(), tunnel),
             ("globex", PHONE.hex(":"), "10.0.0.9", THERE.hex(), carol)])
+        self.assertEqual(self.reports.counts["kept"], 2)
 
     def test_registered_and_known_are_not_new(self):
         """A registered MAC is skipped and one reported before is not new."""
-        self.mesh.ask(self.tunnel, DevicesSeen(HERE, [(CAMERA, "192.168.1.21")]), Stored)
+        self.report(self.tunnel, devices=[(CAMERA, "192.168.1.21")])
         registry.thd_add_device(self.mesh.engine, self.mesh.me, "acme", "printer", PRINTER,
                                 None, None, HERE, [631], self.tunnel.rpc.now_ms())
-        answer = self.mesh.ask(self.tunnel, DevicesSeen(HERE, [(PRINTER, "192.168.1.20"),
-                                                               (CAMERA, "192.168.1.22")]),
-                               Stored)
+        answer = self.report(self.tunnel, devices=[(PRINTER, "192.168.1.20"),
+                                                   (CAMERA, "192.168.1.22")])
         self.assertEqual(answer, Stored(0, "0 new"))
         self.assertEqual([row[1:3] for row in self.pending()],
                          [(CAMERA.hex(":"), "192.168.1.22")])
+
+    def test_node_that_announced_nothing_is_refused(self):
+        """A node of the domain with no NodeInfo (a laptop) is answered REFUSED: nothing is
+        kept."""
+        laptop = self.mesh.user("laptop", "acme")
+        self.assertRefused(self.report(laptop), "tunnel role", "not_tunnel_node")
+
+    def test_node_without_the_tunnel_role_is_refused(self):
+        """A node whose NodeInfo announces the location but not the tunnel role is refused."""
+        laptop = self.mesh.user("laptop", "acme")
+        announce(self.mesh, laptop, [HERE], roles=Role.USER)
+        self.assertRefused(self.report(laptop), "tunnel role", "not_tunnel_node")
+
+    def test_tunnel_node_of_another_location_is_refused(self):
+        """A tunnel-node reporting a location its NodeInfo does not announce is refused."""
+        self.assertRefused(self.report(self.tunnel, THERE), "that location", "not_at_location")
+
+    def test_newest_announcement_counts(self):
+        """A tunnel-node that announces the location later has its next report kept."""
+        self.assertRefused(self.report(self.tunnel, THERE), "that location", "not_at_location")
+        self.mesh.advance(1)
+        announce(self.mesh, self.tunnel, [HERE, THERE])
+        self.assertEqual(self.report(self.tunnel, THERE), Stored(0, "1 new"))
+
+    def test_expired_announcement_is_refused(self):
+        """Once its NodeInfo has expired (15 minutes) a silent tunnel-node is refused."""
+        self.mesh.advance(records.NODE_INFO_LIFETIME_MS / 1000)
+        self.assertRefused(self.report(self.tunnel), "tunnel role", "not_tunnel_node")
+
+    def test_reports_per_minute_per_reporter(self):
+        """A reporter gets reports_per_minute in a burst, then one every 60/rate seconds;
+        another reporter is not held back."""
+        rate = self.settings.reports_per_minute
+        answers = [self.report(self.tunnel) for _ in range(rate + 1)]
+        self.assertEqual([answer.result for answer in answers],
+                         [PutResult.STORED] * rate + [PutResult.REFUSED])
+        self.assertIn(f"at most {rate} a minute", answers[-1].reason)
+        self.assertEqual(self.reports.counts["rate_limited"], 1)
+        other = self.mesh.user("tunnel2", "acme")
+        announce(self.mesh, other, [HERE])
+        self.assertEqual(self.report(other).result, PutResult.STORED)
+        self.mesh.advance(60 / rate)
+        self.assertEqual(self.report(self.tunnel).result, PutResult.STORED)
+        self.assertEqual(self.report(self.tunnel).result, PutResult.REFUSED)
 
     def test_report_with_a_bad_address_dropped(self):
         """A report whose address is not IPv4 text is dropped unanswered; nothing is kept."""
@@ -336,9 +552,142 @@ class DevicesSeenHandlerTests(SynchronousTestCase):
     def test_a_full_report_fits_a_datagram(self):
         """DEVICES_SEEN_LIMIT devices at the longest IPv4 addresses go in one request."""
         devices = [(mac(i), f"255.255.255.{200 + i}") for i in range(DEVICES_SEEN_LIMIT)]
-        self.assertEqual(self.mesh.ask(self.tunnel, DevicesSeen(HERE, devices), Stored),
+        self.assertEqual(self.report(self.tunnel, devices=devices),
                          Stored(0, f"{DEVICES_SEEN_LIMIT} new"))
         self.assertEqual(len(self.pending("acme")), DEVICES_SEEN_LIMIT)
+
+
+class BoundedReportsTests(DevicesSeenHandlerTests):
+    """The same, with an operator's own bounds: two pending per location, one day."""
+
+    settings = PendingSettings(per_location=2, expiry_days=1, reports_per_minute=3)
+
+    def test_a_full_report_fits_a_datagram(self):
+        """Of a full report only `per_location` are kept."""
+        devices = [(mac(i), f"255.255.255.{200 + i}") for i in range(DEVICES_SEEN_LIMIT)]
+        self.assertEqual(self.report(self.tunnel, devices=devices), Stored(0, "2 new"))
+
+    def test_kept_under_the_senders_domain(self):
+        """Reports expire after the operator's expiry_days."""
+        self.report(self.tunnel)
+        now = self.mesh.operator.rpc.now_ms()
+        self.assertEqual(len(registry.thd_pending_devices(self.mesh.engine, "acme",
+                                                          now + DAY_MS - 1)), 1)
+        self.assertEqual(registry.thd_pending_devices(self.mesh.engine, "acme",
+                                                      now + DAY_MS), [])
+
+
+class ReporterLookupTests(SynchronousTestCase):
+    """Where the operator finds a reporter's NodeInfo when its own partition does not hold
+    it: the store (another operator on the database put it there), or the super-nodes
+    placed on the reporter's range, asked with GetNodeInfo naming the domain."""
+
+    def setUp(self):
+        self.mesh = Mesh(self)
+        self.partition = self.mesh.partition()
+        self.reports = self.mesh.pending_reports(self.partition)
+        self.tunnel = self.mesh.user("tunnel1", "acme")
+        self.key = records.partition_of(self.tunnel.rpc.domain)
+
+    def report(self):
+        return self.mesh.ask(self.tunnel, DevicesSeen(HERE, [(PRINTER, "192.168.1.20")]),
+                             Stored)
+
+    def found(self):
+        return dict(self.reports.announcements.found)
+
+    def test_in_the_store(self):
+        """A NodeInfo another operator sharing the store kept is found there."""
+        info = self.tunnel.identity.sign(tunnel_info(self.tunnel, [HERE]))
+        thd_save(self.mesh.engine, Entry(self.tunnel.rpc.own_node, info))
+        self.assertEqual(self.report(), Stored(0, "1 new"))
+        self.assertEqual(self.found(), {"store": 1})
+
+    def super_node(self, name, **placed):
+        """A mesh node of another domain serving every key as a DHT replica, placed on the
+        tunnel's range in the operator's store; the operator serves the others only."""
+        node = self.mesh.user(name, "infra")
+        service = PartitionService(rpc=node.rpc, store=StoreStandIn(self), clock=node.reactor)
+        service.serve([(0, 0xFFFF)])
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        place(self.mesh, node, self.key, self.key, **placed)
+        self.partition.serve([r for r in ((0, self.key - 1), (self.key + 1, 0xFFFF))
+                              if r[0] <= r[1]])
+        return node
+
+    def test_at_the_super_nodes(self):
+        """With the tunnel's range served by placed super-nodes, the operator asks them; one
+        that withholds the answer and one that forges it do not decide: the genuine one
+        does."""
+        honest = self.super_node("east")
+        announce(self.mesh, self.tunnel, [HERE], to=honest)
+        withholding = self.super_node("west")
+        answer_node_info(withholding, NodeInfoRecord())
+        liar = self.super_node("north")
+        answer_node_info(liar, NodeInfoRecord(self.tunnel.rpc.own_node, liar.identity.sign(
+            tunnel_info(self.tunnel, [THERE]))))
+        self.assertEqual(self.report(), Stored(0, "1 new"))
+        self.assertEqual(self.found(), {"super_nodes": 1})
+
+    def test_newest_of_the_store_and_the_super_nodes(self):
+        """An older NodeInfo left in the store (from when the operator served the range)
+        does not hide the newer one the super-nodes hold."""
+        old = self.tunnel.identity.sign(tunnel_info(self.tunnel, [THERE]))
+        thd_save(self.mesh.engine, Entry(self.tunnel.rpc.own_node, old))
+        east = self.super_node("east")
+        self.mesh.advance(1)
+        announce(self.mesh, self.tunnel, [HERE], to=east)
+        self.assertEqual(self.report(), Stored(0, "1 new"))
+        self.assertEqual(self.found(), {"super_nodes": 1})
+
+    def test_silent_super_node_is_waited_for_briefly(self):
+        """A placed super-node that does not answer holds the report for LOOKUP_TIMEOUT
+        at most: the reporter, whose call times out later, still gets its answer."""
+        east = self.super_node("east")
+        announce(self.mesh, self.tunnel, [HERE], to=east)
+        silent = self.super_node("west")
+        silent.rpc.unregister(Command.GET_NODE_INFO)
+        peer = self.tunnel.rpc.learn(self.mesh.operator.rpc.own_node)
+        d = self.tunnel.rpc.call(peer, self.mesh.operator.address,
+                                 DevicesSeen(HERE, [(PRINTER, "192.168.1.20")]), Stored)
+        self.mesh.network.flush()
+        self.assertNoResult(d)
+        self.mesh.advance(LOOKUP_TIMEOUT + 0.2)
+        self.mesh.network.flush()
+        self.assertEqual(self.successResultOf(d), Stored(0, "1 new"))
+
+    def test_forged_answers_alone_refuse(self):
+        """When only a forging super-node answers, the report is refused."""
+        liar = self.super_node("north")
+        answer_node_info(liar, NodeInfoRecord(self.tunnel.rpc.own_node, liar.identity.sign(
+            tunnel_info(self.tunnel, [HERE]))))
+        answer = self.report()
+        self.assertEqual(answer.result, PutResult.REFUSED)
+        self.assertEqual(self.found(), {"nowhere": 1})
+
+    def test_super_nodes_answer_operators_of_any_domain_only(self):
+        """A replica answers GetNodeInfo naming another domain for an operator, and drops it
+        from anyone else."""
+        east = self.super_node("east")
+        announce(self.mesh, self.tunnel, [HERE], to=east)
+        request = GetNodeInfo(node_id=self.tunnel.node_id, domain=self.tunnel.rpc.domain)
+        answer = self.mesh.ask(self.mesh.operator, request, NodeInfoRecord, to=east)
+        self.assertEqual(answer.info.record.locations, (HERE,))
+        stranger = self.mesh.user("mallory", "globex")
+        peer = stranger.rpc.learn(east.rpc.own_node)
+        d = stranger.rpc.call(peer, east.address, request, NodeInfoRecord)
+        self.mesh.network.flush()
+        self.assertNoResult(d)
+        self.assertEqual(east.rpc.drops["not_allowed"], 1)
+        d.cancel()
+        self.failureResultOf(d)
+
+
+def tunnel_info(node, locations):
+    return records.NodeInfo(node.rpc.domain, node.node_id, [Endpoint(node.host, node.rpc.port)],
+                            node.rpc.port, (), NatBehaviour.UNKNOWN, tuple(locations),
+                            Role.USER | Role.TUNNEL, node.rpc.now_ms())
 
 
 # -- the tunnel-node ---------------------------------------------------------------------
@@ -370,6 +719,8 @@ class TunnelTestCase(SynchronousTestCase):
     def setUp(self):
         self.mesh = mesh = Mesh(self)
         self.node = mesh.user("tunnel1")
+        mesh.pending_reports(mesh.partition())
+        announce(mesh, self.node, [OFFICE.location_id, WIFI.location_id])
         registry.thd_add_device(mesh.engine, mesh.me, "acme", "scanner", SCANNER, None, None,
                                 OFFICE.location_id, [80], self.node.rpc.now_ms())
         self.neighbours = ""  # nothing seen while starting: report_devices is what we test
@@ -426,6 +777,24 @@ class TunnelReportTests(TunnelTestCase):
             ("acme", PRINTER.hex(":"), "192.168.1.31", OFFICE.location_id.hex(), me),
             ("acme", CAMERA.hex(":"), "192.168.1.32", OFFICE.location_id.hex(), me),
             ("acme", PHONE.hex(":"), "10.9.0.7", WIFI.location_id.hex(), me)]))
+
+    def test_refused_report_is_logged(self):
+        """Announcing the office alone now, the tunnel-node has its office devices kept; the
+        operator's refusal of the Wi-Fi LAN's is in its log, with the reason."""
+        messages = []
+
+        def observe(event):
+            messages.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        self.mesh.advance(1)
+        announce(self.mesh, self.node, [OFFICE.location_id])
+        self.report()
+        self.assertEqual(sorted(row[1] for row in self.pending()),
+                         sorted([PRINTER.hex(":"), CAMERA.hex(":")]))
+        self.assertIn("the operator did not keep our unregistered devices: our NodeInfo does "
+                      "not announce that location", messages)
 
     def test_report_on_the_timer(self):
         """The periodic report runs without being called."""
@@ -514,10 +883,13 @@ class PendingAdminTests(SynchronousTestCase):
         self.addCleanup(self.engine.dispose)
         self.acme = registry.thd_create_domain(self.engine, "acme", NOW)
         self.globex = registry.thd_create_domain(self.engine, "globex", NOW)
+        # Reported a minute ago: the command line lists what has not expired at the real time.
+        self.seen_at = int(time.time() * 1000) - 60_000
         registry.thd_devices_seen(self.engine, self.acme, HERE, SEEN_BY,
-                                  [(PRINTER, "192.168.1.20"), (CAMERA, "192.168.1.21")], NOW)
+                                  [(PRINTER, "192.168.1.20"), (CAMERA, "192.168.1.21")],
+                                  self.seen_at)
         registry.thd_devices_seen(self.engine, self.globex, THERE, SEEN_BY_2,
-                                  [(PHONE, "172.16.0.9")], NOW)
+                                  [(PHONE, "172.16.0.9")], self.seen_at)
 
     def url(self):
         return store.sqlite_url(self.state_dir)
@@ -562,7 +934,7 @@ class PendingAdminTests(SynchronousTestCase):
         lines = self.ok("pending").splitlines()
         self.assertEqual(lines[0].split(), ["DOMAIN", "MAC", "ADDRESS", "LOCATION_ID",
                                             "SEEN_BY", "LAST_SEEN"])
-        ago = show.relative(NOW / 1000, time.time()).split()
+        ago = show.relative(self.seen_at / 1000, time.time()).split()
         acme, globex = f"({self.acme:#010x})", f"({self.globex:#010x})"
         self.assertEqual([line.split() for line in lines[1:]], [
             ["acme", acme, PRINTER.hex(":"), "192.168.1.20", HERE.hex()[:16] + "…",
@@ -580,8 +952,9 @@ class PendingAdminTests(SynchronousTestCase):
         self.assertEqual(self.ok_json("pending", "--domain", "globex"), [
             {"domain": self.globex, "domain_name": "globex", "mac": PHONE.hex(":"),
              "address": "172.16.0.9",
-             "location_id": THERE.hex(), "seen_by": SEEN_BY_2.hex(), "first_seen": NOW,
-             "last_seen": NOW}])
+             "location_id": THERE.hex(), "seen_by": SEEN_BY_2.hex(),
+             "first_seen": self.seen_at, "last_seen": self.seen_at,
+             "expires": self.seen_at + 7 * DAY_MS}])
         self.assertEqual([row["mac"] for row in self.ok_json("pending")],
                          [PRINTER.hex(":"), CAMERA.hex(":"), PHONE.hex(":")])
 
@@ -627,6 +1000,45 @@ class PendingAdminTests(SynchronousTestCase):
         """A MAC pending in globex is not approved into acme."""
         self.refused("approve", "--domain", "acme", "--mac", PHONE.hex(":"), "--name", "phone",
                      "--port", "80", status=1)
+
+    def test_dismiss_takes_it_off_the_list(self):
+        """`device dismiss` removes a pending device, says until when its reports are not
+        kept, and a report of it meanwhile is not kept; --days 0 lists it again from its
+        next report."""
+        before = int(time.time() * 1000)
+        out = self.ok("dismiss", "--domain", "acme", "--mac", "02:00:00:00:A0:01")
+        [(mac, until)] = registry_dismissals(self.engine)
+        self.assertEqual(mac, PRINTER)
+        self.assertLessEqual(before + 30 * DAY_MS, until)
+        self.assertLessEqual(until, int(time.time() * 1000) + 30 * DAY_MS)
+        self.assertEqual(out, f"dismissed {PRINTER.hex(':')}: its reports are not kept until "
+                              f"{show.iso(until / 1000)}\n")
+        self.assertEqual([row["mac"] for row in self.ok_json("pending", "--domain", "acme")],
+                         [CAMERA.hex(":")])
+        now = int(time.time() * 1000)
+        self.assertEqual(registry.thd_devices_seen(self.engine, self.acme, HERE, SEEN_BY,
+                                                   [(PRINTER, "192.168.1.20")], now), 0)
+        data = self.ok_json("dismiss", "--domain", "acme", "--mac", PRINTER.hex(":"),
+                            "--days", "0")
+        self.assertEqual((data["mac"], data["was_pending"], data["until"]),
+                         (PRINTER.hex(":"), False, None))
+        self.assertEqual(registry.thd_devices_seen(self.engine, self.acme, HERE, SEEN_BY,
+                                                   [(PRINTER, "192.168.1.20")], now), 1)
+
+    def test_dismiss_refusals(self):
+        """Dismissing a MAC not pending (nor dismissed) in that domain is refused with one
+        line, status 1; a bad command line with status 2."""
+        self.assertIn(PHONE.hex(":"), self.refused("dismiss", "--domain", "acme", "--mac",
+                                                   PHONE.hex(":"), status=1))
+        self.assertIn("nope", self.refused("dismiss", "--domain", "nope", "--mac",
+                                           PHONE.hex(":"), status=1))
+        for args, named in (
+                (("dismiss", "--mac", PHONE.hex(":")), "--domain"),
+                (("dismiss", "--domain", "acme"), "--mac"),
+                (("dismiss", "--domain", "acme", "--mac", "02:00"), "MAC"),
+                (("dismiss", "--domain", "acme", "--mac", PHONE.hex(":"), "--days", "-1"),
+                 "--days")):
+            self.assertIn(named, self.refused(*args, status=2), args)
 
     def test_approve_bad_input_refused(self):
         """Each bad approve command line is refused with one line, status 2, nothing written;

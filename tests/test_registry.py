@@ -382,15 +382,56 @@ class RegistryTestsMixin:
         self.refused(403, registry.thd_renew, self.engine, self.operator, node.node_id, NOW,
                      self.renew_signature(node, NOW), NOW)
 
-    def test_renew_expired_refused(self):
-        """A node whose record has expired must enroll again: 403."""
+    def renew_at(self, node, when, **grace):
+        return registry.thd_renew(self.engine, self.operator, node.node_id, when,
+                                  self.renew_signature(node, when), when, **grace)
+
+    def test_renew_expired_within_the_grace(self):
+        """A node whose record expired 40 days ago (or exactly the grace's 90) renews with
+        its key alone: a record issued now, no token spent."""
+        for days in (40, registry.RENEW_GRACE_DAYS):
+            node = self.enrolled(f"gw-{days}")
+            before = self.written()[1]
+            late = NOW + (30 + days) * DAY_MS
+            record = self.trust.verify(self.renew_at(node, late), late)
+            self.assertEqual((record.name, record.issued, record.expires),
+                             (f"gw-{days}", late, late + 30 * DAY_MS))
+            self.assertEqual(self.written()[1], before)
+
+    def test_renew_beyond_the_grace_refused(self):
+        """100 days after its record expired a node must enroll again: 403 saying so, with
+        when it expired and the grace in the details; nothing written."""
         node = self.enrolled()
-        late = NOW + 30 * DAY_MS
+        late = NOW + (30 + 100) * DAY_MS
         before = self.written()
-        self.assertIn("expired", self.refused(
-            403, registry.thd_renew, self.engine, self.operator, node.node_id, late,
-            self.renew_signature(node, late), late))
+        error = self.assertRaises(RegistryError, self.renew_at, node, late)
+        self.assertEqual((error.status, error.reason, error.details), (
+            403, "the Node record expired 100 days ago, beyond the 90-day grace for renewal: "
+                 "enroll again with a token",
+            {"expired": NOW + 30 * DAY_MS, "grace_days": 90}))
         self.assertEqual(self.written(), before)
+        self.refused(403, self.renew_at, node, NOW + (30 + 90) * DAY_MS + 1)
+
+    def test_renew_grace_is_the_operators_choice(self):
+        """With a grace of 7 days, 8 days after expiry is too late; with 0, 1 ms is."""
+        node = self.enrolled()
+        self.refused(403, self.renew_at, node, NOW + 38 * DAY_MS, grace_days=7)
+        self.refused(403, self.renew_at, node, NOW + 30 * DAY_MS + 1, grace_days=0)
+        self.renew_at(node, NOW + 37 * DAY_MS, grace_days=7)
+
+    def test_expired_keys_enroll_again_with_a_token(self):
+        """Keys whose record expired (beyond the grace) enroll again with a token, spending
+        one use, keeping their row and name; once current again they are told to renew."""
+        node = self.enrolled("gw")
+        late = NOW + 200 * DAY_MS
+        token = self.token(uses=2, expires=late + DAY_MS)
+        record = self.trust.verify(self.enroll(token, node, "gw", now=late), late)
+        self.assertEqual((record.node_id, record.name, record.issued),
+                         (node.node_id, "gw", late))
+        self.assertEqual([row["name"] for row in registry.thd_list_nodes(self.engine)], ["gw"])
+        self.assertEqual(self.uses_left(token), 1)
+        self.assertIn("renew instead", self.refused(409, self.enroll, token, node, "gw",
+                                                    now=late + 1))
 
     # -- revocation ------------------------------------------------------------------------
 

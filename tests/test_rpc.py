@@ -21,8 +21,10 @@ from meshnode.rpc.frame import PLAIN, RESPONSE
 from meshnode.rpc.messages import NODE_ANSWER_SIZE, Command, GetNode, NodeRecord, Ping, Pong
 from meshnode.rpc.peers import ReplayWindow
 from meshnode.rpc.ratelimit import RateLimiter
-from meshnode.rpc.service import (TIMESTAMP_WINDOW_MS, CallTimeout, NotEnrolled, RPCService,
-                                  Stopped, infrastructure_or_same_domain)
+from meshnode.rpc.peers import PeerTable
+from meshnode.rpc.service import (RESTART_SKEW_MS, TIMESTAMP_WINDOW_MS, CallTimeout,
+                                  NotEnrolled, RPCService, Stopped,
+                                  infrastructure_or_same_domain)
 from tests.fakes import FakeNetwork, FakeReactor
 
 EPOCH = 1_800_000_000
@@ -380,10 +382,13 @@ class AcceptanceTests(SynchronousTestCase):
         self.assertEqual(self.assertDropped("not_plain", get_node_answer), [])
 
     def test_timestamp_within_60_seconds_is_accepted(self):
-        """Timestamps exactly 60 s before or after the receiver's clock are accepted."""
+        """Timestamps exactly 60 s before or after the receiver's clock are accepted (once
+        it has run longer than that: before, RestartReplayTests)."""
+        for node in (self.a, self.b):
+            node.reactor.advance(120)
         for skew in (-TIMESTAMP_WINDOW_MS, TIMESTAMP_WINDOW_MS, 0):
             self.assertAccepted(_sealed(self.a, self.b, Command.PING, Ping().encode(),
-                                        timestamp=NOW_MS + skew))
+                                        timestamp=NOW_MS + 120_000 + skew))
 
     def test_timestamp_beyond_60_seconds_is_dropped(self):
         """Timestamps 60.001 s off, or wildly off, are dropped."""
@@ -640,6 +645,135 @@ class ReplayWindowTests(SynchronousTestCase):
     def test_counter_zero_is_fresh_at_first(self):
         """A new window accepts any counter, zero included."""
         self.assertTrue(ReplayWindow().fresh(0))
+
+
+class RestartReplayTests(SynchronousTestCase):
+    """A node restarted holds no replay windows: sealed datagrams captured between two RPC
+    services before the receiver's restart are dropped when replayed after it."""
+
+    def setUp(self):
+        self.mesh = _Mesh(self)
+        self.a = self.mesh.node("a")
+        self.b = self.mesh.node("b")
+        _introduce(self.a, self.b)
+        self.advance(300)  # both have run a while
+
+    def advance(self, seconds):
+        for node in (self.a, self.b):
+            node.reactor.advance(seconds)
+
+    def ping(self, data):
+        """A call of a's to b, delivered over the fake network → the Pong."""
+        d = self.a.rpc.call(self.a.peer(self.b), self.b.address, Ping(data), Pong)
+        self.mesh.network.flush()
+        return self.successResultOf(d)
+
+    def capture(self, *data):
+        """Pings a sent b and b answered → the sealed datagrams, as captured on the wire."""
+        before = len(self.a.udp.sent)
+        for each in data:
+            self.assertEqual(self.ping(each), Pong(each))
+        return [datagram for datagram, _ in self.a.udp.sent[before:]]
+
+    def restart_b(self):
+        """b stopped and a new RPCService of the same identity started on its port: fresh
+        windows; it knows a again at once (as from its store of Node records)."""
+        self.b.rpc.stopService()
+        rpc = RPCService(identity=self.b.rpc._identity_service, reactor=self.b.reactor,
+                         interface=self.b.host, port=self.b.address[1])
+        rpc.startService()
+        self.addCleanup(lambda: rpc.running and rpc.stopService())
+        self.b = _Node(rpc, self.b.reactor, self.b.identity, self.b.host)
+        self.b.rpc.learn(self.a.rpc.own_node)
+        self.pings = _record_pings(self.b)
+
+    def replay(self, datagrams):
+        """Deliver the datagrams to b again, from a's address → what b sent back."""
+        sent = []
+        for datagram in datagrams:
+            sent += _deliver(self.b, datagram, self.a.address)
+        return sent
+
+    def test_captured_before_a_restart_is_dropped_after_it(self):
+        """Pings captured in the seconds before b restarts are dropped as replays after it,
+        though b's fresh windows would take their counters; a's next ping is answered."""
+        captured = self.capture(b"one", b"two", b"three")
+        self.advance(RESTART_SKEW_MS / 1000 + 1)
+        self.restart_b()
+        self.advance(1)
+        self.assertEqual(self.ping(b"after"), Pong(b"after"))  # b's window moves past them
+        self.assertEqual(self.replay(captured), [])
+        self.assertEqual(self.b.rpc.drops["replay"], 3)
+        self.assertEqual([incoming.message.data for incoming in self.pings], [b"after"])
+        self.assertEqual(self.ping(b"again"), Pong(b"again"))
+
+    def test_replayed_first_after_a_restart(self):
+        """Replayed before a's first datagram after the restart, they are dropped too, and b
+        does not ask the replayer for a Node record either."""
+        captured = self.capture(b"one", b"two")
+        self.advance(RESTART_SKEW_MS / 1000 + 1)
+        self.restart_b()
+        self.b.rpc.peers.forget(self.a.rpc.node_id)
+        self.assertEqual(self.replay(captured), [])
+        self.assertEqual((self.b.rpc.drops["replay"], self.b.rpc.drops["unknown_sender"]),
+                         (2, 0))
+        self.assertEqual(self.pings, [])
+        self.assertEqual(self.ping(b"fresh"), Pong(b"fresh"))  # bootstrapped with GetNode
+
+    def test_without_a_restart_the_window_drops_them(self):
+        """The control case: replayed to the b that saw them, its window drops them."""
+        captured = self.capture(b"one", b"two")
+        self.pings = _record_pings(self.b)
+        self.assertEqual(self.replay(captured), [])
+        self.assertEqual(self.b.rpc.drops["replay"], 2)
+        self.assertEqual(self.pings, [])
+
+    def test_lagging_clock_within_the_skew_is_served_at_once(self):
+        """A sender whose clock is behind b's by less than RESTART_SKEW_MS is answered right
+        after b restarts; one further behind is refused (as `replay`) until its clock passes
+        b's start less the skew."""
+        self.restart_b()
+        self.a.reactor.advance(-(RESTART_SKEW_MS - 500) / 1000)
+        self.assertEqual(self.ping(b"close"), Pong(b"close"))
+        self.a.reactor.advance(-1)
+        d = self.a.rpc.call(self.a.peer(self.b), self.b.address, Ping(b"late"), Pong)
+        self.mesh.network.flush()
+        self.assertNoResult(d)
+        self.assertEqual(self.b.rpc.drops["replay"], 1)
+        d.cancel()
+        self.failureResultOf(d)
+        self.advance(1)
+        self.assertEqual(self.ping(b"caught up"), Pong(b"caught up"))
+
+    def test_clock_set_back_after_the_start(self):
+        """A receiver whose own clock is set back past its start (a step at boot) takes the
+        floor from its clock now, instead of refusing everyone until it catches up."""
+        self.restart_b()
+        self.advance(-3600)
+        self.assertEqual(self.ping(b"an hour back"), Pong(b"an hour back"))
+        self.assertEqual(self.b.rpc.drops["replay"], 0)
+
+
+class EvictedWindowTests(SynchronousTestCase):
+    """A peer evicted from a full PeerTable gets its replay window back when learned again."""
+
+    def test_evicted_peer_keeps_its_window(self):
+        """b with room for one peer: a's datagram, then c's (a evicted), then a learned
+        again: a's datagram replayed is still a replay."""
+        mesh = _Mesh(self)
+        a, b, c = mesh.node("a"), mesh.node("b"), mesh.node("c")
+        _introduce(a, b, c)
+        b.rpc.peers = PeerTable(b.identity, limit=1)
+        b.rpc.learn(a.rpc.own_node)
+        pings = _record_pings(b)
+        ping = _ping(a, b)
+        _deliver(b, ping, a.address)
+        b.rpc.learn(c.rpc.own_node)
+        self.assertIsNone(b.peer(a))
+        b.rpc.learn(a.rpc.own_node)
+        self.assertEqual(_deliver(b, ping, a.address), [])
+        self.assertEqual((len(pings), b.rpc.drops["replay"]), (1, 1))
+        self.assertEqual(len(_deliver(b, _ping(a, b), a.address)), 1)
 
 
 # -- 4. rate limiter ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshnode import tap
+from meshnode.roles.operator.pending import PendingSettings
 
 
 def parse(*args):
@@ -113,6 +114,27 @@ class ConfigFileTests(SynchronousTestCase):
         self.assertTrue(settings["super"])
         self.assertEqual(settings["partition"], (0x8000, 0xFFFF))
         self.assertEqual(settings["call-timeout"], 1.5)
+
+    def test_operator_bounds_reach_the_operator(self):
+        """[operator] renew-grace-days and the pending-device bounds are settings with their
+        defaults, passed to the operator role; 0 days of grace is allowed, 0 pending not."""
+        defaults = parse("--operator").settings
+        self.assertEqual([defaults[key] for key in (
+            "renew-grace-days", "pending-expiry-days", "pending-per-location",
+            "pending-reports-per-minute")], [90, 7, 256, 12])
+        path = self.write("[operator]\nrenew-grace-days = 0\npending-expiry-days = 2\n"
+                          "pending-per-location = 10\npending-reports-per-minute = 3\n")
+        options = parse("--config", path, "--operator", "--state-dir", self.mktemp())
+        operator = tap.build_node(options.settings, MemoryReactorClock()).getServiceNamed(
+            "operator")
+        self.assertEqual(operator.renew_grace_days, 0)
+        self.assertEqual(operator.reports.settings, PendingSettings(
+            expiry_days=2, per_location=10, reports_per_minute=3))
+        for text in ("pending-per-location = 0", "pending-expiry-days = -1",
+                     "renew-grace-days = soon"):
+            with self.assertRaises(SystemExit) as caught:
+                parse("--config", self.write(f"[operator]\n{text}\n"))
+            self.assertIn(text.split(" =")[0], str(caught.exception.code))
 
     def test_tunnel_listener_sections(self):
         """[tunnel:NAME] sections become the user-node's listeners; --no-direct and the

@@ -298,7 +298,8 @@ class DeviceRemoveOptions(Command):
 class DevicePendingOptions(Command):
     synopsis = "[--domain NAME] [--json]"
     longdesc = ("List the devices tunnel-nodes see on their LAN that have no EndDevice record "
-                "yet, to approve.")
+                "yet, to approve or dismiss. A device not reported again within the "
+                "operator's pending-expiry-days (7 by default) is no longer listed.")
     optParameters = [["domain", None, None, "only this domain's"]]
     examples = [("what acme's tunnel-nodes have seen", "meshnode operator device pending "
                                                       "--domain acme")]
@@ -320,16 +321,44 @@ class DeviceApproveOptions(_DeviceOptions):
         super().postOptions()
 
 
+class DeviceDismissOptions(Command):
+    synopsis = "--domain NAME --mac MAC [--days N] [--json]"
+    longdesc = ("Take a pending device off the list (a phone, a guest's laptop): reports of "
+                "its MAC are not kept for --days (30 by default), after which tunnel-nodes "
+                "that still see it list it again. --days 0 ends an earlier dismissal.")
+    optParameters = [["domain", None, None, "the domain's name"],
+                     ["mac", None, None, "the MAC it was seen with "
+                                         "(`meshnode operator device pending`)"],
+                     ["days", None, str(registry.DISMISS_DAYS),
+                      "how long its reports are not kept"]]
+    examples = [("dismiss a phone acme's tunnel-nodes keep seeing",
+                 "meshnode operator device dismiss --domain acme --mac aa:bb:cc:dd:ee:ff"),
+                ("list it again from its next report",
+                 "meshnode operator device dismiss --domain acme --mac aa:bb:cc:dd:ee:ff "
+                 "--days 0")]
+
+    def postOptions(self):
+        for key in ("domain", "mac"):
+            if self[key] is None:
+                raise usage.UsageError(f"--{key} is required")
+        self["mac"] = _parse_mac(self["mac"])
+        try:
+            self["days"] = config.parse_days(self["days"])
+        except ValueError as e:
+            raise usage.UsageError(f"--days: {e}") from None
+
+
 class DeviceOptions(CommandGroup):
     synopsis = "COMMAND"
-    longdesc = ("Register, list and remove end-devices, and approve the ones tunnel-nodes "
-                "have seen.")
+    longdesc = ("Register, list and remove end-devices, and approve or dismiss the ones "
+                "tunnel-nodes have seen.")
     subCommands = [
         ["add", None, DeviceAddOptions, "register an end-device by MAC or address"],
         ["list", None, DeviceListOptions, "list end-devices"],
         ["remove", None, DeviceRemoveOptions, "remove an end-device"],
         ["pending", None, DevicePendingOptions, "devices seen by tunnel-nodes, unregistered"],
         ["approve", None, DeviceApproveOptions, "register a pending device"],
+        ["dismiss", None, DeviceDismissOptions, "take a pending device off the list"],
     ]
     examples = DeviceAddOptions.examples[:1] + DevicePendingOptions.examples
 
@@ -476,7 +505,7 @@ def _device(sub, global_options, clock):
         print_result(command, data, f"added {data['name']} ({data['device_id']}) at "
                                     f"location {data['location_id'][:16]}…")
     elif sub.subCommand == "pending":
-        rows = registry.thd_pending_devices(engine, command["domain"])
+        rows = registry.thd_pending_devices(engine, command["domain"], records.now_ms(clock))
         shown = [{"domain": show.domain(row["domain"], row["domain_name"]), "mac": row["mac"],
                   "address": row["address"], "location_id": show.short_id(row["location_id"]),
                   "seen_by": show.short_id(row["seen_by"]),
@@ -484,6 +513,15 @@ def _device(sub, global_options, clock):
                  for row in rows]
         print_result(command, rows, show.table(shown, ["domain", "mac", "address",
                                                        "location_id", "seen_by", "last_seen"]))
+    elif sub.subCommand == "dismiss":
+        data = registry.thd_dismiss_device(engine, command["domain"], command["mac"],
+                                           records.now_ms(clock), command["days"])
+        if data["until"] is None:
+            text = f"{data['mac']} is listed again from its next report"
+        else:
+            text = (f"dismissed {data['mac']}: its reports are not kept until "
+                    f"{show.iso(data['until'] / 1000)}")
+        print_result(command, data, text)
     elif sub.subCommand == "list":
         rows = registry.thd_list_devices(engine, command["domain"])
         shown = [{"name": row["name"], "domain": show.domain(row["domain"], row["domain_name"]),

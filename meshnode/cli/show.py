@@ -142,8 +142,14 @@ def summary(status, now):
     if status.get("domain") is not None:
         rows.append(("domain", domain(status["domain"], status.get("domain_name"))))
     rows.append(("roles", ", ".join(status["roles"])))
-    rows.append(("enrolled", f"until {moment(status['expires'], now)}"
-                 if status["enrolled"] and status.get("expires") else "no"))
+    if status["enrolled"] and status.get("expires"):
+        enrolled = f"until {moment(status['expires'], now)}"
+    elif status.get("expired"):
+        enrolled = (f"no: the Node record expired {moment(status['expired'], now)} "
+                    f"— renewing, see the log")
+    else:
+        enrolled = "no"
+    rows.append(("enrolled", enrolled))
     rows.append(("rpc", _rpc(status)))
     directory = status.get("directory")
     if directory is not None:

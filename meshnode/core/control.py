@@ -38,6 +38,8 @@ def node_status(identity_service, rpc, sections=()):
         "domain": node.domain if node else None,
         "domain_name": enrollment.domain_name,
         "expires": node.expires if node else None,
+        # a Node record that expired, kept to renew from (`meshnode join` past the grace)
+        "expired": enrollment.expired.record.expires if enrollment.expired else None,
         "roles": [role.name.lower() for role in Role if rpc.roles & role],
         "rpc_port": rpc.port,
         "operators": sorted(i.hex() for i in enrollment.trust.operator_ids),

@@ -361,12 +361,18 @@ class PartitionService(service.MultiService):
         return Stored(*self._keep(entry, now))
 
     def _get_node_info(self, incoming):
-        """NodeInfo of a node of the requester's own domain (tenants never see each other)."""
-        domain = incoming.node.domain
+        """NodeInfo of a node of the requester's own domain (tenants never see each other);
+        an operator, trusted by all, may ask of any domain's."""
+        message, domain = incoming.message, incoming.node.domain
+        if message.domain is not None:
+            if not self._rpc.trust.is_operator(incoming.node.node_id):
+                self._rpc.drops["not_allowed"] += 1
+                return None
+            domain = message.domain
         if not served(self.ranges, records.partition_of(domain)):
             self._rpc.drops["not_served"] += 1
             return None
-        message, now = incoming.message, self._rpc.now_ms()
+        now = self._rpc.now_ms()
         if message.node_id is not None:
             entry = self.records.get(domain, message.node_id, now)
         else:

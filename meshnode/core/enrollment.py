@@ -54,12 +54,15 @@ def operator_rpc_message(node_id, endpoints):
 
 
 class EnrollmentError(Exception):
-    """The operator refused (`status` is the HTTP status) or could not be reached (None)."""
+    """The operator refused (`status` is the HTTP status) or could not be reached (None);
+    `details`: the other fields of its refusal (a renewal beyond the grace: `expired`,
+    `grace_days`)."""
 
-    def __init__(self, status, reason):
+    def __init__(self, status, reason, details=None):
         super().__init__(f"{status} {reason}" if status is not None else reason)
         self.status = status
         self.reason = reason
+        self.details = details or {}
 
 
 class MismatchedOperator(EnrollmentError):
@@ -431,9 +434,12 @@ class EnrollmentClient:
                 raise EnrollmentError(None, f"{url} gave an answer that is not an enrollment "
                                             f"({e})") from None
         try:
-            reason = json.loads(answer)["error"]
+            refusal = json.loads(answer)
+            reason = refusal["error"]
         except (ValueError, KeyError, TypeError, RecursionError):
-            reason = None
+            refusal, reason = {}, None
         if not isinstance(reason, str):
             reason = f"HTTP {response.code} {response.phrase.decode('latin-1')}"
-        raise EnrollmentError(response.code, reason)
+        details = {key: value for key, value in refusal.items()
+                   if key != "error" and type(value) is int}
+        raise EnrollmentError(response.code, reason, details)

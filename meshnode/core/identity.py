@@ -19,7 +19,7 @@ from twisted.application import service
 from twisted.logger import Logger
 
 from meshnode import config, records
-from meshnode.core.enrollment import operator_rpc_message
+from meshnode.core.enrollment import EnrollmentError, operator_rpc_message
 
 _log = Logger()
 
@@ -140,14 +140,19 @@ def read_public_key_file(path):
 
 
 class Enrollment:
-    """The node's Node record and the trust built from the operator records beside it."""
+    """The node's Node record and the trust built from the operator records beside it.
 
-    def __init__(self, node=None, trust=None, bundle=(), domain_name=None, operator_rpc=()):
+    A Node record that has expired makes no enrollment (`node` is None: peers would refuse
+    it), but is kept as `expired`, to renew from with the node's key."""
+
+    def __init__(self, node=None, trust=None, bundle=(), domain_name=None, operator_rpc=(),
+                 expired=None):
         self.node = node
         self.trust = trust or records.Trust()
         self.bundle = tuple(bundle)
         self.domain_name = domain_name
         self.operator_rpc = tuple(operator_rpc)  # (host, port) where the operator's RPC is
+        self.expired = expired
 
     @property
     def enrolled(self):
@@ -176,6 +181,17 @@ class Enrollment:
             raise records.RecordError("bad_enrollment", "the Node record is for other keys")
         return cls(nodes[0], trust, bundle)
 
+    @classmethod
+    def from_expired_bundle(cls, identity, bundle):
+        """A bundle whose Node record has expired, checked as it stood in its last valid
+        moment (operator-signed, for our keys) → not enrolled, the record kept as
+        `expired`; raises RecordError or DecodeError as from_bundle does."""
+        nodes = [s for s in bundle if isinstance(s.record, records.Node)]
+        if len(nodes) != 1:
+            raise records.RecordError("bad_enrollment", "expected exactly one Node record")
+        then = cls.from_bundle(identity, bundle, nodes[0].record.expires - 1)
+        return cls(None, then.trust, bundle, expired=then.node)
+
 
 def load_enrollment(state_dir, identity, now):
     path = os.path.join(state_dir, ENROLLMENT_FILE)
@@ -185,10 +201,22 @@ def load_enrollment(state_dir, identity, now):
         return Enrollment()
     try:
         with open(path, "rb") as f:
-            enrollment = Enrollment.from_bundle(identity, records.decode_bundle(f.read()), now)
+            bundle = records.decode_bundle(f.read())
+        try:
+            enrollment = Enrollment.from_bundle(identity, bundle, now)
+        except records.RecordError as e:
+            if e.reason != "expired":
+                raise
+            enrollment = Enrollment.from_expired_bundle(identity, bundle)
     except (ValueError, records.RecordError) as e:
         _log.error("not enrolled: {path} is unusable ({reason})", path=path, reason=e)
         return Enrollment()
+    if enrollment.expired is not None:
+        _log.warn("not enrolled: the Node record expired {days} days ago ({expires}); it "
+                  "renews with the node's key if the operator allows it still",
+                  days=(now - enrollment.expired.record.expires) // DAY_MS,
+                  expires=_iso(enrollment.expired.record.expires))
+        return enrollment
     said = _read_operator_file(os.path.join(state_dir, OPERATOR_FILE))
     if said is not None:
         try:
@@ -236,7 +264,8 @@ def checked_operator_said(said, enrollment):
     return name, tuple(endpoints)
 
 
-RENEW_MARGIN_MS = 10 * 86_400_000  # renew a Node record when it has less than this left
+DAY_MS = 86_400_000
+RENEW_MARGIN_MS = 10 * DAY_MS  # renew a Node record when it has less than this left
 RENEW_CHECK_SECONDS = 3600
 # A failed enrollment or renewal is tried again after these delays, the last one repeating:
 # a node started in the same second as its operator is enrolled within a second or two.
@@ -248,7 +277,9 @@ class IdentityService(service.Service):
 
     With an `enroller` (meshnode.core.enrollment.EnrollmentClient) a node that is not enrolled, or
     whose keys were replaced, enrolls with its token; an enrolled node renews its Node record
-    before it expires. `observers` are called with each new enrollment (wired by build_node).
+    before it expires, and one whose record expired (stopped for long) renews it with its key
+    as long as the operator allows (its grace period), else enrolls again with its token if it
+    has one. `observers` are called with each new enrollment (wired by build_node).
     """
 
     name = "identity"
@@ -265,6 +296,7 @@ class IdentityService(service.Service):
         self._timer = None
         self._busy = False
         self._failures = 0  # enrollments or renewals in a row that failed
+        self._beyond_grace = False  # the operator refused to renew our expired record
 
     def startService(self):
         self.identity = load_or_create(self.state_dir, self.clock)
@@ -307,20 +339,21 @@ class IdentityService(service.Service):
         """Enroll or renew when needed; runs at start and then periodically."""
         if self._busy:
             return
-        if not self.enrollment.enrolled:
-            if not self.token:
-                _log.warn("not enrolled and no enroll-token configured: nothing to enroll with")
+        now = records.now_ms(self.clock)
+        held = self.enrollment.node or self.enrollment.expired  # current or not
+        if held is not None and not self._beyond_grace:
+            if self.enrollment.enrolled and held.record.expires - now >= RENEW_MARGIN_MS:
+                self._schedule(RENEW_CHECK_SECONDS)
                 return
+            d = self.enroller.renew(self.identity, self.identity.node_id, now)
+            action = "renewal"
+        elif not self.token:
+            if held is None:
+                _log.warn("not enrolled and no enroll-token configured: nothing to enroll with")
+            return
+        else:
             d = self.enroller.enroll(self.identity, self.token, self.node_name)
             action = "enrollment"
-        elif (self.enrollment.node.record.expires - records.now_ms(self.clock)
-              < RENEW_MARGIN_MS):
-            d = self.enroller.renew(self.identity, self.identity.node_id,
-                                    records.now_ms(self.clock))
-            action = "renewal"
-        else:
-            self._schedule(RENEW_CHECK_SECONDS)
-            return
         self._busy = True
         d.addCallback(self._enrolled, action)
         d.addErrback(self._failed, action)
@@ -353,11 +386,23 @@ class IdentityService(service.Service):
         _log.info("{action} done: Node record valid until {expires}", action=action,
                   expires=_iso(enrollment.node.record.expires))
         self._failures = 0
+        self._beyond_grace = False
         self._use(enrollment)
         self._schedule(RENEW_CHECK_SECONDS)
 
     def _failed(self, failure, action):
         self._busy = False
+        if action == "renewal" and failure.check(EnrollmentError) and (
+                "grace_days" in failure.value.details):
+            self._beyond_grace = True
+            held = self.enrollment.node or self.enrollment.expired
+            _log.error("enrollment expired {days} days ago, beyond the operator's "
+                       "{grace}-day grace: enroll again with a token (`meshnode join …`)",
+                       days=(records.now_ms(self.clock) - held.record.expires) // DAY_MS,
+                       grace=failure.value.details["grace_days"])
+            if self.token:
+                self._schedule(0)  # the token configured may be a new one
+            return
         delay = self._retry()
         _log.error("{action} failed: {reason} (trying again in {delay} s)", action=action,
                    reason=failure.getErrorMessage(), delay=delay)

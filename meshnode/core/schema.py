@@ -108,6 +108,18 @@ pending_devices = sa.Table(
     sa.Column("seen_by", _ID, nullable=False),
     sa.Column("first_seen", sa.BigInteger, nullable=False),
     sa.Column("last_seen", sa.BigInteger, nullable=False),
+    # last_seen plus the operator's pending expiry: a device not reported again goes
+    sa.Column("expires", sa.BigInteger, nullable=False),
+)
+
+# MACs the admin dismissed from the pending list (`device dismiss`): reports of them are not
+# kept until `until`.
+dismissed_devices = sa.Table(
+    "dismissed_devices", metadata,
+    sa.Column("domain", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("mac", sa.LargeBinary(6), primary_key=True),
+    sa.Column("dismissed", sa.BigInteger, nullable=False),
+    sa.Column("until", sa.BigInteger, nullable=False),
 )
 
 revocations = sa.Table(

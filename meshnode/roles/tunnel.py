@@ -295,9 +295,12 @@ class TunnelService(service.MultiService):
         for location_id, seen in found.items():
             # In parts: the same first DEVICES_SEEN_LIMIT each time would hide the rest.
             for start in range(0, len(seen), DEVICES_SEEN_LIMIT):
-                yield self._directory.call(
+                answer = yield self._directory.call(
                     operator, DevicesSeen(location_id, seen[start:start + DEVICES_SEEN_LIMIT]),
                     Stored)
+                if answer.result:  # not kept: the operator says why
+                    _log.info("the operator did not keep our unregistered devices: {reason}",
+                              reason=answer.reason)
 
     # -- authorization -------------------------------------------------------------------------
 

@@ -350,20 +350,28 @@ class Stored:
 @attrs.frozen
 class GetNodeInfo:
     """Asks a DHT replica for the NodeInfo of a node of the requester's domain, by node id or
-    by overlay name."""
+    by overlay name; an operator may name another `domain` (with a node id): it checks the
+    tunnel-nodes that report devices to it."""
 
     COMMAND = Command.GET_NODE_INFO
     _BY_ID = 1
     _BY_NAME = 2
+    _BY_DOMAIN_AND_ID = 3
 
     node_id: bytes | None = None
     name: str | None = None
+    domain: int | None = None
 
     def __attrs_post_init__(self):
         if (self.node_id is None) == (self.name is None):
             raise ValueError("GetNodeInfo takes a node id or a name")
+        if self.domain is not None and self.node_id is None:
+            raise ValueError("GetNodeInfo of another domain takes a node id")
 
     def encode(self):
+        if self.domain is not None:
+            return Writer().u8(self._BY_DOMAIN_AND_ID).u32(self.domain).fixed(
+                self.node_id, 32).bytes()
         if self.node_id is not None:
             return Writer().u8(self._BY_ID).fixed(self.node_id, 32).bytes()
         return Writer().u8(self._BY_NAME).text(self.name, records.NAME_LIMIT).bytes()
@@ -378,6 +386,9 @@ class GetNodeInfo:
             message = cls(node_id=r.fixed(32))
         elif kind == cls._BY_NAME:
             message = cls(name=r.text(records.NAME_LIMIT))
+        elif kind == cls._BY_DOMAIN_AND_ID:
+            domain = r.u32()
+            message = cls(node_id=r.fixed(32), domain=domain)
         else:
             raise DecodeError(f"unknown GetNodeInfo lookup kind {kind}")
         r.end()

@@ -72,12 +72,17 @@ class Peer:
 
 
 class PeerTable:
-    """Peers by node id, bounded; keys are derived once per peer and cached."""
+    """Peers by node id, bounded; keys are derived once per peer and cached.
 
-    def __init__(self, identity, limit=65536):
+    The replay windows of the last `evicted_limit` peers evicted are kept: a peer learned
+    again gets its window back, so its datagrams from before the eviction stay replays."""
+
+    def __init__(self, identity, limit=65536, evicted_limit=4096):
         self._identity = identity
         self._limit = limit
+        self._evicted_limit = evicted_limit
         self._peers = collections.OrderedDict()
+        self._evicted = collections.OrderedDict()  # node id → the ReplayWindow it had
         # The dict's own lookup: no Python frame on the per-datagram path.
         self.get = self._peers.get
 
@@ -101,15 +106,21 @@ class PeerTable:
                 peer.signed, peer.node = signed, node
             self._peers.move_to_end(node.node_id)
             return peer, changed
+        window = self._evicted.pop(node.node_id, None) if peer is None else None
         shared = self._identity.agreement_key.exchange(
             X25519PublicKey.from_public_bytes(node.agreement_key))
         me = self._identity.node_id
         peer = Peer(signed,
                     ChaCha20Poly1305(direction_key(shared, me, node.node_id)),
                     ChaCha20Poly1305(direction_key(shared, node.node_id, me)))
+        if window is not None:
+            peer.window = window
         self._peers[node.node_id] = peer
         if len(self._peers) > self._limit:
-            self._peers.popitem(last=False)
+            node_id, evicted = self._peers.popitem(last=False)
+            self._evicted[node_id] = evicted.window
+            if len(self._evicted) > self._evicted_limit:
+                self._evicted.popitem(last=False)
         return peer, True
 
     def forget(self, node_id):

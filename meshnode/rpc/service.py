@@ -29,6 +29,13 @@ from meshnode.wire import DecodeError, Endpoint
 _log = Logger()
 
 TIMESTAMP_WINDOW_MS = 60_000
+# A restarted node holds no replay window for anyone: it takes no sealed datagram stamped
+# more than this before its own start (by the sender's clock, the header's authenticated
+# timestamp), so what was captured before the restart cannot be replayed to it. The margin is
+# the clock skew tolerated meanwhile: a peer whose clock lags further is refused for that much
+# longer after a restart, and a datagram captured in the margin's last moments before a
+# restart stays replayable once.
+RESTART_SKEW_MS = 2_000
 # Plain commands that may be sent to "whoever listens here" (receiver zeros).
 _ANONYMOUS_COMMANDS = frozenset({Command.GET_NODE})
 
@@ -165,6 +172,8 @@ class RPCService(service.Service):
         self.peers = PeerTable(identity)
         self.use_enrollment(self._identity_service.enrollment)
         self._ids = frame.MessageIds(self._clock)
+        self.started_ms = records.now_ms(self._clock)
+        self._replay_floor = self.started_ms - RESTART_SKEW_MS
         self.transports = Transports(
             self._send, carrier.StreamCarrier(self._reactor, self.receive, self._tls,
                                               self.fallback_port, self.drops, self._dialer))
@@ -251,6 +260,12 @@ class RPCService(service.Service):
         if flags & PLAIN:
             self._receive_plain(frame.Frame(fields, data), len(data), source, send, now)
             return
+        if timestamp < self._replay_floor:  # sent before we started: maybe a replay
+            if now < self._replay_floor:  # our clock was set back since we started
+                self._replay_floor = now - RESTART_SKEW_MS
+            if timestamp < self._replay_floor:
+                drops["replay"] += 1
+                return
         peer = self.peers.get(sender_id)
         if peer is None:
             drops["unknown_sender"] += 1

@@ -21,6 +21,7 @@ from meshnode.core.dht import DEFAULT_QUOTA, PartitionService, served
 from meshnode.core.directory import Replica
 from meshnode.errors import StartupError
 from meshnode.roles.operator import assignment, directory, placement, registry, signing, tls
+from meshnode.roles.operator.pending import Announcements, PendingReports, PendingSettings
 from meshnode.roles.operator.enroll import EnrollmentAPI, enrollment_site
 from meshnode.rpc.messages import RecordsChanged
 from meshnode.wire import Endpoint
@@ -36,6 +37,8 @@ class OperatorSettings:
     enroll_listen: str = "ssl:8443"  # the enrollment API's endpoint (TLS added from the state)
     replicas: int = assignment.DEFAULT_K  # super-nodes per partition range
     quota: int = DEFAULT_QUOTA
+    renew_grace_days: int = registry.RENEW_GRACE_DAYS  # renewal with the key after expiry
+    pending: PendingSettings = attrs.Factory(PendingSettings)  # devices reported
 
 
 class OperatorService(service.MultiService):
@@ -49,6 +52,7 @@ class OperatorService(service.MultiService):
         self._rpc = core.rpc
         self._reactor = core.reactor
         self._enroll_listen = settings.enroll_listen
+        self.renew_grace_days = settings.renew_grace_days
         self._port = None
         self._operator = None  # (this operator's Identity, its OperatorNode records)
         self.fingerprint = None
@@ -69,6 +73,11 @@ class OperatorService(service.MultiService):
                                                     replicas=settings.replicas)
         self.partition.setServiceParent(self)
         self.placement.setServiceParent(self)
+        self.announcements = Announcements(rpc=core.rpc, store=core.store,
+                                           partition=self.partition, directory=core.directory)
+        self.reports = PendingReports(store=core.store, clock=core.reactor,
+                                      settings=settings.pending,
+                                      node_info=self.announcements.node_info)
         for interval, work, what in (
                 (CHANGES_POLL_SECONDS, self._follow_changes, "following changes"),
                 (OWN_RECORD_CHECK_SECONDS, self._renew_own_node, "renewing the own Node")):
@@ -97,7 +106,8 @@ class OperatorService(service.MultiService):
         certificate = tls.load_or_create_tls(self._state_dir, self._reactor)
         self.fingerprint = certificate.fingerprint
         self.site = enrollment_site(EnrollmentAPI(self._store, me, own, self._reactor,
-                                                  self._rpc_endpoints))
+                                                  self._rpc_endpoints,
+                                                  renew_grace_days=self.renew_grace_days))
         self.tls_context = tls.context_for(certificate)
         description = tls.server_endpoint_string(self._enroll_listen, certificate.key_path,
                                                  certificate.cert_path)
@@ -123,7 +133,8 @@ class OperatorService(service.MultiService):
         self._store.run(registry.thd_publish_operator, own).addErrback(
             lambda f: _log.failure("could not publish the OperatorNode record", f))
         directory.register(self._rpc, self._store, self.placement.replicas,
-                           lambda node_id, key: self.placement.may_transfer(node_id, key, key))
+                           lambda node_id, key: self.placement.may_transfer(node_id, key, key),
+                           self.reports)
         super().startService()
 
     def _may_transfer(self, node_id, low, high):
@@ -136,6 +147,7 @@ class OperatorService(service.MultiService):
                 "replicas_per_range": self.placement.replicas,
                 "ranges": [f"{low:04x}-{high:04x}" for low, high in self.partition.ranges],
                 "super_nodes": self.placement.status(),
+                "device_reports": dict(sorted(self.reports.counts.items())),
                 "records_per_domain": {f"{domain:#010x}": count for domain, count in counts}}
 
     @property

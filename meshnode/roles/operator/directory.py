@@ -2,20 +2,22 @@
 
 The operator answers GetOperatorNodes, GetSuperNodes, GetNode lookups and GetEndDevices for
 every domain, each from its store; a node only ever learns the Node records and end-devices of
-its own domain. It keeps what tunnel-nodes report with DevicesSeen for the admin to approve.
+its own domain. What tunnel-nodes report with DevicesSeen goes to `reports`
+(meshnode/roles/operator/pending.py), which keeps it within bounds for the admin to approve.
 """
 
 from meshnode.roles.operator import registry
-from meshnode.rpc.messages import (Command, EndDevices, NodeRecord, OperatorNodes, Stored,
-                                   SuperNodes)
+from meshnode.rpc.messages import Command, EndDevices, NodeRecord, OperatorNodes, SuperNodes
 from meshnode.rpc.service import any_domain
 from meshnode import records
 
 
-def register(rpc, store, replicas, places=lambda node_id, partition_key: False):
+def register(rpc, store, replicas, places=lambda node_id, partition_key: False,
+             reports=None):
     """Answer the directory commands on `rpc` from `store`; `replicas` is K, the holders each
     range should have; `places(node_id, partition_key)`: a super-node placed on that key,
-    which may fetch the end-devices of domains there to serve them."""
+    which may fetch the end-devices of domains there to serve them; `reports`: the
+    PendingReports that takes DevicesSeen (none: they are not answered)."""
 
     def operator_nodes(incoming):
         d = store.run(registry.thd_operator_records)
@@ -54,14 +56,8 @@ def register(rpc, store, replicas, places=lambda node_id, partition_key: False):
                           rpc.now_ms())
         return d.addCallback(answer)
 
-    def devices_seen(incoming):
-        """A tunnel-node's unregistered devices, kept for `device pending` / `approve`."""
-        message, node = incoming.message, incoming.node
-        d = store.run(registry.thd_devices_seen, node.domain, message.location, node.node_id,
-                      [(mac, address) for mac, address in message.devices], rpc.now_ms())
-        return d.addCallback(lambda new: Stored(0, f"{new} new"))
-
-    rpc.register(Command.DEVICES_SEEN, devices_seen, any_domain)
+    if reports is not None:
+        rpc.register(Command.DEVICES_SEEN, reports.devices_seen, any_domain)
     rpc.register(Command.GET_OPERATOR_NODES, operator_nodes, any_domain)
     rpc.register(Command.GET_SUPER_NODES, super_nodes, any_domain)
     rpc.register(Command.GET_END_DEVICES, end_devices, any_domain)

@@ -85,14 +85,21 @@ def _enroll_arguments(request):
     return registry.thd_enroll, (token, signing_key, agreement_key, name)
 
 
-def _renew_arguments(request):
+def _renew_arguments(request, grace_days):
     body = _json_body(request, ("node_id", "timestamp", "signature"))
     node_id = _hex_field(body, "node_id", records.ID_SIZE)
     timestamp = body["timestamp"]
     if type(timestamp) is not int or not 0 <= timestamp < 1 << 64:
         raise _refuse("timestamp must be an integer of milliseconds since 1970")
     signature = _hex_field(body, "signature", records.SIGNATURE_SIZE)
-    return registry.thd_renew, (node_id, timestamp, signature)
+    return _renew_within(grace_days), (node_id, timestamp, signature)
+
+
+def _renew_within(grace_days):
+    def thd_renew(engine, operator, node_id, timestamp, signature, now):
+        return registry.thd_renew(engine, operator, node_id, timestamp, signature, now,
+                                  grace_days)
+    return thd_renew
 
 
 def _thd_issue(engine, issue, operator, *args):
@@ -172,7 +179,8 @@ class _Action(resource.Resource):
         if failure.check(registry.RegistryError):
             _log.info("{action} refused for {host}: {status} {reason}", action=self._action,
                       host=host, status=failure.value.status, reason=failure.value.reason)
-            return failure.value.status, {"error": failure.value.reason}
+            return failure.value.status, {"error": failure.value.reason,
+                                          **failure.value.details}
         _log.failure("{action} failed", failure, action=self._action)
         return 500, {"error": "internal error"}
 
@@ -190,11 +198,12 @@ class EnrollmentAPI(Routes):
     `store` runs `thd_*` functions (StoreService), `operator_identity` signs the Node records,
     `signed_operator` is this operator's OperatorNode record; `rpc_endpoints(request)` → the
     "HOST:PORT" texts where the node that made `request` reaches the operator's RPC; `rate`
-    and `burst` bound requests per client address.
+    and `burst` bound requests per client address; a node whose Node record expired renews
+    with its key up to `renew_grace_days` after.
     """
 
     def __init__(self, store, operator_identity, signed_operator, clock, rpc_endpoints,
-                 rate=RATE, burst=BURST):
+                 rate=RATE, burst=BURST, renew_grace_days=registry.RENEW_GRACE_DAYS):
         super().__init__()
         self.rpc_endpoints = lambda request: rpc_endpoints(request)[:OPERATOR_RPC_LIMIT]
         self._store = store
@@ -206,7 +215,8 @@ class EnrollmentAPI(Routes):
         v1 = Routes()
         self.putChild(b"v1", v1)
         v1.putChild(b"enroll", _Action(self, "enroll", _enroll_arguments))
-        v1.putChild(b"renew", _Action(self, "renew", _renew_arguments))
+        v1.putChild(b"renew", _Action(
+            self, "renew", lambda request: _renew_arguments(request, renew_grace_days)))
 
     def issue(self, issue, rpc_endpoints, *arguments):
         """Run a registry function that issues a Node record → Deferred[JSON answer]."""

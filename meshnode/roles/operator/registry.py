@@ -14,14 +14,23 @@ from meshnode import records
 from meshnode.core.enrollment import renew_message
 from meshnode.core.web import HTTPError
 from meshnode.core.schema import domains, end_devices, enrollment_tokens, nodes, operator_nodes
-from meshnode.core.schema import pending_devices, revocations, super_nodes
+from meshnode.core.schema import dismissed_devices, pending_devices, revocations, super_nodes
 
 DAY_MS = 86_400_000
 NODE_LIFETIME_MS = 30 * DAY_MS
+# How long after its Node record expired a node may still renew with its own key (a laptop
+# back from a long holiday); after that it enrolls again with a token. `[operator]
+# renew-grace-days`.
+RENEW_GRACE_DAYS = 90
 
 
 class RegistryError(HTTPError):
-    """A refused request; `status` is the HTTP status it maps to, `reason` the one line why."""
+    """A refused request; `status` is the HTTP status it maps to, `reason` the one line why;
+    `details`: more fields for the JSON answer, for the node to act on."""
+
+    def __init__(self, status, reason, **details):
+        super().__init__(status, reason)
+        self.details = details
 
 
 def token_hash(token):
@@ -126,13 +135,15 @@ def thd_enroll(engine, operator, token, signing_key, agreement_key, name, now):
                                           ).first()
             if existing is not None and existing.revoked:
                 raise RegistryError(403, "these keys were revoked")
-            if existing is not None:
+            if existing is not None and existing.expires > now:
                 raise RegistryError(409, f"these keys are enrolled already as "
                                          f"{existing.name!r}: renew instead")
+            # Keys whose Node record expired enroll again like new ones (beyond the renewal
+            # grace a token is what lets them back).
             holder = connection.execute(sa.select(nodes.c.node_id).where(
                 nodes.c.domain == row.domain, nodes.c.name == name,
                 nodes.c.revoked == sa.false())).first()
-            if holder is not None:
+            if holder is not None and holder.node_id != node_id:
                 raise RegistryError(409, f"the name {name!r} is taken in this domain")
             spent = connection.execute(enrollment_tokens.update().where(
                 enrollment_tokens.c.token_hash == row.token_hash,
@@ -141,18 +152,26 @@ def thd_enroll(engine, operator, token, signing_key, agreement_key, name, now):
             if spent.rowcount != 1:
                 raise RegistryError(403, "the enrollment token is used up")
             signed = _sign_node(operator, row.domain, signing_key, agreement_key, name, now)
-            connection.execute(nodes.insert().values(
-                node_id=node_id, domain=row.domain, name=name, signing_key=signing_key,
-                agreement_key=agreement_key, record=signed.encode(), issued=now,
-                expires=signed.record.expires, revoked=False))
+            values = dict(domain=row.domain, name=name, signing_key=signing_key,
+                          agreement_key=agreement_key, record=signed.encode(), issued=now,
+                          expires=signed.record.expires, revoked=False)
+            if existing is None:
+                connection.execute(nodes.insert().values(node_id=node_id, **values))
+            else:
+                connection.execute(nodes.update().where(nodes.c.node_id == node_id,
+                                                        nodes.c.revoked == sa.false())
+                                   .values(**values))
             return signed
     except sa.exc.IntegrityError:
         # Another enrollment (perhaps on another operator sharing the database) won the race.
         raise RegistryError(409, f"the name {name!r} is taken in this domain") from None
 
 
-def thd_renew(engine, operator, node_id, timestamp, signature, now):
-    """A fresh Node record for an enrolled node that signed `renew_message` with its key."""
+def thd_renew(engine, operator, node_id, timestamp, signature, now,
+              grace_days=RENEW_GRACE_DAYS):
+    """A fresh Node record for an enrolled node that signed `renew_message` with its key:
+    while its record is current, and up to `grace_days` after it expired (403 after that,
+    with `expired` and `grace_days` in the details: the node enrolls again with a token)."""
     if abs(timestamp - now) > records.CLOCK_SKEW_MS:
         raise RegistryError(400, "the renewal timestamp is off by more than 60 seconds")
     with engine.begin() as connection:
@@ -161,11 +180,14 @@ def thd_renew(engine, operator, node_id, timestamp, signature, now):
             raise RegistryError(404, "no such node: enroll instead")
         if row.revoked:
             raise RegistryError(403, "this node is revoked")
-        if row.expires <= now:
-            raise RegistryError(403, "the Node record has expired: enroll again with a token")
         if not records.signature_holds(row.signing_key, signature,
                                        renew_message(node_id, timestamp)):
             raise RegistryError(401, "the renewal is not signed by the node's key")
+        if now - row.expires > grace_days * DAY_MS:
+            raise RegistryError(
+                403, f"the Node record expired {(now - row.expires) // DAY_MS} days ago, "
+                     f"beyond the {grace_days}-day grace for renewal: enroll again with a "
+                     f"token", expired=row.expires, grace_days=grace_days)
         signed = _sign_node(operator, row.domain, row.signing_key, row.agreement_key, row.name,
                             now)
         connection.execute(nodes.update().where(nodes.c.node_id == node_id).values(
@@ -331,63 +353,121 @@ def _add_device(connection, operator, domain, domain_name, name, mac, address,
         domain=domain, device_id=device_id, name=name, location_id=location_id,
         record=signed.encode(), created=now))
     if mac is not None:
-        connection.execute(pending_devices.delete().where(
-            pending_devices.c.domain == domain, pending_devices.c.mac == mac))
+        for table in (pending_devices, dismissed_devices):
+            connection.execute(table.delete().where(table.c.domain == domain,
+                                                    table.c.mac == mac))
     _changed(connection, domain)
     return _device_row(signed.record, domain_name)
 
 
 PENDING_LIMIT = 1000  # devices kept waiting for approval per domain
+# The defaults of [operator] pending-expiry-days and pending-per-location, and of `device
+# dismiss --days`.
+PENDING_EXPIRY_DAYS = 7
+PENDING_PER_LOCATION = 256
+DISMISS_DAYS = 30
 
 
-def thd_devices_seen(engine, domain, location_id, seen_by, devices, now):
+def thd_devices_seen(engine, domain, location_id, seen_by, devices, now,
+                     expiry_days=PENDING_EXPIRY_DAYS, per_location=PENDING_PER_LOCATION):
     """Keep the (MAC, address) pairs a tunnel-node of `domain` saw at `location_id` that have
-    no EndDevice record, for approval → how many were new."""
+    no EndDevice record, for approval, until `expiry_days` after they were last reported
+    → how many were new.
+
+    Rows that expired and dismissals that ended are collected first. Dismissed MACs are
+    skipped; a MAC already pending is refreshed (wherever it is now); a new one is kept while
+    its location has fewer than `per_location` pending and the domain fewer than
+    PENDING_LIMIT."""
     try:
-        return _devices_seen(engine, domain, location_id, seen_by, devices, now)
+        return _devices_seen(engine, domain, location_id, seen_by, devices, now,
+                             expiry_days, per_location)
     except sa.exc.IntegrityError:
         # Another report of the same new device won the insert (PostgreSQL runs several
         # at once): this time it is known, and updated.
-        return _devices_seen(engine, domain, location_id, seen_by, devices, now)
+        return _devices_seen(engine, domain, location_id, seen_by, devices, now,
+                             expiry_days, per_location)
 
 
-def _devices_seen(engine, domain, location_id, seen_by, devices, now):
+def _collect_pending(connection, domain, now):
+    connection.execute(pending_devices.delete().where(
+        pending_devices.c.domain == domain, pending_devices.c.expires <= now))
+    connection.execute(dismissed_devices.delete().where(
+        dismissed_devices.c.domain == domain, dismissed_devices.c.until <= now))
+
+
+def _devices_seen(engine, domain, location_id, seen_by, devices, now, expiry_days,
+                  per_location):
     new = 0
     with engine.begin() as connection:
+        _collect_pending(connection, domain, now)
         registered = {records.decode_signed(row.record).record.mac for row in
                       connection.execute(sa.select(end_devices.c.record).where(
                           end_devices.c.domain == domain))}
-        pending = {row.mac for row in connection.execute(sa.select(pending_devices.c.mac).where(
-            pending_devices.c.domain == domain))}
+        dismissed = {row.mac for row in connection.execute(
+            sa.select(dismissed_devices.c.mac).where(dismissed_devices.c.domain == domain))}
+        pending = {row.mac: row.location_id for row in connection.execute(
+            sa.select(pending_devices.c.mac, pending_devices.c.location_id).where(
+                pending_devices.c.domain == domain))}
+        here = sum(1 for place in pending.values() if place == location_id)
         for mac, address in devices:
-            if mac in registered or mac == records.NO_MAC:  # the MAC of no device
-                continue
+            if mac in registered or mac in dismissed or mac == records.NO_MAC:
+                continue  # the all-zero MAC is no device's
             values = dict(location_id=location_id, address=address, seen_by=seen_by,
-                          last_seen=now)
+                          last_seen=now, expires=now + expiry_days * DAY_MS)
             if mac in pending:
                 connection.execute(pending_devices.update().where(
                     pending_devices.c.domain == domain, pending_devices.c.mac == mac
                 ).values(**values))
-            elif len(pending) < PENDING_LIMIT:
+                here += pending[mac] != location_id
+                pending[mac] = location_id
+            elif here < per_location and len(pending) < PENDING_LIMIT:
                 connection.execute(pending_devices.insert().values(
                     domain=domain, mac=mac, first_seen=now, **values))
-                pending.add(mac)
+                pending[mac] = location_id
+                here += 1
                 new += 1
     return new
 
 
-def thd_pending_devices(engine, domain_name=None):
+def thd_pending_devices(engine, domain_name=None, now=None):
+    """The pending devices (of one domain), those expired by `now` left out."""
     with engine.connect() as connection:
         query = sa.select(pending_devices, domains.c.name).join(
             domains, domains.c.domain == pending_devices.c.domain).order_by(
             domains.c.name, pending_devices.c.mac)
         if domain_name is not None:
             query = query.where(pending_devices.c.domain == _domain_id(connection, domain_name))
+        if now is not None:
+            query = query.where(pending_devices.c.expires > now)
         return [{"domain": row.domain, "domain_name": row.name, "mac": row.mac.hex(":"),
                  "address": row.address,
                  "location_id": row.location_id.hex(), "seen_by": row.seen_by.hex(),
-                 "first_seen": row.first_seen, "last_seen": row.last_seen}
+                 "first_seen": row.first_seen, "last_seen": row.last_seen,
+                 "expires": row.expires}
                 for row in connection.execute(query)]
+
+
+def thd_dismiss_device(engine, domain_name, mac, now, days=DISMISS_DAYS):
+    """Take a pending device off the list, and keep reports of its MAC out for `days` (0:
+    end an earlier dismissal, so the next report lists it again) → what was dismissed."""
+    with engine.begin() as connection:
+        domain = _domain_id(connection, domain_name)
+        _collect_pending(connection, domain, now)
+        removed = connection.execute(pending_devices.delete().where(
+            pending_devices.c.domain == domain, pending_devices.c.mac == mac)).rowcount
+        held = connection.execute(sa.select(dismissed_devices.c.until).where(
+            dismissed_devices.c.domain == domain, dismissed_devices.c.mac == mac)).first()
+        if not removed and held is None:
+            raise RegistryError(404, f"no pending device {mac.hex(':')} in {domain_name!r} "
+                                     "(`meshnode operator device pending` lists them)")
+        connection.execute(dismissed_devices.delete().where(
+            dismissed_devices.c.domain == domain, dismissed_devices.c.mac == mac))
+        until = now + days * DAY_MS
+        if days:
+            connection.execute(dismissed_devices.insert().values(
+                domain=domain, mac=mac, dismissed=now, until=until))
+        return {"domain": domain, "domain_name": domain_name, "mac": mac.hex(":"),
+                "was_pending": bool(removed), "until": until if days else None}
 
 
 def thd_approve_device(engine, operator, domain_name, mac, name, ports, now, address=None,
@@ -396,7 +476,8 @@ def thd_approve_device(engine, operator, domain_name, mac, name, ports, now, add
     with engine.begin() as connection:
         domain = _domain_id(connection, domain_name)
         row = connection.execute(sa.select(pending_devices).where(
-            pending_devices.c.domain == domain, pending_devices.c.mac == mac)).first()
+            pending_devices.c.domain == domain, pending_devices.c.mac == mac,
+            pending_devices.c.expires > now)).first()
         if row is None:
             raise RegistryError(404, f"no pending device {mac.hex(':')} in {domain_name!r} "
                                      "(`meshnode operator device pending` lists them)")
