@@ -158,6 +158,18 @@ class EnrollmentTests(SynchronousTestCase):
         self.assertRaises(signing.OperatorError, signing.sign_node, self.state_dir,
                           self.me.signing_public, self.me.agreement_public, 1, "x", self.clock)
 
+    def test_operator_back_after_its_record_expired(self):
+        """An operator stopped past its own Node record's 30 days is still an operator and
+        re-signs its record: enrolled again, under the same name."""
+        self.clock.advance(45 * 86400)
+        operator_me, _ = signing.load_operator(self.operator_dir, self.clock)
+        self.assertTrue(signing.renew_own_node(self.operator_dir, self.clock))
+        enrollment = identity.load_enrollment(self.operator_dir, operator_me,
+                                              int(self.clock.seconds() * 1000))
+        self.assertTrue(enrollment.enrolled)
+        self.assertEqual((enrollment.node.record.name, enrollment.node.record.issued),
+                         ("operator", int(self.clock.seconds() * 1000)))
+
     def test_operator_is_enrolled_as_itself(self):
         """An operator's own enrollment holds its Node record and self-signed OperatorNode."""
         operator_me = identity.load_or_create(self.operator_dir, self.clock)

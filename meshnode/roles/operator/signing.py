@@ -47,11 +47,12 @@ def own_operator_record(me, operators):
 
 
 def renew_own_node(state_dir, clock, days=30, margin_days=10):
-    """Re-sign the operator's own Node record when it expires within `margin_days`."""
+    """Re-sign the operator's own Node record when it expires within `margin_days`, or has
+    expired (an operator stopped for longer)."""
     me, operators = load_operator(state_dir, clock)
     now = records.now_ms(clock)
     enrollment = identity_module.load_enrollment(state_dir, me, now)
-    node = enrollment.node.record
+    node = (enrollment.node or enrollment.expired).record
     if node.expires - now > margin_days * 86_400_000:
         return False
     renewed = me.sign(records.Node(node.domain, me.node_id, me.signing_public,
