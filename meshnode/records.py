@@ -228,8 +228,10 @@ class NodeInfo:
 class SuperNode:
     """An operator's assignment of a DHT partition range to a super-node.
 
-    `endpoint` is the RPC endpoint the operator reached the super-node on before signing:
-    nodes of every domain find their replicas from these records alone."""
+    `replicas` is K, the holders every range should have (fewer: the operator serves it
+    too), signed here so that nobody handing the list on can change it. `endpoint` is the RPC
+    endpoint the operator reached the super-node on before signing: nodes of every domain
+    find their replicas from these records alone."""
 
     TYPE = RecordType.SUPER_NODE
     SIGNED_BY_OPERATOR = True
@@ -238,6 +240,7 @@ class SuperNode:
     node_id: bytes = _ID
     partition_from: int = attrs.field(validator=_check_uint(16))
     partition_to: int = attrs.field(validator=_check_uint(16))
+    replicas: int = attrs.field()
     endpoint: Endpoint = attrs.field(validator=attrs.validators.instance_of(Endpoint))
     created: int = _TIME
 
@@ -246,21 +249,27 @@ class SuperNode:
         if value < self.partition_from:
             raise ValueError("partition_to is below partition_from")
 
+    @replicas.validator
+    def _positive(self, attribute, value):
+        _check_uint(8)(self, attribute, value)
+        if value == 0:
+            raise ValueError("replicas must be at least 1")
+
     @property
     def subject(self):
         return self.node_id
 
     def write(self, w):
         w.u32(self.domain).fixed(self.node_id, ID_SIZE)
-        w.u16(self.partition_from).u16(self.partition_to).endpoint(self.endpoint)
-        w.u64(self.created)
+        w.u16(self.partition_from).u16(self.partition_to).u8(self.replicas)
+        w.endpoint(self.endpoint).u64(self.created)
 
     @classmethod
     def read(cls, r):
         domain, node_id, low, high = r.u32(), r.fixed(ID_SIZE), r.u16(), r.u16()
         if high < low:
             raise DecodeError("partition range is reversed")
-        return cls(domain, node_id, low, high, r.endpoint(), r.u64())
+        return cls(domain, node_id, low, high, r.u8(), r.endpoint(), r.u64())
 
     def check(self, now):
         if self.created > now + CLOCK_SKEW_MS:

@@ -97,7 +97,7 @@ class Mesh:
         self.operator = self._start(
             me, Enrollment.from_bundle(me, [own, self.operator_record], NOW_MS),
             Role.OPERATOR | Role.USER)
-        directory.register(self.operator.rpc, self.store, REPLICAS)
+        directory.register(self.operator.rpc, self.store)
 
     def _start(self, identity, enrollment, roles):
         self._hosts += 1

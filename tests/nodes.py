@@ -179,7 +179,9 @@ class Network:
         own free loopback port; fires with their Nodes when every control socket answers."""
         for state_dir in state_dirs:
             os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        log = os.path.join(self.base, f"swarm-{len(os.listdir(self.base))}.log")
+        # A name of its own even for swarms started at the same moment.
+        descriptor, log = tempfile.mkstemp(prefix="swarm-", suffix=".log", dir=self.base)
+        os.close(descriptor)
         args = [sys.executable, "-m", "tests.swarm", log, *state_dirs, "--",
                 "--listen-address", "127.0.0.1", "--rpc-port", "0", *_free_role_ports(flags)]
         exit_watch = _Exit()

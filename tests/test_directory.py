@@ -32,11 +32,11 @@ _OPERATOR = Identity.generate()
 _DOMAIN = 0x12340001
 
 
-def _super_node(number, low, high, port=None):
+def _super_node(number, low, high, port=None, replicas=3, created=NOW_MS):
     """An operator-signed SuperNode record of node `number` (SuperNodeList does not verify)."""
     return _OPERATOR.sign(records.SuperNode(
-        _DOMAIN, bytes([number]) * 32, low, high,
-        Endpoint(f"192.0.2.{number}", port or 4000 + number), NOW_MS))
+        _DOMAIN, bytes([number]) * 32, low, high, replicas,
+        Endpoint(f"192.0.2.{number}", port or 4000 + number), created))
 
 
 def _replica(number, port=None):
@@ -52,7 +52,7 @@ class SuperNodeListTests(SynchronousTestCase):
             _super_node(2, 0x0800, 0x1FFF),
             _super_node(1, 0x0000, 0x0FFF),
             _super_node(3, 0x3000, 0x3000),
-        ], replicas=3)
+        ])
 
     def test_holders_of_a_key(self):
         """Every node whose range holds the key, bounds included, one Replica each."""
@@ -96,6 +96,15 @@ class SuperNodeListTests(SynchronousTestCase):
         empty = SuperNodeList.decode(SuperNodeList().encode())
         self.assertEqual((empty.signed, empty.replicas), ((), 1))
 
+    def test_k_is_the_one_signed_in_the_newest_record(self):
+        """K comes from the records' signed bytes: the newest record's (the operator signs
+        every record anew when K changes); with no record it is 1 (the operator alone)."""
+        self.assertEqual(SuperNodeList([_super_node(1, 0, 0xFFFF, replicas=5)]).replicas, 5)
+        mixed = SuperNodeList([_super_node(1, 0, 0x7FFF, replicas=2, created=NOW_MS + 1),
+                               _super_node(2, 0x8000, 0xFFFF, replicas=4)])
+        self.assertEqual(mixed.replicas, 2)
+        self.assertEqual(SuperNodeList().replicas, 1)
+
     def test_bad_bytes_rejected(self):
         """Truncated, padded or empty bytes are a DecodeError (a ValueError)."""
         data = self.listed.encode()
@@ -106,11 +115,12 @@ class SuperNodeListTests(SynchronousTestCase):
 # -- DirectoryService ----------------------------------------------------------------------
 
 def place(mesh, node, low, high, node_id=None, signer=None, created=None, endpoint=None,
-          add=True):
+          add=True, replicas=REPLICAS):
     """Sign a SuperNode record placing `node` (or `node_id` at `node`'s endpoint) on low..high
-    and (with `add`) add it to the operator's super_nodes table → the signed record."""
+    with K = `replicas` and (with `add`) add it to the operator's super_nodes table → the
+    signed record."""
     signed = (signer or mesh.me).sign(records.SuperNode(
-        node.rpc.domain, node_id or node.node_id, low, high,
+        node.rpc.domain, node_id or node.node_id, low, high, replicas,
         endpoint or Endpoint(*node.address),
         mesh.operator.rpc.now_ms() if created is None else created))
     if add:
@@ -138,11 +148,11 @@ def kept_list(store):
     return None if data is None else SuperNodeList.decode(data)
 
 
-def answer_super_nodes(node, signed, replicas=REPLICAS):
+def answer_super_nodes(node, signed):
     """Make `node` answer GetSuperNodes with `signed`, as a super-node answers from its list."""
     blobs = [s.encode() for s in signed]
     node.rpc.register(Command.GET_SUPER_NODES,
-                      lambda incoming: SuperNodes.fill(blobs, incoming.message.offset, replicas),
+                      lambda incoming: SuperNodes.fill(blobs, incoming.message.offset),
                       any_domain)
 
 
@@ -235,10 +245,10 @@ class RefreshTests(_DirectoryTestCase):
         directory = self.directory()
         self.settle(directory.refresh_super_nodes())
         s2 = self.silent("s2")
-        theirs = [place(self.mesh, s1, 0, 0x7FFF, add=False),
-                  place(self.mesh, s2, 0x8000, 0xFFFF, add=False)]
+        theirs = [place(self.mesh, s1, 0, 0x7FFF, add=False, replicas=2),
+                  place(self.mesh, s2, 0x8000, 0xFFFF, add=False, replicas=2)]
         clear_rows(self.mesh)  # the operator would now answer an empty list
-        answer_super_nodes(s1, theirs, replicas=2)
+        answer_super_nodes(s1, theirs)
         listed = self.settle(directory.refresh_super_nodes())
         self.assertEqual(list(listed.signed), theirs)
         self.assertEqual(listed.replicas, 2)
@@ -299,7 +309,7 @@ class RefreshTests(_DirectoryTestCase):
         s1 = self.silent("s1")
         store = StoreStandIn(self)
         kept = [place(self.mesh, s1, 0, 0xFFFF)]
-        store.run(thd_keep_list, "super_nodes", SuperNodeList(kept, 3).encode())
+        store.run(thd_keep_list, "super_nodes", SuperNodeList(kept).encode())
         directory = self.directory(store, operator_address=("10.0.0.99", 4000))
         d = directory.refresh_super_nodes()
         self.mesh.network.flush()
@@ -321,7 +331,7 @@ class RefreshTests(_DirectoryTestCase):
         self.mesh.network.flush()
         self.mesh.advance(PAST_CALL_TIMEOUT)  # the refresh fails, quietly
         self.assertEqual(self.operator.rpc.drops["unknown_command"], 1)
-        operator_directory.register(self.operator.rpc, self.mesh.store, REPLICAS)
+        operator_directory.register(self.operator.rpc, self.mesh.store)
         added = place(self.mesh, self.silent("s1"), 0, 0xFFFF)
         self.mesh.advance(SUPER_NODE_REFRESH_SECONDS - PAST_CALL_TIMEOUT)
         self.mesh.network.flush()
@@ -404,7 +414,7 @@ class KeptListTests(_DirectoryTestCase):
         forged = place(self.mesh, s3, 0, 0xFFFF, signer=s3.identity)
         store = StoreStandIn(self)
         store.run(thd_keep_list, "super_nodes",
-                  SuperNodeList([genuine, revoked, forged], 3).encode())
+                  SuperNodeList([genuine, revoked, forged]).encode())
         revoke(self.mesh, self.alice, s2)
         self.assertEqual(list(self.directory(store).super_node_list.signed), [genuine])
 
@@ -599,7 +609,7 @@ class LookupTests(_DirectoryTestCase):
         s1 = self.super_node("s1", entries=[entry])
         store = StoreStandIn(self)
         store.run(thd_keep_list, "super_nodes", SuperNodeList(
-            [place(self.mesh, s1, self.key, self.key, add=False)], REPLICAS).encode())
+            [place(self.mesh, s1, self.key, self.key, add=False)]).encode())
         directory = self.directory(store, operator_address=("10.0.0.99", 4000))
         d = directory.lookup_node_info(self.dave.node_id)
         self.mesh.network.flush()

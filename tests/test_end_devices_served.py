@@ -19,7 +19,7 @@ from meshnode.rpc.messages import (MESSAGES, Command, EndDevices, GetEndDevices,
                                    RecordsChanged, Stored)
 from meshnode.rpc.service import CallTimeout, any_domain
 from meshnode.wire import DecodeError
-from tests.mesh import REPLICAS, Mesh, StoreStandIn
+from tests.mesh import Mesh, StoreStandIn
 from tests.test_dht import entry_of, partition
 from tests.test_directory import place
 
@@ -42,7 +42,7 @@ class _Base(SynchronousTestCase):
         self.sup = self.mesh.user("sup", "infra")
         self.placed = set()  # (node id, partition key) the operator's placement accepts
         self.asked_places = []
-        operator_directory.register(self.operator.rpc, self.mesh.store, REPLICAS, self.places)
+        operator_directory.register(self.operator.rpc, self.mesh.store, self.places)
 
     def places(self, node_id, key):
         self.asked_places.append((node_id, key))

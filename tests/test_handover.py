@@ -312,7 +312,7 @@ class PunchTestCase(SynchronousTestCase):
         other mesh nodes' NodeInfo at once."""
         directory = self.mesh.directory_of(node)
         directory.super_node_list = SuperNodeList([self.mesh.me.sign(records.SuperNode(
-            self.super.rpc.domain, self.super.node_id, 0, 0xFFFF,
+            self.super.rpc.domain, self.super.node_id, 0, 0xFFFF, 3,
             Endpoint(*self.super.address), node.rpc.now_ms()))])
         self.patch(directory, "lookup_node_info", self.lookup)
         self.patch(directory, "replicas", lambda domain=None: defer.succeed(self.replicas))

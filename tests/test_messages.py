@@ -83,25 +83,28 @@ class MessageRoundTripTests(SynchronousTestCase):
         for kind in (GetOperatorNodes, GetSuperNodes, GetEndDevices):
             self.round_trip(kind(offset))
 
-    @given(st.integers(0, 4), st.integers(0, 65535), st.integers(1, 255))
-    def test_record_pages_round_trip(self, count, total, replicas):
-        """A page of signed records round-trips and fits one datagram; SuperNodes carries K."""
+    @given(st.integers(0, 4), st.integers(0, 65535))
+    def test_record_pages_round_trip(self, count, total):
+        """A page of signed records round-trips and fits one datagram."""
         signed = [_operator_record(Identity.generate()) for _ in range(count)]
         page = OperatorNodes.fill([s.encode() for s in signed], 0)
         self.assertEqual(len(page.signed), count)
         self.round_trip(page)
-        self.round_trip(SuperNodes(total, signed, replicas))
+        self.round_trip(SuperNodes(total, signed))
         self.round_trip(EndDevices(total, []))
         self.assertLessEqual(len(page.encode()), PAGE_BYTES + 2)
 
-    def test_super_nodes_fill_carries_replicas(self):
-        """SuperNodes.fill keeps K, and K distinguishes two pages of the same records."""
-        blobs = [_operator_record(Identity.generate()).encode()]
-        page = SuperNodes.fill(blobs, 0, 3)
-        self.assertEqual((page.total, page.replicas), (1, 3))
-        self.assertEqual(SuperNodes.decode(page.encode()), page)
-        self.assertNotEqual(page, SuperNodes.fill(blobs, 0, 2))
-        self.assertEqual(SuperNodes.fill(blobs, 0).replicas, 1)
+    def test_super_nodes_carry_k_only_inside_the_signed_records(self):
+        """A SuperNodes page is its total and the signed records, nothing more (the layout of
+        every record page): K is read from each record's signed bytes, and a page with a
+        byte put in front (the old unsigned K) is refused."""
+        me = Identity.generate()
+        signed = [OPERATOR.sign(records.SuperNode(1, me.node_id, 0, 0xFFFF, 5,
+                                                  Endpoint("192.0.2.7", 4000), NOW))]
+        data = SuperNodes.fill([s.encode() for s in signed], 0).encode()
+        self.assertEqual(data, OperatorNodes(1, signed).encode())
+        self.assertEqual(SuperNodes.decode(data).signed[0].record.replicas, 5)
+        self.assertRaises(DecodeError, SuperNodes.decode, b"\x05" + data)
 
     @given(st.binary(min_size=32, max_size=32))
     def test_get_node_info_by_id_round_trips(self, node_id):
@@ -212,7 +215,7 @@ def _samples():
     return [
         Ping(b"abc"), GetNode(bytes(12), bytes(32)), NodeRecord(_node_record("n")),
         GetEndDevices(3), OperatorNodes(1, [_operator_record(Identity.generate())]),
-        SuperNodes(1, [_operator_record(Identity.generate())], 3),
+        SuperNodes(1, [_operator_record(Identity.generate())]),
         PutRecord(info), Stored(2, "the domain's quota is full"),
         GetNodeInfo(node_id=bytes(range(32))), GetNodeInfo(name="alice"),
         GetNodeInfo(node_id=bytes(range(32)), domain=0x0A1B2C3D),
@@ -338,14 +341,6 @@ class MalformedPayloadTests(SynchronousTestCase):
         broken = bytearray(PartitionRecords(1, [(node, info)]).encode())
         broken[8] = 99  # the Node record's type byte
         self.assertRaises(DecodeError, PartitionRecords.decode, bytes(broken))
-
-    def test_super_nodes_replicas_zero_refused(self):
-        """A SuperNodes page saying K = 0, or missing its K byte, is refused."""
-        data = SuperNodes(1, [_operator_record(Identity.generate())], 3).encode()
-        self.assertEqual(data[0], 3)
-        self.assertRaises(DecodeError, SuperNodes.decode, b"\x00" + data[1:])
-        self.assertRaises(DecodeError, SuperNodes.decode, b"")
-        self.assertRaises(struct.error, SuperNodes(0, [], 256).encode)
 
     def test_ping_data_over_the_limit_refused(self):
         """Ping data longer than its limit is neither sent nor accepted."""

@@ -57,7 +57,7 @@ class OperatorAndSuperNodesTests(_DirectoryTestCase):
     def test_super_nodes_none_yet(self):
         """GetSuperNodes answers an empty page while there are no super-nodes."""
         page = self.ask(self.alice, GetSuperNodes(), SuperNodes)
-        self.assertEqual(page, SuperNodes(0, [], replicas=3))
+        self.assertEqual(page, SuperNodes(0, []))
 
 
 class GetNodeTests(_DirectoryTestCase):

@@ -1,23 +1,26 @@
 """Tests for meshnode.roles.operator.placement: the operator places super-nodes on DHT ranges."""
 
 import os
+import threading
 
 import sqlalchemy as sa
 from hypothesis import given, strategies as st
+from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshnode import records
 
 from meshnode.core import store
 from meshnode.core.identity import Identity
-from meshnode.roles.operator import registry
+from meshnode.roles.operator import placement, registry
 from meshnode.roles.operator.assignment import (
     FIRST_KEY, LAST_KEY, Assignment, Range, join, leave, ranges_of)
 from meshnode.roles.operator.placement import (
-    REACH_BACK_TIMEOUT_SECONDS, REACHED_VALID_SECONDS, SUPER_NODE_TIMEOUT_SECONDS,
-    PlacementService, assignment_from_rows, thd_assignment, thd_expire, thd_join)
+    PLACING_ANSWER_SECONDS, REACH_BACK_TIMEOUT_SECONDS, REACHED_VALID_SECONDS,
+    SUPER_NODE_TIMEOUT_SECONDS, PlacementService, assignment_from_rows, thd_assignment,
+    thd_expire, thd_join)
 from meshnode.rpc.messages import Command, SubmitState, SubmitSuperNode, SuperNodeStatus
-from meshnode.core.schema import super_node_offers
+from meshnode.core.schema import super_node_offers, super_nodes
 from meshnode.wire import Endpoint
 from tests import postgres
 from tests.mesh import Mesh
@@ -305,6 +308,38 @@ class PlacementStoreTestsMixin:
                                               {n.node_id for n in nodes[:2]}),))
         self.assert_records_match(table)
 
+    def test_records_carry_k_under_the_signature(self):
+        """Every SuperNode record carries the K it was placed with, inside the signed bytes."""
+        for node in self.nodes(4):
+            table = self.join(node)
+        self.assertEqual({s.record.replicas for s in self.stored()}, {3})
+        self.assert_records_match(table)
+
+    def test_changed_k_signs_every_record_anew(self):
+        """K raised from 2 to 3 changes no range, yet the first heartbeat signs every record
+        again with the new K: no node keeps reading the old one."""
+        nodes = self.nodes(2)
+        for node in nodes:
+            self.join(node, k=2)
+        self.assertEqual({s.record.replicas for s in self.stored()}, {2})
+        table = self.join(nodes[0], now=NOW + MINUTE_MS, k=3)
+        self.assertEqual({(s.record.replicas, s.record.created) for s in self.stored()},
+                         {(3, NOW + MINUTE_MS)})
+        self.assert_records_match(table)
+
+    def test_unreadable_record_signed_anew(self):
+        """A stored record this code cannot read (an older format) is replaced at the next
+        heartbeat, though the ranges did not change."""
+        nodes = self.nodes(2)
+        for node in nodes:
+            table = self.join(node)
+        with self.engine.begin() as connection:
+            connection.execute(super_nodes.update().where(
+                super_nodes.c.node_id == nodes[0].node_id).values(record=b"old"))
+        self.assertEqual(self.join(nodes[1], now=NOW + MINUTE_MS), table)
+        self.assertEqual({r.created for r in self.records_of(nodes[0])}, {NOW + MINUTE_MS})
+        self.assert_records_match(table)
+
     def test_lowered_k_expire_places_the_extra_node_anew(self):
         """After K is lowered, the sweep re-joins the holder that was cut off: it takes a split."""
         nodes = self.nodes(3)
@@ -317,8 +352,8 @@ class PlacementStoreTestsMixin:
         self.assert_records_match(table)
 
 
-class SQLitePlacementStoreTests(PlacementStoreTestsMixin, SynchronousTestCase):
-    """Placement on a SQLite file of its own per test."""
+class _OnSQLite:
+    """make_url: a SQLite file of its own per test."""
 
     def make_url(self):
         directory = self.mktemp()
@@ -326,8 +361,8 @@ class SQLitePlacementStoreTests(PlacementStoreTestsMixin, SynchronousTestCase):
         return store.sqlite_url(directory)
 
 
-class PostgresPlacementStoreTests(PlacementStoreTestsMixin, SynchronousTestCase):
-    """Placement on a fresh database of the throwaway PostgreSQL cluster."""
+class _OnPostgres:
+    """make_url: a fresh database of the throwaway PostgreSQL cluster."""
 
     skip = postgres.skip_reason()
 
@@ -335,14 +370,153 @@ class PostgresPlacementStoreTests(PlacementStoreTestsMixin, SynchronousTestCase)
         return postgres.fresh_database()
 
 
+class SQLitePlacementStoreTests(_OnSQLite, PlacementStoreTestsMixin, SynchronousTestCase):
+    """Placement on a SQLite file of its own per test."""
+
+
+class PostgresPlacementStoreTests(_OnPostgres, PlacementStoreTestsMixin, SynchronousTestCase):
+    """Placement on a fresh database of the throwaway PostgreSQL cluster."""
+
+
+# -- two operators deciding at once ----------------------------------------------------------
+
+WAIT_SECONDS = 10  # a bound on every wait below; nothing takes that long unless broken
+BLOCKED_SECONDS = 0.5  # how long the second decision is watched for waiting on the first
+
+
+class _HeldAtFirstWrite:
+    """Holds the first thd_ function that writes through `engine` at its first INSERT, UPDATE
+    or DELETE (it has read the assignment by then) until `release()`."""
+
+    def __init__(self, engine):
+        self.writing = threading.Event()
+        self._released = threading.Event()
+        sa.event.listen(engine, "before_cursor_execute", self._before)
+
+    def _before(self, connection, cursor, statement, parameters, context, executemany):
+        if (statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE"))
+                and not self.writing.is_set()):
+            self.writing.set()
+            self._released.wait(WAIT_SECONDS)
+
+    def release(self):
+        self._released.set()
+
+
+class _Running(threading.Thread):
+    """`function(*args)` in a thread of its own; `result()` once it is done."""
+
+    def __init__(self, function, *args):
+        super().__init__(daemon=True)
+        self._call = function, args
+        self._outcome = None
+
+    def run(self):
+        function, args = self._call
+        try:
+            self._outcome = (True, function(*args))
+        except BaseException as e:
+            self._outcome = (False, e)
+
+    def result(self):
+        self.join(WAIT_SECONDS)
+        if self.is_alive():
+            raise AssertionError(f"still running after {WAIT_SECONDS} s")
+        done, value = self._outcome
+        if not done:
+            raise value
+        return value
+
+
+class ConcurrentPlacementTestsMixin:
+    """Two operators, each with its own engine on one database (`make_url()`), join a super-node
+    each at the same moment: the first has read the assignment and is about to write it when
+    the second starts."""
+
+    def make_url(self):
+        raise NotImplementedError
+
+    def setUp(self):
+        url = self.make_url()
+        self.first, self.second = store.open_engine(url), store.open_engine(url)
+        for engine in (self.first, self.second):
+            self.addCleanup(engine.dispose)
+        self.operators = Identity.generate(), Identity.generate()
+        self.nodes = sorted((Identity.generate() for _ in range(5)),
+                            key=lambda identity: identity.node_id)
+
+    def join(self, engine, operator, identity, port):
+        node = records.Node(DOMAIN, identity.node_id, identity.signing_public,
+                            identity.agreement_public, f"super{port}", NOW, NOW + DAY_MS)
+        return thd_join(engine, operator, node, EVERYTHING, Endpoint("192.0.2.1", port), NOW, 3)
+
+    def stored(self):
+        """(node id, low, high) of the SuperNode records the database holds."""
+        return sorted((s.record.node_id, s.record.partition_from, s.record.partition_to)
+                      for s in map(records.decode_signed,
+                                   registry.thd_super_node_records(self.first)))
+
+    def race(self):
+        """Three nodes hold everything (K=3); the fourth joins through the first operator,
+        held after its read, and the fifth through the second → (first's Assignment,
+        second's Assignment, whether the second was still waiting when the first went on)."""
+        for port, identity in enumerate(self.nodes[:3]):
+            self.join(self.first, self.operators[0], identity, port)
+        held = _HeldAtFirstWrite(self.first)
+        one = _Running(self.join, self.first, self.operators[0], self.nodes[3], 3)
+        one.start()
+        self.assertTrue(held.writing.wait(WAIT_SECONDS))
+        other = _Running(self.join, self.second, self.operators[1], self.nodes[4], 4)
+        other.start()
+        other.join(BLOCKED_SECONDS)
+        waited = other.is_alive()
+        held.release()
+        return one.result(), other.result(), waited
+
+    def test_without_the_lock_the_second_join_is_lost(self):
+        """(The race, shown.) Without the placement lock the second join is committed, then
+        overwritten by the first from what it read before: the fifth node was told it holds
+        keys that no record gives it."""
+        self.patch(placement, "take_placement_lock", lambda connection: None)
+        first, second, waited = self.race()
+        self.assertFalse(waited)
+        lost = self.nodes[4].node_id
+        self.assertTrue(ranges_of(second, lost))
+        self.assertNotIn(lost, {node_id for node_id, _, _ in self.stored()})
+
+    def test_with_the_lock_decisions_happen_one_after_another(self):
+        """With the lock the second decision waits for the first to commit, reads what it
+        wrote and places the fifth node on it: both newcomers hold keys, every key has exactly
+        K holders, and what the second returned is what the database holds."""
+        first, second, waited = self.race()
+        self.assertTrue(waited)
+        self.assertTrue(ranges_of(first, self.nodes[3].node_id))
+        for identity in self.nodes[3:]:
+            self.assertTrue(ranges_of(second, identity.node_id))
+        self.assertEqual([len(r.holders) for r in second.ranges], [3] * len(second.ranges))
+        self.assertEqual(self.stored(), sorted(rows_of(second)))
+        self.assertEqual(thd_assignment(self.first, 3), second)
+
+
+class SQLiteConcurrentPlacementTests(_OnSQLite, ConcurrentPlacementTestsMixin,
+                                     SynchronousTestCase):
+    """Two engines on one SQLite file (two processes would each have their own)."""
+
+
+class PostgresConcurrentPlacementTests(_OnPostgres, ConcurrentPlacementTestsMixin,
+                                       SynchronousTestCase):
+    """Two engines, each with its own connection pool, on one PostgreSQL database."""
+
+
 # -- the service on the fake mesh ------------------------------------------------------------
 
 class PlacementServiceTests(SynchronousTestCase):
 
-    def start(self, replicas=3):
+    def start(self, replicas=3, store=None):
         self.mesh = Mesh(self)
         self.partition = self.mesh.partition()
-        self.service = PlacementService(rpc=self.mesh.operator.rpc, store=self.mesh.store,
+        self.service = PlacementService(rpc=self.mesh.operator.rpc,
+                                        store=store(self.mesh.store) if store else self.mesh.store,
                                         clock=self.mesh.operator.reactor,
                                         partition=self.partition, replicas=replicas)
         self.service.operator = self.mesh.me
@@ -510,6 +684,60 @@ class PlacementServiceTests(SynchronousTestCase):
         self.assertTrue(self.service.may_transfer(user.node_id, FIRST_KEY, LAST_KEY))
         self.assertEqual(self.submit(user).state, SubmitState.ASSIGNED)
 
+    def test_join_waiting_its_turn_is_answered_checking_then_assigned(self):
+        """A join not committed within PLACING_ANSWER_SECONDS (waiting for the placement
+        lock) is answered CHECKING, so the node's call does not time out; asking again
+        meanwhile starts no second join; once it committed, the next ask is answered with
+        its outcome."""
+        held = []
+
+        class HeldJoins:
+            """The mesh's store, with thd_join held until the test lets it run."""
+
+            def __init__(self, store):
+                self.store = store
+
+            def run(self, function, *args):
+                if function is not thd_join:
+                    return self.store.run(function, *args)
+                held.append((defer.Deferred(), args))
+                return held[-1][0]
+
+        self.start(store=HeldJoins)
+        user = self.mesh.user("super1")
+        self.assertEqual(self.submit(user).state, SubmitState.CHECKING)  # reaching back
+        self.mesh.network.flush()
+
+        def asking():
+            peer = user.rpc.learn(self.mesh.operator.rpc.own_node)
+            d = user.rpc.call(peer, self.mesh.operator.address, SubmitSuperNode(
+                *EVERYTHING, Endpoint(user.host, user.rpc.port)), SuperNodeStatus)
+            self.mesh.network.flush()
+            return d
+
+        d = asking()
+        self.assertNoResult(d)
+        self.mesh.advance(PLACING_ANSWER_SECONDS)
+        self.mesh.network.flush()
+        self.assertEqual(self.successResultOf(d),
+                         SuperNodeStatus(SubmitState.CHECKING, "waiting to be placed"))
+        self.assertEqual(self.submit(user),
+                         SuperNodeStatus(SubmitState.CHECKING, "waiting to be placed"))
+        self.assertEqual(len(held), 1)
+        (waiting, args), = held
+        self.mesh.store.run(thd_join, *args).chainDeferred(waiting)
+        self.assertEqual([r.node_id for r in self.stored()], [user.node_id])
+        self.assertEqual(self.submit(user), SuperNodeStatus(SubmitState.ASSIGNED, ""))
+        self.assertEqual(len(held), 1)
+        self.assertTrue(self.service.may_transfer(user.node_id, FIRST_KEY, LAST_KEY))
+        heartbeat = asking()  # a join again, committed in time: answered with its outcome
+        self.assertEqual(len(held), 2)
+        waiting, args = held[1]
+        self.mesh.store.run(thd_join, *args).chainDeferred(waiting)
+        self.mesh.network.flush()
+        self.assertEqual(self.successResultOf(heartbeat),
+                         SuperNodeStatus(SubmitState.ASSIGNED, ""))
+
     def test_restarted_service_loads_the_assignment(self):
         """A new placement service on the same store serves only what the store leaves it."""
         self.start(replicas=1)
@@ -529,3 +757,52 @@ class PlacementServiceTests(SynchronousTestCase):
         self.addCleanup(again.stopService)
         self.assertEqual(served[-1], [(0x8000, 0xFFFF)])
         self.assertEqual(again.assignment, self.service.assignment)
+
+
+class PlacementOrderTests(SynchronousTestCase):
+    """The service's decisions, one at a time, each outcome used before the next starts."""
+
+    def test_in_memory_assignment_is_the_last_one_committed(self):
+        """While one decision is in the store, the next waits; the assignment in memory (and
+        the ranges the operator serves) is each decision's outcome in turn, never an older
+        one that finished later."""
+        held = []
+
+        class Store:
+            def run(self, function, *args):
+                held.append((function, defer.Deferred()))
+                return held[-1][1]
+
+        class RPC:
+            def register(self, *args):
+                pass
+
+            def unregister(self, *args):
+                pass
+
+            def now_ms(self):
+                return NOW
+
+        served = []
+
+        class Partition:
+            def serve(self, ranges):
+                served.append(ranges)
+
+        service = PlacementService(rpc=RPC(), store=Store(), clock=task.Clock(),
+                                   partition=Partition(), replicas=1)
+        service.startService()  # loads the assignment, then the first sweep
+        self.addCleanup(service.stopService)
+        service.expire()
+        self.assertEqual([function for function, _ in held], [thd_assignment])
+        loaded = Assignment((Range(FIRST_KEY, 0x7FFF, {POOL[0]}), Range(0x8000, LAST_KEY)), 1)
+        held[0][1].callback(loaded)
+        self.assertEqual(service.assignment, loaded)
+        self.assertEqual([function for function, _ in held], [thd_assignment, thd_expire])
+        swept = Assignment((Range(FIRST_KEY, LAST_KEY, {POOL[0]}),), 1)
+        held[1][1].callback((swept, []))
+        self.assertEqual(service.assignment, swept)
+        self.assertEqual(len(held), 3)
+        held[2][1].callback((Assignment.initial(1), [POOL[0]]))
+        self.assertEqual(service.assignment, Assignment.initial(1))
+        self.assertEqual(served[1:], [[(0x8000, LAST_KEY)], [], [(FIRST_KEY, LAST_KEY)]])

@@ -81,7 +81,8 @@ def node_infos(draw, valid_at=None):
 @st.composite
 def super_nodes(draw, valid_at=None):
     low, high = sorted((draw(_u16), draw(_u16)))
-    return SuperNode(draw(_u32), draw(_ids), low, high, draw(_endpoints), draw(_times(valid_at)))
+    return SuperNode(draw(_u32), draw(_ids), low, high, draw(st.integers(1, 255)),
+                     draw(_endpoints), draw(_times(valid_at)))
 
 
 @st.composite
@@ -208,7 +209,7 @@ class RoundTripTests(SynchronousTestCase):
                 Node(0xFFFF_FFFF, ids[0], ids[1], ids[2], "€" * 21, 2 ** 64 - 1, 2 ** 64 - 1),
                 NodeInfo(DOMAIN, ids[0], endpoints, 65535, endpoints, NatBehaviour.SYMMETRIC,
                          ids[:NodeInfo.LOCATION_LIMIT], Role(15), NOW),
-                SuperNode(DOMAIN, ids[0], 0, 65535, Endpoint("2001:db8::1", 65535), NOW),
+                SuperNode(DOMAIN, ids[0], 0, 65535, 255, Endpoint("2001:db8::1", 65535), NOW),
                 EndDevice(DOMAIN, ids[0], "x" * NAME_LIMIT, b"\xff" * 6,
                           "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", bytes(32), ids[1],
                           range(1, EndDevice.PORT_LIMIT + 1), NOW),
@@ -335,9 +336,9 @@ def _node_info_bytes(addresses=1, family=4, observed=0, locations=0, nat=1, role
     return _frame(write, RecordType.NODE_INFO)
 
 
-def _super_node_bytes(low, high):
+def _super_node_bytes(low, high, replicas=3):
     def write(w):
-        w.u32(DOMAIN).fixed(_ID_A, ID_SIZE).u16(low).u16(high)
+        w.u32(DOMAIN).fixed(_ID_A, ID_SIZE).u16(low).u16(high).u8(replicas)
         w.endpoint(Endpoint("192.0.2.7", 7400)).u64(NOW)
     return _frame(write, RecordType.SUPER_NODE)
 
@@ -396,7 +397,7 @@ class DecodeRejectionTests(SynchronousTestCase):
         self.assertEqual(info.observed, (Endpoint("::", 1000),))
         self.assertEqual(info.locations, (_ID_A,))
         self.assertEqual(decode_signed(_super_node_bytes(7, 7)).record,
-                         SuperNode(DOMAIN, _ID_A, 7, 7, Endpoint("192.0.2.7", 7400), NOW))
+                         SuperNode(DOMAIN, _ID_A, 7, 7, 3, Endpoint("192.0.2.7", 7400), NOW))
         self.assertEqual(decode_signed(_end_device_bytes()).record,
                          EndDevice(DOMAIN, _ID_A, "camera", bytes(6), None, None, _ID_A, [443],
                                    NOW))
@@ -462,6 +463,16 @@ class DecodeRejectionTests(SynchronousTestCase):
         self.assertRaises(DecodeError, decode_signed, _super_node_bytes(8, 7))
         self.assertRaises(DecodeError, decode_signed, _super_node_bytes(65535, 0))
 
+    def test_super_node_without_replicas_rejected(self):
+        """A SuperNode that signs K = 0 is rejected; K is read from the signed bytes."""
+        self.assertRaises(DecodeError, decode_signed, _super_node_bytes(0, 7, replicas=0))
+        self.assertEqual(decode_signed(_super_node_bytes(0, 7, replicas=255)).record.replicas,
+                         255)
+        self.assertRaises(ValueError, SuperNode, DOMAIN, _ID_A, 0, 7, 0,
+                          Endpoint("192.0.2.7", 7400), NOW)
+        self.assertRaises(ValueError, SuperNode, DOMAIN, _ID_A, 0, 7, 256,
+                          Endpoint("192.0.2.7", 7400), NOW)
+
     def test_invalid_utf8_name_rejected(self):
         """Node and EndDevice names that are not UTF-8, or empty, are rejected."""
         for name in (b"\xff", b"caf\xc3", b"\xed\xa0\x80", b""):
@@ -492,8 +503,8 @@ class TrustVerifyTests(SynchronousTestCase):
         return [
             (OPERATOR, _node_record(NODES[0], issued=created, expires=created + DAY_MS)),
             (NODES[0], _node_info(NODES[0], created)),
-            (OPERATOR, SuperNode(DOMAIN, NODES[0].node_id, 0, 10, Endpoint("192.0.2.7", 7400),
-                                 created)),
+            (OPERATOR, SuperNode(DOMAIN, NODES[0].node_id, 0, 10, 3,
+                                 Endpoint("192.0.2.7", 7400), created)),
             (OPERATOR, OperatorNode(DOMAIN, SECOND_OPERATOR.node_id,
                                     SECOND_OPERATOR.signing_public,
                                     SECOND_OPERATOR.agreement_public, created)),
@@ -606,7 +617,7 @@ class TrustVerifyTests(SynchronousTestCase):
         self.assertRejected("revoked", NODES[0].sign(_node_info(NODES[0])),
                             subject_node=self.node)
         self.assertRejected("revoked", OPERATOR.sign(
-            SuperNode(DOMAIN, NODES[0].node_id, 0, 1, Endpoint("192.0.2.7", 7400), NOW)))
+            SuperNode(DOMAIN, NODES[0].node_id, 0, 1, 3, Endpoint("192.0.2.7", 7400), NOW)))
         self.assertRejected("revoked", OPERATOR.sign(device))
         other = _node_record(NODES[1])
         self.assertEqual(self.trust.verify(OPERATOR.sign(other), NOW), other)

@@ -792,7 +792,7 @@ class IntroductionTestCase(TunnelTestCase):
         """The operator placed `node` as a super-node (in its store), and (with `listed`)
         the tunnel-node's list says so."""
         signed = self.mesh.me.sign(records.SuperNode(
-            node.rpc.domain, node.node_id, 0, 0xFFFF, Endpoint(*node.address),
+            node.rpc.domain, node.node_id, 0, 0xFFFF, 3, Endpoint(*node.address),
             self.node.rpc.now_ms()))
         add_row(self.mesh, signed, node.node_id, 0, 0xFFFF)
         if listed:

@@ -27,7 +27,6 @@ from meshnode.rpc.messages import (Changed, Command, EndDevices, ForwardedTunnel
                                    Stored, SuperNodes, TunnelNodes, TunnelResult)
 from meshnode.rpc.paging import read_pages
 from meshnode.rpc.service import RPCError, any_domain
-from meshnode.wire import Writer
 
 _log = Logger()
 
@@ -75,9 +74,17 @@ class Replica:
 class SuperNodeList:
     """The operator's SuperNode records (checked), and K, the replicas each range should have."""
 
-    def __init__(self, signed=(), replicas=1):
+    def __init__(self, signed=()):
         self.signed = tuple(signed)
-        self.replicas = replicas
+
+    @property
+    def replicas(self):
+        """K as the operator signed it into its newest record (it signs every record anew
+        when K changes); 1 with no record: the operator alone serves every range then."""
+        if not self.signed:
+            return 1
+        return max(self.signed, key=lambda s: (s.record.created, s.record.replicas)
+                   ).record.replicas
 
     def __len__(self):
         return len(self.signed)
@@ -108,11 +115,11 @@ class SuperNodeList:
         return out
 
     def encode(self):
-        return Writer().u8(self.replicas).bytes() + records.encode_bundle(self.signed)
+        return records.encode_bundle(self.signed)
 
     @classmethod
     def decode(cls, data):
-        return cls(records.decode_bundle(data[1:]), data[0])
+        return cls(records.decode_bundle(data))
 
 
 def _thd_load_list(engine, name):
@@ -215,7 +222,7 @@ class DirectoryService(service.MultiService):
             kept = SuperNodeList.decode(data)
         except ValueError:
             return
-        self._use_list(self._checked(kept.signed), kept.replicas, save=False)
+        self._use_list(self._checked(kept.signed), save=False)
 
     # -- reaching operators and replicas ------------------------------------------------------
 
@@ -412,10 +419,10 @@ class DirectoryService(service.MultiService):
                 continue  # not signed by an operator we trust, or revoked: ignored
         return kept
 
-    def _use_list(self, signed, replicas, save=True):
+    def _use_list(self, signed, save=True):
         self._list_loaded = True
-        self.super_node_list = SuperNodeList(signed, replicas)
-        self._fan_out.k = replicas
+        self.super_node_list = SuperNodeList(signed)
+        self._fan_out.k = self.super_node_list.replicas
         if save:
             d = self._store.run(thd_keep_list, "super_nodes", self.super_node_list.encode())
             d.addErrback(lambda f: _log.failure("could not keep the super-node list", f))
@@ -467,7 +474,7 @@ class DirectoryService(service.MultiService):
             try:
                 if source is None:
                     source = yield self.operator_replica()
-                signed, replicas = yield self._read_list(source)
+                signed = yield self._read_list(source)
             except RPCError as e:
                 failure = e
                 continue
@@ -476,17 +483,16 @@ class DirectoryService(service.MultiService):
                 # A super-node that lists nobody (not even itself) has no list yet.
                 failure = DirectoryError("a super-node answered with an empty list")
                 continue
-            self._use_list(signed, replicas)
+            self._use_list(signed)
             return self.super_node_list
         raise failure
 
     @defer.inlineCallbacks
     def _read_list(self, source):
         signed = []
-        last = yield read_pages(
-            lambda offset: self.call(source, GetSuperNodes(offset), SuperNodes),
-            "signed", signed.extend)
-        return signed, last.replicas
+        yield read_pages(lambda offset: self.call(source, GetSuperNodes(offset), SuperNodes),
+                         "signed", signed.extend)
+        return signed
 
     def _refresh(self):
         if not self._rpc.enrolled or self.operator_address is None:

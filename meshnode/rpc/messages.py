@@ -248,34 +248,10 @@ class GetSuperNodes(_PageRequest):
 
 
 class SuperNodes(_RecordPage):
-    """A page of SuperNode records, and K: the operator serves a range with fewer holders."""
+    """A page of SuperNode records; K travels inside each, under the operator's signature."""
 
-    __slots__ = ("replicas",)
+    __slots__ = ()
     COMMAND = Command.SUPER_NODES
-
-    def __init__(self, total, signed, replicas=1):
-        super().__init__(total, signed)
-        self.replicas = replicas
-
-    def __eq__(self, other):
-        return super().__eq__(other) and self.replicas == other.replicas
-
-    @classmethod
-    def fill(cls, blobs, offset, replicas=1):
-        page = super().fill(blobs, offset)
-        page.replicas = replicas
-        return page
-
-    def encode(self):
-        return Writer().u8(self.replicas).bytes() + super().encode()
-
-    @classmethod
-    def decode(cls, payload):
-        if not payload or payload[0] == 0:
-            raise DecodeError("bad replica count")
-        page = super().decode(payload[1:])
-        page.replicas = payload[0]
-        return page
 
 
 class GetEndDevices(_PageRequest):

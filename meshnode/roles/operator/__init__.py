@@ -132,7 +132,7 @@ class OperatorService(service.MultiService):
         self.placement.operator = me
         self._store.run(registry.thd_publish_operator, own).addErrback(
             lambda f: _log.failure("could not publish the OperatorNode record", f))
-        directory.register(self._rpc, self._store, self.placement.replicas,
+        directory.register(self._rpc, self._store,
                            lambda node_id, key: self.placement.may_transfer(node_id, key, key),
                            self.reports)
         super().startService()

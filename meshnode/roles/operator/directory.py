@@ -12,12 +12,11 @@ from meshnode.rpc.service import any_domain
 from meshnode import records
 
 
-def register(rpc, store, replicas, places=lambda node_id, partition_key: False,
-             reports=None):
-    """Answer the directory commands on `rpc` from `store`; `replicas` is K, the holders each
-    range should have; `places(node_id, partition_key)`: a super-node placed on that key,
-    which may fetch the end-devices of domains there to serve them; `reports`: the
-    PendingReports that takes DevicesSeen (none: they are not answered)."""
+def register(rpc, store, places=lambda node_id, partition_key: False, reports=None):
+    """Answer the directory commands on `rpc` from `store`; `places(node_id, partition_key)`:
+    a super-node placed on that key, which may fetch the end-devices of domains there to
+    serve them; `reports`: the PendingReports that takes DevicesSeen (none: they are not
+    answered)."""
 
     def operator_nodes(incoming):
         d = store.run(registry.thd_operator_records)
@@ -25,7 +24,7 @@ def register(rpc, store, replicas, places=lambda node_id, partition_key: False,
 
     def super_nodes(incoming):
         d = store.run(registry.thd_super_node_records)
-        return d.addCallback(SuperNodes.fill, incoming.message.offset, replicas)
+        return d.addCallback(SuperNodes.fill, incoming.message.offset)
 
     def end_devices(incoming):
         domain = incoming.message.domain

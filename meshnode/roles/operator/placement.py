@@ -7,16 +7,26 @@ socket, so a node behind a NAT or firewall that cannot be reached is never place
 never wait on another node (DESIGN.md §4), so the first answer is CHECKING and the node asks
 again shortly; once reached, SubmitSuperNode runs `assignment.join` in one database
 transaction, and every node whose ranges changed gets its SuperNode records signed anew.
+A join still waiting its turn (see below) after PLACING_ANSWER_SECONDS is answered CHECKING
+too, so that the node's call does not time out; its outcome is the answer to the next ask.
 
 A super-node not heard from for SUPER_NODE_TIMEOUT_SECONDS has left: it is removed, and joins
 are run again for the others so each range is back to K holders where offers allow. The
 operator serves every range with fewer than K holders itself.
+
+Several operators may share one database: every decision (a join, an expiry sweep) runs in a
+transaction that first takes the database's placement lock, then reads the assignment from
+the rows, changes it and writes it, so decisions happen one after another, each on what the
+one before wrote. K is signed into every SuperNode record.
 """
+
+import contextlib
 
 import sqlalchemy as sa
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python import failure
 
 from meshnode import records
 from meshnode.config import unspecified
@@ -33,9 +43,39 @@ SUPER_NODE_TIMEOUT_SECONDS = 300.0
 SWEEP_SECONDS = 60.0
 REACH_BACK_TIMEOUT_SECONDS = 2.0
 REACHED_VALID_SECONDS = 600.0
+# A join not committed by then is answered CHECKING (under the nodes' 2 s call timeout), and
+# its outcome kept this long for the node's next ask (it asks every 0.5 s while checking).
+PLACING_ANSWER_SECONDS = 1.0
+PLACED_KEPT_SECONDS = 10.0
+# The key of PostgreSQL's advisory lock that serializes placement: the same in every operator
+# process sharing the database ("mn-place" in ASCII).
+PLACEMENT_LOCK_KEY = int.from_bytes(b"mn-place", "big")
 
 
 # -- the assignment in the database (run in the store's thread pool) -------------------------
+
+def take_placement_lock(connection):
+    """Make `connection`'s transaction, before it reads anything, the only one placing:
+    PostgreSQL's transaction-level advisory lock (released at commit or rollback); on SQLite a
+    write transaction from the start (BEGIN IMMEDIATE), so that a second process waits
+    rather than reading what the first is about to change."""
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"),
+                           {"key": PLACEMENT_LOCK_KEY})
+    elif dialect == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        raise RuntimeError(f"placement needs PostgreSQL or SQLite, not {dialect}")
+
+
+@contextlib.contextmanager
+def _placing(engine):
+    """A transaction holding the placement lock → its connection; commits on leaving."""
+    with engine.begin() as connection:
+        take_placement_lock(connection)
+        yield connection
+
 
 def assignment_from_rows(rows, k):
     """Rebuild the Assignment from (node_id, low, high) rows: cut at every range edge, give
@@ -74,17 +114,27 @@ def _ranges_by_node(table):
     return by_node
 
 
+def _signed_replicas(blob):
+    """The K a stored SuperNode record carries; None for one this code cannot read."""
+    try:
+        return records.decode_signed(blob).record.replicas
+    except (ValueError, AttributeError):
+        return None
+
+
 def _write(connection, operator, after, offers, resign, now):
-    """Sign SuperNode records anew for every node whose ranges changed (and those in
+    """Sign SuperNode records anew for every node whose ranges or K changed (and those in
     `resign`: a new endpoint), and delete the records of nodes that hold nothing now."""
-    new = _ranges_by_node(after)
+    new = {node_id: [(low, high, after.k) for low, high in ranges]
+           for node_id, ranges in _ranges_by_node(after).items()}
     # Compared with the rows, not the table they were read into: a lowered K cuts holders
     # off in assignment_from_rows, and their rows must go too.
     stored = {}
     for row in connection.execute(sa.select(
-            super_nodes.c.node_id, super_nodes.c.partition_from, super_nodes.c.partition_to)
-            .order_by(super_nodes.c.partition_from)):
-        stored.setdefault(row.node_id, []).append((row.partition_from, row.partition_to))
+            super_nodes.c.node_id, super_nodes.c.partition_from, super_nodes.c.partition_to,
+            super_nodes.c.record).order_by(super_nodes.c.partition_from)):
+        stored.setdefault(row.node_id, []).append((row.partition_from, row.partition_to,
+                                                   _signed_replicas(row.record)))
     for node_id in set(new) | set(stored) | set(resign):
         if stored.get(node_id) == new.get(node_id) and node_id not in resign:
             continue
@@ -93,8 +143,8 @@ def _write(connection, operator, after, offers, resign, now):
         if offer is None:
             continue
         endpoint = Endpoint(offer.host, offer.port)
-        for low, high in new.get(node_id, ()):
-            signed = operator.sign(records.SuperNode(offer.domain, node_id, low, high,
+        for low, high, k in new.get(node_id, ()):
+            signed = operator.sign(records.SuperNode(offer.domain, node_id, low, high, k,
                                                      endpoint, now))
             connection.execute(super_nodes.insert().values(
                 node_id=node_id, partition_from=low, partition_to=high, domain=offer.domain,
@@ -102,9 +152,9 @@ def _write(connection, operator, after, offers, resign, now):
 
 
 def thd_join(engine, operator, node, offer, endpoint, now, k):
-    """Record `node`'s offer and heartbeat, place it → the new Assignment."""
+    """Record `node`'s offer and heartbeat, place it → the new Assignment, as committed."""
     low, high = offer
-    with engine.begin() as connection:
+    with _placing(engine) as connection:
         table, offers = _load(connection, k)
         held = offers.get(node.node_id)
         values = dict(domain=node.domain, partition_from=low, partition_to=high,
@@ -126,8 +176,9 @@ def thd_join(engine, operator, node, offer, endpoint, now, k):
 
 def thd_expire(engine, operator, cutoff, now, k):
     """Remove super-nodes last heard before `cutoff`, then re-run the others' joins (oldest
-    id first) so the ranges they left get K holders again → (Assignment, ids removed)."""
-    with engine.begin() as connection:
+    id first) so the ranges they left get K holders again → (Assignment as committed, ids
+    removed)."""
+    with _placing(engine) as connection:
         table, offers = _load(connection, k)
         gone = [node_id for node_id, offer in offers.items() if offer.last_seen < cutoff]
         # Holders without an offer (lost to a crash mid-write) cannot be reached either.
@@ -170,14 +221,18 @@ class PlacementService(service.MultiService):
         self._reached = {}  # node id → (endpoint, when) of the last successful reach-back
         self._unreachable = {}  # node id → (endpoint, reason) of the last failed reach-back
         self._checking = set()
+        self._joining = set()  # node ids whose join is under way
+        self._joined = {}  # node id → (offer, endpoint, status, when) of a join answered late
+        # One decision of ours at a time, its outcome used before the next starts: the
+        # assignment in memory is always the one this operator committed last.
+        self._deciding = defer.DeferredLock()
         periodic.every(SWEEP_SECONDS, self.expire, clock,
                        "expiring silent super-nodes").setServiceParent(self)
 
     def startService(self):
         self._rpc.register(Command.SUBMIT_SUPER_NODE, self._submit, any_domain)
         self._use(self.assignment)
-        d = self._store.run(thd_assignment, self.replicas)
-        d.addCallback(self._use)
+        d = self._decide(lambda table: table, thd_assignment, self.replicas)
         d.addErrback(lambda f: _log.failure("could not load the partition assignment", f))
         super().startService()
 
@@ -189,6 +244,18 @@ class PlacementService(service.MultiService):
         self.assignment = table
         self._partition.serve([(r.low, r.high) for r in table.operator_ranges()])
         return table
+
+    @defer.inlineCallbacks
+    def _decide(self, table_of, thd, *args):
+        """Run `thd(engine, *args)` in the store after our decisions before it, and use the
+        assignment `table_of(its result)` before the next starts → Deferred[its result]."""
+        yield self._deciding.acquire()
+        try:
+            result = yield self._store.run(thd, *args)
+            self._use(table_of(result))
+        finally:
+            self._deciding.release()
+        return result
 
     def may_transfer(self, node_id, low, high):
         """Whether node_id is placed on any of keys low..high (and may pull them)."""
@@ -208,13 +275,45 @@ class PlacementService(service.MultiService):
                 return SuperNodeStatus(SubmitState.REFUSED, refused[1])
             self._reach_back(incoming.peer, endpoint)
             return SuperNodeStatus(SubmitState.CHECKING, "reaching back to " + str(endpoint))
-        d = self._store.run(thd_join, self.operator, node, (message.low, message.high),
-                            endpoint, self._rpc.now_ms(), self.replicas)
-        d.addCallback(self._use)
+        offer = (message.low, message.high)
+        late = self._joined.pop(node_id, None)
+        if late is not None and late[:2] == (offer, endpoint) and (
+                now - late[3] <= PLACED_KEPT_SECONDS):
+            return late[2]
+        if node_id in self._joining:
+            return SuperNodeStatus(SubmitState.CHECKING, "waiting to be placed")
+        return self._join(node, offer, endpoint)
+
+    def _join(self, node, offer, endpoint):
+        """Place `node` → Deferred[SuperNodeStatus] within PLACING_ANSWER_SECONDS: CHECKING
+        if the join has not committed by then (its outcome is kept for the next ask)."""
+        node_id = node.node_id
+        self._joining.add(node_id)
+        d = self._decide(lambda table: table, thd_join, self.operator, node, offer, endpoint,
+                         self._rpc.now_ms(), self.replicas)
         d.addCallback(lambda table: SuperNodeStatus(
             SubmitState.ASSIGNED, "" if assignment.ranges_of(table, node_id)
             else "no range of the offer can be given now"))
-        return d
+        answer = defer.Deferred()
+        timer = self._clock.callLater(PLACING_ANSWER_SECONDS, answer.callback, SuperNodeStatus(
+            SubmitState.CHECKING, "waiting to be placed"))
+
+        def finished(result):
+            self._joining.discard(node_id)
+            if timer.active():
+                timer.cancel()
+                if isinstance(result, failure.Failure):
+                    answer.errback(result)
+                else:
+                    answer.callback(result)
+            elif isinstance(result, SuperNodeStatus):
+                self._joined[node_id] = (offer, endpoint, result, self._clock.seconds())
+            else:
+                _log.failure("could not place super-node {node_id}", result,
+                             node_id=node_id.hex())
+
+        d.addBoth(finished)
+        return answer
 
     def _reach_back(self, peer, endpoint):
         node_id = peer.node.node_id
@@ -240,12 +339,12 @@ class PlacementService(service.MultiService):
     @defer.inlineCallbacks
     def expire(self):
         cutoff = self._rpc.now_ms() - int(SUPER_NODE_TIMEOUT_SECONDS * 1000)
-        table, gone = yield self._store.run(thd_expire, self.operator, cutoff,
-                                            self._rpc.now_ms(), self.replicas)
+        _, gone = yield self._decide(lambda result: result[0], thd_expire, self.operator,
+                                     cutoff, self._rpc.now_ms(), self.replicas)
         for node_id in gone:
             _log.info("super-node {node_id} left (not heard from)", node_id=node_id.hex())
             self._reached.pop(node_id, None)
-        self._use(table)
+            self._joined.pop(node_id, None)
 
     def status(self):
         return [{"node_id": node_id.hex(),

@@ -28,6 +28,7 @@ from meshnode.wire import Endpoint
 _log = Logger()
 
 SUBMIT_SECONDS = 60.0
+SUBMIT_RETRY_SECONDS = 5.0  # after a heartbeat the operator did not answer (busy), once
 LIST_REFRESH_SECONDS = 10.0
 END_DEVICE_REFRESH_SECONDS = 60.0
 MISS_REFRESH_SECONDS = 5.0
@@ -55,6 +56,7 @@ class SuperService(service.MultiService):
         self._clock = core.reactor
         self._listen_address = core.listen_address
         self.state = None  # the operator's last SuperNodeStatus
+        self._retry = None  # the one sooner submit after an unanswered one
         self.endpoint = None
         self.partition = PartitionService(rpc=core.rpc, store=core.store, clock=core.reactor,
                                           quota=settings.quota, may_transfer=self._may_transfer,
@@ -83,6 +85,8 @@ class SuperService(service.MultiService):
         super().startService()
 
     def stopService(self):
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
         self._rpc.unregister(Command.GET_SUPER_NODES)
         if self._serves_end_devices:
             self._rpc.unregister(Command.GET_END_DEVICES)
@@ -110,15 +114,23 @@ class SuperService(service.MultiService):
         return Endpoint(seen.endpoint.host, self._rpc.port)
 
     @defer.inlineCallbacks
-    def submit(self):
-        """Offer our range to the operator (again) → its SuperNodeStatus."""
+    def submit(self, retry=True):
+        """Offer our range to the operator (again) → its SuperNodeStatus; unanswered, it is
+        offered once more after SUBMIT_RETRY_SECONDS, not only at the next heartbeat."""
         if not self._rpc.enrolled or self._directory.operator_address is None:
             return None
         operator = yield self._directory.operator_replica()
         self.endpoint = yield self.advertised_endpoint(operator)
         request = SubmitSuperNode(self.offer[0], self.offer[1], self.endpoint)
         for _ in range(CHECK_POLLS):
-            status = yield self._directory.call(operator, request, SuperNodeStatus)
+            try:
+                status = yield self._directory.call(operator, request, SuperNodeStatus)
+            except RPCError:
+                if retry and self.running:
+                    self._retry = self._clock.callLater(
+                        SUBMIT_RETRY_SECONDS, periodic.guarded,
+                        lambda: self.submit(retry=False), "offering the partition range")
+                raise
             if status.state != SubmitState.CHECKING:
                 break
             yield task.deferLater(self._clock, CHECK_POLL_SECONDS, lambda: None)
@@ -229,7 +241,7 @@ class SuperService(service.MultiService):
         """Super-nodes hand out the list too, so nodes refresh it without the operator."""
         listed = self._directory.super_node_list
         blobs = [signed.encode() for signed in listed.signed]
-        return SuperNodes.fill(blobs, incoming.message.offset, listed.replicas)
+        return SuperNodes.fill(blobs, incoming.message.offset)
 
     def status(self):
         listed = self._directory.super_node_list
