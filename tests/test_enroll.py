@@ -32,6 +32,18 @@ DOMAIN_NAME = "acme"
 HOUR_MS = 3_600_000
 
 
+
+def logged(testcase):
+    """The log messages from now on (until `testcase` ends), as text."""
+    messages = []
+
+    def observe(event):
+        messages.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observe)
+    return messages
+
 class _TrackedProtocol(ProtocolWrapper):
     def __init__(self, factory, wrapped):
         super().__init__(factory, wrapped)
@@ -444,15 +456,7 @@ class LongAbsenceTests(_OperatorTestCase):
     the API alike), started again: IdentityService with the real client and API."""
 
     def logged(self):
-        """The log messages from now on, as text."""
-        messages = []
-
-        def observe(event):
-            messages.append(formatEvent(event))
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
-        return messages
+        return logged(self)
 
     async def run_node(self, token=None, outcomes=1):
         """IdentityService on the node's state directory, started at the API's clock; →
@@ -648,15 +652,7 @@ class FallbackPortClientTests(_OperatorTestCase):
         return sock.getsockname()[1]
 
     def logged(self):
-        """The log messages from now on, as text."""
-        messages = []
-
-        def observe(event):
-            messages.append(formatEvent(event))
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
-        return messages
+        return logged(self)
 
     def fallback_client(self, url, **options):
         client = EnrollmentClient(self.reactor, url, fingerprint=self.tls.fingerprint,

@@ -60,6 +60,27 @@ def admin(network, *args):
 
 
 @defer.inlineCallbacks
+def join_all(testcase, network, join_string, roles):
+    """`meshnode join` for each {name: role flags} in a state directory of its own."""
+    for name, flags in roles.items():
+        code, output = yield run_command(meshnode_command(
+            "--state-dir", os.path.join(network.base, name), "join", join_string, "--name",
+            name, *flags))
+        testcase.assertEqual(code, 0, output)
+
+
+@defer.inlineCallbacks
+def open_listener(testcase, node):
+    """`meshnode tunnel printer --listen tcp:0…` on `node` → the listener's (host, port)."""
+    code, output = yield run_command(meshnode_command(
+        "--state-dir", node.state_dir, "tunnel", "printer", "--listen",
+        "tcp:0:interface=127.0.0.1", "--json"))
+    testcase.assertEqual(code, 0, output)
+    host, port = json.loads(output)["address"].rsplit(":", 1)
+    return host, int(port)
+
+
+@defer.inlineCallbacks
 def first_byte(address, deadline):
     """Connect to the listener at `address` until the device's echo comes back → the time it
     did (reactor.seconds()); AssertionError with the last failure at `deadline`."""
@@ -92,12 +113,8 @@ class FirstHourTests(TestCase):
         created = yield admin(network, "token", "create", "--domain", "acme", "--uses", "3",
                               "--fallback-port", "0", "--url",
                               f"https://127.0.0.1:{enroll_port}")
-        roles = {"super1": ("--super",), "tunnel1": ("--tunnel",), "user1": ()}
-        for name, flags in roles.items():
-            code, output = yield run_command(meshnode_command(
-                "--state-dir", os.path.join(network.base, name), "join", created["join"],
-                "--name", name, *flags))
-            self.assertEqual(code, 0, output)
+        yield join_all(self, network, created["join"],
+                       {"super1": ("--super",), "tunnel1": ("--tunnel",), "user1": ()})
         device = reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo),
                                    interface="127.0.0.1")
         self.addCleanup(device.stopListening)
@@ -117,12 +134,8 @@ class FirstHourTests(TestCase):
                     "--mac", "02:00:00:00:00:07", "--address", "127.0.0.1", "--location",
                     LOCATION, "--port", str(device.getHost().port))
         operator, super_node, tunnel, user = yield defer.gatherResults(starting)
-        code, output = yield run_command(meshnode_command(
-            "--state-dir", user.state_dir, "tunnel", "printer", "--listen",
-            "tcp:0:interface=127.0.0.1", "--json"))
-        self.assertEqual(code, 0, output)
-        host, port = json.loads(output)["address"].rsplit(":", 1)
-        arrived = yield first_byte((host, int(port)), started + 60)
+        address = yield open_listener(self, user)
+        arrived = yield first_byte(address, started + 60)
         seconds = arrived - started
         status = yield user.status()
         self.assertLessEqual(seconds, FIRST_BYTE_SECONDS,
@@ -179,11 +192,8 @@ class FirstHourTests(TestCase):
         yield admin(network, "device", "add", "--domain", "acme", "--name", "printer",
                     "--address", "127.0.0.1", "--location", LOCATION, "--port",
                     str(device.getHost().port))
-        for name, flags in (("tunnel1", ("--tunnel",)), ("user1", ()), ("super1", ("--super",))):
-            code, output = yield run_command(meshnode_command(
-                "--state-dir", os.path.join(network.base, name), "join", created["join"],
-                "--name", name, *flags))
-            self.assertEqual(code, 0, output)
+        yield join_all(self, network, created["join"],
+                       {"tunnel1": ("--tunnel",), "user1": (), "super1": ("--super",)})
         tunnel, user = yield defer.gatherResults([
             network.start(os.path.join(network.base, "tunnel1"), "--location", LOCATION,
                           "--no-direct", "--fallback-port", "0"),
@@ -217,12 +227,8 @@ class FirstHourTests(TestCase):
         except AssertionError as e:
             raise AssertionError(f"{e}\n{operator.log()[-3000:]}\n{user.log()[-2000:]}")
         told = reactor.seconds() - placed_at
-        code, output = yield run_command(meshnode_command(
-            "--state-dir", user.state_dir, "tunnel", "printer", "--listen",
-            "tcp:0:interface=127.0.0.1", "--json"))
-        self.assertEqual(code, 0, output)
-        host, port = json.loads(output)["address"].rsplit(":", 1)
-        arrived = yield first_byte((host, int(port)), placed_at + 60)
+        address = yield open_listener(self, user)
+        arrived = yield first_byte(address, placed_at + 60)
         seconds = arrived - placed_at
         status = yield user.status()
         self.assertEqual(status["user"]["listeners"][0]["last_path"], "relayed")

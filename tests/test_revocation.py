@@ -5,7 +5,6 @@ one refused, within 10 s; `operator device remove` closes the device's open tunn
 way. Real processes, joined over the network; the revoked nodes beforehand go straight into
 the operator's store."""
 
-import json
 import os
 
 from twisted.internet import defer, protocol, reactor
@@ -16,7 +15,8 @@ from meshnode.core import store
 from meshnode.core.identity import Identity
 from meshnode.roles.operator import registry, signing
 from tests.nodes import Network, meshnode_command, run_command
-from tests.test_first_hour import LOCATION, _Echo, admin, first_byte
+from tests.test_first_hour import (LOCATION, _Echo, admin, first_byte, join_all,
+                                   open_listener)
 from tests.test_super_integration import wait_for
 
 EARLIER_REVOKED = 40
@@ -80,12 +80,8 @@ class RevocationTests(TestCase):
         yield admin(network, "device", "add", "--domain", "acme", "--name", "printer",
                     "--address", "127.0.0.1", "--location", LOCATION, "--port",
                     str(self.device.getHost().port))
-        for name, flags in (("super1", ("--super",)), ("tunnel1", ("--tunnel",)),
-                            ("user1", ())):
-            code, output = yield run_command(meshnode_command(
-                "--state-dir", os.path.join(network.base, name), "join", created["join"],
-                "--name", name, *flags))
-            self.assertEqual(code, 0, output)
+        yield join_all(self, network, created["join"],
+                       {"super1": ("--super",), "tunnel1": ("--tunnel",), "user1": ()})
         self.super, self.tunnel, self.user = yield defer.gatherResults([
             network.start(os.path.join(network.base, "super1"), "--fallback-port", "0"),
             network.start(os.path.join(network.base, "tunnel1"), "--location", LOCATION,
@@ -98,12 +94,7 @@ class RevocationTests(TestCase):
         def placed():
             return (yield self.super.status())["super"]["ranges"]
         yield wait_for(placed, 30, "the super-node placed")
-        code, output = yield run_command(meshnode_command(
-            "--state-dir", self.user.state_dir, "tunnel", "printer", "--listen",
-            "tcp:0:interface=127.0.0.1", "--json"))
-        self.assertEqual(code, 0, output)
-        host, port = json.loads(output)["address"].rsplit(":", 1)
-        self.listener = (host, int(port))
+        self.listener = yield open_listener(self, self.user)
         yield first_byte(self.listener, reactor.seconds() + 30)
 
     @defer.inlineCallbacks
