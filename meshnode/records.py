@@ -31,6 +31,7 @@ class RecordType(enum.IntEnum):
     OPERATOR_NODE = 4
     END_DEVICE = 5
     REVOCATION = 6
+    DOMAIN_STATE = 7
 
 
 class Role(enum.IntFlag):
@@ -425,8 +426,40 @@ class Revocation:
             raise RecordError("not_yet_valid")
 
 
+@attrs.frozen
+class DomainState:
+    """Whether a domain is suspended: while it is, every node of the domain is refused
+    everywhere (`meshnode operator domain suspend`); the newest record of a domain wins, so
+    a later one with `suspended` false resumes it."""
+
+    TYPE = RecordType.DOMAIN_STATE
+    SIGNED_BY_OPERATOR = True
+
+    domain: int = _DOMAIN
+    suspended: bool = attrs.field(converter=bool)
+    created: int = _TIME
+
+    @property
+    def subject(self):
+        return None
+
+    def write(self, w):
+        w.u32(self.domain).u8(1 if self.suspended else 0).u64(self.created)
+
+    @classmethod
+    def read(cls, r):
+        domain, flag = r.u32(), r.u8()
+        if flag > 1:
+            raise DecodeError("a domain's suspended flag is 0 or 1")
+        return cls(domain, flag, r.u64())
+
+    def check(self, now):
+        if self.created > now + CLOCK_SKEW_MS:
+            raise RecordError("not_yet_valid")
+
+
 RECORD_TYPES = {cls.TYPE: cls for cls in (Node, NodeInfo, SuperNode, OperatorNode, EndDevice,
-                                          Revocation)}
+                                          Revocation, DomainState)}
 
 
 def _context(record_type):
@@ -538,6 +571,8 @@ class Trust:
     def __init__(self):
         self._operators = {}
         self.revoked = set()  # node and device ids; read on every datagram, so a plain set
+        self.suspended = set()  # domain ids; read on every datagram too
+        self._domain_states = {}  # domain id → `created` of the newest DomainState applied
 
     @property
     def operator_ids(self):
@@ -574,6 +609,34 @@ class Trust:
         new = named - self.revoked
         self.revoked |= new
         return new
+
+    def set_domain_state(self, signed, now):
+        """Apply a DomainState record unless a newer one of its domain was applied → whether
+        the domain's state changed (suspended or resumed)."""
+        record = self.verify(signed, now)
+        if not isinstance(record, DomainState):
+            raise RecordError("bad_record", "not a DomainState record")
+        if record.created <= self._domain_states.get(record.domain, -1):
+            return False
+        self._domain_states[record.domain] = record.created
+        was = record.domain in self.suspended
+        if record.suspended:
+            self.suspended.add(record.domain)
+        else:
+            self.suspended.discard(record.domain)
+        return was != record.suspended
+
+    def learned_from(self, other):
+        """Keep what `other` (the trust this one replaces, at enrollment or renewal) learned
+        since: its revocations and domain states."""
+        self.revoked |= other.revoked
+        for domain, created in other._domain_states.items():
+            if created > self._domain_states.get(domain, -1):
+                self._domain_states[domain] = created
+                if domain in other.suspended:
+                    self.suspended.add(domain)
+                else:
+                    self.suspended.discard(domain)
 
     def verify(self, signed, now, subject_node=None):
         """Check `signed` and return its record.

@@ -292,6 +292,7 @@ def build_node(settings, reactor):
         super_node.partition.handover_observers.append(directory.handed_over)
         rpc.revocation_observers.append(super_node.partition.revoked)
         rpc.revocation_observers.append(super_node.relay.revoked)
+        rpc.suspension_observers.append(super_node.relay.suspended)
         relay_leg = super_node.relay.leg
         described.append(("super", super_node))
     if settings["fallback-port"] and (settings["operator"] or settings["super"]):
@@ -307,6 +308,7 @@ def build_node(settings, reactor):
         identity.observers.append(tunnel.enrollment_changed)
         directory.news_observers.append(tunnel.records_changed)
         rpc.revocation_observers.append(tunnel.revoked)
+        rpc.suspension_observers.append(tunnel.suspended)
         if fallback is not None:
             fallback.observers.append(tunnel.refresh_soon)
         if settings["direct"]:

@@ -19,7 +19,7 @@ from meshnode.rpc.messages import (MESSAGES, Command, EndDevices, GetEndDevices,
                                    RecordsChanged, Stored)
 from meshnode.rpc.service import CallTimeout, any_domain
 from meshnode.wire import DecodeError
-from tests.mesh import Mesh, StoreStandIn
+from tests.mesh import NOW_MS, Mesh, StoreStandIn
 from tests.test_dht import entry_of, partition
 from tests.test_directory import place
 
@@ -46,6 +46,8 @@ class _Base(SynchronousTestCase):
 
     def places(self, node_id, key):
         self.asked_places.append((node_id, key))
+        if key is None:
+            return any(node == node_id for node, _ in self.placed)
         return (node_id, key) in self.placed
 
     def call(self, node, message, answer, to=None):
@@ -115,13 +117,26 @@ class OperatorTests(_Base):
         self.assertEqual(self.asked_places, [(self.sup.node_id, key)])
         self.assertEqual(self.operator.rpc.drops["not_replica"], 0)
 
-    def test_unplaced_node_dropped_and_counted(self):
-        """No answer (the call times out) and drops["not_replica"] counts it."""
+    def test_super_node_placed_elsewhere_gets_trust_records_only(self):
+        """A super-node placed on another key gets the domain's revocations and suspension
+        (it may meet the domain's nodes), never its end-devices."""
         self.placed.add((self.sup.node_id, partition(self.alice) ^ 1))  # another key only
+        registry.thd_revoke_node(self.mesh.engine, self.mesh.me,
+                                 self.mesh.user("bob", "acme").node_id.hex(), NOW_MS)
+        registry.thd_set_suspended(self.mesh.engine, self.mesh.me, "acme", True, NOW_MS)
+        page = self.settle(self.call(self.sup, GetEndDevices(0, self.alice.rpc.domain),
+                                     EndDevices))
+        self.assertEqual(sorted(type(one.record).__name__ for one in page.signed),
+                         ["DomainState", "Revocation"])
+        self.assertEqual(self.asked_places, [(self.sup.node_id, partition(self.alice)),
+                                             (self.sup.node_id, None)])
+        self.assertEqual(self.operator.rpc.drops["not_replica"], 0)
+
+    def test_unplaced_super_node_dropped_and_counted(self):
+        """Placed nowhere: no answer (the call times out), drops["not_replica"] counts it."""
         d = self.call(self.sup, GetEndDevices(0, self.alice.rpc.domain), EndDevices)
         self.assertNoResult(d)
         self.assertEqual(self.operator.rpc.drops["not_replica"], 1)
-        self.assertEqual(self.asked_places, [(self.sup.node_id, partition(self.alice))])
         self.mesh.advance(PAST_CALL_TIMEOUT)
         self.failureResultOf(d, CallTimeout)
 

@@ -185,9 +185,9 @@ class RegistryTestsMixin:
         zulu = registry.thd_create_domain(self.engine, "zulu", NOW + 1)
         bravo = registry.thd_create_domain(self.engine, "bravo", NOW + 2)
         self.assertEqual(registry.thd_list_domains(self.engine), [
-            {"domain": self.domain, "name": "acme", "created": NOW},
-            {"domain": bravo, "name": "bravo", "created": NOW + 2},
-            {"domain": zulu, "name": "zulu", "created": NOW + 1}])
+            {"domain": self.domain, "name": "acme", "created": NOW, "suspended": False},
+            {"domain": bravo, "name": "bravo", "created": NOW + 2, "suspended": False},
+            {"domain": zulu, "name": "zulu", "created": NOW + 1, "suspended": False}])
 
     def test_token_stored_hashed(self):
         """The token is returned once; the table holds only its SHA-256."""
@@ -332,6 +332,59 @@ class RegistryTestsMixin:
                          ["alpha", "bravo"])
         self.assertEqual(sorted(registry.thd_operator_records(engine_a)),
                          sorted([self.operator_record.encode(), second_record.encode()]))
+
+    # -- suspension ------------------------------------------------------------------------
+
+    def test_suspend_and_resume_a_domain(self):
+        """Suspension signs a DomainState record, raises the serial, hands out no
+        end-devices and refuses enrollment and renewal; resume restores all of it."""
+        node = self.enrolled()
+        registry.thd_add_device(self.engine, self.operator, "acme", "printer",
+                                b"\x02\x00\x00\x00\x00\x01", None, None, LOCATION, [631], NOW)
+        serial = registry.thd_domain_serials(self.engine)[self.domain]
+        token = self.token(uses=5)
+        done = registry.thd_set_suspended(self.engine, self.operator, "acme", True, NOW + 1)
+        self.assertEqual(done, {"domain": self.domain, "name": "acme", "suspended": True})
+        self.assertEqual(registry.thd_domain_serials(self.engine)[self.domain], serial + 1)
+        self.assertEqual([row["suspended"] for row in registry.thd_list_domains(self.engine)],
+                         [True])
+        handed = [records.decode_signed(blob)
+                  for blob in registry.thd_end_device_records(self.engine, self.domain)]
+        self.assertEqual([type(one.record) for one in handed], [records.DomainState])
+        self.assertEqual(self.trust.verify(handed[0], NOW + 1),
+                         records.DomainState(self.domain, True, NOW + 1))
+        reason = self.refused(403, self.enroll, token, Identity.generate(), "new", NOW + 2)
+        self.assertIn("suspended", reason)
+        self.refused(403, registry.thd_renew, self.engine, self.operator, node.node_id,
+                     NOW + 2, self.renew_signature(node, NOW + 2), NOW + 2)
+        self.refused(409, registry.thd_set_suspended, self.engine, self.operator, "acme",
+                     True, NOW + 3)
+
+        registry.thd_set_suspended(self.engine, self.operator, "acme", False, NOW + 4)
+        handed = [records.decode_signed(blob).record
+                  for blob in registry.thd_end_device_records(self.engine, self.domain)]
+        self.assertEqual([type(one) for one in handed], [records.EndDevice, records.DomainState])
+        self.assertFalse(handed[1].suspended)
+        self.enroll(token, Identity.generate(), "new", NOW + 5)
+        registry.thd_renew(self.engine, self.operator, node.node_id, NOW + 5,
+                           self.renew_signature(node, NOW + 5), NOW + 5)
+        self.refused(409, registry.thd_set_suspended, self.engine, self.operator, "acme",
+                     False, NOW + 6)
+        self.refused(404, registry.thd_set_suspended, self.engine, self.operator, "nobody",
+                     True, NOW + 6)
+
+    def test_trust_records_of_every_domain(self):
+        """thd_trust_records: revocations then DomainState records, of one domain or all."""
+        registry.thd_create_domain(self.engine, "globex", NOW)
+        node = self.enrolled()
+        registry.thd_revoke_node(self.engine, self.operator, node.node_id.hex(), NOW)
+        registry.thd_set_suspended(self.engine, self.operator, "globex", True, NOW)
+        every = [type(records.decode_signed(blob).record)
+                 for blob in registry.thd_trust_records(self.engine)]
+        self.assertEqual(every, [records.Revocation, records.DomainState])
+        self.assertEqual([type(records.decode_signed(blob).record)
+                          for blob in registry.thd_trust_records(self.engine, self.domain)],
+                         [records.Revocation])
 
     # -- renewal ---------------------------------------------------------------------------
 

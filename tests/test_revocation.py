@@ -71,7 +71,7 @@ class RevocationTests(TestCase):
                                             "1", "--fallback-port", "0", "--enroll-listen",
                                             "ssl:0:interface=127.0.0.1")
         enroll_port = yield self.operator.enroll_port()
-        created = yield admin(network, "token", "create", "--domain", "acme", "--uses", "3",
+        created = yield admin(network, "token", "create", "--domain", "acme", "--uses", "2",
                               "--fallback-port", "0", "--url",
                               f"https://127.0.0.1:{enroll_port}")
         self.device = reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo),
@@ -80,8 +80,14 @@ class RevocationTests(TestCase):
         yield admin(network, "device", "add", "--domain", "acme", "--name", "printer",
                     "--address", "127.0.0.1", "--location", LOCATION, "--port",
                     str(self.device.getHost().port))
+        # The super-node is another organization's (it serves acme's partition): a
+        # suspension of acme leaves it standing.
+        yield admin(network, "domain", "create", "infra")
+        infra = yield admin(network, "token", "create", "--domain", "infra", "--uses", "1",
+                            "--fallback-port", "0", "--url", f"https://127.0.0.1:{enroll_port}")
+        yield join_all(self, network, infra["join"], {"super1": ("--super",)})
         yield join_all(self, network, created["join"],
-                       {"super1": ("--super",), "tunnel1": ("--tunnel",), "user1": ()})
+                       {"tunnel1": ("--tunnel",), "user1": ()})
         self.super, self.tunnel, self.user = yield defer.gatherResults([
             network.start(os.path.join(network.base, "super1"), "--fallback-port", "0"),
             network.start(os.path.join(network.base, "tunnel1"), "--location", LOCATION,
@@ -163,3 +169,36 @@ class RevocationTests(TestCase):
         self.assertEqual(tunnel["closed"], {"device_removed": 1})
         yield self.refused_within(started, "after the removal")
         print(f"open tunnel closed {closed:.1f} s after device remove")
+
+    @defer.inlineCallbacks
+    def test_suspended_domain_cut_off_and_resumed(self):
+        """`domain suspend` with a tunnel open: closed, and a new one refused, within 10 s;
+        `domain resume`: tunnels open again with nothing enrolled anew."""
+        yield self.build()
+        held = yield self.hold_tunnel()
+        started = reactor.seconds()
+        suspended = yield admin(self.network, "domain", "suspend", "acme")
+        self.assertTrue(suspended["suspended"])
+        closed_at = yield held.closed.addTimeout(30, reactor)
+        closed = closed_at - started
+        self.assertLessEqual(closed, ACT_SECONDS, f"the open tunnel closed after {closed:.1f} s")
+        tunnel = (yield self.tunnel.status())["tunnel"]
+        self.assertEqual(tunnel["closed"], {"domain_suspended": 1})
+        refused = yield self.refused_within(started, "after the suspension")
+        self.assertLessEqual(refused, ACT_SECONDS + 5)
+        self.assertTrue((yield self.tunnel.status())["domain_suspended"])
+        drops = (yield self.super.status())["drops"]
+        self.assertGreater(drops.get("domain_suspended", 0), 0, drops)
+        listed = yield admin(self.network, "domain", "list")
+        self.assertEqual({row["name"]: row["suspended"] for row in listed},
+                         {"acme": True, "infra": False})
+
+        resumed_at = reactor.seconds()
+        yield admin(self.network, "domain", "resume", "acme")
+        answered = yield first_byte(self.listener, resumed_at + 30)
+        again = answered - resumed_at
+        self.assertLessEqual(again, ACT_SECONDS, f"the device answered {again:.1f} s after "
+                                                 "resume")
+        self.assertEqual((yield self.user.status())["node_id"], self.user_id)
+        print(f"open tunnel closed {closed:.1f} s after domain suspend; the device answered "
+              f"again {again:.1f} s after resume")

@@ -89,14 +89,40 @@ class DomainListOptions(Command):
     examples = [("every domain", "meshnode operator domain list")]
 
 
+class DomainSuspendOptions(Command):
+    synopsis = "NAME [--json]"
+    longdesc = ("Suspend a domain (a compromised or hostile customer): within seconds every "
+                "node of it is refused by the operator and every super-node, its tunnels and "
+                "relayed legs are closed and its records are no longer handed out; it cannot "
+                "enroll or renew. Its nodes, devices and tokens are kept: `resume` restores "
+                "it with nothing lost.")
+    examples = [("stop everything of domain acme", "meshnode operator domain suspend acme")]
+
+    def parseArgs(self, name):
+        self["name"] = parse_name(name)
+
+
+class DomainResumeOptions(Command):
+    synopsis = "NAME [--json]"
+    longdesc = ("Lift a domain's suspension: its nodes are accepted again at once and "
+                "renew, announce and open tunnels as before, with no enrollment.")
+    examples = [("acme may work again", "meshnode operator domain resume acme")]
+
+    def parseArgs(self, name):
+        self["name"] = parse_name(name)
+
+
 class DomainOptions(CommandGroup):
     synopsis = "COMMAND"
-    longdesc = "Create and list domains."
+    longdesc = "Create, list, suspend and resume domains."
     subCommands = [
         ["create", None, DomainCreateOptions, "create a domain with a random 32-bit id"],
         ["list", None, DomainListOptions, "list the domains"],
+        ["suspend", None, DomainSuspendOptions, "refuse every node of a domain, everywhere"],
+        ["resume", None, DomainResumeOptions, "lift a domain's suspension"],
     ]
-    examples = DomainCreateOptions.examples + DomainListOptions.examples
+    examples = (DomainCreateOptions.examples + DomainListOptions.examples
+                + DomainSuspendOptions.examples + DomainResumeOptions.examples)
 
 
 DEFAULT_ENROLL_PORT = 8443
@@ -437,11 +463,18 @@ def _domain(sub, global_options, clock):
         domain = registry.thd_create_domain(engine, command["name"], records.now_ms(clock))
         data = {"domain": domain, "name": command["name"]}
         print_result(command, data, f"created domain {show.domain(domain, command['name'])}")
+    elif sub.subCommand in ("suspend", "resume"):
+        suspend = sub.subCommand == "suspend"
+        data = registry.thd_set_suspended(engine, me, command["name"], suspend,
+                                          records.now_ms(clock))
+        print_result(command, data, f"{'suspended' if suspend else 'resumed'} domain "
+                                    f"{show.domain(data['domain'], data['name'])}")
     else:
         rows = registry.thd_list_domains(engine)
         shown = [{"name": row["name"], "id": show.domain(row["domain"]),
-                  "created": show.iso(row["created"] / 1000)} for row in rows]
-        print_result(command, rows, show.table(shown, ["name", "id", "created"]))
+                  "created": show.iso(row["created"] / 1000),
+                  "state": "suspended" if row["suspended"] else "active"} for row in rows]
+        print_result(command, rows, show.table(shown, ["name", "id", "created", "state"]))
 
 
 def _token(sub, global_options, clock):

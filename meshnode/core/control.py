@@ -37,6 +37,8 @@ def node_status(identity_service, rpc, sections=()):
         "name": node.name if node else None,
         "domain": node.domain if node else None,
         "domain_name": enrollment.domain_name,
+        # our domain suspended by its operator, as far as this node has learned
+        "domain_suspended": bool(node and node.domain in enrollment.trust.suspended),
         "expires": node.expires if node else None,
         # a Node record that expired, kept to renew from (`meshnode join` past the grace)
         "expired": enrollment.expired.record.expires if enrollment.expired else None,

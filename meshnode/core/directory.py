@@ -627,7 +627,7 @@ class DirectoryService(service.MultiService):
     @defer.inlineCallbacks
     def end_devices(self, first=None, wanted=None):
         """The operator-signed EndDevice records of this node's domain (checked), by id; the
-        domain's Revocation record that comes with them is applied. They are read from
+        domain's Revocation and DomainState records that come with them are applied. They are read from
         `first` (a Replica that just told us they changed) when given, else from a
         super-node of the domain's partition, else from the operator; with `wanted` (a test
         of the devices read), sources are asked in turn until one's devices pass it."""
@@ -647,17 +647,17 @@ class DirectoryService(service.MultiService):
             devices = self._checked_devices(signed)
             if devices and (wanted is None or wanted(devices)):
                 break  # a super-node without any may not have fetched them yet
+            if self._rpc.domain in self._rpc.trust.suspended:
+                break  # none are handed out while our domain is suspended
         if failure is not None and not devices:
             raise failure  # the operator did not answer either: not "no devices"
         return devices
 
     def _checked_devices(self, signed):
         now, devices = self._rpc.now_ms(), {}
-        for one in signed:
+        # The domain's revocations and suspension are sent along: applied first.
+        for one in self._rpc.apply_trust_records(signed, now):
             try:
-                if isinstance(one.record, records.Revocation):
-                    self._rpc.add_revocation(one, now)  # the domain's, sent along
-                    continue
                 device = self._rpc.trust.verify(one, now)
             except records.RecordError:
                 continue

@@ -28,6 +28,10 @@ domains = sa.Table(
     sa.Column("created", sa.BigInteger, nullable=False),
     # raised with every change to the domain's end-devices or revocations (registry.py)
     sa.Column("serial", sa.BigInteger, nullable=False, server_default="0"),
+    # `operator domain suspend`/`resume`: the flag, and the signed DomainState record that
+    # carries it to the nodes (none for a domain never suspended)
+    sa.Column("suspended", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("state_record", sa.LargeBinary, nullable=True),
 )
 
 enrollment_tokens = sa.Table(

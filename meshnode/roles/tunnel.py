@@ -221,7 +221,9 @@ class TunnelService(service.MultiService):
         d = self._directory.end_devices(first=first, wanted=wanted)
 
         def done(result):
-            if not isinstance(result, Failure):
+            if not isinstance(result, Failure) and (
+                    self._rpc.domain not in self._rpc.trust.suspended):
+                # (While our domain is suspended none are handed out: ours are kept.)
                 gone = set(self.devices) - set(result)
                 self.devices = result
                 if gone:  # removed by the operator: their open tunnels close
@@ -533,6 +535,13 @@ class TunnelService(service.MultiService):
         for token in [t for t, grant in self._grants.items()
                       if grant.requester.node_id in ids or grant.device_id in ids]:
             del self._grants[token]
+
+    def suspended(self, domain):
+        """(Wired to the RPC's suspension observers.) Our own domain suspended: every open
+        tunnel closes and no token works; from now on requests are dropped unread."""
+        if domain == self._rpc.domain:
+            self._close_where(lambda grant: True, "domain_suspended")
+            self._grants.clear()
 
     def _close_where(self, test, reason):
         for leg, grant in list(self._open.items()):

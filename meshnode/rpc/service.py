@@ -36,6 +36,9 @@ TIMESTAMP_WINDOW_MS = 60_000
 # longer after a restart, and a datagram captured in the margin's last moments before a
 # restart stays replayable once.
 RESTART_SKEW_MS = 2_000
+# What the nodes of a suspended domain may still ask: their end-devices, answered with the
+# DomainState record that says they are suspended (and, once resumed, with everything).
+READ_WHILE_SUSPENDED = frozenset({Command.GET_END_DEVICES})
 # Plain commands that may be sent to "whoever listens here" (receiver zeros).
 _ANONYMOUS_COMMANDS = frozenset({Command.GET_NODE})
 
@@ -133,6 +136,7 @@ class RPCService(service.Service):
         self.accepted = collections.Counter()
         self.learned = []  # called with each new or renewed Node record learned
         self.revocation_observers = []  # called with the ids each Revocation newly revokes
+        self.suspension_observers = []  # called with each domain newly suspended
         self.peers = None
         self.fallback_port = fallback_port
         self._tls = tls
@@ -186,7 +190,7 @@ class RPCService(service.Service):
         """Speak as the node this enrollment makes us (on start, enrollment and renewal)."""
         known = getattr(self, "trust", None)
         if known is not None and known is not enrollment.trust:
-            enrollment.trust.revoked |= known.revoked  # learned since: still revoked
+            enrollment.trust.learned_from(known)  # revoked or suspended since: still so
         self.trust = enrollment.trust
         self.own_node = enrollment.node
         self.domain = enrollment.node.record.domain if enrollment.enrolled else 0
@@ -284,6 +288,10 @@ class RPCService(service.Service):
         node = peer.node
         if node.domain != sender_domain or now >= node.expires or sender_id in self.trust.revoked:
             drops["sender_invalid"] += 1
+            return
+        if sender_domain in self.trust.suspended and (
+                flags & RESPONSE or command not in READ_WHILE_SUSPENDED):
+            drops["domain_suspended"] += 1
             return
         if flags & RESPONSE:
             self._receive_response(command, payload, peer, source, send)
@@ -457,6 +465,38 @@ class RPCService(service.Service):
             for observer in list(self.revocation_observers):
                 observer(new)
         return new
+
+    def set_domain_state(self, signed, now=None):
+        """Apply an operator's DomainState record (RecordError if it fails the checks): while
+        a domain is suspended its nodes' datagrams are dropped (domain_suspended), except
+        their GetEndDevices, answered with the record that says why; a domain newly
+        suspended is told to suspension_observers (open tunnels and relayed legs close)
+        → whether the domain's state changed."""
+        changed = self.trust.set_domain_state(signed, self.now_ms() if now is None else now)
+        if changed and signed.record.suspended:
+            for observer in list(self.suspension_observers):
+                observer(signed.record.domain)
+        return changed
+
+    def apply_trust_records(self, signed_records, now=None):
+        """Apply the Revocation and DomainState records among `signed_records` (as an
+        operator's GetEndDevices answer carries them); unusable ones are logged and skipped
+        → the records that are neither."""
+        now = self.now_ms() if now is None else now
+        others = []
+        for signed in signed_records:
+            record = signed.record
+            try:
+                if isinstance(record, records.Revocation):
+                    self.add_revocation(signed, now)
+                elif isinstance(record, records.DomainState):
+                    self.set_domain_state(signed, now)
+                else:
+                    others.append(signed)
+            except records.RecordError as e:
+                _log.info("an operator's {kind} record is unusable: {reason}",
+                          kind=type(record).__name__, reason=e)
+        return others
 
     def _track(self, message_id, peer_id, answer, address, datagram, timeout):
         return self._pending.track(message_id, peer_id, answer, address, datagram,

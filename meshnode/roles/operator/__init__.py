@@ -7,6 +7,7 @@ records, end-devices) for every domain, places super-nodes on DHT partition rang
 serves every range that has fewer than K super-nodes itself.
 """
 
+import collections
 import os
 
 import attrs
@@ -59,6 +60,7 @@ class OperatorService(service.MultiService):
         self._directory = core.directory
         self._listen_address = core.listen_address
         self._serials = None  # domain → the change serial last followed
+        self._trust_of = {}  # domain → signatures of its trust records last followed
         # Made at start: the enrollment API's Site and its certificate's TLS context, which
         # the fallback port serves too (wired in build_node).
         self.site = None
@@ -133,7 +135,8 @@ class OperatorService(service.MultiService):
         self._store.run(registry.thd_publish_operator, own).addErrback(
             lambda f: _log.failure("could not publish the OperatorNode record", f))
         directory.register(self._rpc, self._store,
-                           lambda node_id, key: self.placement.may_transfer(node_id, key, key),
+                           lambda node_id, key: self.placement.may_transfer(
+                               node_id, *((0, 0xFFFF) if key is None else (key, key))),
                            self.reports)
         super().startService()
 
@@ -169,35 +172,44 @@ class OperatorService(service.MultiService):
     @defer.inlineCallbacks
     def _follow_changes(self):
         """Changes made with the admin command line (on this host, or by another operator
-        sharing the database) reach the running operator: revocations are applied, and the
-        super-nodes serving a changed domain, and the domain's tunnel-nodes this operator
-        holds as a DHT replica, are told at once (RecordsChanged)."""
+        sharing the database) reach the running operator: revocations and suspensions are
+        applied, and the super-nodes serving a changed domain, and the domain's tunnel-nodes
+        this operator holds as a DHT replica, are told at once (RecordsChanged); when the
+        domain's revocations or suspension changed, every super-node is told."""
         serials = yield self._store.run(registry.thd_domain_serials)
         previous, self._serials = self._serials, serials
         changed = {domain: serial for domain, serial in serials.items()
                    if previous is None or serial != previous.get(domain)}
         if not changed:
             return
-        blobs = yield self._store.run(registry.thd_revocations)
-        now = records.now_ms(self._reactor)
+        blobs = yield self._store.run(registry.thd_trust_records)
+        trusted = []
         for blob in blobs:
             try:
-                self._rpc.add_revocation(records.decode_signed(blob), now)
-            except (ValueError, records.RecordError) as e:
-                _log.error("a stored Revocation record is unusable: {reason}", reason=e)
+                trusted.append(records.decode_signed(blob))
+            except ValueError as e:
+                _log.error("a stored trust record is unusable: {reason}", reason=e)
+        self._rpc.apply_trust_records(trusted, records.now_ms(self._reactor))
+        trust_of = collections.defaultdict(set)
+        for signed in trusted:
+            trust_of[signed.record.domain].add(signed.signature)
+        known_trust, self._trust_of = self._trust_of, trust_of
         if previous is None:
             return  # the first look since we started: nobody needs telling
         super_nodes = yield self._store.run(registry.thd_super_node_records)
         for domain, serial in changed.items():
-            yield self._tell(domain, serial, super_nodes)
+            everyone = trust_of.get(domain) != known_trust.get(domain)
+            yield self._tell(domain, serial, super_nodes, everyone)
 
-    def _tell(self, domain, serial, super_node_blobs):
+    def _tell(self, domain, serial, super_node_blobs, everyone=False):
+        """RecordsChanged to the super-nodes serving `domain` (to all of them with
+        `everyone`) and to its tunnel-nodes we hold."""
         news = RecordsChanged(domain, serial)
         key = records.partition_of(domain)
         told = {}
         for blob in super_node_blobs:
             placed = records.decode_signed(blob).record
-            if placed.partition_from <= key <= placed.partition_to:
+            if everyone or placed.partition_from <= key <= placed.partition_to:
                 told[placed.node_id] = Replica(placed.node_id,
                                                (placed.endpoint.host, placed.endpoint.port))
         _log.info("records of domain {domain:#010x} changed (serial {serial}): telling "

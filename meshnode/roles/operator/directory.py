@@ -14,8 +14,8 @@ from meshnode import records
 
 def register(rpc, store, places=lambda node_id, partition_key: False, reports=None):
     """Answer the directory commands on `rpc` from `store`; `places(node_id, partition_key)`:
-    a super-node placed on that key, which may fetch the end-devices of domains there to
-    serve them; `reports`: the PendingReports that takes DevicesSeen (none: they are not
+    a super-node placed on that key (on any key, for None), which may fetch the end-devices
+    of domains there to serve them (of other domains, their revocations and suspension); `reports`: the PendingReports that takes DevicesSeen (none: they are not
     answered)."""
 
     def operator_nodes(incoming):
@@ -32,8 +32,12 @@ def register(rpc, store, places=lambda node_id, partition_key: False, reports=No
             domain = incoming.node.domain
         elif domain != incoming.node.domain and not places(incoming.node.node_id,
                                                             records.partition_of(domain)):
-            rpc.drops["not_replica"] += 1
-            return None
+            if not places(incoming.node.node_id, None):
+                rpc.drops["not_replica"] += 1
+                return None
+            # A super-node placed elsewhere learns what to refuse of the domain's nodes.
+            d = store.run(registry.thd_trust_records, domain)
+            return d.addCallback(EndDevices.fill, incoming.message.offset)
         d = store.run(registry.thd_end_device_records, domain)
         return d.addCallback(EndDevices.fill, incoming.message.offset)
 

@@ -84,7 +84,35 @@ def thd_domain_name(engine, domain):
 def thd_list_domains(engine):
     with engine.connect() as connection:
         rows = connection.execute(sa.select(domains).order_by(domains.c.name))
-        return [{"domain": row.domain, "name": row.name, "created": row.created} for row in rows]
+        return [{"domain": row.domain, "name": row.name, "created": row.created,
+                 "suspended": row.suspended} for row in rows]
+
+
+def thd_set_suspended(engine, operator, name, suspended, now):
+    """Suspend a domain (or resume it): a DomainState record saying so is signed and the
+    domain's serial raised, so running operators tell every super-node and the domain's
+    tunnel-nodes at once. Nothing else of the domain changes: its nodes, devices and tokens
+    are all there again on resume."""
+    with engine.begin() as connection:
+        row = connection.execute(sa.select(domains).where(domains.c.name == name)).first()
+        if row is None:
+            _domain_id(connection, name)  # raises the 404
+        if row.suspended == suspended:
+            state = "suspended" if suspended else "not suspended"
+            raise RegistryError(409, f"domain {name!r} is {state} already")
+        signed = operator.sign(records.DomainState(row.domain, suspended, now))
+        connection.execute(domains.update().where(domains.c.domain == row.domain).values(
+            suspended=suspended, state_record=signed.encode()))
+        _changed(connection, row.domain)
+        return {"domain": row.domain, "name": name, "suspended": suspended}
+
+
+def _refuse_suspended(connection, domain):
+    row = connection.execute(sa.select(domains.c.suspended, domains.c.name).where(
+        domains.c.domain == domain)).first()
+    if row is not None and row.suspended:
+        raise RegistryError(403, f"the domain {row.name!r} is suspended by its operator",
+                            suspended=True)
 
 
 def _domain_id(connection, name):
@@ -131,6 +159,7 @@ def thd_enroll(engine, operator, token, signing_key, agreement_key, name, now):
                 raise RegistryError(403, "the enrollment token has expired")
             if row.uses_left <= 0:
                 raise RegistryError(403, "the enrollment token is used up")
+            _refuse_suspended(connection, row.domain)
             existing = connection.execute(sa.select(nodes).where(nodes.c.node_id == node_id)
                                           ).first()
             if existing is not None and existing.revoked:
@@ -180,6 +209,7 @@ def thd_renew(engine, operator, node_id, timestamp, signature, now,
             raise RegistryError(404, "no such node: enroll instead")
         if row.revoked:
             raise RegistryError(403, "this node is revoked")
+        _refuse_suspended(connection, row.domain)
         if not records.signature_holds(row.signing_key, signature,
                                        renew_message(node_id, timestamp)):
             raise RegistryError(401, "the renewal is not signed by the node's key")
@@ -505,13 +535,27 @@ def thd_list_devices(engine, domain_name=None):
 
 
 def thd_end_device_records(engine, domain):
-    """The domain's EndDevice records, then its Revocation records: the nodes that act on
-    devices (tunnel-nodes) and their super-nodes learn revocations with them."""
+    """The domain's EndDevice records, then its trust records (thd_trust_records): the
+    nodes that act on devices (tunnel-nodes) and their super-nodes learn revocations and
+    suspension with them. A suspended domain's end-devices are not handed out."""
     with engine.connect() as connection:
-        found = [row.record for row in connection.execute(
+        row = connection.execute(sa.select(domains.c.suspended).where(
+            domains.c.domain == domain)).first()
+        found = [] if row is None or row.suspended else [row.record for row in connection.execute(
             sa.select(end_devices.c.record).where(end_devices.c.domain == domain)
             .order_by(end_devices.c.name))]
-    return found + thd_revocations(engine, domain)
+    return found + thd_trust_records(engine, domain)
+
+
+def thd_trust_records(engine, domain=None):
+    """What every node that meets a domain's nodes acts on: its Revocation records, then its
+    DomainState record if it was ever suspended (of every domain, without `domain`)."""
+    with engine.connect() as connection:
+        query = sa.select(domains.c.state_record).where(domains.c.state_record.is_not(None))
+        if domain is not None:
+            query = query.where(domains.c.domain == domain)
+        states = [row.state_record for row in connection.execute(query)]
+    return thd_revocations(engine, domain) + states
 
 
 def thd_remove_device(engine, domain_name, name):

@@ -188,38 +188,35 @@ class SuperService(service.MultiService):
 
     @defer.inlineCallbacks
     def _fetch_end_devices(self, operator, domain):
-        """The domain's EndDevice and Revocation records from the operator, as bytes; the
-        revocations are applied here too: a relay and a replica act on them."""
+        """The domain's EndDevice, Revocation and DomainState records from the operator, as
+        bytes; the last two are applied here too: a relay and a replica act on them."""
         signed = []
         yield read_pages(
             lambda offset: self._directory.call(operator, GetEndDevices(offset, domain),
                                                 EndDevices),
             "signed", signed.extend)
-        now = self._rpc.now_ms()
-        for one in signed:
-            if isinstance(one.record, records.Revocation) and one.record.domain == domain:
-                try:
-                    self._rpc.add_revocation(one, now)
-                except records.RecordError as e:
-                    _log.info("a Revocation of {domain:#010x} is unusable: {reason}",
-                              domain=domain, reason=e)
+        self._rpc.apply_trust_records([one for one in signed if one.record.domain == domain])
         return [one.encode() for one in signed]
 
     @defer.inlineCallbacks
     def records_changed(self, news, told_by):
-        """An operator says a domain's end-devices or revocations changed (wired to the
-        directory's news): read them again if we serve the domain, then pass the news on to
-        the domain's tunnel-nodes we hold, which read them here."""
-        if (not self._rpc.trust.is_operator(told_by.node_id)
-                or not served(self.partition.ranges, records.partition_of(news.domain))):
+        """An operator says a domain's end-devices, revocations or suspension changed (wired
+        to the directory's news): read them again; if we serve the domain, pass the news on
+        to the domain's tunnel-nodes we hold, which read them here."""
+        if not self._rpc.trust.is_operator(told_by.node_id):
             return
+        serving = served(self.partition.ranges, records.partition_of(news.domain))
         try:
-            self.end_devices[news.domain] = yield self._fetch_end_devices(told_by, news.domain)
+            # Not serving the domain: the operator answers with its revocations and
+            # suspension only, which every super-node acts on.
+            fetched = yield self._fetch_end_devices(told_by, news.domain)
         except RPCError as e:
             _log.info("could not read the changed end-devices of {domain:#010x}: {reason}",
                       domain=news.domain, reason=e)
             return
-        yield self._directory.tell_entries(self.partition.tunnel_nodes(news.domain), news)
+        if serving:
+            self.end_devices[news.domain] = fetched
+            yield self._directory.tell_entries(self.partition.tunnel_nodes(news.domain), news)
 
     def _end_devices(self, incoming):
         """The requester's domain's end-devices, as last fetched; none for a domain not

@@ -259,14 +259,22 @@ class RelayService(service.Service):
     def revoked(self, node_ids):
         """(Wired to the RPC's revocation observers.) Relayed tunnels of revoked nodes are
         closed, and their tokens no longer pair."""
+        self._close_where(lambda held, ends: ends & node_ids, "revoked")
+
+    def suspended(self, domain):
+        """(Wired to the RPC's suspension observers.) Relayed tunnels of a suspended domain
+        are closed, and their tokens no longer pair."""
+        self._close_where(lambda held, ends: held.domain == domain, "domain_suspended")
+
+    def _close_where(self, test, reason):
         for held, ends in list(self._ends.items()):
-            if ends & node_ids:
+            if test(held, ends):
                 for leg in self._open.pop(held, ()):
                     leg.transport.abortConnection()
                 self._ends.pop(held, None)
                 for token in [t for t, one in self._tokens.items() if one is held]:
                     del self._tokens[token]
-                self.refusals["revoked"] += 1
+                self.refusals[reason] += 1
 
     def paired(self, first, second, domain):
         self._open[first.pairing] = (first, second)
