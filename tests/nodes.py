@@ -174,15 +174,17 @@ class Network:
         self._testcase.addCleanup(node.stop)
         return _started([node], timeout).addCallback(lambda nodes: nodes[0])
 
-    def start_swarm(self, state_dirs, *flags, timeout=60):
+    def start_swarm(self, state_dirs, *flags, timeout=60, lies=None):
         """Start one process running a node per state directory (tests/swarm.py), each on its
-        own free loopback port; fires with their Nodes when every control socket answers."""
+        own free loopback port; fires with their Nodes when every control socket answers.
+        `lies`: the tests/byzantine.py lies every node of it tells."""
         for state_dir in state_dirs:
             os.makedirs(state_dir, mode=0o700, exist_ok=True)
         # A name of its own even for swarms started at the same moment.
         descriptor, log = tempfile.mkstemp(prefix="swarm-", suffix=".log", dir=self.base)
         os.close(descriptor)
-        args = [sys.executable, "-m", "tests.swarm", log, *state_dirs, "--",
+        lying = ["--lies", ",".join(lies)] if lies else []
+        args = [sys.executable, "-m", "tests.swarm", log, *lying, *state_dirs, "--",
                 "--listen-address", "127.0.0.1", "--rpc-port", "0", *_free_role_ports(flags)]
         exit_watch = _Exit()
         transport = reactor.spawnProcess(exit_watch, args[0], args, env=environment(), path=ROOT)

@@ -254,6 +254,21 @@ class RefreshTests(_DirectoryTestCase):
         self.assertEqual(listed.replicas, 2)
         self.assertEqual((self.asked(s1), self.asked(self.operator)), (1, 1))
 
+    def test_older_list_from_a_super_node_is_refused_and_counted(self):
+        """A super-node answering with a list older than ours (replayed): not used, counted
+        against it as old_list, and the operator's list is read instead."""
+        s1 = self.silent("s1")
+        old = place(self.mesh, s1, 0, 0xFFFF, add=False, created=NOW_MS - 60_000)
+        place(self.mesh, s1, 0, 0xFFFF)
+        directory = self.directory()
+        current = self.settle(directory.refresh_super_nodes()).signed
+        answer_super_nodes(s1, [old])
+        listed = self.settle(directory.refresh_super_nodes())
+        self.assertEqual(listed.signed, current)
+        self.assertEqual((self.asked(s1), self.asked(self.operator)), (1, 2))
+        self.assertEqual(directory.status()["lies"], {"old_list": 1})
+        self.assertEqual(directory.status()["suspects"], [s1.node_id.hex()[:16]])
+
     def test_from_the_operator_first_when_asked(self):
         """With from_operator, the operator is asked even though a super-node is listed."""
         s1 = self.silent("s1")

@@ -8,7 +8,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshnode.core.directory import FanOut, Replica
+from meshnode.core.directory import FORGED, FanOut, Replica
 from meshnode.rpc.service import CallTimeout
 
 
@@ -107,6 +107,64 @@ class FanOutTests(SynchronousTestCase):
         self.assertEqual(len(load), 9)
         self.assertLessEqual(max(load.values()), 1.3 * fair, sorted(load.values()))
         self.assertGreaterEqual(min(load.values()), 0.7 * fair, sorted(load.values()))
+
+
+class LieTests(SynchronousTestCase):
+    """Forged, withheld and stale answers are counted against whoever gave them, never
+    win, and a replica that keeps lying is asked last."""
+
+    def test_each_lie_counted_against_its_replica(self):
+        group = replicas(4)
+        fan_out = FanOut(k=4, rng=random.Random(7))
+        told = dict(zip(group, (_Record(9), FORGED, None, _Record(3))))
+        best, answered = self.successResultOf(fan_out.query(
+            group, lambda replica: defer.succeed(told[replica])))
+        self.assertEqual(best, _Record(9))
+        self.assertEqual(set(answered), {group[0], group[3]})
+        self.assertEqual(fan_out.lies, {"forged": 1, "withheld": 1, "stale": 1})
+        self.assertEqual({node_id: dict(kinds) for node_id, kinds in fan_out.lies_by.items()},
+                         {group[1].node_id: {"forged": 1}, group[2].node_id: {"withheld": 1},
+                          group[3].node_id: {"stale": 1}})
+        self.assertEqual(fan_out.status()["suspects"],
+                         sorted(r.node_id.hex()[:16] for r in group[1:]))
+
+    def test_nothing_anywhere_is_no_lie(self):
+        """Nobody holding the record: "nothing" is the truth, not withholding."""
+        fan_out = FanOut(k=3, rng=random.Random(8))
+        self.assertEqual(self.successResultOf(fan_out.query(
+            replicas(3), lambda replica: defer.succeed(None))), (None, []))
+        self.assertEqual(fan_out.lies, {})
+
+    def test_forged_only_answers_find_nothing(self):
+        """Forged answers alone are no result: the next wave is asked, and nothing used."""
+        group = replicas(3)
+        fan_out = FanOut(k=1, rng=random.Random(9))
+        self.assertEqual(self.successResultOf(fan_out.query(
+            group, lambda replica: defer.succeed(FORGED))), (None, []))
+        self.assertEqual(fan_out.lies, {"forged": 3})
+
+    def test_liar_is_asked_last_and_agreeing_clears_suspicion(self):
+        group = replicas(4)
+        liar = group[2]
+        fan_out = FanOut(k=1, rng=random.Random(10))
+        asked_first = collections.Counter()
+
+        def ask(replica):
+            return defer.succeed(FORGED if replica == liar else _Record(1))
+
+        fan_out.caught(liar, "forged")  # found out once already
+        for _ in range(200):
+            order = fan_out.order(group)
+            asked_first[order[0]] += 1
+            self.assertEqual(order[-1], liar)
+            self.successResultOf(fan_out.query(group, ask))
+        self.assertNotIn(liar, asked_first)
+        self.assertEqual(set(asked_first), set(group) - {liar})
+        # Turned honest: each agreeing answer takes one lie off.
+        fan_out = FanOut(k=4, rng=random.Random(11))
+        fan_out.caught(liar, "stale")
+        self.successResultOf(fan_out.query(group, lambda replica: defer.succeed(_Record(1))))
+        self.assertEqual(fan_out.suspicion[liar.node_id], 0)
 
 
 class GraceTests(SynchronousTestCase):

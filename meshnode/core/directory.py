@@ -10,6 +10,7 @@ there are fewer than K of them. Reads ask K replicas in random order with doubli
 (seed §3.9.4). Writes go to every replica.
 """
 
+import collections
 import random
 
 import attrs
@@ -479,10 +480,16 @@ class DirectoryService(service.MultiService):
                 failure = e
                 continue
             signed = self._checked(signed)
-            if not signed and not self._rpc.trust.is_operator(source.node_id):
-                # A super-node that lists nobody (not even itself) has no list yet.
-                failure = DirectoryError("a super-node answered with an empty list")
-                continue
+            if not self._rpc.trust.is_operator(source.node_id):
+                if not signed:
+                    # A super-node that lists nobody (not even itself) has no list yet.
+                    failure = DirectoryError("a super-node answered with an empty list")
+                    continue
+                if _newest(signed) < _newest(self.super_node_list.signed):
+                    # Older than the one we hold: replayed, or never brought up to date.
+                    self._fan_out.caught(source, "old_list")
+                    failure = DirectoryError("a super-node answered with an older list")
+                    continue
             self._use_list(signed)
             return self.super_node_list
         raise failure
@@ -526,7 +533,8 @@ class DirectoryService(service.MultiService):
         return {"replicas_per_range": listed.replicas, "super_nodes": [
             {"node_id": node_id.hex(), "endpoint": f"{replica.address[0]}:{replica.address[1]}",
              "ranges": [f"{low:04x}-{high:04x}" for low, high in sorted(ranges)]}
-            for node_id, (replica, ranges) in sorted(listed.super_nodes().items())]}
+            for node_id, (replica, ranges) in sorted(listed.super_nodes().items())],
+            **self._fan_out.status()}
 
     # -- lookups ----------------------------------------------------------------------------
 
@@ -580,7 +588,7 @@ class DirectoryService(service.MultiService):
             key = (answer.node.signature, answer.info.signature)
             if key not in checked:
                 checked[key] = self._check_found(answer, node)
-            return checked[key]
+            return FORGED if checked[key] is None else checked[key]
 
         for attempt in range(2):
             best, answered = yield self._fan_out.query((yield self.replicas()), ask)
@@ -704,7 +712,9 @@ class DirectoryService(service.MultiService):
                 continue
             for node_signed, info_signed in entries:
                 entry = self._check_tunnel_node(node_signed, info_signed, location)
-                if entry is not None and (entry[1].node_id not in found or found[
+                if entry is None:
+                    self._fan_out.caught(replica, "forged")
+                elif (entry[1].node_id not in found or found[
                         entry[1].node_id][1].created < entry[1].created):
                     found[entry[1].node_id] = entry
             if found:
@@ -726,6 +736,10 @@ class DirectoryService(service.MultiService):
         return node, info
 
 
+def _newest(signed_records):
+    return max((signed.record.created for signed in signed_records), default=0)
+
+
 def _log_failed_read(failure):
     failure.trap(RPCError)
     _log.info("could not read the super-node list again: {reason}",
@@ -742,6 +756,11 @@ class _Found:
         return self.info.created
 
 
+# What `ask` returns for an answer that failed its checks (forged, another domain's, not
+# what was asked): never used, and counted against the replica that gave it.
+FORGED = object()
+
+
 class FanOut:
     """K-redundant queries (seed §3.9.4, §4.3.4): ask `k` replicas in random order, and
     after a wave brings no valid answer, ask twice as many of the rest (2, 4, 8 …).
@@ -752,6 +771,13 @@ class FanOut:
     remembered: a replica that failed to answer is asked last until it answers again.
     Otherwise the order is random, so the load of a replica that fails spreads over all the
     others instead of falling on one neighbour (the seed's chain reaction).
+
+    Lies are counted against the replica that told them (seed §4.3.5): an answer that fails
+    its checks (`FORGED`), "nothing" or an older record while another replica of the wave
+    gave a newer one (withheld, stale). A replica's suspicion rises by one with each lie and
+    falls by one with each answer that agrees with the winner; suspects are asked after the
+    others, the most suspect last. (A replica that lags behind anti-entropy for a moment is
+    counted too: the counters say who disagreed, the order only reshuffles.)
     """
 
     def __init__(self, k=3, rng=None, clock=None, grace=0.2):
@@ -760,30 +786,68 @@ class FanOut:
         self._clock = clock
         self.grace = grace
         self._failed = set()
+        self.suspicion = collections.Counter()  # replica id → lies minus agreements, ≥ 0
+        self.lies = collections.Counter()  # kind of lie → how many, from every replica
+        self.lies_by = collections.defaultdict(collections.Counter)  # replica id → kind → n
 
     def order(self, replicas):
-        """Replicas in random order, those that failed to answer last."""
+        """Replicas in random order, those that failed to answer last, then by suspicion."""
         replicas = list(replicas)
         self._rng.shuffle(replicas)
-        return sorted(replicas, key=lambda r: _key(r) in self._failed)
+        return sorted(replicas, key=lambda r: (_key(r) in self._failed,
+                                               self.suspicion[_key(r)]))
 
     @defer.inlineCallbacks
     def query(self, replicas, ask):
-        """`ask(replica)` → Deferred[record or None] → (newest record or None, who answered)."""
+        """`ask(replica)` → Deferred[valid record, None (holds none) or FORGED] → (newest
+        record or None, the replicas that gave a valid one)."""
         waiting = self.order(replicas)
         wave = self.k
         while waiting:
             batch, waiting = waiting[:wave], waiting[wave:]
             answers = yield self._wave(batch, ask)
-            if answers:
-                best = max((record for _, record in answers), key=lambda r: r.created)
-                return best, [replica for replica, _ in answers]
+            valid = [(replica, record) for replica, record in answers
+                     if record is not None and record is not FORGED]
+            best = max((record for _, record in valid), key=lambda r: r.created, default=None)
+            self._judge(answers, best)
+            if best is not None:
+                return best, [replica for replica, _ in valid]
             wave *= 2
         return None, []
 
+    def _judge(self, answers, best):
+        for replica, record in answers:
+            if record is FORGED:
+                lie = "forged"
+            elif best is None:
+                continue  # nobody had one: not a lie
+            elif record is None:
+                lie = "withheld"
+            elif record.created < best.created:
+                lie = "stale"
+            else:
+                if self.suspicion[_key(replica)] > 0:
+                    self.suspicion[_key(replica)] -= 1
+                continue
+            self.caught(replica, lie)
+
+    def caught(self, replica, lie):
+        """Count a lie (a kind: forged, withheld, stale, old_list) against `replica`."""
+        self.suspicion[_key(replica)] += 1
+        self.lies[lie] += 1
+        self.lies_by[_key(replica)][lie] += 1
+
+    def status(self):
+        """Lies counted, in total and by replica (short ids)."""
+        return {"lies": dict(sorted(self.lies.items())),
+                "lies_by_super_node": {node_id.hex()[:16]: dict(sorted(kinds.items()))
+                                       for node_id, kinds in sorted(self.lies_by.items())},
+                "suspects": sorted(node_id.hex()[:16] for node_id, level
+                                   in self.suspicion.items() if level > 0)}
+
     def _wave(self, batch, ask):
-        """Ask every replica of `batch` → Deferred[[(replica, valid record)]], fired when all
-        have answered or failed, or `grace` seconds after the first valid answer."""
+        """Ask every replica of `batch` → Deferred[[(replica, what it answered)]], fired when
+        all have answered or failed, or `grace` seconds after the first valid answer."""
         done = defer.Deferred()
         answers = []
         state = {"left": len(batch), "timer": None}
@@ -802,9 +866,10 @@ class FanOut:
             if done.called:
                 return
             state["left"] -= 1
-            if ok and result is not None:
+            if ok:
                 answers.append((replica, result))
-                if self._clock is not None and state["timer"] is None:
+                if (result is not None and result is not FORGED and self._clock is not None
+                        and state["timer"] is None):
                     state["timer"] = self._clock.callLater(self.grace, finish)
             if not state["left"]:
                 finish()
