@@ -273,7 +273,8 @@ def build_node(settings, reactor):
             pending=PendingSettings(
                 expiry_days=settings["pending-expiry-days"],
                 per_location=settings["pending-per-location"],
-                reports_per_minute=settings["pending-reports-per-minute"])))
+                reports_per_minute=settings["pending-reports-per-minute"]),
+            audit_seconds=settings["audit-seconds"]))
         operator.setServiceParent(node)
         operator.partition.handover_observers.append(directory.handed_over)
         rpc.revocation_observers.append(operator.partition.revoked)

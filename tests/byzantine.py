@@ -38,6 +38,7 @@ class Liar:
         self._rpc = node.getServiceNamed("rpc")
         self._directory = node.getServiceNamed("directory")
         self._identity = node.getServiceNamed("identity")
+        self._records = node.getServiceNamed("super").partition.records
         self.told = collections.Counter()
         self._first = {}  # (domain, node id) → the first (Node, NodeInfo) Signed pair put
         self._last = {}  # … and the last, by (domain, node id) and (domain, name)
@@ -75,33 +76,42 @@ class Liar:
             return Stored(PutResult.STORED)
         return self._put(incoming)
 
+    def _held(self, incoming):
+        """The (Node, NodeInfo) pair asked for, as held, or as last put (drop-puts); None."""
+        message = incoming.message
+        domain = message.domain if message.domain is not None else incoming.node.domain
+        now = self._rpc.now_ms()
+        if message.node_id is not None:
+            entry = self._records.get(domain, message.node_id, now)
+        else:
+            entry = self._records.get_named(domain, message.name, now)
+        if entry is not None:
+            return entry.node, entry.info
+        return self._last.get((domain, message.node_id or message.name))
+
     def get_node_info(self, incoming):
-        honest = self._get(incoming)
-        if honest is not None and honest.node is None:
-            # What it threw away (drop-puts) it still knows, to lie about.
-            known = self._last.get((incoming.node.domain,
-                                    incoming.message.node_id or incoming.message.name))
-            honest = NodeInfoRecord(*known) if known else honest
-        if honest is None or honest.node is None:
-            return honest
+        held = self._held(incoming)
+        if held is None:
+            return self._get(incoming)
+        node, info = held
         lie = next(self._next_lie)
         if lie == "withhold":
             answer = NodeInfoRecord()
         elif lie == "stale":
-            first = self._first.get((honest.info.record.domain, honest.info.record.subject))
-            if first is None or first[1].record.created >= honest.info.record.created:
-                return honest  # nothing older to tell
+            first = self._first.get((info.record.domain, info.record.subject))
+            if first is None or first[1].record.created >= info.record.created:
+                return self._get(incoming)  # nothing older to tell
             answer = NodeInfoRecord(*first)
         elif next(self._forge_own):
             own = self._rpc.own_node
             answer = NodeInfoRecord(own, self._identity.identity.sign(attrs.evolve(
-                honest.info.record, domain=own.record.domain, node_id=own.record.node_id)))
+                info.record, domain=own.record.domain, node_id=own.record.node_id)))
         else:
-            info = attrs.evolve(honest.info.record,
-                                addresses=[Endpoint(FORGED_HOST, honest.info.record.rpc_port)],
-                                created=honest.info.record.created + 1)
-            answer = NodeInfoRecord(honest.node, records.sign(
-                info, self._rpc.node_id, self._identity.identity.signing_key))
+            forged = attrs.evolve(info.record,
+                                  addresses=[Endpoint(FORGED_HOST, info.record.rpc_port)],
+                                  created=info.record.created + 1)
+            answer = NodeInfoRecord(node, records.sign(
+                forged, self._rpc.node_id, self._identity.identity.signing_key))
         self.told[lie] += 1
         return answer
 

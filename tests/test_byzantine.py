@@ -3,7 +3,9 @@ the real super-node with lies switched on — withholding, stale and forged Node
 another domain's records, an old super-node list, PutRecords dropped). 1,000 lookups through a
 user-node's control API still find the newest record; no forged record is ever used; the
 liar's lies show in the asker's counters, and it is listed as a suspect. Real processes on
-loopback."""
+loopback. And the operator's audits find a super-node that withholds and remove it."""
+
+import os
 
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
@@ -11,6 +13,7 @@ from twisted.trial.unittest import TestCase
 from meshnode import records
 from tests import byzantine
 from tests.nodes import Network
+from tests.test_first_hour import admin, join_all
 from tests.test_super_integration import wait_for
 
 SUPER_DOMAIN = 0x5E000001
@@ -115,3 +118,66 @@ class ByzantineReplicaTests(TestCase):
                          directory["lies_by_super_node"])
         self.assertIn(liar_id, directory["suspects"])
         print(f"the liar told {told}; the asker counted {directory['lies']}")
+
+
+class AuditTests(TestCase):
+    timeout = 300
+
+    @defer.inlineCallbacks
+    def test_audit_removes_a_withholding_super_node(self):
+        """With audits every second, a super-node that answers "none" for nodes the other two
+        hold loses its placements; the operator shows what it found and whom it removed."""
+        network = Network(self)
+        config = os.path.join(network.base, "operator.conf")
+        with open(config, "w") as f:
+            f.write("[operator]\naudit-seconds = 1\n")
+        operator = yield network.start(network.operator_dir, "--operator", "--replicas", "3",
+                                       "--config", config, "--fallback-port", "0",
+                                       "--enroll-listen", "ssl:0:interface=127.0.0.1")
+        at_operator = ("--operator-rpc", operator.address)
+        liar, = yield network.start_swarm([network.enroll("liar", SUPER_DOMAIN)], "--super",
+                                          *at_operator, lies=("withhold",))
+        honest = []
+        for i in range(2):
+            honest.append((yield network.start(network.enroll(f"super{i}", SUPER_DOMAIN),
+                                               "--super", *at_operator)))
+        liar_id = (yield liar.status())["node_id"]
+
+        @defer.inlineCallbacks
+        def liar_placed():
+            return (yield liar.status())["super"]["ranges"] == ["0000-ffff"]
+        yield wait_for(liar_placed, 60, "the liar placed")
+        # Nodes that joined over the network, as the audit samples the operator's registry.
+        yield admin(network, "domain", "create", "acme")
+        created = yield admin(network, "token", "create", "--domain", "acme", "--uses", "4",
+                              "--fallback-port", "0", "--url",
+                              f"https://127.0.0.1:{(yield operator.enroll_port())}")
+        names = [f"n{i}" for i in range(4)]
+        yield join_all(self, network, created["join"], {name: () for name in names})
+        yield network.start_swarm([os.path.join(network.base, name) for name in names],
+                                  "--fallback-port", "0")
+        started = reactor.seconds()
+
+        seen = {}
+
+        @defer.inlineCallbacks
+        def liar_removed():
+            audit = seen["audit"] = (yield operator.status())["operator"]["audit"]
+            return audit if liar_id[:16] in audit["removed"] else None
+        try:
+            audit = yield wait_for(liar_removed, 90, "the audit removing the liar")
+        except AssertionError as e:
+            told = (yield liar.status())["byzantine"]
+            raise AssertionError(f"{e}: the audit saw {seen}, the liar told {told}") from None
+        took = reactor.seconds() - started
+        self.assertEqual(set(audit["lies_by_super_node"]), {liar_id[:16]}, audit)
+        self.assertGreater(audit["lies"]["withheld"], 0, audit)
+        placed = {s["node_id"] for s in (yield operator.status())["operator"]["super_nodes"]}
+        self.assertNotIn(liar_id, placed)
+
+        @defer.inlineCallbacks
+        def liar_knows_it_lost():
+            return (yield liar.status())["super"]["ranges"] == []
+        yield wait_for(liar_knows_it_lost, 90, "the liar's ranges gone")
+        print(f"the audit removed the withholding super-node {took:.1f} s after the nodes "
+              f"started: {audit}")

@@ -89,6 +89,8 @@ super_node_offers = sa.Table(
     sa.Column("host", sa.String(64), nullable=False),
     sa.Column("port", sa.Integer, nullable=False),
     sa.Column("last_seen", sa.BigInteger, nullable=False),
+    # found lying by the operator's audits (audit.py): not placed before then (ms)
+    sa.Column("removed_until", sa.BigInteger, nullable=True),
 )
 
 end_devices = sa.Table(

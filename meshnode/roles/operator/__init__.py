@@ -21,7 +21,8 @@ from meshnode.core import identity, periodic, ports
 from meshnode.core.dht import DEFAULT_QUOTA, PartitionService, served
 from meshnode.core.directory import Replica
 from meshnode.errors import StartupError
-from meshnode.roles.operator import assignment, directory, placement, registry, signing, tls
+from meshnode.roles.operator import (assignment, audit, directory, placement, registry,
+                                     signing, tls)
 from meshnode.roles.operator.pending import Announcements, PendingReports, PendingSettings
 from meshnode.roles.operator.enroll import EnrollmentAPI, enrollment_site
 from meshnode.rpc.messages import RecordsChanged
@@ -40,6 +41,7 @@ class OperatorSettings:
     quota: int = DEFAULT_QUOTA
     renew_grace_days: int = registry.RENEW_GRACE_DAYS  # renewal with the key after expiry
     pending: PendingSettings = attrs.Factory(PendingSettings)  # devices reported
+    audit_seconds: float = audit.AUDIT_SECONDS  # between rounds of probes of the super-nodes
 
 
 class OperatorService(service.MultiService):
@@ -73,8 +75,12 @@ class OperatorService(service.MultiService):
                                                     clock=core.reactor,
                                                     partition=self.partition,
                                                     replicas=settings.replicas)
-        self.partition.setServiceParent(self)
-        self.placement.setServiceParent(self)
+        self.audit = audit.AuditService(
+            rpc=core.rpc, store=core.store, clock=core.reactor, directory=core.directory,
+            placement=self.placement, interval=settings.audit_seconds,
+            super_node_records=lambda: self._store.run(registry.thd_super_node_records))
+        for child in (self.partition, self.placement, self.audit):
+            child.setServiceParent(self)
         self.announcements = Announcements(rpc=core.rpc, store=core.store,
                                            partition=self.partition, directory=core.directory)
         self.reports = PendingReports(store=core.store, clock=core.reactor,
@@ -150,6 +156,7 @@ class OperatorService(service.MultiService):
                 "replicas_per_range": self.placement.replicas,
                 "ranges": [f"{low:04x}-{high:04x}" for low, high in self.partition.ranges],
                 "super_nodes": self.placement.status(),
+                "audit": self.audit.status(),
                 "device_reports": dict(sorted(self.reports.counts.items())),
                 "records_per_domain": {f"{domain:#010x}": count for domain, count in counts}}
 

@@ -169,9 +169,38 @@ def thd_join(engine, operator, node, offer, endpoint, now, k):
                                       or held.domain != node.domain)
         offers = {row.node_id: row for row in connection.execute(
             sa.select(super_node_offers))}
+        if _removed(offers[node.node_id], now):
+            return table  # kept out by an audit: its heartbeat is all that is kept
         after, _ = assignment.join(table, node.node_id, offer)
         _write(connection, operator, after, offers, {node.node_id} if moved else set(), now)
     return after
+
+
+def _removed(offer, now):
+    return offer.removed_until is not None and offer.removed_until > now
+
+
+def thd_remove(engine, operator, node_id, until, now, k):
+    """Take every placement from super-node `node_id` and keep it out until `until` (ms);
+    the others' joins are run again so its ranges get K holders → the Assignment."""
+    with _placing(engine) as connection:
+        table, offers = _load(connection, k)
+        connection.execute(super_node_offers.update().where(
+            super_node_offers.c.node_id == node_id).values(removed_until=until))
+        after = _rejoin(assignment.leave(table, node_id),
+                        {n: offer for n, offer in offers.items() if n != node_id}, now)
+        _write(connection, operator, after, offers, set(), now)
+    return after
+
+
+def _rejoin(table, offers, now):
+    """The joins of these offers run again (oldest id first), those kept out skipped."""
+    for node_id in sorted(offers):
+        offer = offers[node_id]
+        if not _removed(offer, now):
+            table, _ = assignment.join(table, node_id, (offer.partition_from,
+                                                        offer.partition_to))
+    return table
 
 
 def thd_expire(engine, operator, cutoff, now, k):
@@ -180,7 +209,8 @@ def thd_expire(engine, operator, cutoff, now, k):
     removed)."""
     with _placing(engine) as connection:
         table, offers = _load(connection, k)
-        gone = [node_id for node_id, offer in offers.items() if offer.last_seen < cutoff]
+        gone = [node_id for node_id, offer in offers.items()
+                if offer.last_seen < cutoff and not _removed(offer, now)]
         # Holders without an offer (lost to a crash mid-write) cannot be reached either.
         gone += [node_id for node_id in _ranges_by_node(table) if node_id not in offers]
         after = table
@@ -189,10 +219,7 @@ def thd_expire(engine, operator, cutoff, now, k):
             connection.execute(super_node_offers.delete().where(
                 super_node_offers.c.node_id == node_id))
         offers = {node_id: offer for node_id, offer in offers.items() if node_id not in gone}
-        for node_id in sorted(offers):
-            offer = offers[node_id]
-            after, _ = assignment.join(after, node_id, (offer.partition_from,
-                                                        offer.partition_to))
+        after = _rejoin(after, offers, now)
         _write(connection, operator, after, offers, set(), now)
     return after, gone
 
@@ -345,6 +372,12 @@ class PlacementService(service.MultiService):
             _log.info("super-node {node_id} left (not heard from)", node_id=node_id.hex())
             self._reached.pop(node_id, None)
             self._joined.pop(node_id, None)
+
+    def remove(self, node_id, until_ms):
+        """Take super-node `node_id`'s placements (found lying) and keep it out until
+        `until_ms`; it is not told why: its next heartbeat hears "no range can be given"."""
+        return self._decide(lambda table: table, thd_remove, self.operator, node_id,
+                            until_ms, self._rpc.now_ms(), self.replicas)
 
     def status(self):
         return [{"node_id": node_id.hex(),
