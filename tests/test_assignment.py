@@ -356,3 +356,28 @@ class AssignmentValidationTests(SynchronousTestCase):
         ]
         for ranges, k in bad:
             self.assertRaises(ValueError, Assignment, ranges, k)
+
+
+class ConflictTests(SynchronousTestCase):
+    """join's `conflicts`: a node never joins holders it conflicts with, in a fill or a
+    split."""
+
+    def test_fill_and_split_skip_conflicting_holders(self):
+        a, b, c, d = (bytes([i]) * 32 for i in range(1, 5))
+        same_side = {a, b}
+
+        def conflicts(node_id, holders, low, high):
+            return node_id in same_side and bool(holders & same_side - {node_id})
+
+        table = Assignment.initial(2)
+        table, _ = join(table, a, conflicts=conflicts)
+        table, _ = join(table, b, conflicts=conflicts)
+        self.assertEqual(ranges_of(table, b), ())  # the one range has a: b would conflict
+        table, _ = join(table, c, conflicts=conflicts)
+        self.assertEqual(holders_of(table, 0), {a, c})
+        table, _ = join(table, d)  # another full range: 0000-ffff held by a and c … split
+        table, _ = join(table, b, conflicts=conflicts)
+        # The split drops c, not a, for b (a and b never share a range).
+        for r in table.ranges:
+            self.assertFalse({a, b} <= r.holders, r)
+        self.assertTrue(ranges_of(table, b))

@@ -13,6 +13,8 @@ from meshnode import records
 from meshnode.core import store
 from meshnode.core.identity import Identity
 from meshnode.roles.operator import placement, registry
+from meshnode.roles.operator.assignment import holders_of as placement_holders
+from meshnode.roles.operator.assignment import range_of as placement_range
 from meshnode.roles.operator.assignment import (
     FIRST_KEY, LAST_KEY, Assignment, Range, join, leave, ranges_of)
 from meshnode.roles.operator.placement import (
@@ -806,3 +808,53 @@ class PlacementOrderTests(SynchronousTestCase):
         held[2][1].callback((Assignment.initial(1), [POOL[0]]))
         self.assertEqual(service.assignment, Assignment.initial(1))
         self.assertEqual(served[1:], [[(0x8000, LAST_KEY)], [], [(FIRST_KEY, LAST_KEY)]])
+
+
+class OneReplicaPerOrganizationTests(SynchronousTestCase):
+    """Colluding super-nodes of one organization, aimed at another's partition key, hold at
+    most one replica of it; where only their own domain lives, K of them may hold it."""
+
+    def setUp(self):
+        self.mesh = Mesh(self)
+        self.partition = self.mesh.partition()
+        self.service = PlacementService(rpc=self.mesh.operator.rpc, store=self.mesh.store,
+                                        clock=self.mesh.operator.reactor,
+                                        partition=self.partition, replicas=3)
+        self.service.operator = self.mesh.me
+        self.service.startService()
+        self.addCleanup(lambda: self.service.running and self.service.stopService())
+
+    def place(self, node, offer):
+        endpoint = Endpoint(node.host, node.rpc.port)
+        self.mesh.ask(node, SubmitSuperNode(*offer, endpoint), SuperNodeStatus)
+        self.mesh.network.flush()
+        return self.mesh.ask(node, SubmitSuperNode(*offer, endpoint), SuperNodeStatus)
+
+    def holders_of(self, key):
+        return set(placement_holders(self.service.assignment, key))
+
+    def test_colluders_get_one_replica_of_the_victims_range(self):
+        victim = self.mesh.user("alice", "victim")
+        key = records.partition_of(victim.rpc.domain)
+        aimed = (max(0, key - 8), min(0xFFFF, key + 8))
+        colluders = [self.mesh.user(f"evil{i}", "evil") for i in range(3)]
+        for node in colluders:
+            self.assertEqual(self.place(node, aimed).state, SubmitState.ASSIGNED)
+        held = self.holders_of(key) & {node.node_id for node in colluders}
+        self.assertEqual(len(held), 1, "colluders of one organization on one range")
+        # Others' super-nodes fill the range up to K; the operator serves it meanwhile.
+        for i in range(2):
+            self.place(self.mesh.user(f"other{i}", f"org{i}"), aimed)
+        self.assertEqual(len(self.holders_of(key)), 3)
+        self.assertEqual(len(self.holders_of(key) & {n.node_id for n in colluders}), 1)
+        self.assertFalse(self.service.assignment.served_by_operator(
+            placement_range(self.service.assignment, key)))
+
+    def test_an_organization_serving_only_itself_holds_k(self):
+        own = [self.mesh.user(f"s{i}", "solo") for i in range(3)]
+        key = records.partition_of(own[0].rpc.domain)
+        # Its own domain and the operators' are the only ones: nothing else to protect.
+        offer = (max(0, key - 8), min(0xFFFF, key + 8))
+        for node in own:
+            self.place(node, offer)
+        self.assertEqual(self.holders_of(key), {node.node_id for node in own})

@@ -121,8 +121,16 @@ def ranges_of(assignment, node_id):
     return tuple(r for r in assignment.ranges if node_id in r.holders)
 
 
-def join(assignment, node_id, offer=(FIRST_KEY, LAST_KEY)):
-    """Place super-node node_id within offer (low, high) → (new assignment, transfers)."""
+def no_conflict(node_id, holders, low, high):
+    return False
+
+
+def join(assignment, node_id, offer=(FIRST_KEY, LAST_KEY), conflicts=no_conflict):
+    """Place super-node node_id within offer (low, high) → (new assignment, transfers).
+
+    `conflicts(node_id, holders, low, high)`: node_id may not hold keys low..high beside
+    those holders (placement.py: one organization's super-nodes hold at most one replica of
+    a range that serves other organizations' domains)."""
     low, high = _checked_offer(offer)
     k = assignment.k
     ranges = _merged(assignment.ranges)
@@ -134,6 +142,8 @@ def join(assignment, node_id, offer=(FIRST_KEY, LAST_KEY)):
         window = None
         if node_id not in r.holders and len(r.holders) < k:
             window = _window(r, low, high)
+            if window is not None and conflicts(node_id, r.holders, *window):
+                window = None
         if window is None:
             filled.append(r)
             continue
@@ -143,7 +153,7 @@ def join(assignment, node_id, offer=(FIRST_KEY, LAST_KEY)):
     ranges = filled
 
     if not any(node_id in r.holders for r in ranges):
-        split = _split(ranges, node_id, low, high)
+        split = _split(ranges, node_id, low, high, k, conflicts)
         if split is not None:
             ranges, transfer = split
             transfers.append(transfer)
@@ -218,28 +228,38 @@ def _halves(r, window):
             yield x, y
 
 
-def _split(ranges, node_id, low, high):
+def _split(ranges, node_id, low, high, k, conflicts=no_conflict):
     """Give node_id half of the full range that offers the widest half inside low..high;
     → (ranges, transfer), or None if no full range in the offer can be split."""
     best = None
+    load = _load(ranges)
     for i, r in enumerate(ranges):
-        # Any range the fill could not take yields no half either: those left here are full.
-        window = _window(r, low, high)
+        # (A range the fill passed over for a conflict is not full: it is not split.)
+        window = _window(r, low, high) if len(r.holders) >= k else None
         if window is None:
             continue
         for x, y in _halves(r, window):
-            if best is None or (y - x, -x) > (best[2] - best[1], -best[1]):
-                best = (i, x, y)
+            dropped = _dropped(r, node_id, x, y, load, conflicts)
+            if dropped is not None and (best is None
+                                        or (y - x, -x) > (best[2] - best[1], -best[1])):
+                best = (i, x, y, dropped)
     if best is None:
         return None
-    i, x, y = best
+    i, x, y, dropped = best
     r = ranges[i]
-    load = _load(ranges)
-    dropped = max(sorted(r.holders), key=lambda holder: load[holder])
     kept = r.holders - {dropped}
     source = min(kept) if kept else dropped
     ranges = ranges[:i] + _carved(r, x, y, kept | {node_id}) + ranges[i + 1:]
     return ranges, Transfer(x, y, node_id, source)
+
+
+def _dropped(r, node_id, x, y, load, conflicts):
+    """The holder of r that gives x..y up to node_id: the one holding the most keys (ties:
+    the lowest id) among those whose going leaves no conflict; None if none does."""
+    for holder in sorted(sorted(r.holders), key=lambda h: load[h], reverse=True):
+        if not conflicts(node_id, r.holders - {holder}, x, y):
+            return holder
+    return None
 
 
 def _load(ranges):

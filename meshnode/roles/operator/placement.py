@@ -20,6 +20,7 @@ the rows, changes it and writes it, so decisions happen one after another, each 
 one before wrote. K is signed into every SuperNode record.
 """
 
+import bisect
 import contextlib
 
 import sqlalchemy as sa
@@ -31,7 +32,7 @@ from twisted.python import failure
 from meshnode import records
 from meshnode.config import unspecified
 from meshnode.core import periodic
-from meshnode.core.schema import super_node_offers, super_nodes
+from meshnode.core.schema import domains, operator_nodes, super_node_offers, super_nodes
 from meshnode.roles.operator import assignment
 from meshnode.rpc.messages import Command, SubmitState, SuperNodeStatus
 from meshnode.rpc.service import RPCError, any_domain
@@ -99,6 +100,31 @@ def _load(connection, k):
                   super_nodes.c.partition_to))]
     offers = {row.node_id: row for row in connection.execute(sa.select(super_node_offers))}
     return assignment_from_rows(rows, k), offers
+
+
+def _one_replica_per_organization(connection, offers):
+    """assignment.join's `conflicts`: a super-node may not hold keys beside another of its
+    own organization (domain) where those keys serve another organization's domain — so
+    colluding super-nodes of one organization, whatever they offer, hold at most one of the
+    K replicas of any other organization's records. Where only the organization's own
+    domain lives (a company's own super-nodes serving itself), K of them may hold it."""
+    operators = {row.domain for row in connection.execute(sa.select(operator_nodes.c.domain))}
+    keys = sorted((records.partition_of(row.domain), row.domain)
+                  for row in connection.execute(sa.select(domains.c.domain))
+                  if row.domain not in operators)  # the operators' own: not an organization
+
+    def conflicts(node_id, holders, low, high):
+        offer = offers.get(node_id)
+        if offer is None:
+            return False
+        organization = offer.domain
+        if not any(holder in offers and offers[holder].domain == organization
+                   for holder in holders):
+            return False
+        start = bisect.bisect_left(keys, (low, -1))
+        return any(domain != organization for key, domain in keys[start:]
+                   if key <= high)
+    return conflicts
 
 
 def thd_assignment(engine, k):
@@ -171,7 +197,8 @@ def thd_join(engine, operator, node, offer, endpoint, now, k):
             sa.select(super_node_offers))}
         if _removed(offers[node.node_id], now):
             return table  # kept out by an audit: its heartbeat is all that is kept
-        after, _ = assignment.join(table, node.node_id, offer)
+        after, _ = assignment.join(table, node.node_id, offer,
+                                   _one_replica_per_organization(connection, offers))
         _write(connection, operator, after, offers, {node.node_id} if moved else set(), now)
     return after
 
@@ -187,19 +214,20 @@ def thd_remove(engine, operator, node_id, until, now, k):
         table, offers = _load(connection, k)
         connection.execute(super_node_offers.update().where(
             super_node_offers.c.node_id == node_id).values(removed_until=until))
-        after = _rejoin(assignment.leave(table, node_id),
+        after = _rejoin(connection, assignment.leave(table, node_id),
                         {n: offer for n, offer in offers.items() if n != node_id}, now)
         _write(connection, operator, after, offers, set(), now)
     return after
 
 
-def _rejoin(table, offers, now):
+def _rejoin(connection, table, offers, now):
     """The joins of these offers run again (oldest id first), those kept out skipped."""
+    conflicts = _one_replica_per_organization(connection, offers)
     for node_id in sorted(offers):
         offer = offers[node_id]
         if not _removed(offer, now):
             table, _ = assignment.join(table, node_id, (offer.partition_from,
-                                                        offer.partition_to))
+                                                        offer.partition_to), conflicts)
     return table
 
 
@@ -219,7 +247,7 @@ def thd_expire(engine, operator, cutoff, now, k):
             connection.execute(super_node_offers.delete().where(
                 super_node_offers.c.node_id == node_id))
         offers = {node_id: offer for node_id, offer in offers.items() if node_id not in gone}
-        after = _rejoin(after, offers, now)
+        after = _rejoin(connection, after, offers, now)
         _write(connection, operator, after, offers, set(), now)
     return after, gone
 
