@@ -179,14 +179,18 @@ class NodeListOptions(Command):
 
 
 class NodeRevokeOptions(Command):
-    synopsis = "NODE-ID [--json]"
-    longdesc = ("Revoke a node (by its id or 8 or more hex digits of it): its name is freed "
-                "and a new Revocation record tells the others.")
+    synopsis = "NODE-ID... [--json]"
+    longdesc = ("Revoke nodes (each by its id or 8 or more hex digits of it), all or none: "
+                "their names are freed and a new Revocation record tells the others, within "
+                "seconds.")
     examples = [("revoke the node whose id starts 9e97d8c1", "meshnode operator node revoke "
-                                                            "9e97d8c1")]
+                                                            "9e97d8c1"),
+                ("revoke two at once", "meshnode operator node revoke 9e97d8c1 4a01f2b7")]
 
-    def parseArgs(self, node_id):
-        self["node-id"] = node_id
+    def parseArgs(self, *node_ids):
+        if not node_ids:
+            raise usage.UsageError("name a node id to revoke")
+        self["node-ids"] = list(node_ids)
 
 
 class NodeOptions(CommandGroup):
@@ -518,8 +522,10 @@ def _node(sub, global_options, clock):
         print_result(command, rows, show.table(shown, ["name", "domain", "node_id", "expires",
                                                        "revoked"]))
     else:
-        data = registry.thd_revoke_node(engine, me, command["node-id"], records.now_ms(clock))
-        print_result(command, data, f"revoked {data['name']} ({data['node_id']})")
+        rows = registry.thd_revoke_nodes(engine, me, command["node-ids"], records.now_ms(clock))
+        data = rows[0] if len(rows) == 1 else rows
+        print_result(command, data, "\n".join(f"revoked {row['name']} ({row['node_id']})"
+                                               for row in rows))
 
 
 def _device(sub, global_options, clock):

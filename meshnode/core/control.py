@@ -37,7 +37,8 @@ def node_status(identity_service, rpc, sections=()):
         "name": node.name if node else None,
         "domain": node.domain if node else None,
         "domain_name": enrollment.domain_name,
-        # our domain suspended by its operator, as far as this node has learned
+        # node and device ids this node knows revoked, and whether our domain is suspended
+        "revoked": len(enrollment.trust.revoked),
         "domain_suspended": bool(node and node.domain in enrollment.trust.suspended),
         "expires": node.expires if node else None,
         # a Node record that expired, kept to renew from (`meshnode join` past the grace)
@@ -48,6 +49,7 @@ def node_status(identity_service, rpc, sections=()):
         "peers": len(rpc.peers) if rpc.peers is not None else 0,
         "accepted": {Command(command).name: count
                      for command, count in sorted(rpc.accepted.items())},
+        "sent": {Command(command).name: count for command, count in sorted(rpc.sent.items())},
         "drops": dict(sorted(rpc.drops.items())),
     }
     for name, section in sections:

@@ -134,6 +134,7 @@ class RPCService(service.Service):
         self._pending = PendingCalls(reactor, _timed_out)
         self.drops = collections.Counter() if drops is None else drops
         self.accepted = collections.Counter()
+        self.sent = collections.Counter()  # sealed datagrams made, by command
         self.learned = []  # called with each new or renewed Node record learned
         self.revocation_observers = []  # called with the ids each Revocation newly revokes
         self.suspension_observers = []  # called with each domain newly suspended
@@ -441,6 +442,7 @@ class RPCService(service.Service):
         datagram = frame.seal(peer.seal_key, head, payload)
         if len(datagram) > frame.MAX_DATAGRAM:
             raise ValueError(f"a {len(datagram)}-byte datagram is over {frame.MAX_DATAGRAM}")
+        self.sent[command] += 1
         return head[84:96], datagram
 
     def learn(self, signed, announce=True):

@@ -295,14 +295,27 @@ def _find_node(connection, node_id_prefix):
 
 def thd_revoke_node(engine, operator, node_id_prefix, now):
     """Revoke a node: its name is freed and a new Revocation record names it."""
+    return thd_revoke_nodes(engine, operator, [node_id_prefix], now)[0]
+
+
+def thd_revoke_nodes(engine, operator, node_id_prefixes, now):
+    """Revoke nodes, all or none (any unknown, ambiguous or revoked already: nothing
+    changes): their names are freed and each domain's Revocation records are signed anew
+    once → [what was revoked], in the order asked."""
     with engine.begin() as connection:
-        row = _find_node(connection, node_id_prefix)
-        if row.revoked:
-            raise RegistryError(409, f"node {row.node_id.hex()} is revoked already")
-        connection.execute(nodes.update().where(nodes.c.node_id == row.node_id).values(
-            revoked=True))
-        _resign_revocation(connection, operator, row.domain, now)
-        return {"node_id": row.node_id.hex(), "name": row.name, "domain": row.domain}
+        rows = [_find_node(connection, prefix) for prefix in node_id_prefixes]
+        for row in rows:
+            if row.revoked:
+                raise RegistryError(409, f"node {row.node_id.hex()} is revoked already")
+        if len({row.node_id for row in rows}) != len(rows):
+            raise RegistryError(400, "a node is named twice")
+        for row in rows:
+            connection.execute(nodes.update().where(nodes.c.node_id == row.node_id).values(
+                revoked=True))
+        for domain in sorted({row.domain for row in rows}):
+            _resign_revocation(connection, operator, domain, now)
+        return [{"node_id": row.node_id.hex(), "name": row.name, "domain": row.domain}
+                for row in rows]
 
 
 def thd_revocations(engine, domain=None):
