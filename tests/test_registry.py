@@ -333,6 +333,37 @@ class RegistryTestsMixin:
         self.assertEqual(sorted(registry.thd_operator_records(engine_a)),
                          sorted([self.operator_record.encode(), second_record.encode()]))
 
+    # -- the enrollment API's shared allowance ----------------------------------------------
+
+    def spend(self, engine, now, source="198.51.100.7"):
+        try:
+            registry.thd_spend_allowance(engine, source, now, 1.0, 20)
+            return True
+        except RegistryError as e:
+            self.assertEqual(e.status, 429)
+            return False
+
+    def test_allowance_shared_by_two_operators(self):
+        """A burst of 20, then 1 a second, for both operators together; others unaffected."""
+        engines = [self.open(self.url), self.open(self.url)]
+        taken = [self.spend(engines[n % 2], NOW) for n in range(25)]
+        self.assertEqual(taken, [True] * 20 + [False] * 5)
+        self.assertTrue(self.spend(engines[1], NOW, source="203.0.113.9"))
+        self.assertTrue(self.spend(engines[0], NOW + 1000))
+        self.assertFalse(self.spend(engines[1], NOW + 1000))
+        self.assertEqual([self.spend(engines[0], NOW + 60_000) for _ in range(21)],
+                         [True] * 20 + [False])
+
+    def test_allowance_taken_at_once_never_overspent(self):
+        """Twelve spends at the same moment from two engines on an allowance of 5 left:
+        exactly 5 succeed."""
+        engines = [self.open(self.url), self.open(self.url)]
+        for _ in range(15):
+            self.assertTrue(self.spend(self.engine, NOW))
+        outcomes = self.run_together(*[
+            (lambda engine=engines[n % 2]: self.spend(engine, NOW)) for n in range(12)])
+        self.assertEqual(sorted(outcomes, key=str), [False] * 7 + [True] * 5, outcomes)
+
     # -- suspension ------------------------------------------------------------------------
 
     def test_suspend_and_resume_a_domain(self):

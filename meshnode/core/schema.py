@@ -105,6 +105,15 @@ end_devices = sa.Table(
 )
 
 # Devices tunnel-nodes saw on their LAN without an EndDevice record, for the admin to approve.
+# The enrollment API's per-source allowance, shared by every operator on the database: a
+# token bucket per client address (enroll.py), full again after burst/rate seconds.
+enroll_allowances = sa.Table(
+    "enroll_allowances", metadata,
+    sa.Column("source", sa.String(64), primary_key=True),
+    sa.Column("tokens", sa.Float, nullable=False),
+    sa.Column("updated", sa.BigInteger, nullable=False),
+)
+
 pending_devices = sa.Table(
     "pending_devices", metadata,
     sa.Column("domain", sa.BigInteger, primary_key=True, autoincrement=False),

@@ -102,8 +102,11 @@ def _renew_within(grace_days):
     return thd_renew
 
 
-def _thd_issue(engine, issue, operator, *args):
-    """Issue a Node record, then read what goes with it, in one trip to the store's thread."""
+def _thd_issue(engine, allowance, issue, operator, *args):
+    """Spend one of the source's shared `allowance` (source, rate, burst), issue a Node
+    record, then read what goes with it, in one trip to the store's thread."""
+    source, rate, burst = allowance
+    registry.thd_spend_allowance(engine, source, args[-1], rate, burst)
     signed = issue(engine, operator, *args)
     return (signed, registry.thd_operator_records(engine), registry.thd_revocations(engine),
             registry.thd_super_node_records(engine),
@@ -162,7 +165,7 @@ class _Action(resource.Resource):
             return json_body(request, e.status, {"error": e.reason})
         finished = []
         request.notifyFinish().addBoth(finished.append)  # fires early if the client goes
-        d = self._api.issue(issue, self._api.rpc_endpoints(request), *arguments)
+        d = self._api.issue(host, issue, self._api.rpc_endpoints(request), *arguments)
         d.addCallbacks(self._issued, self._refused, callbackArgs=(host,),
                        errbackArgs=(host,))
         d.addCallback(self._reply, request, finished)
@@ -188,6 +191,8 @@ class _Action(resource.Resource):
         if finished:
             return  # the connection is gone: there is nobody to answer
         status, body = result
+        if status == 429:
+            request.setHeader(b"retry-after", b"%d" % self._api.retry_after)
         request.write(json_body(request, status, body))
         request.finish()
 
@@ -198,7 +203,8 @@ class EnrollmentAPI(Routes):
     `store` runs `thd_*` functions (StoreService), `operator_identity` signs the Node records,
     `signed_operator` is this operator's OperatorNode record; `rpc_endpoints(request)` → the
     "HOST:PORT" texts where the node that made `request` reaches the operator's RPC; `rate`
-    and `burst` bound requests per client address; a node whose Node record expired renews
+    and `burst` bound requests per client address, for every operator on the database
+    together; a node whose Node record expired renews
     with its key up to `renew_grace_days` after.
     """
 
@@ -210,7 +216,10 @@ class EnrollmentAPI(Routes):
         self._operator = operator_identity
         self._signed_operator = signed_operator
         self._clock = clock
+        # The same limit twice: in memory, so a flood never reaches the database; and in
+        # the database (thd_spend_allowance), so operators sharing it share it too.
         self.limiter = RateLimiter(clock, rate, burst)
+        self._rate, self._burst = rate, burst
         self.retry_after = max(1, math.ceil(1 / rate)) if rate > 0 else 60
         v1 = Routes()
         self.putChild(b"v1", v1)
@@ -218,10 +227,12 @@ class EnrollmentAPI(Routes):
         v1.putChild(b"renew", _Action(
             self, "renew", lambda request: _renew_arguments(request, renew_grace_days)))
 
-    def issue(self, issue, rpc_endpoints, *arguments):
-        """Run a registry function that issues a Node record → Deferred[JSON answer]."""
-        d = self._store.run(_thd_issue, issue, self._operator, *arguments,
-                            records.now_ms(self._clock))
+    def issue(self, source, issue, rpc_endpoints, *arguments):
+        """Run a registry function that issues a Node record for a request from `source`
+        → Deferred[JSON answer]; 429 once the source's allowance shared by every operator
+        on the database is spent."""
+        d = self._store.run(_thd_issue, (source, self._rate, self._burst), issue,
+                            self._operator, *arguments, records.now_ms(self._clock))
         d.addCallback(lambda issued: _answer(self._operator, self._signed_operator, issued,
                                              rpc_endpoints))
         return d

@@ -14,7 +14,8 @@ from meshnode import records
 from meshnode.core.enrollment import renew_message
 from meshnode.core.web import HTTPError
 from meshnode.core.schema import domains, end_devices, enrollment_tokens, nodes, operator_nodes
-from meshnode.core.schema import dismissed_devices, pending_devices, revocations, super_nodes
+from meshnode.core.schema import dismissed_devices, enroll_allowances, pending_devices
+from meshnode.core.schema import revocations, super_nodes
 
 DAY_MS = 86_400_000
 NODE_LIFETIME_MS = 30 * DAY_MS
@@ -132,6 +133,38 @@ def thd_create_token(engine, domain_name, uses, expires, now):
             token_hash=token_hash(token), domain=domain, uses_left=uses, expires=expires,
             created=now))
     return {"token": token, "domain": domain, "uses": uses, "expires": expires}
+
+
+# -- the enrollment API's shared limit -----------------------------------------------------
+
+def thd_spend_allowance(engine, source, now, rate, burst):
+    """Take one request from `source`'s allowance — `burst` at most, `rate` more a second —
+    shared by every operator on this database; RegistryError 429 when it is spent. One
+    atomic UPDATE (or the first INSERT) decides, so concurrent operators never both take the
+    last one."""
+    source = source[:64]
+    refilled = enroll_allowances.c.tokens + (now - enroll_allowances.c.updated) * (rate / 1000)
+    refilled = sa.case((refilled > burst, float(burst)), else_=refilled)
+    for _ in range(2):
+        try:
+            with engine.begin() as connection:
+                taken = connection.execute(enroll_allowances.update().where(
+                    enroll_allowances.c.source == source, refilled >= 1).values(
+                    tokens=refilled - 1, updated=now)).rowcount
+                if taken:
+                    return
+                if connection.execute(sa.select(enroll_allowances.c.source).where(
+                        enroll_allowances.c.source == source)).first() is not None:
+                    raise RegistryError(429, "too many requests")
+                full_at = now - int(burst / rate * 1000) if rate > 0 else now
+                connection.execute(enroll_allowances.delete().where(
+                    enroll_allowances.c.updated < full_at))  # full again: forgotten
+                connection.execute(enroll_allowances.insert().values(
+                    source=source, tokens=float(burst - 1), updated=now))
+                return
+        except sa.exc.IntegrityError:
+            continue  # another operator made the row meanwhile: spend from it
+    raise RegistryError(429, "too many requests")
 
 
 # -- nodes ---------------------------------------------------------------------------------
