@@ -517,6 +517,28 @@ class StatusTextTests(SynchronousTestCase):
                          "operator:    enrollment on port 8443, TLS fingerprint "
                          "0a0a0a0a0a0a0a0a…, 1 super-node placed, serving 8000-ffff itself")
 
+    def test_suspension_lies_and_audits_shown(self):
+        """A suspended domain says so on its line; wrong answers from super-nodes and the
+        operator's audit get a line of their own."""
+        data = node_status(domain_suspended=True, directory={
+            "replicas_per_range": 3, "super_nodes": [], "lies": {"forged": 2, "stale": 1},
+            "lies_by_super_node": {"99f66b3eacfe65ed": {"forged": 2, "stale": 1}},
+            "suspects": ["99f66b3eacfe65ed"]})
+        lines = self.status(data).splitlines()
+        self.assertIn("domain:      0x3da94c26 — SUSPENDED by its operator: refused "
+                      "everywhere until resumed", lines)
+        self.assertIn("super-nodes: 0 known, 3 replicas per range; wrong answers 3 (forged 2, "
+                      "stale 1) from 1 super-node", lines)
+        operator = node_status(name="operator", roles=["user", "operator"], operator={
+            "enroll_port": 8443, "tls_fingerprint": "0a" * 32, "replicas_per_range": 3,
+            "ranges": [], "super_nodes": [], "records_per_domain": {},
+            "audit": {"probes": 8, "lies": {"withheld": 8}, "suspects": [],
+                      "lies_by_super_node": {"99f66b3eacfe65ed": {"withheld": 8}},
+                      "removed": {"99f66b3eacfe65ed": 1}}})
+        self.assertEqual(self.status(operator).splitlines()[-1],
+                         "audit:       8 probes, wrong answers 8 (withheld 8), removed "
+                         "99f66b3eacfe65ed")
+
     def test_not_enrolled_summary(self):
         """A node without a Node record says so."""
         data = node_status(enrolled=False, name=None, domain=None, expires=None, peers=0,

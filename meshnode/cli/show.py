@@ -140,7 +140,10 @@ def summary(status, now):
     rows = [("node", f"{status['name'] or '(no name: not enrolled)'} "
                      f"({short_id(status['node_id'])})")]
     if status.get("domain") is not None:
-        rows.append(("domain", domain(status["domain"], status.get("domain_name"))))
+        shown = domain(status["domain"], status.get("domain_name"))
+        if status.get("domain_suspended"):
+            shown += " — SUSPENDED by its operator: refused everywhere until resumed"
+        rows.append(("domain", shown))
     rows.append(("roles", ", ".join(status["roles"])))
     if status["enrolled"] and status.get("expires"):
         enrolled = f"until {moment(status['expires'], now)}"
@@ -154,8 +157,11 @@ def summary(status, now):
     directory = status.get("directory")
     if directory is not None:
         replicas = directory["replicas_per_range"]
-        rows.append(("super-nodes", f"{len(directory['super_nodes'])} known, "
-                                    f"{plural(replicas, 'replica')} per range"))
+        text = f"{len(directory['super_nodes'])} known, {plural(replicas, 'replica')} per range"
+        if directory.get("lies"):
+            text += (f"; wrong answers {_counts(directory['lies'])} from "
+                     f"{plural(len(directory['lies_by_super_node']), 'super-node')}")
+        rows.append(("super-nodes", text))
     for section, describe in _SECTIONS:
         if status.get(section) is not None:
             rows += [(section if label is None else label, text)
@@ -193,6 +199,12 @@ def _operator(section, now):
     if section["ranges"]:
         parts.append(f"serving {', '.join(section['ranges'])} itself")
     yield None, ", ".join(parts)
+    audit = section.get("audit")
+    if audit and audit["probes"]:
+        text = f"{plural(audit['probes'], 'probe')}, wrong answers {_counts(audit['lies'])}"
+        if audit["removed"]:
+            text += f", removed {', '.join(audit['removed'])}"
+        yield "audit", text
 
 
 def _super(section, now):
